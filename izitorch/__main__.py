@@ -1,0 +1,6 @@
+"""``python -m izitorch``."""
+import sys
+
+from izitorch.cli import main
+
+sys.exit(main())

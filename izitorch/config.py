@@ -1,0 +1,168 @@
+"""The configuration of a run: frozen attrs classes that are also the manifest's schema.
+
+A manifest is structured into these classes by :mod:`izitorch.manifest` (cattrs, extra keys
+forbidden); the ``Rack`` facade builds them directly, with live objects where a manifest has
+``"module:attr"`` references. Field validators raise :class:`FieldError` so that the manifest
+loader can name the exact key path of a bad value.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+from izitorch.errors import describe
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
+MULTI_MODEL_MODES = ("auto", "sequential", "vectorized")
+
+
+class FieldError(ValueError):
+    """A validator's complaint about one field, so the loader can put its name in the path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+def at_least(minimum: int):
+    def check(_instance: object, attribute: attrs.Attribute, value: int) -> None:
+        if value < minimum:
+            raise FieldError(attribute.name, f"expected an integer >= {minimum}, got {describe(value)}")
+
+    return check
+
+
+def one_of(*choices: str):
+    def check(_instance: object, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            from izitorch.errors import did_you_mean
+
+            options = ", ".join(f'"{c}"' for c in choices)
+            raise FieldError(attribute.name, f"expected one of {options}, got {describe(value)}{did_you_mean(str(value), choices)}")
+
+    return check
+
+
+def open_unit_interval(_instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise FieldError(attribute.name, f"expected a number between 0 and 1 (exclusive), got {describe(value)}")
+
+
+def device_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
+    if not DEVICE_PATTERN.match(value):
+        raise FieldError(attribute.name, f'expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got {describe(value)}')
+
+
+def reference(_instance: object, attribute: attrs.Attribute, value: Any) -> None:
+    """A ``"module:attr"`` / ``"file.py:attr"`` string, or (from Python) the object itself."""
+    malformed = isinstance(value, str) and (value.count(":") != 1 or not all(value.split(":")))
+    if malformed or isinstance(value, (bool, int, float, list, dict)):
+        raise FieldError(attribute.name, f'expected a reference "module:attr" or "file.py:attr", got {describe(value)}')
+
+
+def doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@attrs.frozen
+class RunConfig:
+    """``[run]``: where results go and how the loop runs."""
+
+    res_dir: str = attrs.field(default="results", metadata=doc("folder for every output of the run"))
+    device: str = attrs.field(default="auto", validator=device_name, metadata=doc('"auto" picks cuda when available'))
+    rdm_seed: int = attrs.field(default=1, metadata=doc("seed of the split, the shuffling and the training"))
+    epochs: int = attrs.field(default=10, validator=at_least(1), metadata=doc("epochs trained (exactly N)"))
+    batch_size: int = attrs.field(default=128, validator=at_least(1), metadata=doc("samples per batch"))
+    num_workers: int = attrs.field(default=0, validator=at_least(0), metadata=doc("DataLoader worker processes"))
+    pin_memory: bool = attrs.field(default=False, metadata=doc("page-locked batches for faster host-to-GPU copies"))
+    shuffle: bool = attrs.field(default=True, metadata=doc("reshuffle the training set every epoch"))
+    test_epoch: int = attrs.field(default=1, validator=at_least(1), metadata=doc("evaluate every N epochs (and always the last)"))
+    display_step: int = attrs.field(default=50, validator=at_least(1), metadata=doc("print the losses every N training steps"))
+    overwrite: bool = attrs.field(default=False, metadata=doc("replace the results of an earlier run in res_dir"))
+    multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
+
+
+@attrs.frozen
+class DataConfig:
+    """``[data]``: the dataset and how it is split."""
+
+    dataset: Any = attrs.field(default=None, validator=attrs.validators.optional(reference), metadata=doc('"module:callable" returning a torch Dataset'))
+    params: dict = attrs.field(factory=dict, metadata=doc("keyword arguments for the dataset callable"))
+    num_classes: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(2)), metadata=doc("classes; inferred from the model output when absent"))
+    train_ratio: float = attrs.field(default=0.8, validator=open_unit_interval, metadata=doc("share of the samples trained on (holdout)"))
+    validation: bool = attrs.field(default=False, metadata=doc("hold out a validation set to pick the best epoch"))
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A callable (reference or object) and the keyword arguments it is called with.
+
+    In TOML: ``"torch.nn:CrossEntropyLoss"`` or ``{ class = "torch.optim:Adam", lr = 1e-3 }``.
+    From Python, ``target`` may be an already built object (a model, an optimizer).
+    """
+
+    target: Any = attrs.field(validator=reference)
+    params: dict = attrs.field(factory=dict)
+
+
+def _default_criterion() -> ComponentSpec:
+    return ComponentSpec("torch.nn:CrossEntropyLoss")
+
+
+def _default_optimizer() -> ComponentSpec:
+    return ComponentSpec("torch.optim:Adam", {"lr": 1e-3})
+
+
+def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
+    if not isinstance(value, str) or not MODEL_NAME_PATTERN.match(value):
+        raise FieldError(attribute.name, f"expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got {describe(value)}")
+
+
+@attrs.frozen
+class ModelSpec:
+    """``[[models]]``: one model trained on the shared data stream."""
+
+    name: str = attrs.field(validator=model_name, metadata=doc("the model's folder under res_dir"))
+    model: Any = attrs.field(validator=reference, metadata=doc('"module:Class" or "file.py:Class"'))
+    params: dict = attrs.field(factory=dict, metadata=doc("keyword arguments for the model"))
+    criterion: ComponentSpec = attrs.field(factory=_default_criterion, metadata=doc("the loss"))
+    optimizer: ComponentSpec = attrs.field(factory=_default_optimizer, metadata=doc("{ class = ..., lr = ... }"))
+    scheduler: ComponentSpec | None = attrs.field(default=None, metadata=doc("stepped once per epoch, after the optimizer"))
+
+
+@attrs.frozen
+class PluginsConfig:
+    """``[plugins]``: which plugins run, and their own ``[plugins.<name>]`` tables."""
+
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    tables: dict[str, dict] = attrs.field(factory=dict)
+
+
+def unique_model_names(_instance: object, attribute: attrs.Attribute, models: tuple[ModelSpec, ...]) -> None:
+    if not models:
+        raise FieldError(attribute.name, "expected at least one [[models]] entry")
+    seen: set[str] = set()
+    for index, spec in enumerate(models):
+        if spec.name in seen:
+            raise FieldError(f"{attribute.name}[{index}].name", f'duplicate model name "{spec.name}"; every model needs its own name')
+        seen.add(spec.name)
+
+
+@attrs.frozen
+class Config:
+    """A whole run: what a manifest describes."""
+
+    run: RunConfig = attrs.field(factory=RunConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    models: tuple[ModelSpec, ...] = attrs.field(default=(), converter=tuple, validator=unique_model_names)
+    plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
+    source: str = attrs.field(default="", metadata=doc("the manifest file, for messages"))
+    base_dir: str = attrs.field(default=".", metadata=doc("where file references are looked up"))
+
+    def plugin_table(self, name: str) -> dict:
+        """The ``[plugins.<name>]`` table, empty when absent."""
+        return self.plugins.tables.get(name, {})

@@ -1,0 +1,114 @@
+"""Datasets, models and loaders: from the configuration to the objects a fold trains on.
+
+Shuffling uses a seeded ``torch.Generator`` per fold (never the global RNG), so the same
+``rdm_seed`` gives the same batches whatever else the process does.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from izitorch.config import ComponentSpec, Config, ModelSpec
+from izitorch.errors import IzitorchError, ManifestError
+from izitorch.references import resolve
+from izitorch.state import Run, Slot, Split
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; an unavailable device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ManifestError('device "cuda" requested but CUDA is not available; use device = "auto" or "cpu"', "run.device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ManifestError(f'device "{name}" requested but only {torch.cuda.device_count()} GPU(s) are visible', "run.device")
+    return device
+
+
+def _build(target: Any, params: dict, where: str, base_dir: str, *leading: Any) -> Any:
+    """Call a reference (or a class) with its parameters; pass an already built object through."""
+    factory = resolve(target, base_dir) if isinstance(target, str) else target
+    if isinstance(target, str) or inspect.isclass(factory):
+        try:
+            return factory(*leading, **params)
+        except Exception as error:
+            raise IzitorchError(f"{where}: {_label(target)}(...) raised {type(error).__name__}: {error}") from None
+    return factory
+
+
+def _label(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", type(target).__name__)
+
+
+def build_dataset(config: Config) -> Dataset:
+    """The dataset named by ``[data]`` (or the object the Rack was given); never empty."""
+    dataset = config.data.dataset
+    if dataset is None:
+        raise ManifestError("no dataset given: set [data] dataset (or call rack.set_dataset)", "data.dataset", config.source)
+    dataset = _build(dataset, config.data.params, "data.dataset", config.base_dir) if isinstance(dataset, str) else dataset
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise IzitorchError(f"data.dataset: {type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset") from None
+    if size == 0:
+        raise IzitorchError("data.dataset: the dataset is empty; check its path or parameters")
+    return dataset
+
+
+def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:
+    """Model on its device, then its criterion, optimizer and scheduler."""
+    where = f"models[{index}]"
+    model = _build(spec.model, spec.params, f"{where}.model", base_dir)
+    if not isinstance(model, torch.nn.Module):
+        raise IzitorchError(f"{where}.model: {_label(spec.model)} returned {type(model).__name__}, not a torch.nn.Module")
+    model.to(device)
+    criterion = _component(spec.criterion, f"{where}.criterion", base_dir)
+    if isinstance(criterion, torch.nn.Module):
+        criterion.to(device)
+    optimizer = _component(spec.optimizer, f"{where}.optimizer", base_dir, model.parameters())
+    scheduler = _component(spec.scheduler, f"{where}.scheduler", base_dir, optimizer) if spec.scheduler else None
+    slot = Slot(spec.name, spec, model, criterion, optimizer, scheduler)
+    slot.snapshot_initial_state()
+    return slot
+
+
+def _component(component: ComponentSpec, where: str, base_dir: str, *leading: Any) -> Any:
+    return _build(component.target, component.params, where, base_dir, *leading)
+
+
+def build_slots(config: Config, device: torch.device) -> list[Slot]:
+    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible."""
+    torch.manual_seed(config.run.rdm_seed)
+    return [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+
+
+def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, DataLoader]:
+    """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``."""
+    cfg = run.config.run
+    common = dict(
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and run.device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    generator = torch.Generator().manual_seed(cfg.rdm_seed + fold_index)
+    loaders = {"train": DataLoader(Subset(run.dataset, split.train.tolist()), shuffle=cfg.shuffle, generator=generator, **common)}
+    if split.val is not None:
+        loaders["val"] = DataLoader(Subset(run.dataset, split.val.tolist()), shuffle=False, **common)
+    loaders["test"] = DataLoader(Subset(run.dataset, split.test.tolist()), shuffle=False, **common)
+    return loaders
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+    """Move a batch (tensor, or tuple/list/dict of them) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch

@@ -1,0 +1,68 @@
+"""The errors izitorch shows a user as one line.
+
+Anything a user can get wrong (a manifest, a reference, a plugin name, data that does not fit a
+model) raises an :class:`IzitorchError`; the CLI prints ``str(error)`` alone and exits with the
+error's ``exit_code``, so a message must name the cause and the fix without a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class IzitorchError(Exception):
+    """Base of every error meant for the user: its text is the whole message."""
+
+    exit_code = 2
+
+
+class ManifestError(IzitorchError):
+    """A manifest (or a Rack configuration) is wrong: ``source: key.path: message``."""
+
+    def __init__(self, message: str, path: str = "", source: str = "") -> None:
+        self.message, self.path, self.source = message, path, source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        return ": ".join(part for part in (self.source, self.path, self.message) if part)
+
+    def located(self, source: str = "", prefix: str = "") -> "ManifestError":
+        """The same error placed in a file and under a key prefix (``models[1]``)."""
+        path = join_path(prefix, self.path) if prefix else self.path
+        return ManifestError(self.message, path, source or self.source)
+
+
+class TrainingError(IzitorchError):
+    """A failure while training (bad shapes, labels out of range): finished epochs stay on disk."""
+
+    exit_code = 1
+
+
+def join_path(prefix: str, key: str | int) -> str:
+    """``join_path("models", 1) == "models[1]"``, ``join_path("run", "epochs") == "run.epochs"``."""
+    if isinstance(key, int):
+        return f"{prefix}[{key}]"
+    if not key:
+        return prefix
+    if key.startswith("["):
+        return f"{prefix}{key}"
+    return f"{prefix}.{key}" if prefix else key
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean "epochs"?)`` when a close choice exists, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def describe(value: object) -> str:
+    """How a wrong value is shown in a message: strings quoted as in TOML, tables as 'a table'."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)

@@ -1,0 +1,133 @@
+"""Every hook izitorch calls, grouped by phase. Specs are empty; their docstrings are the contract.
+
+A plugin implements any of these with ``@izitorch.hookimpl`` on a module-level function or on a
+method of a class (a class named by an entry point is instantiated once per run). Hooks receive
+explicit arguments and return values; plugin state lives on the plugin instance or in
+``run.stash``. No plugin may rely on the order in which other plugins' implementations run: the
+core computes scores before ``izitorch_epoch_finish``, so every reader sees the same values.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from izitorch.config import Config
+    from izitorch.state import Fold, Run, Scores, Slot, Split
+
+hookspec = pluggy.HookspecMarker("izitorch")
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+@hookspec(historic=True)
+def izitorch_configure(config: "Config") -> None:
+    """Read and validate this plugin's ``[plugins.<name>]`` table; raise ``ManifestError`` on error.
+
+    Called once per run, before anything is built (also by ``izitorch validate``). Historic: a
+    plugin registered later still receives it.
+    """
+
+
+@hookspec
+def izitorch_register_metrics(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Call ``register(name, factory)`` for each metric this plugin provides.
+
+    ``factory(num_classes)`` returns a fresh accumulator with ``update(output, target, loss)``
+    (called per batch, must not synchronise the device) and ``compute() -> dict`` (called once
+    per phase and epoch; returns named values such as ``{"accuracy": 97.2}``).
+    """
+
+
+@hookspec(firstresult=True)
+def izitorch_make_splits(run: "Run", dataset: Any) -> "list[Split] | None":
+    """Return the list of :class:`~izitorch.state.Split` to train on (one per fold).
+
+    ``holdout`` answers last (``trylast``); ``kfold`` answers first when enabled.
+    """
+
+
+@hookspec
+def izitorch_run_start(run: "Run") -> None:
+    """Once, after the splits are made (``run.splits``) and before the first fold."""
+
+
+@hookspec
+def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
+    """Once at the end. ``results[model_name]`` lists each fold's final test scores."""
+
+
+# -- the fold protocol --------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def izitorch_run_fold(run: "Run", fold: "Fold") -> "dict[str, dict] | None":
+    """Train and evaluate every slot of one fold; return each slot's final test scores.
+
+    The default (``izitorch.loop``) calls, in this order::
+
+        izitorch_fold_start(run, fold)
+        for epoch in 1..epochs:
+            izitorch_epoch_start(run, fold, epoch)
+            train pass: per batch, per slot: forward, loss, backward,
+                        izitorch_before_optimizer_step(run, slot), optimizer step;
+                        then izitorch_batch_finish(run, fold, step, losses)
+            schedulers step (once per epoch, after the optimizer)
+            evaluation pass on val or test (every test_epoch epochs and at the last epoch)
+            izitorch_epoch_finish(run, fold, epoch, scores)
+            izitorch_should_stop(run, fold, epoch, scores) -> stop when a reason is returned
+        final test pass with the weights each slot kept (``Slot.keep_weights``)
+        izitorch_fold_finish(run, fold)
+    """
+
+
+@hookspec
+def izitorch_fold_start(run: "Run", fold: "Fold") -> None:
+    """A fold begins: slots hold their initial weights and fresh optimizer/scheduler state."""
+
+
+@hookspec
+def izitorch_fold_finish(run: "Run", fold: "Fold") -> None:
+    """A fold ended: ``fold.final_scores[name]`` holds each slot's final test scores."""
+
+
+@hookspec
+def izitorch_epoch_start(run: "Run", fold: "Fold", epoch: int) -> None:
+    """An epoch (1-based) begins."""
+
+
+@hookspec
+def izitorch_epoch_finish(run: "Run", fold: "Fold", epoch: int, scores: "Scores") -> None:
+    """An epoch ended; ``scores`` holds every slot's train (and val/test) metrics for it."""
+
+
+@hookspec(firstresult=True)
+def izitorch_should_stop(run: "Run", fold: "Fold", epoch: int, scores: "Scores") -> "str | None":
+    """Return a reason (a short sentence) to end this fold's training early, or None."""
+
+
+# -- per step -----------------------------------------------------------------------------------
+
+@hookspec
+def izitorch_before_optimizer_step(run: "Run", slot: "Slot") -> None:
+    """One slot's gradients are ready (``slot.grads()``) and its optimizer is about to step."""
+
+
+@hookspec
+def izitorch_batch_finish(run: "Run", fold: "Fold", step: int, losses: "dict[str, Any]") -> None:
+    """A training batch ended; ``losses[name]`` is each slot's loss tensor (no ``.item()`` done).
+
+    Called only when a plugin implements it, so that an unobserved batch costs nothing.
+    """
+
+
+# -- checkpoint / resume ------------------------------------------------------------------------
+
+@hookspec
+def izitorch_state_dict(run: "Run") -> "dict | None":
+    """Return this plugin's state to checkpoint as ``{plugin_name: state}``, or None."""
+
+
+@hookspec
+def izitorch_load_state_dict(run: "Run", state: dict) -> None:
+    """Restore this plugin's state from ``state`` (what all plugins' ``izitorch_state_dict`` gave)."""

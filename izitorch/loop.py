@@ -1,0 +1,140 @@
+"""The essential plugin: the fold protocol and the one pass that trains and evaluates.
+
+This is the whole training loop. Everything optional (checkpoints, logs, early stopping,
+clipping, progress bars) hooks in from plugins; the loop only computes losses and scores.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from izitorch.data import to_device
+from izitorch.errors import TrainingError
+from izitorch.pluginmanager import hookimpl
+from izitorch.state import Fold, Run, Scores, Slot
+
+
+@hookimpl(trylast=True)
+def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
+    hook, epochs = run.hook, run.config.run.epochs
+    hook.izitorch_fold_start(run=run, fold=fold)
+    for epoch in range(1, epochs + 1):
+        fold.epoch = epoch
+        hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
+        scores = Scores(epoch)
+        scores.add("train", run_epoch(run, fold, "train"))
+        for slot in fold.slots:
+            if slot.scheduler is not None and not slot.stopped:
+                slot.scheduler.step()
+        if epoch % run.config.run.test_epoch == 0 or epoch == epochs:
+            scores.add(fold.eval_phase, run_epoch(run, fold, fold.eval_phase))
+        hook.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
+        fold.stop_reason = hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)
+        if fold.stop_reason:
+            break
+    for slot in fold.slots:
+        if slot.kept_state is not None:
+            slot.model.load_state_dict(slot.kept_state)
+    fold.final_scores = run_epoch(run, fold, "test")
+    hook.izitorch_fold_finish(run=run, fold=fold)
+    return fold.final_scores
+
+
+def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
+    """One pass over ``fold.loaders[phase]``: trains when ``phase == "train"``, else evaluates.
+
+    Returns ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``.
+    Metrics accumulate on the device; nothing synchronises per batch unless a plugin asks.
+    """
+    train = phase == "train"
+    slots = [slot for slot in fold.slots if not (train and slot.stopped)]
+    meters = {slot.name: _new_meters(run) for slot in slots}
+    for slot in slots:
+        slot.model.train(train)
+    hook = run.hook
+    before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
+    batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
+    non_blocking = run.device.type == "cuda"
+    steps = 0
+    start = time.perf_counter()
+    with torch.set_grad_enabled(train):
+        for steps, batch in enumerate(fold.loaders[phase], 1):
+            inputs, target = to_device(_unpack(batch), run.device, non_blocking)
+            losses = {}
+            for slot in slots:
+                output, loss = _forward(slot, inputs, target)
+                if train:
+                    slot.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if before_step is not None:
+                        before_step(run=run, slot=slot)
+                    slot.optimizer.step()
+                output, loss = output.detach(), loss.detach()
+                for meter in meters[slot.name]:
+                    meter.update(output, target, loss)
+                losses[slot.name] = loss
+            if batch_finish is not None:
+                batch_finish(run=run, fold=fold, step=steps, losses=losses)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    per_step = (time.perf_counter() - start) / max(steps, 1)
+    time_key = "train_step_time" if train else "inference_time"
+    results = {}
+    for name, slot_meters in meters.items():
+        values: dict[str, Any] = {}
+        for meter in slot_meters:
+            values.update(meter.compute())
+        values[time_key] = per_step
+        results[name] = values
+    return results
+
+
+def _new_meters(run: Run) -> list[Any]:
+    num_classes = run.config.data.num_classes
+    return [factory(num_classes) for factory in run.metric_factories.values()]
+
+
+def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TrainingError(
+        f"the dataset yields {type(batch).__name__} items of length {len(batch) if hasattr(batch, '__len__') else '?'}; "
+        "izitorch expects (input, target) pairs from __getitem__"
+    )
+
+
+def _forward(slot: Slot, inputs: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output and loss; a shape or label mistake becomes a one-line TrainingError."""
+    try:
+        if isinstance(inputs, dict):
+            output = slot.model(**inputs)
+        elif isinstance(inputs, (list, tuple)):
+            output = slot.model(*inputs)
+        else:
+            output = slot.model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}") from None
+    try:
+        loss = slot.criterion(output, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise TrainingError(
+            f"model {slot.name}: the criterion failed on output {_shape(output)} and target {_shape(target)}: "
+            f"{_first_line(error)}; check that the model's output size matches num_classes and that labels lie in [0, num_classes)"
+        ) from None
+    return output, loss
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_shape(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in value.items()) + "}"
+    return type(value).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,264 @@
+"""TOML manifest -> :class:`izitorch.config.Config`, with one-line errors that carry key paths.
+
+The attrs classes of :mod:`izitorch.config` are the schema; cattrs structures the TOML into them
+with extra keys forbidden and strict scalar types (no ``"3"`` silently becoming ``3``). Every
+failure becomes ``file.toml: models[1].optimizer.lr: expected a number, got "fast"``.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig
+from izitorch.errors import ManifestError, describe, did_you_mean, join_path
+from izitorch.references import check_arguments, resolve
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SECTIONS = {"run": RunConfig, "data": DataConfig, "models": ModelSpec, "plugins": PluginsConfig}
+
+
+class ValueTypeError(TypeError):
+    """A scalar of the wrong TOML type."""
+
+
+def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_references: bool = True) -> Config:
+    """Read, override, structure and check a manifest; raise ``ManifestError`` on any mistake."""
+    source = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise ManifestError(f"manifest not found{'' if file.suffix == '.toml' else ' (manifests are .toml files)'}", source=source)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ManifestError(f"invalid TOML: {error}", source=source) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"cannot read the manifest: {error}", source=source) from None
+    for override in overrides:
+        apply_override(raw, override)
+    return config_from_dict(raw, source=source, base_dir=str(file.parent), check=check_references)
+
+
+def config_from_dict(raw: dict, source: str = "", base_dir: str = ".", check: bool = True) -> Config:
+    """Structure a manifest's dict; ``check`` also imports every reference and checks arguments."""
+    try:
+        sections = {}
+        for key, value in raw.items():
+            if key not in SECTIONS:
+                raise ManifestError(f'unknown section "{key}"{did_you_mean(key, SECTIONS)}', key)
+            sections[key] = _structure_section(key, value)
+        if "models" not in sections:
+            raise ManifestError("no [[models]] entry: a run needs at least one model", "models")
+        try:
+            config = Config(**sections, source=source, base_dir=base_dir)
+        except FieldError as error:
+            raise ManifestError(error.message, error.field) from None
+        if check:
+            check_config_references(config)
+    except ManifestError as error:
+        raise error.located(source=source) from None
+    return config
+
+
+def _structure_section(key: str, value: Any) -> Any:
+    if key == "models":
+        if not isinstance(value, list):
+            raise ManifestError("expected an array of tables ([[models]] entries)", key)
+        return tuple(_structure(item, ModelSpec, join_path(key, index)) for index, item in enumerate(value))
+    if not isinstance(value, dict):
+        raise ManifestError(f"expected a table ([{key}]), got {describe(value)}", key)
+    return _structure(value, SECTIONS[key], key)
+
+
+def _structure(value: Any, cls: type, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise ManifestError(f"expected a table, got {describe(value)}", path)
+    try:
+        return converter.structure(value, cls)
+    except Exception as error:  # cattrs groups: find the first leaf and its path
+        raise _first_error(error, path) from None
+
+
+def _first_error(error: BaseException, path: str) -> ManifestError:
+    """Walk a cattrs exception group down to its first leaf, collecting the key path."""
+    for note in getattr(error, "__notes__", []) or []:
+        name = getattr(note, "name", None)
+        index = getattr(note, "index", None)
+        if name is not None:
+            path = join_path(path, name)
+        elif index is not None:
+            path = join_path(path, index)
+    if isinstance(error, (ClassValidationError, IterableValidationError)) and error.exceptions:
+        return _first_error(error.exceptions[0], path)
+    if isinstance(error, ForbiddenExtraKeysError):
+        key = sorted(error.extra_fields)[0]
+        fields = [f.name for f in attrs.fields(error.cl)]
+        return ManifestError(f'unknown key "{key}"{did_you_mean(key, fields)}', join_path(path, key))
+    if isinstance(error, FieldError):
+        return ManifestError(error.message, join_path(path, error.field))
+    if isinstance(error, ManifestError):
+        return ManifestError(error.message, join_path(path, error.path))
+    if isinstance(error, ValueTypeError):
+        return ManifestError(str(error), path)
+    if isinstance(error, KeyError):
+        return ManifestError(f"missing required key {error}", path)
+    return ManifestError(f"{error}", path)
+
+
+# -- the converter: strict TOML scalars, components, plugin tables ---------------------------
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _strict(expected: str, check):
+    def structure(value: Any, _type: type) -> Any:
+        if not check(value):
+            raise ValueTypeError(f"expected {expected}, got {describe(value)}")
+        return value
+
+    return structure
+
+
+converter.register_structure_hook(bool, _strict("true or false", lambda v: isinstance(v, bool)))
+converter.register_structure_hook(int, _strict("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)))
+converter.register_structure_hook(str, _strict("a string", lambda v: isinstance(v, str)))
+converter.register_structure_hook(dict, _strict("a table", lambda v: isinstance(v, dict)))
+
+
+def _structure_float(value: Any, _type: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueTypeError(f"expected a number, got {describe(value)}")
+    return float(value)
+
+
+def _structure_names(value: Any, _type: type) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueTypeError(f"expected a list of plugin names, got {describe(value)}")
+    return tuple(value)
+
+
+def _structure_component(value: Any, _type: type) -> ComponentSpec:
+    if isinstance(value, str):
+        return ComponentSpec(value)
+    if isinstance(value, dict):
+        if "class" not in value:
+            raise ValueTypeError('expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }')
+        params = {k: v for k, v in value.items() if k != "class"}
+        try:
+            return ComponentSpec(value["class"], params)
+        except FieldError as error:
+            raise ManifestError(error.message, "class") from None
+    raise ValueTypeError(f'expected a reference "module:attr" or a table with a "class" key, got {describe(value)}')
+
+
+def _structure_plugins(value: Any, _type: type) -> PluginsConfig:
+    fields = {"enable": (), "disable": ()}
+    tables = {}
+    for key, item in value.items():
+        if key in fields:
+            try:
+                fields[key] = _structure_names(item, tuple)
+            except ValueTypeError as error:
+                raise ManifestError(str(error), key) from None
+        elif isinstance(item, dict):
+            tables[key] = item
+        else:
+            raise ManifestError(f"expected a table [plugins.{key}] (or the lists enable / disable), got {describe(item)}", key)
+    return PluginsConfig(fields["enable"], fields["disable"], tables)
+
+
+converter.register_structure_hook(float, _structure_float)
+converter.register_structure_hook(ComponentSpec, _structure_component)
+converter.register_structure_hook(PluginsConfig, _structure_plugins)
+
+
+# -- references -------------------------------------------------------------------------------
+
+def check_config_references(config: Config) -> None:
+    """Import every reference of a config and check the keyword tables against the signatures."""
+    if isinstance(config.data.dataset, str):
+        _check(config.data.dataset, config.data.params, "data.dataset", "data.params", config.base_dir)
+    elif config.data.dataset is None:
+        raise ManifestError('missing: name a dataset, e.g. dataset = "izitorch.datasets:digits"', "data.dataset")
+    for index, spec in enumerate(config.models):
+        where = f"models[{index}]"
+        if isinstance(spec.model, str):
+            _check(spec.model, spec.params, f"{where}.model", f"{where}.params", config.base_dir)
+        for part, leading in (("criterion", 0), ("optimizer", 1), ("scheduler", 1)):
+            component = getattr(spec, part)
+            if component is not None and isinstance(component.target, str):
+                _check(component.target, component.params, f"{where}.{part}.class" if component.params or part != "criterion" else f"{where}.{part}", f"{where}.{part}", config.base_dir, leading)
+
+
+def _check(ref: str, params: dict, ref_path: str, params_path: str, base_dir: str, leading: int = 0) -> None:
+    try:
+        target = resolve(ref, base_dir)
+    except ManifestError as error:
+        raise ManifestError(error.message, ref_path) from None
+    if not callable(target):
+        raise ManifestError(f'"{ref}" is not callable', ref_path)
+    try:
+        check_arguments(target, params, leading)
+    except ManifestError as error:
+        raise ManifestError(error.message, join_path(params_path, error.path)) from None
+
+
+# -- --set overrides --------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"([A-Za-z0-9_\-]+)|\[(\d+)\]")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``key.path=value`` (value parsed as TOML, else taken as a string) to ``raw``."""
+    key_path, sep, text = override.partition("=")
+    if not sep or not key_path.strip():
+        raise ManifestError(f'--set "{override}": expected key.path=value, e.g. --set run.epochs=3')
+    keys = _parse_key_path(key_path.strip(), override)
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        next_key = keys[depth + 1]
+        node = _descend(node, key, {} if isinstance(next_key, str) else [], override)
+    last = keys[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ManifestError(f'--set "{override}": index [{last}] does not exist')
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ManifestError(f'--set "{override}": "{last}" is not inside a table')
+        node[last] = value
+
+
+def _parse_key_path(key_path: str, override: str) -> list[str | int]:
+    keys: list[str | int] = []
+    position = 0
+    for part in key_path.split("."):
+        matches = list(_TOKEN.finditer(part))
+        if not matches or "".join(m.group(0) for m in matches) != part:
+            raise ManifestError(f'--set "{override}": cannot read the key path "{key_path}"')
+        keys.extend(m.group(1) if m.group(1) else int(m.group(2)) for m in matches)
+        position += 1
+    return keys
+
+
+def _descend(node: Any, key: str | int, empty: Any, override: str) -> Any:
+    if isinstance(key, int):
+        if not isinstance(node, list) or key >= len(node):
+            raise ManifestError(f'--set "{override}": index [{key}] does not exist')
+        return node[key]
+    if not isinstance(node, dict):
+        raise ManifestError(f'--set "{override}": "{key}" is not inside a table')
+    return node.setdefault(key, empty)

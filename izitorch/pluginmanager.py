@@ -1,0 +1,160 @@
+"""A fresh pluggy manager per run, holding exactly the plugins the configuration enables.
+
+Built-in plugins are found through the ``izitorch`` entry-point group like any third party's.
+The defaults (``DEFAULT_PLUGINS``) are on unless disabled; every other plugin is loaded only when
+the manifest names it (``[plugins] enable`` or a ``[plugins.<name>]`` table), so nothing is
+loaded silently. Names may also be dotted module paths or ``path/to/plugin.py`` files.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import attrs
+import pluggy
+
+from izitorch import hookspecs
+from izitorch.config import Config
+from izitorch.errors import IzitorchError, ManifestError, did_you_mean
+from izitorch.references import _import_file
+
+GROUP = "izitorch"
+ESSENTIAL = "loop"
+DEFAULT_PLUGINS = ("holdout", "metrics", "checkpoint", "trainlog", "console")
+
+hookimpl = pluggy.HookimplMarker("izitorch")
+
+
+@attrs.frozen
+class PluginInfo:
+    """What ``izitorch plugins`` shows about one available plugin."""
+
+    name: str
+    version: str
+    default: bool
+    hooks: tuple[str, ...]
+    origin: str
+
+
+def available_plugins() -> dict[str, EntryPoint]:
+    """Installed plugins by name: every entry point of the ``izitorch`` group."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def enabled_plugin_names(config: Config) -> list[str]:
+    """Resolve defaults, ``enable``, ``no:name``, ``disable`` and tables to an ordered name list."""
+    known = available_plugins()
+    wanted = [n for n in config.plugins.enable if not n.startswith("no:")]
+    blocked = list(config.plugins.disable) + [n[3:] for n in config.plugins.enable if n.startswith("no:")]
+    for name in blocked:
+        if name == ESSENTIAL:
+            raise ManifestError('"loop" is the essential plugin and cannot be disabled', "plugins.disable", config.source)
+        if name not in known and name not in wanted:
+            raise ManifestError(f'unknown plugin "{name}"{did_you_mean(name, known)}; `izitorch plugins` lists them', "plugins.disable", config.source)
+    for name in config.plugins.tables:
+        if name in blocked:
+            raise ManifestError(f'[plugins.{name}] configures a plugin that is disabled; remove the table or the "disable" entry', f"plugins.{name}", config.source)
+    names: list[str] = []
+    for name in (*DEFAULT_PLUGINS, *wanted, *config.plugins.tables):
+        if name not in blocked and name not in names:
+            names.append(name)
+    for name in names:
+        if name not in known and not _is_local(name):
+            where = f"plugins.{name}" if name in config.plugins.tables else "plugins.enable"
+            raise ManifestError(f'unknown plugin "{name}"{did_you_mean(name, known)}; `izitorch plugins` lists the installed ones', where, config.source)
+    return names
+
+
+def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str, str]]:
+    """A new manager with the essential loop and the enabled plugins, configured.
+
+    Returns the manager and ``{plugin name: version}`` for the run's ``conf.json``.
+    """
+    from izitorch import loop  # the essential plugin
+
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    versions = {ESSENTIAL: _izitorch_version()}
+    _register(pm, loop, ESSENTIAL)
+    known = available_plugins()
+    for name in enabled_plugin_names(config):
+        plugin, version = _load(name, known, config)
+        _register(pm, plugin, name)
+        versions[name] = version
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as error:
+        raise IzitorchError(f"plugin {error.plugin_name!r}: {_unknown_hook_message(error)}") from None
+    pm.hook.izitorch_configure.call_historic(kwargs={"config": config})
+    return pm, versions
+
+
+def describe_plugins() -> list[PluginInfo]:
+    """Every installed plugin with its version and the hooks it implements (for the CLI)."""
+    infos = []
+    for name, ep in sorted(available_plugins().items()):
+        try:
+            hooks = tuple(sorted(_hook_names(_instantiate(ep.load()))))
+        except Exception as error:  # a broken third-party plugin must not hide the others
+            hooks = (f"<failed to load: {type(error).__name__}: {error}>",)
+        version = ep.dist.version if ep.dist else "?"
+        infos.append(PluginInfo(name, version, name in DEFAULT_PLUGINS, hooks, ep.value))
+    return infos
+
+
+def _is_local(name: str) -> bool:
+    return name.endswith(".py") or "." in name
+
+
+def _load(name: str, known: dict[str, EntryPoint], config: Config) -> tuple[Any, str]:
+    try:
+        if name in known:
+            ep = known[name]
+            return _instantiate(ep.load()), (ep.dist.version if ep.dist else "?")
+        if name.endswith(".py"):
+            return _instantiate(_import_file(name, config.base_dir)), "local"
+        module = importlib.import_module(name)
+        return _instantiate(module), getattr(module, "__version__", "local")
+    except IzitorchError:
+        raise
+    except ManifestError:
+        raise
+    except Exception as error:
+        raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}') from None
+
+
+def _instantiate(obj: Any) -> Any:
+    """Entry points may name a module (stateless hooks) or a class (one instance per run)."""
+    return obj() if inspect.isclass(obj) else obj
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as error:
+        raise IzitorchError(f'plugin "{name}": {error}') from None
+
+
+def _hook_names(plugin: Any) -> set[str]:
+    names = set()
+    for attr in dir(plugin):
+        if attr.startswith("izitorch_") and getattr(getattr(plugin, attr, None), "izitorch_impl", None) is not None:
+            names.add(attr)
+    return names
+
+
+def _unknown_hook_message(error: pluggy.PluginValidationError) -> str:
+    text = str(error)
+    specs = [n for n in dir(hookspecs) if n.startswith("izitorch_")]
+    for word in text.replace("'", " ").split():
+        if word.startswith("izitorch_") and word not in specs:
+            return f"implements unknown hook {word}{did_you_mean(word, specs)}"
+    return text
+
+
+def _izitorch_version() -> str:
+    from izitorch import __version__
+
+    return __version__

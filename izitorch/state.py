@@ -1,0 +1,158 @@
+"""What hooks receive: the run, its folds, one slot per model, the scores of an epoch.
+
+These are plain attrs classes with no behaviour beyond bookkeeping, so that a plugin can read
+everything it needs from its arguments and keep its own state on itself or in ``run.stash``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Generic, Iterator, TypeVar
+
+import attrs
+import numpy as np
+import torch
+
+from izitorch.config import Config, ModelSpec
+
+T = TypeVar("T")
+
+
+class StashKey(Generic[T]):
+    """A typed key for :class:`Stash`: plugins create one at import time and keep it private."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+class Stash(dict):
+    """Per-run storage for plugins, indexed by :class:`StashKey` so plugins never collide."""
+
+
+@attrs.frozen
+class Split:
+    """One fold's indices into the dataset; ``val`` is ``None`` without validation."""
+
+    train: np.ndarray = attrs.field(converter=np.asarray)
+    test: np.ndarray = attrs.field(converter=np.asarray)
+    val: np.ndarray | None = attrs.field(default=None)
+
+    def as_lists(self) -> tuple[list[int], ...]:
+        """The original izitorch's ``Dataset_split.pkl`` entry: (train, test) or (train, val, test)."""
+        parts = (self.train, self.test) if self.val is None else (self.train, self.val, self.test)
+        return tuple(np.asarray(p, dtype=np.int64).tolist() for p in parts)
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One model with its criterion, optimizer and scheduler, trained on the shared batches.
+
+    The initial states are kept so that every fold starts from the same weights and a fresh
+    optimizer and scheduler (the original izitorch carried optimizer state across folds).
+    """
+
+    name: str
+    spec: ModelSpec | None
+    model: torch.nn.Module
+    criterion: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    initial_state: dict = attrs.field(factory=dict, repr=False)
+    kept_state: dict | None = attrs.field(default=None, repr=False)
+    kept_epoch: int | None = None
+    stopped: str | None = None
+
+    def snapshot_initial_state(self) -> None:
+        self.initial_state = {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+        }
+
+    def reset(self) -> None:
+        """Back to the initial weights and a fresh optimizer/scheduler, as at the first fold."""
+        self.model.load_state_dict(self.initial_state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(self.initial_state["optimizer"]))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(self.initial_state["scheduler"])
+        self.kept_state, self.kept_epoch, self.stopped = None, None, None
+
+    def grads(self) -> list[torch.Tensor]:
+        """This model's gradients (what grad clipping acts on)."""
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def keep_weights(self, epoch: int) -> None:
+        """Mark the current weights as the ones the fold reports (e.g. the best epoch's)."""
+        self.kept_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.kept_epoch = epoch
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@attrs.define(eq=False)
+class Scores:
+    """One epoch's metrics: ``scores[name][phase][metric]``, phase in train / val / test."""
+
+    epoch: int
+    values: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
+
+    def add(self, phase: str, per_slot: dict[str, dict[str, Any]]) -> None:
+        for name, metrics in per_slot.items():
+            self.values.setdefault(name, {})[phase] = metrics
+
+    def __getitem__(self, name: str) -> dict[str, dict[str, Any]]:
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def phases(self, name: str) -> list[str]:
+        return list(self.values.get(name, {}))
+
+
+@attrs.define(eq=False)
+class Fold:
+    """One split being trained: its loaders, the slots, and the final scores once done."""
+
+    index: int
+    count: int
+    split: Split
+    loaders: dict[str, Any]
+    slots: list[Slot]
+    epoch: int = 0
+    stop_reason: str | None = None
+    final_scores: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+
+    @property
+    def eval_phase(self) -> str:
+        """The phase evaluated each epoch: ``val`` when there is a validation set, else ``test``."""
+        return "val" if "val" in self.loaders else "test"
+
+
+@attrs.define(eq=False)
+class Run:
+    """Everything about the run in progress; passed to every hook."""
+
+    config: Config
+    pm: Any
+    device: torch.device
+    res_dir: Path
+    stash: Stash = attrs.field(factory=Stash)
+    metric_factories: dict[str, Any] = attrs.field(factory=dict)
+    dataset: Any = None
+    splits: list[Split] = attrs.field(factory=list)
+    slots: list[Slot] = attrs.field(factory=list)
+    plugin_versions: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def model_dir(self, slot: Slot, fold: Fold) -> Path:
+        """``res_dir/<model>`` for one split, ``res_dir/<model>/FOLD_<k>`` (1-based) for several."""
+        base = self.res_dir / slot.name
+        return base if fold.count == 1 else base / f"FOLD_{fold.index + 1}"

@@ -1,0 +1,1 @@
+"""izitorch's built-in plugins; each is registered through the ``izitorch`` entry-point group."""

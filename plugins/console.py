@@ -1,0 +1,104 @@
+"""What a person sees (default plugin): a progress bar per epoch, the losses every
+``display_step`` steps, one line of evaluation scores per epoch, and a final comparison table.
+
+The bar is tqdm's (shown only on a terminal); the lines go to stdout, so logs stay readable
+when the output is redirected.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+from izitorch import hookimpl
+
+COLUMNS = (("loss", "loss", "{:.4f}"), ("accuracy", "acc %", "{:.2f}"), ("IoU", "IoU", "{:.4f}"))
+
+
+class ConsolePlugin:
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.bar: tqdm | None = None
+
+    def _print(self, text: str) -> None:
+        stream = self.stream or sys.stdout
+        if self.bar is not None:
+            self.bar.clear()
+        print(text, file=stream, flush=True)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    @hookimpl
+    def izitorch_run_start(self, run) -> None:
+        names = ", ".join(f"{s.name} ({s.parameter_count():,} parameters)" for s in run.slots)
+        sizes = run.splits[0]
+        parts = f"train {len(sizes.train)}" + (f", val {len(sizes.val)}" if sizes.val is not None else "") + f", test {len(sizes.test)}"
+        folds = f"{len(run.splits)} folds" if len(run.splits) > 1 else "holdout"
+        self._print(f"izitorch: {len(run.slots)} model(s) on {run.device}: {names}")
+        self._print(f"izitorch: {len(run.dataset)} samples, {folds} ({parts}), {run.config.run.epochs} epochs -> {run.res_dir}")
+
+    @hookimpl
+    def izitorch_epoch_start(self, run, fold, epoch) -> None:
+        label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
+        self.bar = tqdm(total=len(fold.loaders["train"]), desc=f"{label}epoch {epoch}/{run.config.run.epochs}",
+                        leave=False, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    @hookimpl
+    def izitorch_batch_finish(self, run, fold, step, losses) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % run.config.run.display_step == 0:
+            text = "  ".join(f"{name} {loss.item():.4f}" for name, loss in losses.items())
+            self._print(f"  step {step}/{len(fold.loaders['train'])}  loss: {text}")
+
+    @hookimpl
+    def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        parts = []
+        for name in scores:
+            phases = scores[name]
+            shown = phases.get(fold.eval_phase) or phases.get("train", {})
+            tag = fold.eval_phase if fold.eval_phase in phases else "train"
+            metrics = " ".join(f"{label} {fmt.format(shown[key])}" for key, label, fmt in COLUMNS if key in shown)
+            parts.append(f"{name} [{tag}] {metrics}")
+        label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
+        self._print(f"{label}epoch {epoch}/{run.config.run.epochs}: " + " | ".join(parts))
+
+    @hookimpl
+    def izitorch_fold_finish(self, run, fold) -> None:
+        if fold.stop_reason:
+            self._print(f"izitorch: fold {fold.index + 1} stopped: {fold.stop_reason}")
+
+    @hookimpl
+    def izitorch_run_finish(self, run, results) -> None:
+        self._print(comparison_table(results, {s.name: s.parameter_count() for s in run.slots}))
+        self._print(f"izitorch: results in {run.res_dir}")
+
+
+def comparison_table(results: dict[str, list[dict]], parameters: dict[str, int] | None = None) -> str:
+    """Final test scores per model (mean ± std over folds), one row per model, best first."""
+    import numpy as np
+
+    parameters = parameters or {}
+    header = ["model", "params", "folds"] + [label for _, label, _ in COLUMNS]
+    rows = []
+    order = {name: -float(np.mean([f.get("accuracy", 0.0) for f in folds] or [0.0])) for name, folds in results.items()}
+    for name, folds in sorted(results.items(), key=lambda item: order[item[0]]):
+        row = [name, f"{parameters[name]:,}" if name in parameters else "-", str(len(folds))]
+        for key, _, fmt in COLUMNS:
+            values = [f[key] for f in folds if key in f]
+            if not values:
+                row.append("-")
+            elif len(values) == 1:
+                row.append(fmt.format(values[0]))
+            else:
+                row.append(f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values))}")
+        rows.append(row)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["final test scores:", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    return "\n".join(lines)

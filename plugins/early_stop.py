@@ -1,0 +1,62 @@
+"""Early stopping per model: ``[plugins.early_stop] patience = 5, metric = "loss"``.
+
+A model whose evaluation metric has not improved by ``min_delta`` for ``patience`` evaluations
+stops training (the others carry on); the fold ends when every model has stopped. Uses the
+validation scores when there is a validation set, else the test scores.
+"""
+from __future__ import annotations
+
+import attrs
+
+from izitorch import hookimpl
+from izitorch.config import at_least, one_of
+from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
+
+
+@attrs.frozen
+class EarlyStopOptions:
+    patience: int = attrs.field(default=5, validator=at_least(1))
+    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES))
+    min_delta: float = 0.0
+
+
+class EarlyStopPlugin:
+    def __init__(self) -> None:
+        self.options = EarlyStopOptions()
+        self.best: dict[str, float] = {}
+        self.waited: dict[str, int] = {}
+
+    @hookimpl
+    def izitorch_configure(self, config) -> None:
+        self.options = plugin_options(config, "early_stop", EarlyStopOptions)
+
+    @hookimpl
+    def izitorch_fold_start(self, run, fold) -> None:
+        self.best, self.waited = {}, {}
+
+    @hookimpl
+    def izitorch_should_stop(self, run, fold, epoch, scores):
+        key = score_key(self.options.metric)
+        for slot in fold.slots:
+            evaluated = scores[slot.name].get(fold.eval_phase, {}) if slot.name in scores else {}
+            if slot.stopped or key not in evaluated:
+                continue
+            value = evaluated[key]
+            if improved(self.options.metric, value, self.best.get(slot.name), self.options.min_delta):
+                self.best[slot.name], self.waited[slot.name] = value, 0
+                continue
+            self.waited[slot.name] = self.waited.get(slot.name, 0) + 1
+            if self.waited[slot.name] >= self.options.patience:
+                slot.stopped = f"early stop at epoch {epoch}: no {key} improvement for {self.options.patience} evaluations"
+        if all(slot.stopped for slot in fold.slots):
+            return f"every model stopped early (epoch {epoch})"
+        return None
+
+    @hookimpl
+    def izitorch_state_dict(self, run):
+        return {"early_stop": {"best": dict(self.best), "waited": dict(self.waited)}}
+
+    @hookimpl
+    def izitorch_load_state_dict(self, run, state) -> None:
+        mine = state.get("early_stop", {})
+        self.best, self.waited = dict(mine.get("best", {})), dict(mine.get("waited", {}))

@@ -1,0 +1,53 @@
+"""k-fold cross-validation: ``[plugins.kfold] k = 5``.
+
+The k test sets partition the dataset (every sample is tested exactly once). With
+``data.validation``, fold i validates on chunk i+1 (mod k) and trains on the other k-2 chunks.
+Every fold starts from the models' initial weights with fresh optimizers (done by the core).
+"""
+from __future__ import annotations
+
+import attrs
+import numpy as np
+from sklearn.model_selection import KFold
+
+from izitorch import Run, Split, hookimpl
+from izitorch.config import at_least
+from izitorch.errors import IzitorchError
+from izitorch.options import plugin_options
+
+
+@attrs.frozen
+class KFoldOptions:
+    k: int = attrs.field(default=5, validator=at_least(2))
+
+
+class KFoldPlugin:
+    """Answers ``izitorch_make_splits`` before holdout (which is ``trylast``)."""
+
+    def __init__(self) -> None:
+        self.options = KFoldOptions()
+
+    @hookimpl
+    def izitorch_configure(self, config) -> None:
+        self.options = plugin_options(config, "kfold", KFoldOptions)
+
+    @hookimpl
+    def izitorch_make_splits(self, run: Run, dataset) -> list[Split]:
+        k, size = self.options.k, len(dataset)
+        minimum = k if not run.config.data.validation else max(k, 3)
+        if size < minimum:
+            raise IzitorchError(f"plugins.kfold.k = {k} needs at least {minimum} samples, the dataset has {size}; lower k")
+        if run.config.data.validation and k < 3:
+            raise IzitorchError("plugins.kfold.k must be >= 3 with data.validation (one chunk tests, one validates, the rest trains)")
+        splitter = KFold(n_splits=k, shuffle=True, random_state=run.config.run.rdm_seed)
+        chunks = [test for _, test in splitter.split(np.arange(size))]
+        splits = []
+        for i, test in enumerate(chunks):
+            if run.config.data.validation:
+                val = chunks[(i + 1) % k]
+                train = np.concatenate([c for j, c in enumerate(chunks) if j not in (i, (i + 1) % k)])
+                splits.append(Split(train=np.sort(train), val=val, test=test))
+            else:
+                train = np.concatenate([c for j, c in enumerate(chunks) if j != i])
+                splits.append(Split(train=np.sort(train), test=test))
+        return splits

@@ -1,0 +1,88 @@
+"""Loss, accuracy (%), IoU (fraction) and the confusion matrix, from accumulated counts.
+
+Accumulators stay on the model's device and never call ``.item()`` per batch; values are read
+once per phase. Accuracy and IoU come from the epoch's confusion matrix, not from averaging
+per-batch means, so they are exact whatever the batch sizes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from izitorch import hookimpl
+
+
+class LossMeter:
+    """The sample-weighted mean of the criterion's (mean-reduced) batch losses."""
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        n = target.shape[0] if target.ndim else 1
+        weighted = loss.float() * n
+        self.total = weighted if self.total is None else self.total + weighted
+        self.count += n
+
+    def compute(self) -> dict[str, Any]:
+        if self.total is None:
+            return {}
+        return {"loss": (self.total / self.count).item()}
+
+
+class ConfusionMeter:
+    """Confusion matrix (rows true, columns predicted) for class scores ``(N, C, ...)``.
+
+    Integer targets only; other targets (regression) produce no classification metrics.
+    ``num_classes`` defaults to the output's class dimension. Targets outside ``[0, C)`` (an
+    ``ignore_index``) are left out.
+    """
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+        self.counts: torch.Tensor | None = None
+        self.applies = True
+
+    def update(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        if not self.applies:
+            return
+        if target.is_floating_point() or output.ndim < 2 or output.shape[0] != target.shape[0]:
+            self.applies = False
+            return
+        classes = self.num_classes or output.shape[1]
+        predicted = output.argmax(dim=1).reshape(-1)
+        truth = target.reshape(-1)
+        valid = (truth >= 0) & (truth < classes)
+        pairs = truth[valid] * classes + predicted[valid]
+        counts = torch.bincount(pairs, minlength=classes * classes)[: classes * classes]
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def compute(self) -> dict[str, Any]:
+        if not self.applies or self.counts is None:
+            return {}
+        classes = int(round(self.counts.numel() ** 0.5))
+        matrix = self.counts.reshape(classes, classes).cpu().numpy().astype(np.int64)
+        return {"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix}
+
+
+def accuracy(matrix: np.ndarray) -> float:
+    """Percentage of samples on the diagonal."""
+    total = matrix.sum()
+    return float(100.0 * np.trace(matrix) / total) if total else 0.0
+
+
+def mean_iou(matrix: np.ndarray) -> float:
+    """Mean over the classes present in truth or prediction of TP / (TP + FP + FN)."""
+    tp = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(axis=0) + matrix.sum(axis=1) - tp
+    present = union > 0
+    return float((tp[present] / union[present]).mean()) if present.any() else 0.0
+
+
+@hookimpl
+def izitorch_register_metrics(register) -> None:
+    register("loss", LossMeter)
+    register("classification", ConfusionMeter)

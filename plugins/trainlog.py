@@ -1,0 +1,121 @@
+"""Output files compatible with the original izitorch (default plugin).
+
+``res_dir/conf.json`` (resolved config, plugins and versions), ``res_dir/Dataset_split.pkl``,
+``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch),
+``<model>/confusion_matrix.pkl`` and ``<model>/test_metrics.json`` (final test with the kept
+weights), per fold under ``FOLD_<k>`` with k-fold, where ``<model>/overall.json`` then holds the
+mean and standard deviation over folds; ``res_dir/results.json`` summarises every model.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from izitorch import __version__, hookimpl
+from izitorch.io import write_json, write_pickle
+
+PREFIX = {"train": "", "val": "val_", "test": "test_"}
+
+
+class TrainlogPlugin:
+    def __init__(self) -> None:
+        self.logs: dict[str, dict[str, dict]] = {}
+
+    @hookimpl
+    def izitorch_run_start(self, run) -> None:
+        write_json(run.res_dir / "conf.json", run_description(run))
+        write_pickle(run.res_dir / "Dataset_split.pkl", [split.as_lists() for split in run.splits])
+        for slot in run.slots:
+            write_json(run.res_dir / slot.name / "conf.json", model_description(slot))
+
+    @hookimpl
+    def izitorch_fold_start(self, run, fold) -> None:
+        self.logs = {slot.name: {} for slot in fold.slots}
+
+    @hookimpl
+    def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
+        for slot in fold.slots:
+            entry = flatten(scores[slot.name])
+            if slot.stopped:
+                entry["stopped"] = slot.stopped
+            self.logs[slot.name][str(epoch)] = entry
+            write_json(run.model_dir(slot, fold) / "trainlog.json", self.logs[slot.name])
+
+    @hookimpl
+    def izitorch_fold_finish(self, run, fold) -> None:
+        for slot in fold.slots:
+            final = fold.final_scores[slot.name]
+            folder = run.model_dir(slot, fold)
+            if "confusion_matrix" in final:
+                write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
+            summary = scalars(final)
+            summary["epoch"] = slot.kept_epoch if slot.kept_epoch is not None else fold.epoch
+            if slot.stopped:
+                summary["stopped"] = slot.stopped
+            write_json(folder / "test_metrics.json", summary)
+
+    @hookimpl
+    def izitorch_run_finish(self, run, results) -> None:
+        summary = {}
+        for name, folds in results.items():
+            summary[name] = aggregate([scalars(f) for f in folds])
+            if len(folds) > 1:
+                write_json(run.res_dir / name / "overall.json", summary[name])
+        write_json(run.res_dir / "results.json", summary)
+
+
+def flatten(per_phase: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"train": {"loss"}, "test": {"loss"}}`` -> ``{"loss", "test_loss"}`` (original key names)."""
+    entry: dict[str, Any] = {}
+    for phase, values in per_phase.items():
+        for key, value in scalars(values).items():
+            entry[key if key.endswith("_time") else PREFIX[phase] + key] = value
+    return entry
+
+
+def scalars(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+
+
+def aggregate(folds: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean and standard deviation of each metric over folds (std 0 for a single fold)."""
+    keys = [k for k in folds[0] if all(k in f for f in folds)] if folds else []
+    return {
+        "folds": len(folds),
+        "mean": {k: float(np.mean([f[k] for f in folds])) for k in keys},
+        "std": {k: float(np.std([f[k] for f in folds])) for k in keys},
+    }
+
+
+def run_description(run) -> dict[str, Any]:
+    """``conf.json``: the resolved configuration and everything needed to reproduce the run."""
+    return {
+        "config": attrs.asdict(run.config, value_serializer=_serialize),
+        "device": str(run.device),
+        "plugins": dict(run.plugin_versions),
+        "versions": {"izitorch": __version__, "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()},
+        "splits": [{part: len(getattr(s, part)) for part in ("train", "val", "test") if getattr(s, part) is not None} for s in run.splits],
+    }
+
+
+def model_description(slot) -> dict[str, Any]:
+    return {
+        "name": slot.name,
+        "spec": attrs.asdict(slot.spec, value_serializer=_serialize) if slot.spec is not None else None,
+        "model": repr(slot.model),
+        "criterion": repr(slot.criterion),
+        "optimizer": repr(slot.optimizer),
+        "scheduler": repr(slot.scheduler) if slot.scheduler is not None else None,
+        "parameters": slot.parameter_count(),
+    }
+
+
+def _serialize(_instance, _field, value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool, list, dict, tuple)):
+        return value
+    return repr(value)

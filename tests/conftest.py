@@ -1,0 +1,55 @@
+"""Shared helpers: tiny manifests on the bundled digits data, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MANIFEST = """\
+[run]
+res_dir = "{res_dir}"
+epochs = 2
+batch_size = 32
+display_step = 1000
+
+[data]
+dataset = "izitorch.datasets:digits"
+params = {{ limit = 300 }}
+num_classes = 10
+
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = {{ hidden = 16 }}
+optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
+"""
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path):
+    """``write_manifest(text=None, name="m.toml", **fmt)``: a manifest file in tmp_path.
+
+    Without ``text``, a tiny one-model digits run (300 samples, 2 epochs) into tmp_path/res.
+    """
+
+    def write(text: str | None = None, name: str = "m.toml", **fmt: str) -> Path:
+        fmt.setdefault("res_dir", (tmp_path / "res").as_posix())
+        body = TINY_MANIFEST.format(**fmt) if text is None else dedent(text)
+        path = tmp_path / name
+        path.write_text(body, encoding="utf-8")
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m izitorch ARGS`` in a subprocess; returns the completed process (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "izitorch", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
