@@ -8,6 +8,11 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+import torch
+
+# Two cores for the whole suite: one thread per process keeps parallel subprocesses from thrashing.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
