@@ -137,4 +137,5 @@ def _shape(value: Any) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__

@@ -18,10 +18,12 @@ from izitorch.state import Fold, Run, Split
 
 def run(config: Config) -> dict[str, list[dict]]:
     """Train every model of ``config`` on every split; return each model's final test scores per fold."""
+    if config.run.multi_model == "vectorized":
+        raise ManifestError('multi_model = "vectorized" is not available in this version yet; use "auto" or "sequential" (models then step one after another)', "run.multi_model", config.source)
     pm, versions = make_plugin_manager(config)
     device = pick_device(config.run.device)
     res_dir = Path(config.run.res_dir)
-    prepare_res_dir(res_dir, config.run.overwrite)
+    prepare_res_dir(res_dir, config.run.overwrite, config.source)
     session = Run(config, pm, device, res_dir, plugin_versions=versions)
     pm.hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset = build_dataset(config)
@@ -41,15 +43,16 @@ def run(config: Config) -> dict[str, list[dict]]:
     return results
 
 
-def prepare_res_dir(res_dir: Path, overwrite: bool) -> None:
+def prepare_res_dir(res_dir: Path, overwrite: bool, source: str = "") -> None:
     """Refuse to mix two runs' outputs: an earlier run's folder needs ``overwrite``."""
     if res_dir.exists() and not res_dir.is_dir():
-        raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir")
+        raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir", source)
     if (res_dir / "conf.json").exists():
         if not overwrite:
             raise ManifestError(
                 f'res_dir "{res_dir}" already holds a run; pass --overwrite (overwrite = true) to replace it, or choose another res_dir',
                 "run.res_dir",
+                source,
             )
         shutil.rmtree(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ class ConsolePlugin:
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.bar: tqdm | None = None
+        self.announced: set[tuple[int, str]] = set()
 
     def _print(self, text: str) -> None:
         stream = self.stream or sys.stdout
@@ -66,6 +67,10 @@ class ConsolePlugin:
             parts.append(f"{name} [{tag}] {metrics}")
         label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
         self._print(f"{label}epoch {epoch}/{run.config.run.epochs}: " + " | ".join(parts))
+        for slot in fold.slots:
+            if slot.stopped and (fold.index, slot.name) not in self.announced:
+                self.announced.add((fold.index, slot.name))
+                self._print(f"izitorch: {slot.name} stopped: {slot.stopped}")
 
     @hookimpl
     def izitorch_fold_finish(self, run, fold) -> None:
