@@ -7,6 +7,7 @@ loader can name the exact key path of a bad value.
 """
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any
 
@@ -52,14 +53,14 @@ def open_unit_interval(_instance: object, attribute: attrs.Attribute, value: flo
 
 
 def device_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
-    if not DEVICE_PATTERN.match(value):
+    if not DEVICE_PATTERN.fullmatch(value):
         raise FieldError(attribute.name, f'expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got {describe(value)}')
 
 
 def reference(_instance: object, attribute: attrs.Attribute, value: Any) -> None:
     """A ``"module:attr"`` / ``"file.py:attr"`` string, or (from Python) the object itself."""
     malformed = isinstance(value, str) and (value.count(":") != 1 or not all(value.split(":")))
-    if malformed or isinstance(value, (bool, int, float, list, dict)):
+    if malformed or isinstance(value, (bool, int, float, list, dict, datetime.date, datetime.time)):
         raise FieldError(attribute.name, f'expected a reference "module:attr" or "file.py:attr", got {describe(value)}')
 
 
@@ -117,7 +118,7 @@ def _default_optimizer() -> ComponentSpec:
 
 
 def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
-    if not isinstance(value, str) or not MODEL_NAME_PATTERN.match(value):
+    if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
         raise FieldError(attribute.name, f"expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got {describe(value)}")
 
 
@@ -162,6 +163,7 @@ class Config:
     plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
     source: str = attrs.field(default="", metadata=doc("the manifest file, for messages"))
     base_dir: str = attrs.field(default=".", metadata=doc("where file references are looked up"))
+    args: dict = attrs.field(factory=dict, metadata=doc("the Rack's parameters (custom ones too), recorded in conf.json"))
 
     def plugin_table(self, name: str) -> dict:
         """The ``[plugins.<name>]`` table, empty when absent."""

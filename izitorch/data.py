@@ -9,7 +9,7 @@ import inspect
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from izitorch.config import ComponentSpec, Config, ModelSpec
 from izitorch.errors import IzitorchError, ManifestError
@@ -95,11 +95,17 @@ def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, DataLoade
         pin_memory=cfg.pin_memory and run.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
     )
-    generator = torch.Generator().manual_seed(cfg.rdm_seed + fold_index)
-    loaders = {"train": DataLoader(Subset(run.dataset, split.train.tolist()), shuffle=cfg.shuffle, generator=generator, **common)}
-    if split.val is not None:
-        loaders["val"] = DataLoader(Subset(run.dataset, split.val.tolist()), shuffle=False, **common)
-    loaders["test"] = DataLoader(Subset(run.dataset, split.test.tolist()), shuffle=False, **common)
+    seed = cfg.rdm_seed + fold_index
+    # The sampler owns its generator, so the batch order does not depend on num_workers: a
+    # DataLoader also draws its workers' base seed from ``generator=`` (or from the global RNG
+    # when None), once per epoch, or once per run with persistent workers.
+    train = Subset(run.dataset, split.train.tolist())
+    sampler = RandomSampler(train, generator=torch.Generator().manual_seed(seed)) if cfg.shuffle else None
+    loaders = {"train": DataLoader(train, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)}
+    for phase in ("val", "test"):
+        indices = getattr(split, phase)
+        if indices is not None:
+            loaders[phase] = DataLoader(Subset(run.dataset, indices.tolist()), generator=torch.Generator().manual_seed(seed), **common)
     return loaders
 
 

@@ -24,7 +24,9 @@ class ManifestError(IzitorchError):
         super().__init__(self._render())
 
     def _render(self) -> str:
-        return ": ".join(part for part in (self.source, self.path, self.message) if part)
+        text = ": ".join(part for part in (self.source, self.path, self.message) if part)
+        # one line, always: a key or value holding "\n" (legal in TOML) is shown escaped
+        return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
     def located(self, source: str = "", prefix: str = "") -> "ManifestError":
         """The same error placed in a file and under a key prefix (``models[1]``)."""

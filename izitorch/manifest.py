@@ -44,7 +44,10 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_referen
     except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"cannot read the manifest: {error}", source=source) from None
     for override in overrides:
-        apply_override(raw, override)
+        try:
+            apply_override(raw, override)
+        except ManifestError as error:
+            raise error.located(source=source) from None
     return config_from_dict(raw, source=source, base_dir=str(file.parent), check=check_references)
 
 
@@ -110,7 +113,7 @@ def _first_error(error: BaseException, path: str) -> ManifestError:
     if isinstance(error, ValueTypeError):
         return ManifestError(str(error), path)
     if isinstance(error, KeyError):
-        return ManifestError(f"missing required key {error}", path)
+        return ManifestError(f'missing required key "{error.args[0]}"', path)
     return ManifestError(f"{error}", path)
 
 

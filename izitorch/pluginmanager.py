@@ -86,7 +86,7 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as error:
-        raise IzitorchError(f"plugin {error.plugin_name!r}: {_unknown_hook_message(error)}") from None
+        raise IzitorchError(f'plugin "{pm.get_name(error.plugin)}": {_unknown_hook_message(error)}') from None
     pm.hook.izitorch_configure.call_historic(kwargs={"config": config})
     return pm, versions
 

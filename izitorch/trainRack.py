@@ -99,10 +99,22 @@ class Rack:
         self.dataset = dataset
 
     def launch(self) -> dict[str, list[dict]]:
-        """Train every model; return each model's final test scores per fold."""
+        """Train every model; return each model's final test scores per fold.
+
+        ``res_dir/conf.json`` also records ``rack.args`` (custom ones included) under ``"args"``.
+        """
         from izitorch.runner import run
 
-        return run(self.config())
+        config = self.config()
+        if self._manifest is not None:
+            return run(config)
+        try:
+            return run(config)
+        except ManifestError as error:
+            flag = _flag_of(error.path)
+            if flag is None or error.source not in ("", "Rack"):
+                raise
+            raise ManifestError(error.message, flag, "Rack") from None
 
     # -- the manifest world -----------------------------------------------------------------------
 
@@ -157,8 +169,20 @@ def config_from_args(args: argparse.Namespace, dataset: Any, model_configs: list
         overwrite=bool(args.overwrite),
     )
     data = DataConfig(dataset=dataset, num_classes=args.num_classes or None, train_ratio=args.train_ratio, validation=bool(args.validation))
-    config = Config(run=run, data=data, models=tuple(_model_spec(c) for c in model_configs), plugins=PluginsConfig(tables=tables), source="Rack")
+    config = Config(run=run, data=data, models=tuple(_model_spec(c) for c in model_configs), plugins=PluginsConfig(tables=tables),
+                    source="Rack", args=dict(vars(args)))
     return config
+
+
+#: Where plugins put the Rack's own parameters, so that their errors name the flag.
+_PLUGIN_FLAGS = {"plugins.kfold.k": "kfold", "plugins.checkpoint.metric": "metric_best", "plugins.grad_clip.value": "grad_clip"}
+
+
+def _flag_of(path: str) -> str | None:
+    """``plugins.kfold.k`` -> ``--kfold``, ``run.device`` -> ``--device``; None for other paths."""
+    section, _, name = path.partition(".")
+    name = _PLUGIN_FLAGS.get(path) or (name if section in ("run", "data") and name != "dataset" else "")
+    return f"--{name}" if name in DEFAULT_PARAMETERS else None
 
 
 def _parse_bool(text: str) -> bool:

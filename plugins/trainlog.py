@@ -94,13 +94,16 @@ def aggregate(folds: list[dict[str, float]]) -> dict[str, Any]:
 
 def run_description(run) -> dict[str, Any]:
     """``conf.json``: the resolved configuration and everything needed to reproduce the run."""
-    return {
-        "config": attrs.asdict(run.config, value_serializer=_serialize),
+    description = {
+        "config": attrs.asdict(run.config, value_serializer=_serialize, filter=lambda field, _: field.name != "args"),
         "device": str(run.device),
         "plugins": dict(run.plugin_versions),
         "versions": {"izitorch": __version__, "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()},
         "splits": [{part: len(getattr(s, part)) for part in ("train", "val", "test") if getattr(s, part) is not None} for s in run.splits],
     }
+    if run.config.args:
+        description["args"] = dict(run.config.args)
+    return description
 
 
 def model_description(slot) -> dict[str, Any]:
@@ -116,6 +119,6 @@ def model_description(slot) -> dict[str, Any]:
 
 
 def _serialize(_instance, _field, value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool, list, dict, tuple)):
-        return value
+    if value is None or isinstance(value, (str, int, float, bool, list, dict, tuple)) or attrs.has(type(value)):
+        return value  # attrs instances (nested config sections) are recursed into, not repr'd
     return repr(value)

@@ -1,0 +1,252 @@
+"""The command line, in subprocesses: ``python -m izitorch`` and the ``izitorch`` console script.
+
+A user's mistake prints exactly one line ``izitorch: error: ...`` and exits 2; a failure during
+training exits 1; success exits 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+
+import izitorch
+from izitorch import hookspecs
+from izitorch.pluginmanager import DEFAULT_PLUGINS, available_plugins
+
+from conftest import TINY_MANIFEST, run_cli
+
+BUILTINS = ("holdout", "kfold", "metrics", "checkpoint", "grad_clip", "early_stop", "trainlog", "console")
+DEFAULT_PLUGIN_LINE = "plugins: loop, holdout, metrics, checkpoint, trainlog, console"
+
+
+def write_tiny(folder: Path, res_dir: Path, name: str = "m.toml", text: str = TINY_MANIFEST) -> Path:
+    path = folder / name
+    path.write_text(text.format(res_dir=res_dir.as_posix()), encoding="utf-8")
+    return path
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, code: int, expected: str) -> None:
+    """Exit ``code``, nothing on stdout, and stderr exactly ``izitorch: error: <expected>``."""
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"izitorch: error: {expected}"], done.stderr
+    assert done.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny run through the CLI, shared by the tests that only read its outputs."""
+    folder = tmp_path_factory.mktemp("finished")
+    res_dir = folder / "res"
+    manifest = write_tiny(folder, res_dir)
+    done = run_cli("run", str(manifest), cwd=folder)
+    return manifest, res_dir, done
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+def test_validate_good_manifest(write_manifest, tmp_path):
+    path = write_manifest()
+    done = run_cli("validate", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "res").exists()  # validating trains nothing and writes nothing
+
+
+def test_validate_with_overrides_lists_the_enabled_plugins(write_manifest, tmp_path):
+    path = write_manifest()
+    done = run_cli("validate", str(path), "--set", "plugins.kfold.k=3", "--set", "plugins.grad_clip.value=1.0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}, kfold, grad_clip)\n"
+
+
+BAD = [
+    # (id, command, replace in the tiny manifest (old, new), extra CLI args, expected message after "<file>: ")
+    ("epochs-0", "validate", ("epochs = 2", "epochs = 0"), [], "run.epochs: expected an integer >= 1, got 0"),
+    ("lr-fast", "validate", ("lr = 1e-2", 'lr = "fast"'), [], 'models[0].optimizer.lr: expected a number, got "fast"'),
+    ("plugin-table", "validate", ("[run]", "[plugins.kfold]\nk = 1\n\n[run]"), [], "plugins.kfold.k: expected an integer >= 2, got 1"),
+    ("set-syntax", "validate", None, ["--set", "run.epochs"], '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
+    ("set-type", "run", None, ["--set", "run.batch_size=big"], 'run.batch_size: expected an integer, got "big"'),
+    ("run-unknown-plugin", "run", ("[run]", '[plugins]\nenable = ["kfld"]\n\n[run]'), [],
+     'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones'),
+]
+
+
+@pytest.mark.parametrize("command, change, extra, expected", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_manifest_exits_2_with_one_line(tmp_path, command, change, extra, expected):
+    res_dir = tmp_path / "res"
+    text = TINY_MANIFEST if change is None else TINY_MANIFEST.replace(*change)
+    path = write_tiny(tmp_path, res_dir, text=text)
+    done = run_cli(command, str(path), *extra, cwd=tmp_path)
+    assert_one_error_line(done, 2, f"{path}: {expected}")
+    assert not res_dir.exists()  # nothing is written for a manifest that does not load
+
+
+def test_invalid_toml_exits_2(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[run\nepochs = 2\n", encoding="utf-8")
+    done = run_cli("validate", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"izitorch: error: {path}: invalid TOML: "), done.stderr
+    assert lines[0].endswith("(at line 1, column 5)")
+
+
+def test_missing_manifest_exits_2(tmp_path):
+    path = tmp_path / "nope.toml"
+    assert_one_error_line(run_cli("run", str(path), cwd=tmp_path), 2, f"{path}: manifest not found")
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+def test_run_writes_results(finished):
+    _, res_dir, done = finished
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    summary = json.loads((res_dir / "results.json").read_text(encoding="utf-8"))
+    assert list(summary) == ["mlp"]
+    assert summary["mlp"]["folds"] == 1
+    assert 0.0 <= summary["mlp"]["mean"]["accuracy"] <= 100.0
+    assert summary["mlp"]["std"]["accuracy"] == 0.0
+    trainlog = json.loads((res_dir / "mlp" / "trainlog.json").read_text(encoding="utf-8"))
+    assert list(trainlog) == ["1", "2"]
+    assert "final test scores:" in done.stdout
+    assert f"izitorch: results in {res_dir.as_posix()}" in done.stdout
+
+
+def test_run_refuses_an_existing_res_dir_then_overwrite_replaces_it(finished, tmp_path):
+    _, res_dir, first = finished
+    assert first.returncode == 0, first.stderr
+    copy = tmp_path / "res"
+    shutil.copytree(res_dir, copy)
+    path = write_tiny(tmp_path, copy)
+    before = (copy / "results.json").read_bytes()
+
+    refused = run_cli("run", str(path), cwd=tmp_path)
+    assert_one_error_line(refused, 2, f'{path}: run.res_dir: res_dir "{copy.as_posix()}" already holds a run; '
+                                      "pass --overwrite (overwrite = true) to replace it, or choose another res_dir")
+    assert (copy / "results.json").read_bytes() == before  # untouched
+
+    done = run_cli("run", str(path), "--overwrite", "--set", "run.epochs=1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    trainlog = json.loads((copy / "mlp" / "trainlog.json").read_text(encoding="utf-8"))
+    assert list(trainlog) == ["1"]  # the earlier two-epoch log is gone: --set run.epochs=1 ran one epoch
+    conf = json.loads((copy / "conf.json").read_text(encoding="utf-8"))
+    assert conf["config"]["run"]["epochs"] == 1
+    assert conf["config"]["run"]["overwrite"] is True
+
+
+def test_training_failure_exits_1_naming_the_model(tmp_path):
+    text = TINY_MANIFEST.replace("params = {{ hidden = 16 }}", "params = {{ hidden = 16, num_classes = 3 }}")
+    assert text != TINY_MANIFEST
+    path = write_tiny(tmp_path, tmp_path / "res", text=text)
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("izitorch: error: model mlp: "), lines[0]
+    assert "num_classes" in lines[0]
+
+
+# -- plugins ------------------------------------------------------------------------------------
+
+def parse_plugins(stdout: str) -> dict[str, dict]:
+    lines = stdout.splitlines()
+    assert len(lines) % 2 == 0, stdout
+    listed = {}
+    for head, hooks in zip(lines[::2], lines[1::2]):
+        name, version, flag, arrow, origin = head.split(" ")
+        assert arrow == "->" and hooks.startswith("    hooks: "), (head, hooks)
+        listed[name] = {"version": version, "flag": flag, "origin": origin,
+                        "hooks": hooks[len("    hooks: "):].split(", ")}
+    return listed
+
+
+def hooks_seen_by_pluggy(name: str) -> list[str]:
+    """The hooks a real plugin manager registers for the installed plugin ``name``."""
+    obj = available_plugins()[name].load()
+    plugin = obj() if isinstance(obj, type) else obj
+    pm = pluggy.PluginManager("izitorch")
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin, name=name)
+    return sorted(caller.name for caller in pm.get_hookcallers(plugin))
+
+
+# a few hooks each built-in must implement (the full list is checked against pluggy)
+CORE_HOOKS = {
+    "holdout": {"izitorch_make_splits"},
+    "kfold": {"izitorch_configure", "izitorch_make_splits"},
+    "metrics": {"izitorch_register_metrics"},
+    "checkpoint": {"izitorch_configure", "izitorch_epoch_finish"},
+    "grad_clip": {"izitorch_configure", "izitorch_before_optimizer_step"},
+    "early_stop": {"izitorch_configure", "izitorch_should_stop"},
+    "trainlog": {"izitorch_run_start", "izitorch_epoch_finish", "izitorch_fold_finish", "izitorch_run_finish"},
+    "console": {"izitorch_epoch_start", "izitorch_batch_finish", "izitorch_epoch_finish", "izitorch_run_finish"},
+}
+
+
+def test_plugins_lists_every_builtin_with_its_hooks(tmp_path):
+    done = run_cli("plugins", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listed = parse_plugins(done.stdout)
+    assert set(BUILTINS) <= set(listed)
+    for name in BUILTINS:
+        entry = listed[name]
+        assert entry["version"] == izitorch.__version__
+        assert entry["flag"] == ("(default)" if name in DEFAULT_PLUGINS else "(optional)")
+        assert entry["origin"].startswith(f"izitorch.plugins.{name}")
+        assert entry["hooks"] == hooks_seen_by_pluggy(name), name
+        assert CORE_HOOKS[name] <= set(entry["hooks"]), name
+    assert {name for name in BUILTINS if listed[name]["flag"] == "(default)"} == {"holdout", "metrics", "checkpoint", "trainlog", "console"}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def test_report_prints_the_table(finished, tmp_path):
+    _, res_dir, first = finished
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((res_dir / "results.json").read_text(encoding="utf-8"))
+    done = run_cli("report", str(res_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "final test scores:"
+    assert lines[1].split() == ["model", "params", "folds", "loss", "acc", "%", "IoU"]
+    row = lines[3].split()
+    assert row[0] == "mlp" and row[2] == "1"
+    mean = summary["mlp"]["mean"]
+    assert row[3:] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
+    assert len(lines) == 4
+
+
+def test_report_without_results_exits_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_cli("report", str(empty), cwd=tmp_path)
+    assert_one_error_line(done, 2, f'{empty / "results.json"} not found: "{empty}" holds no finished run '
+                                   "(results.json is written at the end of a run)")
+
+
+# -- the console script -------------------------------------------------------------------------
+
+SCRIPT = Path(sys.executable).parent / ("izitorch.exe" if os.name == "nt" else "izitorch")
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="the izitorch console script is not installed next to this Python")
+def test_console_script_works_like_python_m(write_manifest, tmp_path):
+    good = write_manifest()
+    done = subprocess.run([str(SCRIPT), "validate", str(good)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{good}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
+
+    bad = write_manifest(TINY_MANIFEST.format(res_dir="res").replace("epochs = 2", "epochs = 0"), name="bad.toml")
+    done = subprocess.run([str(SCRIPT), "validate", str(bad)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(done, 2, f"{bad}: run.epochs: expected an integer >= 1, got 0")
