@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a manifest value, e.g. --set run.epochs=3 --set models[0].params.hidden=32")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in res_dir")
+    run.add_argument("--resume", action="store_true", help="continue the interrupted run in res_dir (finished folds are kept)")
 
     commands.add_parser("plugins", help="list the installed plugins, their versions and hooks")
     report = commands.add_parser("report", help="print the comparison table of a finished run")
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"izitorch: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("izitorch: interrupted; finished epochs are on disk", file=sys.stderr)
+        print("izitorch: aborted by a second interrupt; the epochs finished before the first one are saved (use --resume)", file=sys.stderr)
         return 130
 
 
@@ -47,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from izitorch.manifest import load_manifest
     from izitorch.runner import run
 
-    overrides = list(args.overrides) + (["run.overwrite=true"] if args.overwrite else [])
+    overrides = list(args.overrides) + (["run.overwrite=true"] if args.overwrite else []) + (["run.resume=true"] if args.resume else [])
     run(load_manifest(args.manifest, overrides))
     return 0
 

@@ -18,6 +18,7 @@ from izitorch.errors import describe
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 MULTI_MODEL_MODES = ("auto", "sequential", "vectorized")
+NAN_POLICIES = ("stop", "skip_batch", "raise")
 
 
 class FieldError(ValueError):
@@ -82,7 +83,9 @@ class RunConfig:
     shuffle: bool = attrs.field(default=True, metadata=doc("reshuffle the training set every epoch"))
     test_epoch: int = attrs.field(default=1, validator=at_least(1), metadata=doc("evaluate every N epochs (and always the last)"))
     display_step: int = attrs.field(default=50, validator=at_least(1), metadata=doc("print the losses every N training steps"))
+    resume: bool = attrs.field(default=False, metadata=doc("continue the run saved in res_dir (a new run when none is)"))
     overwrite: bool = attrs.field(default=False, metadata=doc("replace the results of an earlier run in res_dir"))
+    nan_policy: str = attrs.field(default="stop", validator=one_of(*NAN_POLICIES), metadata=doc("what a non-finite training loss does to its model"))
     multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
 
 

@@ -5,6 +5,7 @@ checkpoint or trainlog that existed before a failure still loads after it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -14,22 +15,35 @@ from typing import Any, Callable, IO
 
 import torch
 
+from izitorch.errors import IzitorchError, TrainingError
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from None
         raise
     return path
+
+
+def _write_error(path: Path, error: OSError) -> IzitorchError:
+    """A failed write as one line; the previous version of the file is intact."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TrainingError(f"no space left on the device while writing {path}; the previous version is intact: free some space, then continue with --resume")
+    return IzitorchError(f"cannot write {path}: {error.strerror or error}; check the permissions of res_dir or choose another one")
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from izitorch import resume
 from izitorch.data import to_device
 from izitorch.errors import TrainingError
+from izitorch.guard import Interrupted
 from izitorch.pluginmanager import hookimpl
 from izitorch.state import Fold, Run, Scores, Slot
 
@@ -20,7 +22,8 @@ from izitorch.state import Fold, Run, Scores, Slot
 def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
     hook, epochs = run.hook, run.config.run.epochs
     hook.izitorch_fold_start(run=run, fold=fold)
-    for epoch in range(1, epochs + 1):
+    first = resume.restore(run, fold, fold.resume_state) if fold.resume_state else 1
+    for epoch in range(first if not fold.stop_reason else epochs + 1, epochs + 1):
         fold.epoch = epoch
         hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
         scores = Scores(epoch)
@@ -32,13 +35,22 @@ def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
             scores.add(fold.eval_phase, run_epoch(run, fold, fold.eval_phase))
         hook.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
         fold.stop_reason = hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)
+        if not fold.stop_reason and all(slot.stopped for slot in fold.slots):
+            fold.stop_reason = f"every model stopped (epoch {epoch})"
+        resume.save(run, fold, epoch)
         if fold.stop_reason:
             break
+    last_weights = {}
     for slot in fold.slots:
         if slot.kept_state is not None:
+            last_weights[slot.name] = {k: v.clone() for k, v in slot.model.state_dict().items()}
             slot.model.load_state_dict(slot.kept_state)
     fold.final_scores = run_epoch(run, fold, "test")
     hook.izitorch_fold_finish(run=run, fold=fold)
+    for slot in fold.slots:  # the saved state continues from the last epoch, not the kept one
+        if slot.name in last_weights:
+            slot.model.load_state_dict(last_weights[slot.name])
+    resume.save(run, fold, fold.epoch, final=True)
     return fold.final_scores
 
 
@@ -46,14 +58,16 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
     """One pass over ``fold.loaders[phase]``: trains when ``phase == "train"``, else evaluates.
 
     Returns ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``.
-    Metrics accumulate on the device; nothing synchronises per batch unless a plugin asks.
+    Metrics accumulate on the device; the only per-batch synchronisation is the finiteness
+    check of each training loss (``run.nan_policy``).
     """
     train = phase == "train"
     slots = [slot for slot in fold.slots if not (train and slot.stopped)]
     meters = {slot.name: _new_meters(run) for slot in slots}
+    skipped = dict.fromkeys(meters, 0)
     for slot in slots:
         slot.model.train(train)
-    hook = run.hook
+    hook, stop_flag = run.hook, run.stop_flag
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
     non_blocking = run.device.type == "cuda"
@@ -64,19 +78,22 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
             inputs, target = to_device(_unpack(batch), run.device, non_blocking)
             losses = {}
             for slot in slots:
+                if train and slot.stopped:
+                    continue  # stopped during this epoch by the NaN guard
                 output, loss = _forward(slot, inputs, target)
                 if train:
-                    slot.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if before_step is not None:
-                        before_step(run=run, slot=slot)
-                    slot.optimizer.step()
+                    if not torch.isfinite(loss):
+                        skipped[slot.name] += _non_finite(run, fold, slot, loss, steps)
+                        continue
+                    _step(run, slot, loss, before_step)
                 output, loss = output.detach(), loss.detach()
                 for meter in meters[slot.name]:
                     meter.update(output, target, loss)
                 losses[slot.name] = loss
             if batch_finish is not None:
                 batch_finish(run=run, fold=fold, step=steps, losses=losses)
+            if stop_flag is not None and stop_flag.signum is not None:
+                raise Interrupted(stop_flag.signum, "interrupted")
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     per_step = (time.perf_counter() - start) / max(steps, 1)
@@ -87,8 +104,33 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
         for meter in slot_meters:
             values.update(meter.compute())
         values[time_key] = per_step
+        if skipped[name]:
+            values["skipped_batches"] = skipped[name]
         results[name] = values
     return results
+
+
+def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:
+    try:
+        slot.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step(run=run, slot=slot)
+        slot.optimizer.step()
+    except RuntimeError as error:
+        raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {_first_line(error)}{_hint(error)}") from None
+
+
+def _non_finite(run: Run, fold: Fold, slot: Slot, loss: torch.Tensor, step: int) -> int:
+    """Apply ``nan_policy`` to a non-finite loss; return 1 when the batch is skipped."""
+    where = f"loss is {loss.item()} at fold {fold.index + 1}, epoch {fold.epoch}, step {step}"
+    policy = run.config.run.nan_policy
+    if policy == "raise":
+        raise TrainingError(f'model {slot.name}: {where}; lower the learning rate, clip gradients, or set nan_policy = "stop" / "skip_batch"')
+    if policy == "stop":
+        slot.stopped = f"stopped: {where}"
+        return 0
+    return 1
 
 
 def _new_meters(run: Run) -> list[Any]:
@@ -115,7 +157,7 @@ def _forward(slot: Slot, inputs: Any, target: torch.Tensor) -> tuple[torch.Tenso
         else:
             output = slot.model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}") from None
+        raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}{_hint(error)}") from None
     try:
         loss = slot.criterion(output, target)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -139,3 +181,10 @@ def _shape(value: Any) -> str:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def _hint(error: BaseException) -> str:
+    text = str(error).lower()
+    if "out of memory" in text or "can't allocate memory" in text:
+        return "; out of memory: lower batch_size, or train fewer or smaller models at once"
+    return ""

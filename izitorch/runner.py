@@ -1,17 +1,24 @@
 """``izitorch.run(config)``: build what the configuration names and drive the hooks.
 
-This is the outer sequence of DESIGN §2; the per-fold loop lives in :mod:`izitorch.loop`.
+This is the outer sequence of DESIGN §2; the per-fold loop lives in :mod:`izitorch.loop`. The
+run holds ``res_dir``'s lock and turns SIGINT/SIGTERM into a clean stop; with ``resume``,
+finished folds are taken from their saved state and an interrupted fold continues from its
+last finished epoch (:mod:`izitorch.resume`).
 """
 from __future__ import annotations
 
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
 
+from izitorch import resume
 from izitorch.config import Config
 from izitorch.data import build_dataset, build_slots, make_loaders, pick_device
 from izitorch.errors import IzitorchError, ManifestError
+from izitorch.guard import LOCK_NAME, Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.state import Fold, Run, Split
 
@@ -23,39 +30,72 @@ def run(config: Config) -> dict[str, list[dict]]:
     pm, versions = make_plugin_manager(config)
     device = pick_device(config.run.device)
     res_dir = Path(config.run.res_dir)
-    prepare_res_dir(res_dir, config.run.overwrite, config.source)
-    session = Run(config, pm, device, res_dir, plugin_versions=versions)
-    pm.hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
+    check_res_dir(res_dir, config)
+    flag = StopFlag()
+    with res_dir_lock(res_dir), stop_on_signals(flag):
+        resuming = prepare_res_dir(res_dir, config)
+        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag)
+        try:
+            return _run(session, resuming)
+        except Interrupted as stop:
+            raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
+
+
+def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
+    config, hook = session.config, session.pm.hook
+    hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset = build_dataset(config)
-    session.slots = build_slots(config, device)
-    session.splits = check_splits(pm.hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
-    pm.hook.izitorch_run_start(run=session)
+    session.slots = build_slots(config, session.device)
+    session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
+    hook.izitorch_run_start(run=session)
     results: dict[str, list[dict]] = {slot.name: [] for slot in session.slots}
     for index, split in enumerate(session.splits):
-        for slot in session.slots:
-            slot.reset()
-        torch.manual_seed(config.run.rdm_seed + index)
-        fold = Fold(index, len(session.splits), split, make_loaders(session, split, index), session.slots)
-        final = pm.hook.izitorch_run_fold(run=session, fold=fold)
+        saved = resume.load(session, index) if resuming else None
+        if resume.needs_training(saved, config.run.epochs):
+            for slot in session.slots:
+                slot.reset()
+            torch.manual_seed(config.run.rdm_seed + index)
+            fold = Fold(index, len(session.splits), split, make_loaders(session, split, index), session.slots, resume_state=saved)
+            final = hook.izitorch_run_fold(run=session, fold=fold)
+        else:
+            final = resume.final_scores(saved)
         for name, scores in final.items():
             results[name].append(scores)
-    pm.hook.izitorch_run_finish(run=session, results=results)
+    hook.izitorch_run_finish(run=session, results=results)
     return results
 
 
-def prepare_res_dir(res_dir: Path, overwrite: bool, source: str = "") -> None:
-    """Refuse to mix two runs' outputs: an earlier run's folder needs ``overwrite``."""
+def check_res_dir(res_dir: Path, config: Config) -> None:
+    """Refuse to mix two runs' outputs: an earlier run's folder needs ``overwrite`` or ``resume``."""
     if res_dir.exists() and not res_dir.is_dir():
-        raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir", source)
-    if (res_dir / "conf.json").exists():
-        if not overwrite:
-            raise ManifestError(
-                f'res_dir "{res_dir}" already holds a run; pass --overwrite (overwrite = true) to replace it, or choose another res_dir',
-                "run.res_dir",
-                source,
-            )
-        shutil.rmtree(res_dir)
-    res_dir.mkdir(parents=True, exist_ok=True)
+        raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir", config.source)
+    if (res_dir / "conf.json").exists() and not (config.run.overwrite or config.run.resume):
+        raise ManifestError(
+            f'res_dir "{res_dir}" already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir',
+            "run.res_dir",
+            config.source,
+        )
+
+
+def prepare_res_dir(res_dir: Path, config: Config) -> bool:
+    """Empty ``res_dir`` for ``overwrite``; return whether there is a saved run to resume."""
+    if config.run.overwrite and not config.run.resume:
+        for child in res_dir.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return False
+    if config.run.resume:
+        if resume.has_state(res_dir):
+            return True
+        print(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', file=sys.stderr)
+    return False
+
+
+def interrupted_message(config: Config, stop: Interrupted) -> str:
+    name = signal.Signals(stop.signum).name
+    how = f"python -m izitorch run {config.source} --resume" if config.source.endswith(".toml") else "run the same script with --resume 1"
+    return f"interrupted by {name}; every finished epoch is saved in {config.run.res_dir}. To continue: {how}"
 
 
 def check_splits(splits: list[Split] | None, size: int) -> list[Split]:

@@ -126,6 +126,7 @@ class Fold:
     epoch: int = 0
     stop_reason: str | None = None
     final_scores: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    resume_state: dict | None = attrs.field(default=None, repr=False)
 
     @property
     def eval_phase(self) -> str:
@@ -147,6 +148,7 @@ class Run:
     splits: list[Split] = attrs.field(factory=list)
     slots: list[Slot] = attrs.field(factory=list)
     plugin_versions: dict[str, str] = attrs.field(factory=dict)
+    stop_flag: Any = None  # izitorch.guard.StopFlag: set by SIGINT/SIGTERM, read after every step
 
     @property
     def hook(self) -> Any:

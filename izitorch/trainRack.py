@@ -40,6 +40,8 @@ DEFAULT_PARAMETERS: dict[str, tuple[type, Any, str]] = {
     "shuffle": (int, 1, "1 to shuffle the training set every epoch"),
     "grad_clip": (float, 0.0, "if non zero, clip every gradient element to [-grad_clip, grad_clip]"),
     "overwrite": (int, 0, "1 to replace the results of an earlier run in res_dir"),
+    "resume": (int, 0, "1 to continue the interrupted run in res_dir"),
+    "nan_policy": (str, "stop", "what a non-finite loss does to its model: stop, skip_batch or raise"),
 }
 
 
@@ -166,7 +168,7 @@ def config_from_args(args: argparse.Namespace, dataset: Any, model_configs: list
         res_dir=args.res_dir, device=args.device, rdm_seed=args.rdm_seed, epochs=args.epochs,
         batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=bool(args.pin_memory),
         shuffle=bool(args.shuffle), test_epoch=args.test_epoch, display_step=args.display_step,
-        overwrite=bool(args.overwrite),
+        overwrite=bool(args.overwrite), resume=bool(args.resume), nan_policy=args.nan_policy,
     )
     data = DataConfig(dataset=dataset, num_classes=args.num_classes or None, train_ratio=args.train_ratio, validation=bool(args.validation))
     config = Config(run=run, data=data, models=tuple(_model_spec(c) for c in model_configs), plugins=PluginsConfig(tables=tables),

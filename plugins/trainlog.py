@@ -47,6 +47,14 @@ class TrainlogPlugin:
             write_json(run.model_dir(slot, fold) / "trainlog.json", self.logs[slot.name])
 
     @hookimpl
+    def izitorch_state_dict(self, run):
+        return {"trainlog": {"logs": self.logs}}
+
+    @hookimpl
+    def izitorch_load_state_dict(self, run, state) -> None:
+        self.logs = {name: dict(log) for name, log in state.get("trainlog", {}).get("logs", {}).items()}
+
+    @hookimpl
     def izitorch_fold_finish(self, run, fold) -> None:
         for slot in fold.slots:
             final = fold.final_scores[slot.name]

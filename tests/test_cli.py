@@ -132,7 +132,7 @@ def test_run_refuses_an_existing_res_dir_then_overwrite_replaces_it(finished, tm
 
     refused = run_cli("run", str(path), cwd=tmp_path)
     assert_one_error_line(refused, 2, f'{path}: run.res_dir: res_dir "{copy.as_posix()}" already holds a run; '
-                                      "pass --overwrite (overwrite = true) to replace it, or choose another res_dir")
+                                      "pass --resume to continue it, --overwrite to replace it, or choose another res_dir")
     assert (copy / "results.json").read_bytes() == before  # untouched
 
     done = run_cli("run", str(path), "--overwrite", "--set", "run.epochs=1", cwd=tmp_path)

@@ -206,7 +206,9 @@ def test_hook_sequence_of_a_two_fold_two_epoch_two_model_run(tmp_path):
                 expected.append(["batch_finish", fold, epoch, step])
             expected.append(["epoch_finish", fold, epoch, None])
             expected.append(["should_stop", fold, epoch, None])
+            expected.append(["state_dict", None, None, None])  # the resume state, every epoch
         expected.append(["fold_finish", fold, None, None])
+        expected.append(["state_dict", None, None, None])  # the fold's final resume state
     expected.append(["run_finish", None, None, ["mlp_a", "mlp_b"]])
 
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -1,0 +1,211 @@
+"""Exact resume: the state of a fold, written atomically after every epoch.
+
+``res_dir/.izitorch/fold_<k>.pth.tar`` holds, for the last finished epoch of fold k: every
+model's weights, optimizer, scheduler, kept (best) weights and stop reason; every plugin's
+``izitorch_state_dict``; the RNG states (torch, CUDA, numpy, python, and the loaders'
+generators); and, once the fold is done, its final test scores. It is written whatever the
+checkpoint policy, holds only tensors and plain containers (``torch.load(weights_only=True)``),
+and carries a fingerprint of the configuration so that a resume with a manifest that changed
+what the state depends on is refused, naming the difference.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from izitorch.config import Config
+from izitorch.errors import IzitorchError, ManifestError
+from izitorch.io import save_torch
+from izitorch.state import Fold, Run
+
+STATE_DIR = ".izitorch"
+FORMAT = 1
+
+#: Keys a resumed run may change: they do not affect what the saved state means.
+#: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
+TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory",
+             "run.device", "run.overwrite", "run.resume", "args.epochs", "args.display_step",
+             "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite"}
+
+
+def state_path(res_dir: Path, fold_index: int) -> Path:
+    return res_dir / STATE_DIR / f"fold_{fold_index + 1}.pth.tar"
+
+
+def has_state(res_dir: Path) -> bool:
+    return any((res_dir / STATE_DIR).glob("fold_*.pth.tar"))
+
+
+def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
+    """Write the fold's state after ``epoch`` (``final``: the fold is done, scores included)."""
+    plugins: dict[str, Any] = {}
+    for part in run.hook.izitorch_state_dict(run=run):
+        if part:
+            plugins.update(part)
+    state = {
+        "format": FORMAT,
+        "fingerprint": fingerprint(run.config),
+        "fold": fold.index,
+        "epoch": epoch,
+        "stop_reason": fold.stop_reason,
+        "final_scores": _tensorise(fold.final_scores) if final else None,
+        "slots": {slot.name: _slot_state(slot) for slot in fold.slots},
+        "plugins": plugins,
+        "rng": _rng_state(fold),
+    }
+    save_torch(state_path(run.res_dir, fold.index), state)
+
+
+def load(run: Run, fold_index: int) -> dict | None:
+    """The saved state of a fold, or None; refused (ManifestError) when the config changed."""
+    path = state_path(run.res_dir, fold_index)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=run.device, weights_only=True)
+    except Exception as error:
+        raise IzitorchError(f"{path}: the resume state cannot be read ({type(error).__name__}: {error}); start over with --overwrite") from None
+    if state.get("format") != FORMAT:
+        raise IzitorchError(f"{path}: written by another izitorch version (format {state.get('format')}); start over with --overwrite")
+    difference = first_difference(state["fingerprint"], fingerprint(run.config))
+    if difference:
+        raise ManifestError(f"cannot resume: {difference} since the interrupted run; restore it, or start over with --overwrite", source=run.config.source)
+    return state
+
+
+def needs_training(state: dict | None, epochs: int) -> bool:
+    """A fold must (re)train unless it finished and either stopped early or reached ``epochs``."""
+    if state is None or state["final_scores"] is None:
+        return True
+    return state["stop_reason"] is None and state["epoch"] < epochs
+
+
+def restore(run: Run, fold: Fold, state: dict) -> int:
+    """Put a fold back where ``state`` left it; return the first epoch still to train."""
+    for slot in fold.slots:
+        saved = state["slots"].get(slot.name)
+        if saved is None:
+            raise ManifestError(f'cannot resume: model "{slot.name}" is not in the saved state; start over with --overwrite', source=run.config.source)
+        try:
+            slot.model.load_state_dict(saved["model"])
+            slot.optimizer.load_state_dict(saved["optimizer"])
+            if slot.scheduler is not None and saved["scheduler"] is not None:
+                slot.scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
+        slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
+    run.hook.izitorch_load_state_dict(run=run, state=state["plugins"])
+    _set_rng_state(fold, state["rng"])
+    fold.epoch, fold.stop_reason = state["epoch"], state["stop_reason"]
+    return state["epoch"] + 1
+
+
+def final_scores(state: dict) -> dict[str, dict]:
+    """A finished fold's final scores, as the loop returned them (numpy confusion matrices)."""
+    return {name: {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()}
+            for name, scores in state["final_scores"].items()}
+
+
+# -- fingerprint ------------------------------------------------------------------------------
+
+def fingerprint(config: Config) -> dict[str, str]:
+    """A flat ``{"models[0].params.hidden": "64"}`` view of what the saved state depends on."""
+    tree = attrs.asdict(config, recurse=True, value_serializer=lambda _i, _f, v: _stable(v),
+                        filter=lambda field, _: field.name not in ("source", "base_dir"))
+    flat: dict[str, str] = {}
+    _flatten(tree, "", flat)
+    return {k: v for k, v in flat.items() if k not in TOLERATED}
+
+
+def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:
+    for key in sorted(set(saved) | set(current)):
+        before, after = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if before != after:
+            return f"{key} changed ({before} -> {after})"
+    return None
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _flatten(item, f"{prefix}[{index}]", out)
+    else:
+        out[prefix] = repr(value) if not isinstance(value, str) else value
+
+
+def _stable(value: Any) -> Any:
+    """A description of a value that is the same in the next process (no memory addresses)."""
+    if value is None or isinstance(value, (str, int, float, bool, list, tuple, dict)) or attrs.has(type(value)):
+        return value
+    if isinstance(value, torch.nn.Module):
+        return repr(value)
+    if isinstance(value, torch.optim.Optimizer):
+        return f"{type(value).__name__}({value.defaults})"
+    if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+        return f"{type(value).__qualname__}(len={len(value)})"
+    return getattr(value, "__qualname__", type(value).__qualname__)
+
+
+# -- state pieces -------------------------------------------------------------------------------
+
+def _slot_state(slot) -> dict:
+    return {
+        "model": slot.model.state_dict(),
+        "optimizer": slot.optimizer.state_dict(),
+        "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
+        "kept_state": slot.kept_state,
+        "kept_epoch": slot.kept_epoch,
+        "stopped": slot.stopped,
+    }
+
+
+def _tensorise(scores: dict[str, dict]) -> dict[str, dict]:
+    return {name: {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in values.items()}
+            for name, values in scores.items()}
+
+
+def _rng_state(fold: Fold) -> dict:
+    np_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "loaders": {},
+    }
+    for phase, loader in fold.loaders.items():
+        generators = {}
+        if getattr(loader, "generator", None) is not None:
+            generators["loader"] = loader.generator.get_state()
+        if getattr(getattr(loader, "sampler", None), "generator", None) is not None:
+            generators["sampler"] = loader.sampler.generator.get_state()
+        state["loaders"][phase] = generators
+    return state
+
+
+def _set_rng_state(fold: Fold, state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for phase, generators in state["loaders"].items():
+        loader = fold.loaders.get(phase)
+        if loader is None:
+            continue
+        if "loader" in generators and getattr(loader, "generator", None) is not None:
+            loader.generator.set_state(generators["loader"].cpu())
+        if "sampler" in generators and getattr(getattr(loader, "sampler", None), "generator", None) is not None:
+            loader.sampler.generator.set_state(generators["sampler"].cpu())
