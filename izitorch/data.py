@@ -157,7 +157,7 @@ def gather_tensors(dataset: Dataset, indices, device: torch.device) -> tuple[tor
 def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, Any]:
     """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``.
 
-    In-memory ``TensorDataset``\ s take the :class:`TensorBatchLoader` fast path; any other
+    In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path; any other
     dataset goes through a ``DataLoader`` (workers, pinned memory).
     """
     cfg = run.config.run
