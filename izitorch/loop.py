@@ -5,6 +5,7 @@ clipping, progress bars) hooks in from plugins; the loop only computes losses an
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -82,7 +83,7 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
                     continue  # stopped during this epoch by the NaN guard
                 output, loss = _forward(slot, inputs, target)
                 if train:
-                    if not torch.isfinite(loss):
+                    if not math.isfinite(loss.item()):  # the one per-step sync: nan_policy needs it
                         skipped[slot.name] += _non_finite(run, fold, slot, loss, steps)
                         continue
                     _step(run, slot, loss, before_step)

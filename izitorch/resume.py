@@ -180,7 +180,7 @@ def _rng_state(fold: Fold) -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "python": [python_state[0], torch.tensor(python_state[1], dtype=torch.int64), python_state[2]],
         "loaders": {},
     }
     for phase, loader in fold.loaders.items():
@@ -200,7 +200,7 @@ def _set_rng_state(fold: Fold, state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate((version, tuple(internal.tolist()), gauss))
     for phase, generators in state["loaders"].items():
         loader = fold.loaders.get(phase)
         if loader is None:

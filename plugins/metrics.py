@@ -55,16 +55,18 @@ class ConfusionMeter:
         classes = self.num_classes or output.shape[1]
         predicted = output.argmax(dim=1).reshape(-1)
         truth = target.reshape(-1)
-        valid = (truth >= 0) & (truth < classes)
-        pairs = truth[valid] * classes + predicted[valid]
-        counts = torch.bincount(pairs, minlength=classes * classes)[: classes * classes]
+        # Out-of-range targets (an ignore_index) go to one extra bin that is dropped: no boolean
+        # indexing, so no data-dependent shape and no device synchronisation.
+        cells = classes * classes
+        pairs = torch.where((truth >= 0) & (truth < classes), truth * classes + predicted, cells)
+        counts = torch.bincount(pairs, minlength=cells + 1)
         self.counts = counts if self.counts is None else self.counts + counts
 
     def compute(self) -> dict[str, Any]:
         if not self.applies or self.counts is None:
             return {}
-        classes = int(round(self.counts.numel() ** 0.5))
-        matrix = self.counts.reshape(classes, classes).cpu().numpy().astype(np.int64)
+        classes = int(round((self.counts.numel() - 1) ** 0.5))
+        matrix = self.counts[:-1].reshape(classes, classes).cpu().numpy().astype(np.int64)
         return {"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix}
 
 

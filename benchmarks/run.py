@@ -1,0 +1,237 @@
+"""izitorch against hand-written PyTorch, side by side in one process, same data/model/seed.
+
+    python benchmarks/run.py            # all cases (a few minutes on a 2-core CPU)
+    python benchmarks/run.py --quick    # fewer epochs, for a smoke test
+    python benchmarks/run.py --device cuda
+
+Case 1: one MLP on digits: izitorch vs a hand-written loop (time per step, ratio).
+Case 2: K small models (64-16-10) on one data stream: izitorch sequential / vectorized, K
+        hand-written loops one after another, and a hand-batched reference (weights stacked
+        [K, in, out], torch.baddbmm, one Adam) that stands for the practical limit.
+Case 3: 5-fold cross-validation: sequential folds, parallel folds, one single fold.
+Every row also reports the final test accuracy, so a speed-up never hides a wrong result.
+Timings are wall-clock; the first repetition warms up and is dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import izitorch  # noqa: E402
+from izitorch import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig  # noqa: E402
+from izitorch.datasets import digits  # noqa: E402
+from izitorch.models import MLP  # noqa: E402
+
+BATCH = 64
+SEED = 1
+
+
+# -- izitorch ---------------------------------------------------------------------------------
+
+def izitorch_run(models: list[ModelSpec], epochs: int, device: str, multi_model: str = "auto",
+                 plugins: PluginsConfig | None = None, quiet: bool = True) -> tuple[float, dict]:
+    """Seconds for a whole izitorch run (set-up included) and its results."""
+    with tempfile.TemporaryDirectory() as res_dir:
+        disable = ("console",) if quiet else ()
+        plugins = plugins or PluginsConfig()
+        plugins = PluginsConfig(enable=plugins.enable, disable=plugins.disable + disable, tables=plugins.tables)
+        config = Config(run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=BATCH, rdm_seed=SEED, device=device,
+                                      multi_model=multi_model),
+                        data=DataConfig(dataset="izitorch.datasets:digits", num_classes=10),
+                        models=tuple(models), plugins=plugins)
+        start = time.perf_counter()
+        results = izitorch.run(config)
+        return time.perf_counter() - start, results
+
+
+def mlp_spec(name: str, hidden: int = 64, layers: int = 1, lr: float = 1e-3) -> ModelSpec:
+    return ModelSpec(name=name, model="izitorch.models:MLP", params={"hidden": hidden, "layers": layers},
+                     optimizer=ComponentSpec("torch.optim:Adam", {"lr": lr}))
+
+
+# -- hand-written references -----------------------------------------------------------------
+
+def holdout(size: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(SEED).permutation(size)
+    cut = int(0.8 * size)
+    return order[:cut], order[cut:]
+
+
+def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3,
+              seed: int = SEED) -> tuple[float, float]:
+    """The loop a user writes by hand: DataLoader, forward, loss, backward, Adam, test each epoch.
+
+    Timed from loading the data, as izitorch's runs are (set-up included on both sides).
+    """
+    start = time.perf_counter()
+    data = digits()
+    train, test = holdout(len(data))
+    torch.manual_seed(seed)
+    model = MLP(hidden=hidden, layers=layers).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    train_loader = DataLoader(Subset(data, train.tolist()), batch_size=BATCH, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed))
+    test_loader = DataLoader(Subset(data, test.tolist()), batch_size=BATCH)
+    for _ in range(epochs):
+        model.train()
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        correct = 0
+        model.eval()
+        with torch.no_grad():
+            for x, y in test_loader:
+                correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    return time.perf_counter() - start, 100.0 * correct / len(test)
+
+
+def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) -> tuple[float, float]:
+    """K MLPs 64-hidden-10 as stacked weights [K, in, out], torch.baddbmm, one Adam: the limit."""
+    start = time.perf_counter()
+    data = digits()
+    x_all, y_all = data.tensors[0].to(device), data.tensors[1].to(device)
+    train, test = holdout(len(data))
+    train_x, train_y = x_all[train], y_all[train]
+    test_x, test_y = x_all[test], y_all[test]
+    torch.manual_seed(SEED)
+    w1 = (torch.randn(k, 64, hidden, device=device) / 8).requires_grad_()
+    b1 = torch.zeros(k, 1, hidden, device=device, requires_grad=True)
+    w2 = (torch.randn(k, hidden, 10, device=device) / hidden ** 0.5).requires_grad_()
+    b2 = torch.zeros(k, 1, 10, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=1e-2)
+    generator = torch.Generator().manual_seed(SEED)
+
+    def forward(x):
+        hidden_layer = torch.relu(torch.baddbmm(b1, x.expand(k, -1, -1), w1))
+        return torch.baddbmm(b2, hidden_layer, w2)
+
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=generator).to(device)
+        for begin in range(0, len(train), BATCH):
+            rows = order[begin:begin + BATCH]
+            out = forward(train_x[rows])
+            loss = nn.functional.cross_entropy(out.reshape(-1, 10), train_y[rows].repeat(k), reduction="mean") * k
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            accuracy = (forward(test_x).argmax(-1) == test_y).float().mean(1) * 100
+    return time.perf_counter() - start, float(accuracy.mean())
+
+
+# -- cases -------------------------------------------------------------------------------------
+
+def best_of(repeats: int, fn):
+    outcomes = [fn() for _ in range(repeats + 1)][1:]  # the first one warms up
+    return min(outcomes, key=lambda o: o[0])
+
+
+def accuracy_of(results: dict) -> float:
+    return float(np.mean([np.mean([fold["accuracy"] for fold in folds]) for folds in results.values()]))
+
+
+def case1(epochs: int, device: str, repeats: int) -> list[list]:
+    steps = epochs * int(np.ceil(0.8 * 1797 / BATCH))
+    hand_s, hand_acc = best_of(repeats, lambda: hand_loop(epochs, torch.device(device if device != "auto" else "cpu")))
+    rows = [["hand-written loop", hand_s, hand_s / steps * 1e3, 1.0, hand_acc]]
+    for label, plugins in (("izitorch, default plugins", None), ("izitorch, no output plugins", PluginsConfig(disable=("trainlog", "checkpoint")))):
+        seconds, results = best_of(repeats, lambda: izitorch_run([mlp_spec("mlp")], epochs, device, plugins=plugins))
+        rows.append([label, seconds, seconds / steps * 1e3, seconds / hand_s, accuracy_of(results)])
+    return rows
+
+
+def case2(ks: list[int], epochs: int, device: str, repeats: int) -> list[list]:
+    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    rows = []
+    for k in ks:
+        specs = [mlp_spec(f"m{i}", hidden=16, lr=1e-2) for i in range(k)]
+        loops_s = sum(hand_loop(epochs, torch_device, hidden=16, lr=1e-2, seed=SEED + i)[0] for i in range(k))
+        loops_acc = hand_loop(epochs, torch_device, hidden=16, lr=1e-2)[1]
+        ref_s, ref_acc = best_of(repeats, lambda: hand_batched(k, epochs, torch_device))
+        seq_s, seq = best_of(repeats, lambda: izitorch_run(specs, epochs, device, "sequential"))
+        try:
+            vec_s, vec = best_of(repeats, lambda: izitorch_run(specs, epochs, device, "vectorized"))
+            vec_acc = accuracy_of(vec)
+        except izitorch.IzitorchError as error:
+            vec_s, vec_acc = float("nan"), float("nan")
+            print(f"  (vectorized unavailable: {error})")
+        rows.append([k, loops_s, seq_s, vec_s, ref_s, loops_s / seq_s, loops_s / vec_s, loops_s / ref_s, vec_s / ref_s,
+                     loops_acc, accuracy_of(seq), vec_acc, ref_acc])
+    return rows
+
+
+def case3(epochs: int, device: str, repeats: int) -> list[list]:
+    rows = []
+    for label, spec in (("small 64-16-10", mlp_spec("small", hidden=16, lr=1e-2)), ("64-256-256-10", mlp_spec("big", hidden=256, layers=2))):
+        one_s, one = best_of(repeats, lambda: izitorch_run([spec], epochs, device))
+        kfold = PluginsConfig(tables={"kfold": {"k": 5}})
+        seq_s, seq = best_of(repeats, lambda: izitorch_run([spec], epochs, device, plugins=kfold))
+        try:
+            parallel = PluginsConfig(tables={"kfold": {"k": 5, "parallel": True}})
+            par_s, par = best_of(repeats, lambda: izitorch_run([spec], epochs, device, plugins=parallel))
+            par_acc = accuracy_of(par)
+        except izitorch.IzitorchError as error:
+            par_s, par_acc = float("nan"), float("nan")
+            print(f"  (parallel folds unavailable: {error})")
+        rows.append([label, one_s, seq_s, par_s, seq_s / one_s, par_s / one_s, accuracy_of(one), accuracy_of(seq), par_acc])
+    return rows
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return "n/a" if np.isnan(value) else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    cells = [header] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and repetitions")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--cases", default="1,2,3", help="which cases to run, e.g. 1,2")
+    parser.add_argument("--ks", default="1,4,16,64", help="model counts for case 2")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else 2
+    cases = set(args.cases.split(","))
+    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} thread(s)\n")
+    if "1" in cases:
+        epochs = 5 if args.quick else 30
+        print(table(f"case 1: one MLP 64-64-10 on digits, {epochs} epochs (ratio = time / hand-written loop)",
+                    ["runner", "seconds", "ms/step", "ratio", "test acc %"], case1(epochs, args.device, repeats)), "\n", flush=True)
+    if "2" in cases:
+        epochs = 2 if args.quick else 5
+        ks = [int(k) for k in args.ks.split(",")]
+        print(table(f"case 2: K models 64-16-10 on one data stream, {epochs} epochs (speed-up = K separate loops / runner)",
+                    ["K", "loops s", "seq s", "vec s", "ref s", "seq x", "vec x", "ref x", "vec/ref", "acc loops", "acc seq", "acc vec", "acc ref"],
+                    case2(ks, epochs, args.device, repeats)), "\n", flush=True)
+    if "3" in cases:
+        epochs = 3 if args.quick else 10
+        print(table(f"case 3: 5-fold cross-validation, {epochs} epochs (ratios to one single fold)",
+                    ["model", "1 fold s", "5 seq s", "5 par s", "seq/1", "par/1", "acc 1", "acc seq", "acc par"],
+                    case3(epochs, args.device, repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
