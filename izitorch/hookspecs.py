@@ -67,17 +67,20 @@ def izitorch_run_fold(run: "Run", fold: "Fold") -> "dict[str, dict] | None":
     The default (``izitorch.loop``) calls, in this order::
 
         izitorch_fold_start(run, fold)
-        for epoch in 1..epochs:
+        [resume: slots, izitorch_load_state_dict(run, state) and RNG states restored]
+        for epoch in first..epochs:
             izitorch_epoch_start(run, fold, epoch)
-            train pass: per batch, per slot: forward, loss, backward,
-                        izitorch_before_optimizer_step(run, slot), optimizer step;
+            train pass: per batch, per slot: forward, loss, finiteness check (nan_policy),
+                        backward, izitorch_before_optimizer_step(run, slot), optimizer step;
                         then izitorch_batch_finish(run, fold, step, losses)
             schedulers step (once per epoch, after the optimizer)
             evaluation pass on val or test (every test_epoch epochs and at the last epoch)
             izitorch_epoch_finish(run, fold, epoch, scores)
             izitorch_should_stop(run, fold, epoch, scores) -> stop when a reason is returned
+            resume state saved (izitorch_state_dict(run) gathered from every plugin)
         final test pass with the weights each slot kept (``Slot.keep_weights``)
         izitorch_fold_finish(run, fold)
+        final resume state saved (izitorch_state_dict again)
     """
 
 
