@@ -24,6 +24,8 @@ def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
     hook, epochs = run.hook, run.config.run.epochs
     hook.izitorch_fold_start(run=run, fold=fold)
     first = resume.restore(run, fold, fold.resume_state) if fold.resume_state else 1
+    for group in run.groups:
+        group.sync_from_members()  # the members were reset or restored behind the group's back
     for epoch in range(first if not fold.stop_reason else epochs + 1, epochs + 1):
         fold.epoch = epoch
         hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
@@ -58,15 +60,18 @@ def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
 def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
     """One pass over ``fold.loaders[phase]``: trains when ``phase == "train"``, else evaluates.
 
-    Returns ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``.
-    Metrics accumulate on the device; the only per-batch synchronisation is the finiteness
-    check of each training loss (``run.nan_policy``).
+    Vectorized groups (``run.groups``) take one forward/backward/step for all their members;
+    the other slots (``run.singles``) step one after another on the same batch. Returns
+    ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``. Metrics
+    accumulate on the device; the only per-batch synchronisation is the finiteness check of
+    the training losses (``run.nan_policy``).
     """
     train = phase == "train"
-    slots = [slot for slot in fold.slots if not (train and slot.stopped)]
-    meters = {slot.name: _new_meters(run) for slot in slots}
-    skipped = dict.fromkeys(meters, 0)
-    for slot in slots:
+    singles = [slot for slot in run.singles if not (train and slot.stopped)]
+    meters = {slot.name: _new_meters(run) for slot in singles}
+    group_meters = [_new_group_meters(run, len(group)) for group in run.groups]
+    skipped = dict.fromkeys((slot.name for slot in fold.slots), 0)
+    for slot in fold.slots:
         slot.model.train(train)
     hook, stop_flag = run.hook, run.stop_flag
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
@@ -78,13 +83,16 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
         for steps, batch in enumerate(fold.loaders[phase], 1):
             inputs, target = to_device(_unpack(batch), run.device, non_blocking)
             losses = {}
-            for slot in slots:
+            for group, group_meter in zip(run.groups, group_meters):
+                _group_batch(run, fold, group, group_meter, inputs, target, train, steps, before_step, skipped, losses)
+            for slot in singles:
                 if train and slot.stopped:
                     continue  # stopped during this epoch by the NaN guard
                 output, loss = _forward(slot, inputs, target)
                 if train:
-                    if not math.isfinite(loss.item()):  # the one per-step sync: nan_policy needs it
-                        skipped[slot.name] += _non_finite(run, fold, slot, loss, steps)
+                    value = loss.item()  # the one per-step sync: nan_policy needs it
+                    if not math.isfinite(value):
+                        skipped[slot.name] += _non_finite(run, fold, slot, value, steps)
                         continue
                     _step(run, slot, loss, before_step)
                 output, loss = output.detach(), loss.detach()
@@ -98,17 +106,53 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     per_step = (time.perf_counter() - start) / max(steps, 1)
+    values = {name: _compute(slot_meters) for name, slot_meters in meters.items()}
+    for group, group_meter in zip(run.groups, group_meters):
+        for slot, member in zip(group.slots, _compute_group(group_meter, len(group))):
+            if not (train and slot.stopped and not member):
+                values[slot.name] = member
     time_key = "train_step_time" if train else "inference_time"
     results = {}
-    for name, slot_meters in meters.items():
-        values: dict[str, Any] = {}
-        for meter in slot_meters:
-            values.update(meter.compute())
-        values[time_key] = per_step
-        if skipped[name]:
-            values["skipped_batches"] = skipped[name]
-        results[name] = values
+    for slot in fold.slots:
+        if slot.name not in values or (train and not values[slot.name] and slot.stopped):
+            continue
+        results[slot.name] = {**values[slot.name], time_key: per_step}
+        if skipped[slot.name]:
+            results[slot.name]["skipped_batches"] = skipped[slot.name]
     return results
+
+
+def _group_batch(run: Run, fold: Fold, group: Any, group_meter: list, inputs: Any, target: torch.Tensor, train: bool,
+                 step: int, before_step: Any, skipped: dict[str, int], losses: dict[str, Any]) -> None:
+    """One batch for a vectorized group: one forward, one backward, one optimizer step."""
+    active = [not slot.stopped for slot in group.slots] if train else None
+    if active is not None and not any(active):
+        return
+    try:
+        outputs = group.forward(inputs, active)
+        member_losses = group.losses(outputs, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise TrainingError(f"models {', '.join(group.names)} (vectorized): {_first_line(error)}{_hint(error)}; "
+                            'check the output size against num_classes, or set multi_model = "sequential" to see which model fails') from None
+    if train:
+        for k, value in enumerate(member_losses.tolist()):  # one sync for the whole group
+            if active[k] and not math.isfinite(value):
+                skipped[group.slots[k].name] += _non_finite(run, fold, group.slots[k], value, step)
+                active[k] = False
+        if any(active):
+            group.zero_grad()
+            group.backward(member_losses)
+            if before_step is not None:
+                for slot, is_active in zip(group.slots, active):
+                    if is_active:
+                        before_step(run=run, slot=slot)
+            group.step(active)
+    outputs, member_losses = outputs.detach(), member_losses.detach()
+    for meter in group_meter:
+        meter.update(outputs, target, member_losses, active)
+    for k, slot in enumerate(group.slots):
+        if active is None or active[k]:
+            losses[slot.name] = member_losses[k]
 
 
 def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:
@@ -122,9 +166,9 @@ def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:
         raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {_first_line(error)}{_hint(error)}") from None
 
 
-def _non_finite(run: Run, fold: Fold, slot: Slot, loss: torch.Tensor, step: int) -> int:
+def _non_finite(run: Run, fold: Fold, slot: Slot, value: float, step: int) -> int:
     """Apply ``nan_policy`` to a non-finite loss; return 1 when the batch is skipped."""
-    where = f"loss is {loss.item()} at fold {fold.index + 1}, epoch {fold.epoch}, step {step}"
+    where = f"loss is {value} at fold {fold.index + 1}, epoch {fold.epoch}, step {step}"
     policy = run.config.run.nan_policy
     if policy == "raise":
         raise TrainingError(f'model {slot.name}: {where}; lower the learning rate, clip gradients, or set nan_policy = "stop" / "skip_batch"')
@@ -137,6 +181,43 @@ def _non_finite(run: Run, fold: Fold, slot: Slot, loss: torch.Tensor, step: int)
 def _new_meters(run: Run) -> list[Any]:
     num_classes = run.config.data.num_classes
     return [factory(num_classes) for factory in run.metric_factories.values()]
+
+
+def _new_group_meters(run: Run, members: int) -> list[Any]:
+    """Per metric, one accumulator for the whole group when the metric offers ``stacked``."""
+    num_classes = run.config.data.num_classes
+    return [factory.stacked(num_classes, members) if hasattr(factory, "stacked") else _PerMember(factory, num_classes, members)
+            for factory in run.metric_factories.values()]
+
+
+class _PerMember:
+    """Fallback for metrics without a ``stacked`` form: one accumulator per member."""
+
+    def __init__(self, factory: Any, num_classes: int | None, members: int) -> None:
+        self.meters = [factory(num_classes) for _ in range(members)]
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None) -> None:
+        for k, meter in enumerate(self.meters):
+            if active is None or active[k]:
+                meter.update(outputs[k], target, losses[k])
+
+    def compute(self) -> list[dict[str, Any]]:
+        return [meter.compute() for meter in self.meters]
+
+
+def _compute(meters: list[Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for meter in meters:
+        values.update(meter.compute())
+    return values
+
+
+def _compute_group(meters: list[Any], members: int) -> list[dict[str, Any]]:
+    values: list[dict[str, Any]] = [{} for _ in range(members)]
+    for meter in meters:
+        for k, member in enumerate(meter.compute()):
+            values[k].update(member)
+    return values
 
 
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from izitorch.config import Config
+from izitorch.ensemble import standalone
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.io import save_torch
 from izitorch.state import Fold, Run
@@ -30,7 +31,7 @@ FORMAT = 1
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
 TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory",
              "run.device", "run.overwrite", "run.resume", "args.epochs", "args.display_step",
-             "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite"}
+             "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite", "args.res_dir"}
 
 
 def state_path(res_dir: Path, fold_index: int) -> Path:
@@ -61,13 +62,19 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     save_torch(state_path(run.res_dir, fold.index), state)
 
 
-def load(run: Run, fold_index: int) -> dict | None:
+def check(run: Run, folds: int) -> None:
+    """Load every saved state once (on the CPU, then dropped): a changed config is refused here."""
+    for index in range(folds):
+        load(run, index, device="cpu")
+
+
+def load(run: Run, fold_index: int, device: Any = None) -> dict | None:
     """The saved state of a fold, or None; refused (ManifestError) when the config changed."""
     path = state_path(run.res_dir, fold_index)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=run.device, weights_only=True)
+        state = torch.load(path, map_location=device or run.device, weights_only=True)
     except Exception as error:
         raise IzitorchError(f"{path}: the resume state cannot be read ({type(error).__name__}: {error}); start over with --overwrite") from None
     if state.get("format") != FORMAT:
@@ -158,14 +165,14 @@ def _stable(value: Any) -> Any:
 # -- state pieces -------------------------------------------------------------------------------
 
 def _slot_state(slot) -> dict:
-    return {
+    return standalone({
         "model": slot.model.state_dict(),
         "optimizer": slot.optimizer.state_dict(),
         "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
         "kept_state": slot.kept_state,
         "kept_epoch": slot.kept_epoch,
         "stopped": slot.stopped,
-    }
+    })
 
 
 def _tensorise(scores: dict[str, dict]) -> dict[str, dict]:

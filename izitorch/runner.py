@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from izitorch import resume
+from izitorch import ensemble, resume
 from izitorch.config import Config
 from izitorch.data import build_dataset, build_slots, make_loaders, pick_device
 from izitorch.errors import IzitorchError, ManifestError
@@ -25,8 +25,6 @@ from izitorch.state import Fold, Run, Split
 
 def run(config: Config) -> dict[str, list[dict]]:
     """Train every model of ``config`` on every split; return each model's final test scores per fold."""
-    if config.run.multi_model == "vectorized":
-        raise ManifestError('multi_model = "vectorized" is not available in this version yet; use "auto" or "sequential" (models then step one after another)', "run.multi_model", config.source)
     pm, versions = make_plugin_manager(config)
     device = pick_device(config.run.device)
     res_dir = Path(config.run.res_dir)
@@ -46,7 +44,10 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset = build_dataset(config)
     session.slots = build_slots(config, session.device)
+    session.groups, session.singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
+    if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
+        resume.check(session, len(session.splits))
     hook.izitorch_run_start(run=session)
     results: dict[str, list[dict]] = {slot.name: [] for slot in session.slots}
     for index, split in enumerate(session.splits):

@@ -149,6 +149,9 @@ class Run:
     slots: list[Slot] = attrs.field(factory=list)
     plugin_versions: dict[str, str] = attrs.field(factory=dict)
     stop_flag: Any = None  # izitorch.guard.StopFlag: set by SIGINT/SIGTERM, read after every step
+    groups: list = attrs.field(factory=list)  # izitorch.ensemble.VectorGroup: slots stepped as one
+    singles: list[Slot] = attrs.field(factory=list)  # slots stepped one by one
+    grouping: list[str] = attrs.field(factory=list)  # why models were (not) grouped, for the console
 
     @property
     def hook(self) -> Any:

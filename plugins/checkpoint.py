@@ -14,6 +14,7 @@ import attrs
 
 from izitorch import hookimpl
 from izitorch.config import one_of
+from izitorch.ensemble import standalone
 from izitorch.io import save_torch, write_json
 from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
 
@@ -77,4 +78,4 @@ def checkpoint(slot, epoch: int) -> dict:
     state = {"epoch": epoch, "state_dict": slot.model.state_dict(), "optimizer": slot.optimizer.state_dict()}
     if slot.scheduler is not None:
         state["scheduler"] = slot.scheduler.state_dict()
-    return state
+    return standalone(state)  # a vectorized member's tensors are views of the whole group

@@ -38,6 +38,8 @@ class ConsolePlugin:
         folds = f"{len(run.splits)} folds" if len(run.splits) > 1 else "holdout"
         self._print(f"izitorch: {len(run.slots)} model(s) on {run.device}: {names}")
         self._print(f"izitorch: {len(run.dataset)} samples, {folds} ({parts}), {run.config.run.epochs} epochs -> {run.res_dir}")
+        for note in run.grouping:
+            self._print(f"izitorch: {note}")
 
     @hookimpl
     def izitorch_epoch_start(self, run, fold, epoch) -> None:

@@ -17,6 +17,10 @@ from izitorch import hookimpl
 class LossMeter:
     """The sample-weighted mean of the criterion's (mean-reduced) batch losses."""
 
+    @classmethod
+    def stacked(cls, num_classes: int | None, members: int) -> "StackedLossMeter":
+        return StackedLossMeter(members)
+
     def __init__(self, num_classes: int | None = None) -> None:
         self.total: torch.Tensor | None = None
         self.count = 0
@@ -40,6 +44,10 @@ class ConfusionMeter:
     ``num_classes`` defaults to the output's class dimension. Targets outside ``[0, C)`` (an
     ``ignore_index``) are left out.
     """
+
+    @classmethod
+    def stacked(cls, num_classes: int | None, members: int) -> "StackedConfusionMeter":
+        return StackedConfusionMeter(num_classes, members)
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes
@@ -68,6 +76,67 @@ class ConfusionMeter:
         classes = int(round((self.counts.numel() - 1) ** 0.5))
         matrix = self.counts[:-1].reshape(classes, classes).cpu().numpy().astype(np.int64)
         return {"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix}
+
+
+class StackedLossMeter:
+    """:class:`LossMeter` for the K members of a vectorized group at once (losses ``[K]``)."""
+
+    def __init__(self, members: int) -> None:
+        self.total: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None) -> None:
+        n = target.shape[0] if target.ndim else 1
+        weights = torch.full_like(losses, float(n), dtype=torch.float32)
+        if active is not None:
+            weights = weights * torch.tensor(active, dtype=torch.float32, device=losses.device)
+        weighted = torch.where(weights > 0, losses.float() * weights, torch.zeros_like(weights))
+        self.total = weighted if self.total is None else self.total + weighted
+        self.count = weights if self.count is None else self.count + weights
+
+    def compute(self) -> list[dict[str, Any]]:
+        if self.total is None:
+            return []
+        return [{"loss": total / count} if count else {} for total, count in zip(self.total.tolist(), self.count.tolist())]
+
+
+class StackedConfusionMeter:
+    """:class:`ConfusionMeter` for K members at once: one ``bincount`` over ``[K, B, C, ...]``."""
+
+    def __init__(self, num_classes: int | None, members: int) -> None:
+        self.num_classes = num_classes
+        self.members = members
+        self.counts: torch.Tensor | None = None
+        self.applies = True
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None) -> None:
+        if not self.applies:
+            return
+        if target.is_floating_point() or outputs.ndim < 3 or outputs.shape[1] != target.shape[0]:
+            self.applies = False
+            return
+        members, classes = outputs.shape[0], self.num_classes or outputs.shape[2]
+        cells = classes * classes + 1  # the last cell of each member collects what is dropped
+        predicted = outputs.argmax(dim=2).reshape(members, -1)
+        truth = target.reshape(1, -1).expand(members, -1)
+        valid = (truth >= 0) & (truth < classes)
+        if active is not None:
+            valid = valid & torch.tensor(active, device=truth.device).reshape(members, 1)
+        offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
+        pairs = torch.where(valid, truth * classes + predicted, cells - 1) + offsets
+        counts = torch.bincount(pairs.reshape(-1), minlength=members * cells)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def compute(self) -> list[dict[str, Any]]:
+        if not self.applies or self.counts is None:
+            return [{} for _ in range(self.members)]
+        per_member = self.counts.reshape(self.members, -1)[:, :-1].cpu().numpy().astype(np.int64)
+        classes = int(round(per_member.shape[1] ** 0.5))
+        results = []
+        for counts in per_member:
+            matrix = counts.reshape(classes, classes)
+            results.append({"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix})
+        return results
 
 
 def accuracy(matrix: np.ndarray) -> float:

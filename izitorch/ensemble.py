@@ -1,0 +1,700 @@
+"""Vectorized model groups: K models of one architecture trained with one forward, one backward
+and one optimizer step per batch.
+
+Training K small models one after another costs K forwards, K backwards and K optimizer steps of
+tiny kernels, each dominated by Python and dispatch overhead. When the models share their
+architecture, :mod:`torch.func` can run them as one batched model: their parameters are stacked
+into ``[K, ...]`` tensors and ``vmap(functional_call(...))`` evaluates all members at once.
+
+Each member keeps its own identity (DESIGN §7): its ``nn.Module`` parameters and buffers are
+re-pointed to views of row ``k`` of the stacked tensors, so ``slot.model.state_dict()`` always
+shows the member's current weights and ``slot.model.load_state_dict`` writes into the group; its
+own torch optimizer keeps its ``param_groups`` (read at every step, so each member's scheduler
+keeps working) and its ``state`` holds views of the member's rows of the stacked optimizer state,
+so ``slot.optimizer.state_dict()`` is what that optimizer would hold had it stepped alone.
+
+Parameters live in one flat ``[K, N]`` tensor (each stacked parameter is a view of a column
+range), and so do their gradients and the optimizer's moments. The update of all members is
+then a handful of elementwise operations on ``[K, N]`` tensors with per-member hyper-parameters
+as ``[K, 1]`` columns, whatever the number of parameter tensors.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from izitorch.errors import IzitorchError
+from izitorch.state import Slot
+
+__all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone"]
+
+VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+# A stacked parameter is a column range of the flat [K, N] tensor, so it is not "dense" and
+# autograd warns (once) that its gradient, a view with exactly the same strides, breaks the
+# layout contract. The accumulation is in place and correct; the warning is a false positive.
+# VectorGroup.backward relaxes the check; this filter covers a backward called directly.
+_relaxed_grad_layout = getattr(torch.autograd, "enforce_grad_layout_policy", None)
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract", category=UserWarning)
+
+# Module attributes that are torch's bookkeeping, not configuration that changes the forward.
+_MODULE_INTERNALS = frozenset({
+    "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules",
+    "_compiled_call_impl", "_is_full_backward_hook",
+})
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping
+
+
+def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot], list[str]]:
+    """Split ``slots`` into vectorized groups and slots trained one by one.
+
+    A group is 2+ slots whose models have the same module structure and configuration, whose
+    optimizers are the same vectorized class with the same structural options, and whose
+    criteria are configured alike. Returns ``(groups, sequential, reasons)`` where ``reasons``
+    has one line per slot left sequential, saying why (for the console and for
+    ``multi_model = "vectorized"`` errors). Building a group re-points its members' parameters
+    (see :class:`VectorGroup`).
+    """
+    reasons: dict[str, str] = {}
+    candidates: list[tuple[Slot, _Signature]] = []
+    for slot in slots:
+        why = _ineligible(slot)
+        if why:
+            reasons[slot.name] = f"{slot.name}: {why}"
+        else:
+            candidates.append((slot, _Signature.of(slot)))
+    buckets: list[list[tuple[Slot, _Signature]]] = []
+    for slot, signature in candidates:
+        for bucket in buckets:
+            if signature.matches(bucket[0][1]):
+                bucket.append((slot, signature))
+                break
+        else:
+            buckets.append([(slot, signature)])
+    groups = []
+    for bucket in buckets:
+        if len(bucket) >= 2:
+            groups.append(VectorGroup([slot for slot, _ in bucket]))
+        else:
+            slot, signature = bucket[0]
+            reasons[slot.name] = f"{slot.name}: {_why_alone(slot, signature, candidates, slots)}"
+    grouped = {id(slot) for group in groups for slot in group.slots}
+    sequential = [slot for slot in slots if id(slot) not in grouped]
+    return groups, sequential, [reasons[slot.name] for slot in sequential]
+
+
+def _ineligible(slot: Slot) -> str | None:
+    """Why this slot can never be part of a group (whatever the others are), or None."""
+    model, optimizer = slot.model, slot.optimizer
+    kind = type(optimizer)
+    if kind not in VECTORIZED_OPTIMIZERS:
+        return f"optimizer {kind.__name__} is not vectorized (SGD, Adam, AdamW are)"
+    if len(optimizer.param_groups) != 1:
+        return f"optimizer has {len(optimizer.param_groups)} parameter groups (a vectorized group needs one)"
+    group = optimizer.param_groups[0]
+    params = list(model.parameters())
+    if not params:
+        return "model has no parameters"
+    if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params)):
+        return "optimizer does not hold exactly the model's parameters, in order"
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return "optimizer has step hooks (the group steps all members at once, without them)"
+    for option in ("maximize", "differentiable", "capturable", "amsgrad"):
+        if group.get(option):
+            return f"optimizer option {option}=True is not vectorized"
+    if any(not p.requires_grad for p in params):
+        return "model has frozen parameters (requires_grad=False)"
+    if any(p.is_sparse or not p.is_floating_point() or p.is_complex() for p in params):
+        return "model has sparse, complex or non-float parameters"
+    if len({p.dtype for p in params}) > 1 or len({p.device for p in params}) > 1:
+        return "model parameters have several dtypes or devices"
+    for name, module in model.named_modules():
+        hooks = [k for k, v in vars(module).items() if "hook" in k and isinstance(v, dict) and v]
+        if hooks:
+            return f"module {name or type(module).__name__!r} has hooks ({', '.join(sorted(hooks))})"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            return f"module {name!r}: BatchNorm with momentum=None (cumulative average) is not vectorized"
+    return None
+
+
+class _Signature:
+    """What must be equal for two slots to share a group: architecture, optimizer kind, criterion."""
+
+    def __init__(self, architecture: list, optimizer: tuple, criterion: Any) -> None:
+        self.architecture, self.optimizer, self.criterion = architecture, optimizer, criterion
+
+    @classmethod
+    def of(cls, slot: Slot) -> "_Signature":
+        return cls(_architecture(slot.model), _optimizer_kind(slot.optimizer), _config(slot.criterion, values=True))
+
+    def matches(self, other: "_Signature") -> bool:
+        return (self.optimizer == other.optimizer and _same(self.architecture, other.architecture)
+                and _same(self.criterion, other.criterion))
+
+
+def _architecture(model: nn.Module) -> list:
+    """Type tree, per-module configuration, and parameter/buffer names, shapes, dtypes, devices."""
+    modules = [(name, _config(module)) for name, module in model.named_modules()]
+    params = [(n, tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters()]
+    buffers = [(n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()]
+    return [modules, params, buffers]
+
+
+def _config(obj: Any, values: bool = False) -> Any:
+    """An object's type and the attributes that configure it.
+
+    The group runs every member through one copy of the first member's module, so anything
+    that changes the forward (a dropout rate, a convolution's stride, a loss's reduction) must
+    be equal. A plain function criterion is compared by identity. ``values`` adds the module's
+    own parameters and buffers (a criterion's class weights), which for a model differ by design.
+    """
+    if not isinstance(obj, nn.Module):
+        return obj
+    attributes = {k: v for k, v in vars(obj).items() if k not in _MODULE_INTERNALS and "hook" not in k}
+    if values and (obj._parameters or obj._buffers):
+        attributes["__tensors__"] = {**dict(obj.named_parameters(recurse=False)), **dict(obj.named_buffers(recurse=False))}
+    return (type(obj), attributes)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality that understands tensors (and treats incomparable values as different)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and (a.is_meta or bool(torch.equal(a, b))))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple:
+    """The optimizer's class and the options that change its formula (not its hyper-parameters)."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        return ("SGD", bool(group["nesterov"]))
+    decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+    return (type(optimizer).__name__, decoupled)
+
+
+def _describe_optimizer(kind: tuple) -> str:
+    name, flag = kind
+    if name == "SGD":
+        return "SGD(nesterov=True)" if flag else "SGD"
+    return f"{name}(decoupled_weight_decay={flag})" if flag != (name == "AdamW") else name
+
+
+def _why_alone(slot: Slot, signature: _Signature, candidates: list, slots: Sequence[Slot]) -> str:
+    same_architecture = [(s, sig) for s, sig in candidates if s is not slot and _same(sig.architecture, signature.architecture)]
+    for other, sig in same_architecture:
+        if sig.optimizer != signature.optimizer:
+            return (f"optimizer {_describe_optimizer(signature.optimizer)} differs from {other.name}'s "
+                    f"{_describe_optimizer(sig.optimizer)} (same architecture)")
+    for other, sig in same_architecture:
+        if not _same(sig.criterion, signature.criterion):
+            return f"criterion {type(slot.criterion).__name__} is configured unlike {other.name}'s (same architecture and optimizer)"
+    others = [s.name for s in slots if s is not slot and _same(_architecture(s.model), signature.architecture)]
+    if others:
+        return f"no other vectorizable model with the same architecture ({', '.join(others)} cannot be grouped)"
+    return "no other model with the same architecture"
+
+
+# --------------------------------------------------------------------------------------------
+# The group
+
+
+class VectorGroup:
+    """K member slots trained as one batched model (see the module docstring).
+
+    Typical step, replacing K per-slot steps::
+
+        group.zero_grad()
+        outputs = group.forward(inputs)            # [K, B, ...]
+        losses = group.losses(outputs, target)     # [K]
+        group.backward(losses)                     # each member's gradient is its own
+        ...clip group.member_grads(k) per member...
+        group.step(active)                          # active: [K] bool, e.g. isfinite(losses)
+
+    Call :meth:`sync_from_members` after a member's model or optimizer was loaded or reset
+    (``Slot.reset``, a resume) so that the stacked state takes the members' state back.
+    """
+
+    def __init__(self, slots: Sequence[Slot]) -> None:
+        slots = list(slots)
+        if len(slots) < 2:
+            raise IzitorchError("a vectorized group needs at least two models")
+        for slot in slots:
+            why = _ineligible(slot)
+            if why:
+                raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
+        first = _Signature.of(slots[0])
+        for slot in slots[1:]:
+            if not _Signature.of(slot).matches(first):
+                raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
+                                    "their architectures, optimizer kinds or criteria differ")
+        self.slots = slots
+        self.size = len(slots)
+        models = [slot.model for slot in slots]
+        # One stateless copy of the first member runs everyone's weights through functional_call.
+        self._base = copy.deepcopy(models[0]).to("meta")
+        self._pairs = list(zip(self._base.modules(), models[0].modules()))
+        self.param_names = [name for name, _ in models[0].named_parameters()]
+        self.buffer_names = [name for name, _ in models[0].named_buffers()]
+        self._member_params = [list(model.parameters()) for model in models]
+        self._member_buffers = [[b for _, b in model.named_buffers()] for model in models]
+        stacked_params, self.buffers = stack_module_state(models)
+        stacked_params = {name: stacked_params[name].detach() for name in self.param_names}
+        self.buffers = {name: self.buffers[name] for name in self.buffer_names}
+
+        K = self.size
+        sample = stacked_params[self.param_names[0]]
+        self._spans: list[tuple[int, int, torch.Size]] = []
+        offset = 0
+        for name in self.param_names:
+            shape = stacked_params[name].shape[1:]
+            count = shape.numel()
+            self._spans.append((offset, offset + count, shape))
+            offset += count
+        self.numel = offset
+        self.flat = torch.empty(K, offset, dtype=sample.dtype, device=sample.device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.params: dict[str, torch.Tensor] = {}
+        for name, (start, stop, shape) in zip(self.param_names, self._spans):
+            self.flat[:, start:stop].copy_(stacked_params[name].reshape(K, -1))
+            leaf = self._columns(self.flat, start, stop, shape).detach().requires_grad_(True)
+            leaf.grad = self._columns(self.flat_grad, start, stop, shape)
+            self.params[name] = leaf
+        self._grad_views = [[self._row(self.flat_grad, k, span) for span in self._spans] for k in range(K)]
+        self._repoint_members()
+        self.optimizer = StackedOptimizer(self)
+
+        def call(params: dict, buffers: dict, args: tuple, kwargs: dict) -> Any:
+            return functional_call(self._base, (params, buffers), args, kwargs)
+
+        self._vforward = vmap(call, in_dims=(0, 0, None, None), randomness="different")
+        criterion = slots[0].criterion
+        self._vcriterion = vmap(lambda output, target: criterion(output, target), in_dims=(0, None), randomness="different")
+
+    # -- layout helpers
+
+    @staticmethod
+    def _columns(flat: torch.Tensor, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+        return flat[:, start:stop].view(flat.shape[0], *shape)
+
+    @staticmethod
+    def _row(flat: torch.Tensor, k: int, span: tuple[int, int, torch.Size]) -> torch.Tensor:
+        start, stop, shape = span
+        return flat[k, start:stop].view(shape)
+
+    def _repoint_members(self) -> None:
+        """Make every member's parameters, gradients and buffers views of its stacked rows."""
+        with torch.no_grad():
+            for k in range(self.size):
+                for param, span, grad in zip(self._member_params[k], self._spans, self._grad_views[k]):
+                    view = self._row(self.flat, k, span)
+                    if param.data.data_ptr() != view.data_ptr() or param.data.stride() != view.stride():
+                        view.copy_(param.data)
+                        param.data = view
+                    param.grad = grad
+                for buffer, name in zip(self._member_buffers[k], self.buffer_names):
+                    view = self.buffers[name][k]
+                    if buffer.data_ptr() != view.data_ptr() or buffer.stride() != view.stride():
+                        view.copy_(buffer)
+                        buffer.data = view
+
+    # -- public API
+
+    @property
+    def names(self) -> list[str]:
+        return [slot.name for slot in self.slots]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"VectorGroup({', '.join(self.names)}; {type(self.slots[0].optimizer).__name__}, {self.numel} parameters each)"
+
+    def forward(self, inputs: Any, active: torch.Tensor | Sequence[bool] | None = None) -> Any:
+        """Every member's output on the same batch, stacked: ``[K, B, ...]``.
+
+        Runs in the train/eval mode of the first member's model. Dropout draws different masks
+        per member; BatchNorm updates each member's running statistics in place (in the stacked
+        buffers, hence in each member's module). Members with ``active[k]`` False (stopped
+        models, which the sequential loop would not run) get their buffers restored afterwards.
+        """
+        self._sync_mode()
+        if isinstance(inputs, dict):
+            args, kwargs = (), inputs
+        elif isinstance(inputs, (list, tuple)):
+            args, kwargs = tuple(inputs), {}
+        else:
+            args, kwargs = (inputs,), {}
+        frozen = _inactive_rows(active, self.size)
+        if not frozen or not self.buffers or not self._base.training:  # only training updates buffers
+            return self._vforward(self.params, self.buffers, args, kwargs)
+        saved = {name: buffer[frozen].clone() for name, buffer in self.buffers.items()}
+        try:
+            return self._vforward(self.params, self.buffers, args, kwargs)
+        finally:
+            with torch.no_grad():
+                for name, rows in saved.items():
+                    self.buffers[name][frozen] = rows
+
+    __call__ = forward
+
+    def losses(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
+        """Each member's criterion value on its own outputs: ``[K]`` (one shared target).
+
+        Common criteria (cross-entropy on class indices, MSE, L1) are computed directly on the
+        flattened ``[K*B, ...]`` outputs, which costs half of ``vmap`` over the criterion; any
+        other criterion goes through ``vmap``.
+        """
+        if isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor):
+            loss = _batched_loss(self.slots[0].criterion, outputs, target)
+            if loss is not None:
+                return loss
+        return self._vcriterion(outputs, target)
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """``losses.sum().backward()``: member ``k``'s gradient only depends on ``losses[k]``.
+
+        Rows with a non-finite loss get non-finite gradients, in their own rows only; pass
+        ``active`` to :meth:`step` to skip them.
+        """
+        total = losses.sum()
+        if _relaxed_grad_layout is None:
+            total.backward()
+        else:
+            with _relaxed_grad_layout(False):
+                total.backward()
+
+    def zero_grad(self) -> None:
+        """Zero the stacked gradients in place (members' ``.grad`` stay views of them)."""
+        self.flat_grad.zero_()
+        for k in range(self.size):
+            params = self._member_params[k]
+            if params[0].grad is not self._grad_views[k][0]:
+                for param, grad in zip(params, self._grad_views[k]):
+                    param.grad = grad
+
+    def member_grads(self, k: int) -> list[torch.Tensor]:
+        """Member ``k``'s gradients, as views of the stacked ones (in-place clipping works).
+
+        These are also the ``.grad`` of the member's own parameters, so ``Slot.grads()`` gives
+        the same views.
+        """
+        return self._grad_views[k]
+
+    def step(self, active: torch.Tensor | Sequence[bool] | None = None) -> None:
+        """One optimizer update of all members; members with ``active[k]`` False are left as is."""
+        self.optimizer.step(active)
+
+    def sync_from_members(self) -> None:
+        """Take the members' current weights, buffers and optimizer states into the group.
+
+        Needed after anything replaced them behind the group's back: ``Slot.reset()`` (it loads a
+        fresh optimizer state), a resume loading saved states, a ``param.data = ...``.
+        """
+        self._repoint_members()
+        self.optimizer.sync_from_members()
+
+    def train(self, mode: bool = True) -> None:
+        """Set every member's (and the group's) train/eval mode."""
+        for slot in self.slots:
+            slot.model.train(mode)
+        self._sync_mode()
+
+    def _sync_mode(self) -> None:
+        if self._base.training != self.slots[0].model.training:
+            for base, module in self._pairs:
+                base.training = module.training
+
+
+def _batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """``[K]`` losses of ``criterion`` without vmap, for the criteria it knows, else None."""
+    kind = type(criterion)
+    size = outputs.shape[0]
+    if kind is nn.CrossEntropyLoss:
+        if (criterion.weight is not None or criterion.reduction not in ("mean", "sum") or outputs.ndim != 3
+                or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]):
+            return None
+        per_sample = nn.functional.cross_entropy(
+            outputs.flatten(0, 1), target.repeat(size), ignore_index=criterion.ignore_index,
+            reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
+        total = per_sample.sum(1)
+        # torch's mean divides by the number of targets that are not ignored
+        return total / (target != criterion.ignore_index).sum() if criterion.reduction == "mean" else total
+    if kind in (nn.MSELoss, nn.L1Loss):
+        if criterion.reduction not in ("mean", "sum") or outputs.shape[1:] != target.shape:
+            return None
+        function = nn.functional.mse_loss if kind is nn.MSELoss else nn.functional.l1_loss
+        per_element = function(outputs, target.expand_as(outputs), reduction="none").flatten(1)
+        return per_element.mean(1) if criterion.reduction == "mean" else per_element.sum(1)
+    return None
+
+
+def _inactive_rows(active: torch.Tensor | Sequence[bool] | None, size: int) -> list[int]:
+    if active is None:
+        return []
+    flags = active.tolist() if isinstance(active, torch.Tensor) else list(active)
+    if len(flags) != size:
+        raise ValueError(f"active has {len(flags)} entries for a group of {size}")
+    return [k for k, flag in enumerate(flags) if not flag]
+
+
+# --------------------------------------------------------------------------------------------
+# The stacked optimizer
+
+
+class StackedOptimizer:
+    """One vectorized SGD / Adam / AdamW update for all members of a :class:`VectorGroup`.
+
+    The formulas are those of torch's single-tensor code paths (``torch/optim/sgd.py``,
+    ``adam.py``), applied to ``[K, N]`` tensors with each member's hyper-parameters as a
+    ``[K, 1]`` column. The hyper-parameters are read from each member's own optimizer
+    ``param_groups[0]`` at every step (tensors are rebuilt only when a value changed), so a
+    member's scheduler, which sets its own optimizer's ``lr``, keeps working.
+
+    The state (moments, momentum buffers, a ``[K, P]`` float32 step count: one per member and
+    parameter, as torch keeps one per parameter) lives here; each member optimizer's ``state``
+    holds views of its rows, installed from the member's first step on (torch creates the
+    state lazily too), so ``slot.optimizer.state_dict()`` equals a lone optimizer's.
+
+    One difference remains: torch skips a parameter whose ``.grad`` is None (unused in the
+    forward); here every parameter has a (zero) gradient, so momentum and weight decay still
+    move it. Members' optimizer step hooks never run (models with them are not grouped).
+    """
+
+    def __init__(self, group: VectorGroup) -> None:
+        self.group = group
+        first = group.slots[0].optimizer
+        self.kind = "sgd" if isinstance(first, torch.optim.SGD) else "adam"
+        options = first.param_groups[0]
+        self.nesterov = bool(options.get("nesterov", False))
+        self.decoupled = bool(options.get("decoupled_weight_decay", isinstance(first, torch.optim.AdamW)))
+        K, P = group.size, len(group.param_names)
+        flat = group.flat
+        if self.kind == "sgd":
+            self.state = {"momentum_buffer": torch.zeros_like(flat)}
+        else:
+            self.state = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        self.steps = torch.zeros(K, P, dtype=torch.float32)  # torch keeps "step" as a CPU float32
+        self.started = [False] * K  # member has state (torch: after its first step)
+        self._installed = [False] * K
+        self._hyper_values: list[tuple] | None = None
+        self._columns: dict[str, torch.Tensor] = {}
+        self.sync_from_members()
+
+    # -- hyper-parameters
+
+    def _read_hyper(self) -> list[tuple]:
+        values = []
+        for slot in self.group.slots:
+            g = slot.optimizer.param_groups[0]
+            if self.kind == "sgd":
+                values.append((float(g["lr"]), float(g["weight_decay"]), float(g["momentum"]), float(g["dampening"])))
+            else:
+                beta1, beta2 = g["betas"]
+                values.append((float(g["lr"]), float(beta1), float(beta2), float(g["eps"]), float(g["weight_decay"])))
+        return values
+
+    def _refresh(self) -> None:
+        values = self._read_hyper()
+        if values == self._hyper_values:
+            return
+        self._hyper_values = values
+        h = torch.tensor(values, dtype=torch.float64)  # [K, n]: derived factors in double, as Python floats are
+        if self.kind == "sgd":
+            lr, wd, momentum, dampening = h.unbind(1)
+            columns = {"neg_lr": -lr, "wd": wd, "momentum": momentum, "one_minus_dampening": 1 - dampening}
+            self.any_wd = bool((wd != 0).any())
+            self.momentum_mask = (momentum != 0).tolist()
+        else:
+            lr, beta1, beta2, eps, wd = h.unbind(1)
+            columns = {"one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps,
+                       "wd": wd, "decay": 1 - lr * wd}
+            self.any_wd = bool((wd != 0).any())
+            self._lr64, self._beta1_64, self._beta2_64 = lr, beta1, beta2
+        flat = self.group.flat
+        self._columns = {k: v.to(dtype=flat.dtype, device=flat.device).unsqueeze(1) for k, v in columns.items()}
+        if self.kind == "sgd":
+            mask = torch.tensor(self.momentum_mask, device=flat.device).unsqueeze(1)
+            self._columns["has_momentum"] = mask
+
+    # -- the update
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor | Sequence[bool] | None = None) -> None:
+        """Update every member with ``active[k]`` True (all when ``active`` is None).
+
+        Inactive members are left exactly as they were: their rows of the parameters and of the
+        state are saved before the update and written back after it, so even a NaN gradient in
+        an inactive row cannot leak (rows never mix).
+        """
+        frozen = _inactive_rows(active, self.group.size)
+        if len(frozen) == self.group.size:
+            return
+        self._refresh()
+        tensors = [self.group.flat, *self.state.values()]
+        saved = [t[frozen] for t in tensors] if frozen else None  # advanced indexing copies
+        skip = set(frozen)
+        moving = [k for k in range(self.group.size) if k not in skip]
+        if self.kind == "sgd":
+            self._sgd(moving)
+        else:
+            self._adam(frozen)
+        if saved is not None:
+            for t, rows in zip(tensors, saved):
+                t[frozen] = rows
+        for k in moving:
+            if not self.started[k]:
+                self.started[k] = True
+                # what a scheduler checks to tell that its optimizer stepped before it
+                self.group.slots[k].optimizer._opt_called = True
+            if not self._installed[k]:
+                self._install(k)
+
+    def _sgd(self, moving: list[int]) -> None:
+        c, param, grad = self._columns, self.group.flat, self.group.flat_grad
+        if self.any_wd:
+            grad = grad.add(c["wd"] * param)
+        if any(self.momentum_mask):
+            buf = self.state["momentum_buffer"]
+            fresh = [k for k in moving if not self.started[k]]
+            if fresh:  # torch: the first step's buffer is the gradient itself, undamped
+                updated = buf * c["momentum"] + grad * c["one_minus_dampening"]
+                first = torch.zeros(self.group.size, 1, dtype=torch.bool, device=param.device)
+                first[fresh] = True
+                buf.copy_(torch.where(first, grad, updated))
+            else:
+                buf.mul_(c["momentum"]).add_(grad * c["one_minus_dampening"])
+            direction = grad + buf * c["momentum"] if self.nesterov else buf
+            if not all(self.momentum_mask):
+                direction = torch.where(c["has_momentum"], direction, grad)
+        else:
+            direction = grad
+        param.addcmul_(direction, c["neg_lr"])
+
+    def _adam(self, frozen: list[int]) -> None:
+        c, param, grad = self._columns, self.group.flat, self.group.flat_grad
+        if frozen:
+            increment = torch.ones(self.group.size, 1)
+            increment[frozen] = 0
+            self.steps += increment
+        else:
+            self.steps += 1
+        step = self.steps[:, 0].to(torch.float64)
+        # torch: bias corrections from the Python float step, in double precision
+        bias1 = 1 - self._beta1_64 ** step
+        bias2_sqrt = (1 - self._beta2_64 ** step).sqrt()
+        scalars = torch.stack([-(self._lr64 / bias1), bias2_sqrt]).to(dtype=param.dtype, device=param.device)
+        neg_step_size, bias2_sqrt = scalars.unsqueeze(2).unbind(0)
+        if self.any_wd:
+            if self.decoupled:
+                param.mul_(c["decay"])
+            else:
+                grad = grad.add(c["wd"] * param)
+        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
+        exp_avg.lerp_(grad, c["one_minus_beta1"])
+        exp_avg_sq.mul_(c["beta2"]).addcmul_(grad * c["one_minus_beta2"], grad)
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(c["eps"])
+        param.addcmul_(exp_avg / denom, neg_step_size)
+
+    # -- members' view of the state
+
+    def _install(self, k: int) -> None:
+        """Put views of member ``k``'s rows into its own optimizer's ``state``."""
+        group, optimizer = self.group, self.group.slots[k].optimizer
+        for j, (param, span) in enumerate(zip(group._member_params[k], group._spans)):
+            if self.kind == "sgd":
+                if not self.momentum_mask[k]:
+                    continue  # torch keeps no state for momentum 0
+                entry = {"momentum_buffer": group._row(self.state["momentum_buffer"], k, span)}
+            else:
+                entry = {"step": self.steps[k, j],
+                         "exp_avg": group._row(self.state["exp_avg"], k, span),
+                         "exp_avg_sq": group._row(self.state["exp_avg_sq"], k, span)}
+            optimizer.state[param] = entry
+        self._installed[k] = True
+
+    @torch.no_grad()
+    def sync_from_members(self) -> None:
+        """Rebuild the stacked state from the members' optimizers (empty state: a fresh start)."""
+        group = self.group
+        self._hyper_values = None
+        self._refresh()
+        for k, slot in enumerate(group.slots):
+            states = [slot.optimizer.state.get(param) or {} for param in group._member_params[k]]
+            started = any(states)
+            for j, (state, span) in enumerate(zip(states, group._spans)):
+                for key, stacked in self.state.items():
+                    row = group._row(stacked, k, span)
+                    value = state.get(key)
+                    if value is None:
+                        row.zero_()
+                    elif value.data_ptr() != row.data_ptr():
+                        row.copy_(value)
+                if self.kind == "adam":
+                    value = state.get("step")
+                    self.steps[k, j] = float(value) if value is not None else 0.0
+            if self.kind == "sgd":
+                started = any("momentum_buffer" in s and s["momentum_buffer"] is not None for s in states)
+            self.started[k] = started
+            self._installed[k] = False
+            if started:
+                self._install(k)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def standalone(state: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors own their memory.
+
+    A member's ``model.state_dict()`` and ``optimizer.state_dict()`` hold views of the group's
+    stacked tensors, and ``torch.save`` writes a view's whole storage: call this before saving
+    so that a member's checkpoint holds the member alone.
+    """
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        result = copy.copy(state)  # keeps the type and a state dict's ``_metadata``
+        for key, value in result.items():
+            result[key] = standalone(value)
+        return result
+    if isinstance(state, list):
+        return [standalone(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(standalone(v) for v in state)
+    return state
+
+
+def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot], list[str]]:
+    """Apply ``run.multi_model``: the groups, the slots stepped one by one, and console notes.
+
+    ``"sequential"`` groups nothing; ``"auto"`` groups what can be grouped and says why the rest
+    was not; ``"vectorized"`` requires every model to be in a group and fails naming the first
+    model that cannot be.
+    """
+    if mode == "sequential" or len(slots) < 2:
+        return [], list(slots), []
+    groups, sequential, reasons = group_slots(slots)
+    if mode == "vectorized" and sequential:
+        raise IzitorchError(f'multi_model = "vectorized": {reasons[0]}; use multi_model = "auto" to step such models one by one')
+    notes = [f"vectorized group of {len(g)}: {', '.join(g.names)} ({type(g.slots[0].optimizer).__name__})" for g in groups]
+    return groups, sequential, notes + [f"sequential: {reason}" for reason in reasons]
