@@ -88,6 +88,8 @@ def prepare_res_dir(res_dir: Path, config: Config) -> bool:
         return False
     if config.run.resume:
         if resume.has_state(res_dir):
+            for leftover in res_dir.rglob(".*.tmp"):  # a write cut short by the kill being resumed
+                leftover.unlink(missing_ok=True)
             return True
         print(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', file=sys.stderr)
     return False

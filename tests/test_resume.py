@@ -1,0 +1,939 @@
+"""Never lose a run (issue 4): exact resume after SIGKILL at many points, refused resumes,
+extension by ``epochs``, SIGINT / SIGTERM, the res_dir lock, and weights-only checkpoints.
+
+Every run is a separate process with one torch thread. The kill-point matrix runs through a
+small fork server (``ZYGOTE``): a process that imports torch, scikit-learn and izitorch once,
+then forks one child per run that calls ``izitorch.cli.main(argv)`` exactly as
+``python -m izitorch`` does, so that ~100 runs fit in the time budget. The signal, lock,
+refusal and random-kill tests start real ``python -m izitorch`` processes.
+
+A local plugin (``probe.py``) kills or signals its own process at a chosen point, named by the
+``IZI_PROBE`` environment variable (JSON): ``{"hook": "batch", "fold": 1, "epoch": 2, "step": 3}``
+(folds and epochs 1-based), or ``{"hook": "replace", "file": "trainlog.json", "nth": 2}`` (killed
+after the temporary file of that write is complete, before ``os.replace`` moves it into place).
+The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+REPORT = Path("/tmp/izitorch_resume_report.txt")
+
+PROBE = '''\
+"""Test probe: kill or signal this process at a chosen point; count epochs; slow the steps."""
+import json
+import os
+import signal
+import time
+
+from izitorch import hookimpl
+
+SPEC = json.loads(os.environ.get("IZI_PROBE", "{}"))
+COUNTS = {"fold_start": 0, "epoch_start": 0, "batch": 0}
+
+
+def _fire():
+    sig = getattr(signal, SPEC.get("sig", "SIGKILL"))
+    for _ in range(SPEC.get("times", 1)):
+        os.kill(os.getpid(), sig)
+
+
+def _at(hook, **where):
+    if SPEC.get("hook") == hook and all(SPEC.get(key) == value for key, value in where.items()):
+        _fire()
+
+
+if SPEC.get("hook") == "replace":  # die with the temporary file written, before it is moved
+    _real_replace, _seen = os.replace, [0]
+
+    def _replace(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst)) == SPEC["file"]:
+            _seen[0] += 1
+            if _seen[0] == SPEC["nth"]:
+                _fire()
+        return _real_replace(src, dst, *args, **kwargs)
+
+    os.replace = _replace
+
+
+@hookimpl
+def izitorch_fold_start(run, fold):
+    COUNTS["fold_start"] += 1
+    _at("fold_start", fold=fold.index + 1)
+
+
+@hookimpl
+def izitorch_epoch_start(run, fold, epoch):
+    COUNTS["epoch_start"] += 1
+    _at("epoch_start", fold=fold.index + 1, epoch=epoch)
+
+
+@hookimpl
+def izitorch_batch_finish(run, fold, step, losses):
+    COUNTS["batch"] += 1
+    if SPEC.get("sleep"):
+        time.sleep(SPEC["sleep"])
+    _at("batch", fold=fold.index + 1, epoch=fold.epoch, step=step)
+
+
+@hookimpl
+def izitorch_epoch_finish(run, fold, epoch, scores):
+    _at("epoch_finish", fold=fold.index + 1, epoch=epoch)
+
+
+@hookimpl
+def izitorch_fold_finish(run, fold):
+    _at("fold_finish", fold=fold.index + 1)
+
+
+@hookimpl
+def izitorch_run_finish(run, results):
+    if os.environ.get("IZI_COUNT"):
+        with open(os.environ["IZI_COUNT"], "w") as handle:
+            json.dump(COUNTS, handle)
+    _at("run_finish")
+'''
+
+HEAD = """\
+[run]
+res_dir = "{res_dir}"
+device = "cpu"
+epochs = {epochs}
+batch_size = 32
+display_step = 1000
+{run_extra}
+[data]
+dataset = "izitorch.datasets:digits"
+params = { limit = 240 }
+num_classes = 10
+{data_extra}
+"""
+
+# (a) holdout, one model with dropout, Adam, every-epoch checkpoints, evaluation every 2 epochs
+HOLDOUT = HEAD + """
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = { hidden = 16, dropout = 0.2 }
+optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
+
+[plugins]
+enable = ["probe.py"]
+[plugins.checkpoint]
+policy = "all"
+"""
+
+# (b) 3-fold with validation, SGD, best-loss checkpoints, early stopping that always ends every
+# fold at epoch 3 of 4 (min_delta too large to ever improve): its counters must survive a resume
+KFOLD = HEAD + """
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = { hidden = 16 }
+optimizer = { class = "torch.optim:SGD", lr = 0.1 }
+
+[plugins]
+enable = ["probe.py", "early_stop"]
+[plugins.kfold]
+k = 3
+[plugins.checkpoint]
+policy = "best"
+metric = "loss"
+[plugins.early_stop]
+patience = 2
+metric = "loss"
+min_delta = 100.0
+"""
+
+# (c) two models (MLP with dropout, CNN) with SGD momentum and StepLR, validation, best-acc
+# checkpoints, gradient clipping
+TWO = HEAD + """
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = { hidden = 32, dropout = 0.3 }
+optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
+scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.7 }
+
+[[models]]
+name = "cnn"
+model = "izitorch.models:SmallCNN"
+params = { channels = 4 }
+optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
+scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 2, gamma = 0.5 }
+
+[plugins]
+enable = ["probe.py"]
+[plugins.checkpoint]
+policy = "best"
+metric = "acc"
+[plugins.grad_clip]
+max_norm = 1.0
+"""
+
+SCENARIOS = {
+    "holdout": dict(template=HOLDOUT, epochs=3, run_extra="test_epoch = 2", data_extra=""),
+    "kfold": dict(template=KFOLD, epochs=4, run_extra="", data_extra="validation = true"),
+    "two": dict(template=TWO, epochs=4, run_extra="", data_extra="validation = true"),
+}
+
+
+def _batch(fold, epoch, step):
+    return {"hook": "batch", "fold": fold, "epoch": epoch, "step": step}
+
+
+# holdout: 192 training samples -> 6 steps per epoch; kfold: 80 -> 3 steps; two: 192 -> 6 steps
+KILL_POINTS = {
+    "holdout": [
+        _batch(1, 1, 1), _batch(1, 1, 3), _batch(1, 1, 6), _batch(1, 2, 1), _batch(1, 2, 4), _batch(1, 3, 6),
+        {"hook": "epoch_start", "fold": 1, "epoch": 1}, {"hook": "epoch_start", "fold": 1, "epoch": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 3},
+        {"hook": "fold_finish", "fold": 1}, {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 1}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 4},  # the final state (after the test)
+        {"hook": "replace", "file": "trainlog.json", "nth": 2}, {"hook": "replace", "file": "model_epoch3.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 1}, {"hook": "replace", "file": "results.json", "nth": 1},
+        _batch(1, 2, 6), _batch(1, 3, 1), {"hook": "epoch_start", "fold": 1, "epoch": 2}, {"hook": "fold_start", "fold": 1},
+        {"hook": "replace", "file": "trainlog.json", "nth": 1}, {"hook": "replace", "file": "trainlog.json", "nth": 3},
+        {"hook": "replace", "file": "model_epoch1.pth.tar", "nth": 1}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3},
+        [_batch(1, 1, 4), _batch(1, 2, 2)], [_batch(1, 2, 5), {"hook": "epoch_start", "fold": 1, "epoch": 2}],
+        [{"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 1}],
+    ],
+    "kfold": [
+        _batch(1, 1, 1), _batch(1, 2, 2), _batch(1, 3, 3), _batch(2, 1, 1), _batch(2, 2, 3), _batch(3, 3, 2),
+        {"hook": "fold_start", "fold": 2}, {"hook": "fold_start", "fold": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 3, "epoch": 3},
+        {"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 2}, {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_2.pth.tar", "nth": 3}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
+        {"hook": "replace", "file": "overall.json", "nth": 1},
+        _batch(1, 1, 3), _batch(2, 3, 1), _batch(3, 1, 1), _batch(3, 3, 3), {"hook": "fold_start", "fold": 1},
+        {"hook": "epoch_start", "fold": 2, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 1},
+        {"hook": "epoch_finish", "fold": 2, "epoch": 3}, {"hook": "fold_finish", "fold": 3},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 4}, {"hook": "replace", "file": "fold_3.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "results.json", "nth": 1}, {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2},
+        [_batch(1, 2, 1), _batch(2, 2, 2)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 1}],
+        [_batch(2, 3, 3), _batch(2, 3, 3), {"hook": "fold_start", "fold": 3}],
+    ],
+    "two": [
+        _batch(1, 1, 1), _batch(1, 1, 6), _batch(1, 2, 3), _batch(1, 3, 2), _batch(1, 4, 1), _batch(1, 4, 6),
+        {"hook": "epoch_start", "fold": 1, "epoch": 4},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 4},
+        {"hook": "fold_finish", "fold": 1}, {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3}, {"hook": "replace", "file": "model.pth.tar", "nth": 2},
+        {"hook": "replace", "file": "best_epoch.json", "nth": 1}, {"hook": "replace", "file": "test_metrics.json", "nth": 2},
+        _batch(1, 2, 1), _batch(1, 2, 6), _batch(1, 3, 6), {"hook": "epoch_start", "fold": 1, "epoch": 1},
+        {"hook": "epoch_start", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 5}, {"hook": "replace", "file": "trainlog.json", "nth": 3},
+        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2}, {"hook": "replace", "file": "results.json", "nth": 1},
+        {"hook": "replace", "file": "model.pth.tar", "nth": 1},
+        [_batch(1, 1, 5), _batch(1, 3, 3)], [_batch(1, 4, 2), {"hook": "epoch_finish", "fold": 1, "epoch": 4}],
+    ],
+}
+
+#: results of the kill points, filled by the matrix fixtures and the other kill/signal tests
+TALLY: dict[str, list[tuple[str, bool]]] = {}
+
+# ---------------------------------------------------------------------------------------------
+# running izitorch: a fork server for the matrix, real processes elsewhere
+
+ZYGOTE = r'''
+import json, os, signal, sys, traceback
+import torch
+torch.set_num_threads(1)
+import numpy, sklearn.datasets, sklearn.model_selection
+import izitorch, izitorch.cli, izitorch.runner, izitorch.manifest, izitorch.pluginmanager
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports what optimizers import
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(120)
+            os.chdir(job["cwd"])
+            os.environ.update(job["env"])
+            for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                    (2, job["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                new = os.open(name, flags, 0o644)
+                os.dup2(new, fd)
+                os.close(new)
+            code = izitorch.cli.main(job["argv"])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+class ForkServer:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, **ENV})
+
+    def run(self, *argv: str, cwd: Path, env: dict | None = None) -> Result:
+        self.count += 1
+        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        job = {"argv": list(argv), "cwd": str(cwd), "env": {**ENV, **(env or {})}, "out": str(out), "err": str(err)}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 180)
+        assert ready, f"izitorch {' '.join(argv)} did not finish in 180 s"
+        line = self.proc.stdout.readline()
+        assert line, "the fork server died"
+        return Result(json.loads(line)["rc"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    fork_server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield fork_server
+    fork_server.close()
+
+
+def cli(*argv: str, cwd: Path, env: dict | None = None) -> Result:
+    """A real ``python -m izitorch`` process."""
+    proc = run_cli(*argv, cwd=cwd, env={**ENV, **(env or {})}, timeout=240)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def probe(spec: dict | None) -> dict:
+    return {"IZI_PROBE": json.dumps(spec)} if spec else {}
+
+
+def label(spec: dict | list[dict]) -> str:
+    if isinstance(spec, list):
+        return " then ".join(label(point) for point in spec)
+    return ",".join(f"{k}={v}" for k, v in spec.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios: a folder with probe.py and one manifest per res_dir
+
+
+class Scenario:
+    def __init__(self, name: str, folder: Path) -> None:
+        self.name, self.folder = name, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "probe.py").write_text(PROBE, encoding="utf-8")
+
+    def manifest(self, tag: str, **changes: str) -> Path:
+        """``<tag>.toml`` writing into ``res_<tag>``; ``changes`` replace template fields."""
+        fields = {**SCENARIOS[self.name], "res_dir": (self.folder / f"res_{tag}").as_posix(), **changes}
+        template = fields.pop("template")
+        path = self.folder / f"{tag}.toml"
+        for key, value in fields.items():
+            template = template.replace("{" + key + "}", str(value))
+        path.write_text(template, encoding="utf-8")
+        return path
+
+    def res(self, tag: str) -> Path:
+        return self.folder / f"res_{tag}"
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text[-3000:]}"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing two res_dirs bit for bit (timings aside)
+
+
+def strip_times(value):
+    if isinstance(value, dict):
+        return {k: strip_times(v) for k, v in value.items() if not str(k).endswith("_time")}
+    if isinstance(value, list):
+        return [strip_times(v) for v in value]
+    return value
+
+
+def same(a, b, where: str) -> list[str]:
+    """Differences between two loaded objects (tensors and arrays compared exactly)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if ok else [f"{where}: tensors differ"]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        ok = isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+        return [] if ok else [f"{where}: arrays differ"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a for d in same(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def load(path: Path):
+    if path.name.endswith(".pth.tar"):
+        return torch.load(path, weights_only=True)
+    if path.suffix == ".json":
+        return strip_times(json.loads(path.read_text(encoding="utf-8")))
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+def output_files(res: Path) -> set[str]:
+    """Every output file but temporary leftovers of a killed write, the lock and the resume state."""
+    names = set()
+    for path in res.rglob("*"):
+        rel = path.relative_to(res)
+        if path.is_file() and not path.name.endswith(".tmp") and rel.parts[0] not in (".izitorch", ".izitorch.lock"):
+            names.add(rel.as_posix())
+    return names
+
+
+def resume_state_view(path: Path) -> dict:
+    """What must match in a resume state: weights, optimizers, schedulers, kept weights, plugin
+    states (trainlog timings aside), scores, torch RNG and the loaders' generators. (The numpy
+    and python RNG states come from each process's own random seeding until a resume restores them.)"""
+    state = torch.load(path, weights_only=True)
+    view = {k: state[k] for k in ("fold", "epoch", "stop_reason", "slots", "fingerprint")}
+    view["plugins"] = strip_times(state["plugins"])
+    view["final_scores"] = strip_times(state["final_scores"]) if state["final_scores"] is not None else None
+    view["rng"] = {"torch": state["rng"]["torch"], "loaders": state["rng"]["loaders"]}
+    return view
+
+
+def compare_runs(ref: Path, other: Path) -> list[str]:
+    """Differences between two runs' outputs: weights, checkpoints, trainlogs, confusion matrices,
+    test metrics, best epochs, splits, summaries, and the final resume states."""
+    files = output_files(ref)
+    diffs = [] if files == output_files(other) else [f"files: {sorted(files ^ output_files(other))}"]
+    for name in sorted(files & output_files(other)):
+        if name == "conf.json":
+            continue  # names its own res_dir
+        a, b = load(ref / name), load(other / name)
+        if name.endswith("/conf.json"):  # a scheduler's repr carries its memory address
+            a, b = ({k: v for k, v in conf.items() if k != "scheduler"} for conf in (a, b))
+        diffs += same(a, b, name)
+    states = sorted(p.name for p in (ref / ".izitorch").glob("fold_*.pth.tar"))
+    if states != sorted(p.name for p in (other / ".izitorch").glob("fold_*.pth.tar")):
+        diffs.append("resume states: different folds saved")
+    for name in states:
+        diffs += same(resume_state_view(ref / ".izitorch" / name), resume_state_view(other / ".izitorch" / name), f".izitorch/{name}")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# the references (one uninterrupted run per scenario) and the kill-point matrix
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, server):
+    """``{name: (Scenario, reference res_dir)}``: each scenario's uninterrupted run."""
+    root = tmp_path_factory.mktemp("scenarios")
+    built = {}
+    for name in SCENARIOS:
+        scenario = Scenario(name, root / name)
+        path = scenario.manifest("ref")
+        result = server.run("run", str(path), cwd=scenario.folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+        built[name] = (scenario, scenario.res("ref"))
+    return built
+
+
+def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path) -> list[str]:
+    """Run with the probe killing at ``spec`` (it must die by SIGKILL), resume, compare to ``ref``.
+
+    A list of specs kills the first run and then each resumed run in turn (counted from the
+    start of that process), before the last resume runs to the end."""
+    path = scenario.manifest(tag)
+    for attempt, point in enumerate(spec if isinstance(spec, list) else [spec]):
+        resume_flag = ("--resume",) if attempt else ()
+        killed = server.run("run", str(path), *resume_flag, cwd=scenario.folder, env=probe(point))
+        if killed.returncode != -signal.SIGKILL:
+            return [f"run {attempt + 1} was not killed at {label(point)} (rc {killed.returncode}): {killed.stderr[-500:]}"]
+    resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
+    if resumed.returncode != 0:
+        return [f"resume failed (rc {resumed.returncode}): {resumed.stderr[-1000:]}"]
+    diffs = compare_runs(ref, scenario.res(tag))
+    if (scenario.res(tag) / ".izitorch.lock").exists():
+        diffs.append("the lock is left after the resumed run")
+    return diffs
+
+
+def kill_matrix(server, scenarios, name: str) -> list[tuple[str, list[str]]]:
+    scenario, ref = scenarios[name]
+    outcomes = []
+    for index, spec in enumerate(KILL_POINTS[name]):
+        outcomes.append((label(spec), kill_and_resume(server, scenario, f"kill{index}", spec, ref)))
+        shutil.rmtree(scenario.res(f"kill{index}"))
+    TALLY[f"matrix {name}"] = [(point, not diffs) for point, diffs in outcomes]
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def matrix(server, scenarios):
+    """Every kill point of every scenario, killed, resumed and compared (run once per module)."""
+    return {name: kill_matrix(server, scenarios, name) for name in SCENARIOS}
+
+
+def test_references_are_what_the_scenarios_claim(scenarios):
+    _, holdout = scenarios["holdout"]
+    log = json.loads((holdout / "mlp" / "trainlog.json").read_text())
+    assert list(log) == ["1", "2", "3"] and "test_loss" not in log["1"] and "test_loss" in log["2"] and "test_loss" in log["3"]
+    assert sorted(p.name for p in (holdout / "mlp").glob("*.pth.tar")) == [f"model_epoch{e}.pth.tar" for e in (1, 2, 3)]
+    _, kfold = scenarios["kfold"]
+    for fold in (1, 2, 3):  # early stopping ends every fold at epoch 3 of 4
+        log = json.loads((kfold / "mlp" / f"FOLD_{fold}" / "trainlog.json").read_text())
+        assert list(log) == ["1", "2", "3"]
+        summary = json.loads((kfold / "mlp" / f"FOLD_{fold}" / "test_metrics.json").read_text())
+        assert summary["stopped"].startswith("early stop at epoch 3")
+        state = torch.load(kfold / ".izitorch" / f"fold_{fold}.pth.tar", weights_only=True)
+        assert state["epoch"] == 3 and state["stop_reason"] == "every model stopped early (epoch 3)"
+    _, two = scenarios["two"]
+    for model in ("mlp", "cnn"):
+        log = json.loads((two / model / "trainlog.json").read_text())
+        assert list(log) == ["1", "2", "3", "4"] and "val_accuracy" in log["4"]
+        assert json.loads((two / model / "best_epoch.json").read_text())["phase"] == "val"
+    state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)
+    assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7 ** 4)]
+    assert state["slots"]["mlp"]["optimizer"]["state"]  # momentum buffers are part of the state
+
+
+def test_compare_runs_sees_a_difference(scenarios, tmp_path):
+    """The comparison is not blind: a changed weight, trainlog value or matrix entry is reported."""
+    scenario, ref = scenarios["two"]
+    copy = tmp_path / "copy"
+    shutil.copytree(ref, copy)
+    assert compare_runs(ref, copy) == []
+    checkpoint = torch.load(copy / "cnn" / "model.pth.tar", weights_only=True)
+    checkpoint["state_dict"]["head.bias"][0] += 1e-6
+    torch.save(checkpoint, copy / "cnn" / "model.pth.tar")
+    log = json.loads((copy / "mlp" / "trainlog.json").read_text())
+    log["2"]["loss"] = np.nextafter(log["2"]["loss"], 10.0)
+    (copy / "mlp" / "trainlog.json").write_text(json.dumps(log))
+    matrix_ = pickle.loads((copy / "mlp" / "confusion_matrix.pkl").read_bytes())
+    matrix_[0, 0] += 1
+    (copy / "mlp" / "confusion_matrix.pkl").write_bytes(pickle.dumps(matrix_))
+    diffs = compare_runs(ref, copy)
+    assert any(d.startswith("cnn/model.pth.tar.state_dict.head.bias") for d in diffs), diffs
+    assert any(d.startswith("mlp/trainlog.json.2.loss") for d in diffs), diffs
+    assert any(d.startswith("mlp/confusion_matrix.pkl") for d in diffs), diffs
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_sigkill_at_every_kill_point_then_resume_matches_the_uninterrupted_run(matrix, name):
+    failures = {point: diffs[:5] for point, diffs in matrix[name] if diffs}
+    assert not failures, f"{len(failures)} of {len(matrix[name])} kill points of {name} did not match: {failures}"
+
+
+def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
+    """One random kill point, with ``python -m izitorch`` processes (no fork server)."""
+    rng = random.Random(time.time_ns())
+    name = rng.choice(list(SCENARIOS))
+    scenario, ref = scenarios[name]
+    epochs = SCENARIOS[name]["epochs"] if name != "kfold" else 3  # kfold folds stop at epoch 3
+    steps = {"holdout": 6, "kfold": 3, "two": 6}[name]
+    spec = _batch(rng.randint(1, 3 if name == "kfold" else 1), rng.randint(1, epochs), rng.randint(1, steps))
+    point = f"{name}: {label(spec)}"
+    path = scenario.manifest("random")
+    try:
+        killed = cli("run", str(path), cwd=scenario.folder, env=probe(spec))
+        assert killed.returncode == -signal.SIGKILL, f"{point}: rc {killed.returncode} {killed.stderr[-1000:]}"
+        lock = json.loads((scenario.res("random") / ".izitorch.lock").read_text())
+        assert lock["host"] == socket.gethostname()  # left by the killed run, taken over below
+        refused = cli("run", str(path), cwd=scenario.folder)
+        assert refused.returncode == 2, f"{point}: {refused.stderr}"
+        assert "--resume" in one_line(refused.stderr)
+        resumed = cli("run", str(path), "--resume", cwd=scenario.folder)
+        assert resumed.returncode == 0, f"{point}: {resumed.stderr[-2000:]}"
+        diffs = compare_runs(ref, scenario.res("random"))
+        TALLY["random (real processes)"] = [(point, not diffs)]
+        assert diffs == [], f"{point}: {diffs[:10]}"
+        assert not (scenario.res("random") / ".izitorch.lock").exists()
+    finally:
+        shutil.rmtree(scenario.res("random"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: finished runs, extension, refusals, resume = true, nothing to resume
+
+
+def count_file(tmp_path: Path) -> tuple[Path, dict]:
+    path = tmp_path / "counts.json"
+    return path, {"IZI_COUNT": str(path)}
+
+
+def test_resuming_a_finished_run_retrains_nothing(server, scenarios, tmp_path):
+    for name in ("holdout", "kfold"):
+        scenario, ref = scenarios[name]
+        shutil.copytree(ref, scenario.res("again"))
+        path = scenario.manifest("again")
+        counts, env = count_file(tmp_path)
+        result = server.run("run", str(path), "--resume", cwd=scenario.folder, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(counts.read_text()) == {"fold_start": 0, "epoch_start": 0, "batch": 0}
+        assert json.loads((scenario.res("again") / "results.json").read_text()) == json.loads((ref / "results.json").read_text())
+        assert compare_runs(ref, scenario.res("again")) == []
+        shutil.rmtree(scenario.res("again"))
+
+
+def test_more_epochs_on_resume_extend_the_run_exactly(server, scenarios, tmp_path):
+    scenario, ref = scenarios["two"]  # finished after 4 epochs
+    straight = scenario.manifest("six", epochs=6)
+    result = server.run("run", str(straight), cwd=scenario.folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(ref, scenario.res("extended"))
+    path = scenario.manifest("extended")  # still says epochs = 4
+    counts, env = count_file(tmp_path)
+    result = server.run("run", str(path), "--resume", "--set", "run.epochs=6", cwd=scenario.folder, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(counts.read_text())["epoch_start"] == 2  # epochs 5 and 6 only
+    for model in ("mlp", "cnn"):
+        assert list(json.loads((scenario.res("extended") / model / "trainlog.json").read_text())) == [str(e) for e in range(1, 7)]
+        six = torch.load(scenario.res("six") / model / "model.pth.tar", weights_only=True)
+        extended = torch.load(scenario.res("extended") / model / "model.pth.tar", weights_only=True)
+        assert same(six, extended, model) == []
+    state = torch.load(scenario.res("extended") / ".izitorch" / "fold_1.pth.tar", weights_only=True)
+    assert state["epoch"] == 6
+    # the final test of the 4-epoch run drew once more from the test loader's generator (unused
+    # without shuffling or workers); everything else is the straight run's
+    diffs = compare_runs(scenario.res("six"), scenario.res("extended"))
+    assert diffs == [".izitorch/fold_1.pth.tar.rng.loaders.test.loader: tensors differ"]
+    assert compare_runs(ref, scenario.res("extended")) != []  # it did train further
+
+
+def test_more_epochs_leave_early_stopped_folds_as_they_are(server, scenarios, tmp_path):
+    scenario, ref = scenarios["kfold"]  # every fold stopped early at epoch 3 of 4
+    shutil.copytree(ref, scenario.res("more"))
+    counts, env = count_file(tmp_path)
+    result = server.run("run", str(scenario.manifest("more")), "--resume", "--set", "run.epochs=6", cwd=scenario.folder, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(counts.read_text())["epoch_start"] == 0
+    assert compare_runs(ref, scenario.res("more")) == []
+
+
+def snapshot(res: Path) -> dict[str, bytes]:
+    return {p.relative_to(res).as_posix(): p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("override, key, change", [
+    ("models[0].params.hidden=32", "models[0].params.hidden", "(16 -> 32)"),
+    ("run.rdm_seed=7", "run.rdm_seed", "(1 -> 7)"),
+])
+def test_resume_with_a_changed_manifest_is_refused_and_touches_nothing(scenarios, tmp_path, override, key, change):
+    scenario, ref = scenarios["holdout"]
+    res = tmp_path / "res"
+    shutil.copytree(ref, res)
+    path = tmp_path / "m.toml"
+    shutil.copy(scenario.folder / "probe.py", tmp_path / "probe.py")
+    path.write_text((scenario.folder / "ref.toml").read_text().replace(ref.as_posix(), res.as_posix()))
+    before = snapshot(res)
+    result = cli("run", str(path), "--resume", "--set", override, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = one_line(result.stderr)
+    assert line.startswith("izitorch: error: ") and "cannot resume" in line and f"{key} changed {change}" in line, line
+    assert "--overwrite" in line
+    assert snapshot(res) == before  # a refused resume leaves the run as it was
+
+
+def test_resume_true_in_the_manifest_works_like_the_flag(server, scenarios):
+    scenario, ref = scenarios["holdout"]
+    path = scenario.manifest("flagless", run_extra="test_epoch = 2\nresume = true")
+    first = server.run("run", str(path), cwd=scenario.folder, env=probe(_batch(1, 2, 3)))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert "nothing to resume" in first.stderr  # resume = true with an empty res_dir: a new run
+    second = server.run("run", str(path), cwd=scenario.folder)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "nothing to resume" not in second.stderr
+    assert compare_runs(ref, scenario.res("flagless")) == []
+
+
+def test_resume_with_nothing_saved_starts_a_new_run(server, scenarios):
+    scenario, ref = scenarios["holdout"]
+    path = scenario.manifest("fresh")
+    assert not scenario.res("fresh").exists()
+    result = server.run("run", str(path), "--resume", cwd=scenario.folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert one_line(result.stderr) == f'izitorch: nothing to resume in "{scenario.res("fresh").as_posix()}"; starting a new run'
+    assert compare_runs(ref, scenario.res("fresh")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM
+
+
+def saved_epoch(res: Path, fold: int = 1) -> int:
+    return torch.load(res / ".izitorch" / f"fold_{fold}.pth.tar", weights_only=True)["epoch"]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(scenarios, sig, code):
+    scenario, ref = scenarios["two"]
+    tag = sig.lower()
+    path = scenario.manifest(tag)
+    stopped = cli("run", str(path), cwd=scenario.folder, env=probe({**_batch(1, 3, 2), "sig": sig}))
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    line = one_line(stopped.stderr)
+    assert f"interrupted by {sig}" in line and "--resume" in line and str(path) in line, line
+    res = scenario.res(tag)
+    assert saved_epoch(res) == 2  # the last finished epoch; epoch 3 was abandoned after its step 2
+    for model in ("mlp", "cnn"):
+        assert list(json.loads((res / model / "trainlog.json").read_text())) == ["1", "2"]
+    assert not (res / "results.json").exists()
+    assert not (res / ".izitorch.lock").exists()
+    resumed = cli("run", str(path), "--resume", cwd=scenario.folder)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    diffs = compare_runs(ref, res)
+    TALLY.setdefault("signals (real processes)", []).append((f"{sig} at batch 1,3,2", not diffs))
+    assert diffs == []
+
+
+def test_a_second_sigint_aborts_at_once_and_the_run_still_resumes(server, scenarios):
+    scenario, ref = scenarios["holdout"]
+    path = scenario.manifest("twice")
+    aborted = cli("run", str(path), cwd=scenario.folder, env=probe({**_batch(1, 2, 4), "sig": "SIGINT", "times": 2}))
+    assert aborted.returncode == 130, aborted.stderr[-2000:]
+    line = one_line(aborted.stderr)
+    assert "aborted" in line and "--resume" in line, line
+    res = scenario.res("twice")
+    assert saved_epoch(res) == 1 and list(json.loads((res / "mlp" / "trainlog.json").read_text())) == ["1"]
+    assert not (res / ".izitorch.lock").exists()
+    resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    diffs = compare_runs(ref, res)
+    TALLY.setdefault("signals (real processes)", []).append(("SIGINT twice at batch 1,2,4", not diffs))
+    assert diffs == []
+
+
+def test_sigint_sent_from_outside(server, scenarios):
+    scenario, ref = scenarios["holdout"]
+    path = scenario.manifest("outside")
+    res = scenario.res("outside")
+    log = res / "mlp" / "trainlog.json"
+    proc = subprocess.Popen([sys.executable, "-m", "izitorch", "run", str(path)], cwd=scenario.folder, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **ENV, **probe({"sleep": 0.1})})  # 6 steps: 0.6 s an epoch
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if "1" in json.loads(log.read_text()):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before epoch 1 was seen"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-2000:]
+    line = one_line(stderr)
+    assert "interrupted by SIGINT" in line and "--resume" in line, line
+    assert 1 <= saved_epoch(res) < 3
+    assert list(json.loads(log.read_text())) == [str(e) for e in range(1, saved_epoch(res) + 1)]
+    resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    diffs = compare_runs(ref, res)
+    TALLY.setdefault("signals (real processes)", []).append(("SIGINT from outside", not diffs))
+    assert diffs == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock
+
+
+def write_lock(res: Path, pid: int) -> Path:
+    res.mkdir(parents=True, exist_ok=True)
+    lock = res / ".izitorch.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    return lock
+
+
+def test_a_live_lock_refuses_the_run(write_manifest, tmp_path):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = write_lock(tmp_path / "res", sleeper.pid)
+        before = lock.read_bytes()
+        result = cli("run", str(write_manifest()), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        line = one_line(result.stderr)
+        assert "in use by another izitorch run" in line and f"pid {sleeper.pid}" in line, line
+        assert lock.read_bytes() == before  # the other run's lock is not touched
+        assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [".izitorch.lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_removed(write_manifest, tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = write_lock(tmp_path / "res", gone.pid)
+    result = cli("run", str(write_manifest()), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not lock.exists()
+    assert (tmp_path / "res" / "results.json").is_file()
+
+
+def test_no_lock_after_a_run_and_a_killed_run_leaves_its_dead_pid(server, scenarios):
+    scenario, _ = scenarios["holdout"]
+    for name, (_, ref) in scenarios.items():
+        assert not (ref / ".izitorch.lock").exists(), name
+    # a run killed mid-way leaves its lock, naming its own (now dead) pid on this host
+    path = scenario.manifest("locked")
+    killed = server.run("run", str(path), cwd=scenario.folder, env=probe(_batch(1, 1, 2)))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    lock = json.loads((scenario.res("locked") / ".izitorch.lock").read_text())
+    assert lock["host"] == socket.gethostname() and isinstance(lock["pid"], int) and lock["pid"] != os.getpid()
+    with pytest.raises(ProcessLookupError):
+        os.kill(lock["pid"], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Rack's --resume 1
+
+
+RACK_SCRIPT = """\
+import os
+
+import torch
+from torch import nn
+from izitorch.trainRack import Rack, ModelConfig
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == int(os.environ.get("KILL_AT_CALL", "0")):
+                os.kill(os.getpid(), 9)
+        return self.net(x)
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, limit=240):
+        from sklearn.datasets import load_digits
+        data = load_digits()
+        self.x = torch.tensor(data.data[:limit], dtype=torch.float32) / 16.0
+        self.y = torch.tensor(data.target[:limit], dtype=torch.long)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+rack = Rack()
+rack.parse_args()
+torch.manual_seed(0)
+m = Model()
+conf = ModelConfig(name='model1', model=m, criterion=torch.nn.CrossEntropyLoss(),
+                   optimizer=torch.optim.Adam(m.parameters(), lr=rack.args.lr))
+rack.add_model_configs([conf])
+rack.set_dataset(Dataset())
+rack.launch()
+"""
+
+
+def test_the_rack_resumes_with_resume_1(tmp_path):
+    script = tmp_path / "train_model.py"
+    script.write_text(RACK_SCRIPT, encoding="utf-8")
+
+    def launch(res: str, *extra: str, kill: int = 0) -> subprocess.CompletedProcess:
+        argv = [sys.executable, str(script), "--res_dir", str(tmp_path / res), "--epochs", "3", "--batch_size", "32",
+                "--lr", "0.01", "--device", "cpu", "--display_step", "1000", *extra]
+        return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                              env={**os.environ, **ENV, "KILL_AT_CALL": str(kill)})
+
+    ref = launch("ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = launch("killed", kill=10)  # 192 training samples: 6 steps an epoch, so epoch 2 step 4
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert saved_epoch(tmp_path / "killed") == 1
+    (tmp_path / "killed").rename(tmp_path / "res")  # a moved res_dir resumes too, as with a manifest
+    resumed = launch("res", "--resume", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "nothing to resume" not in resumed.stderr
+    assert list(json.loads((tmp_path / "res" / "model1" / "trainlog.json").read_text())) == ["1", "2", "3"]
+    assert compare_runs(tmp_path / "ref", tmp_path / "res") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints load with weights_only=True
+
+
+def test_every_checkpoint_loads_with_weights_only(scenarios):
+    seen = set()
+    for name, (_, ref) in scenarios.items():
+        paths = sorted(ref.rglob("*.pth.tar"))
+        for path in paths:
+            data = torch.load(path, weights_only=True)
+            assert isinstance(data, dict) and data, path
+            kind = "resume state" if path.parent.name == ".izitorch" else path.name.split("_epoch")[0].replace(".pth.tar", "")
+            seen.add(kind)
+            if kind != "resume state":
+                assert set(data) >= {"epoch", "state_dict", "optimizer"}, path
+    assert seen == {"model", "resume state"}
+    assert len(list(scenarios["holdout"][1].rglob("model_epoch*.pth.tar"))) == 3
+    assert len(list(scenarios["kfold"][1].rglob(".izitorch/fold_*.pth.tar"))) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the report (last: it also counts what the tests above recorded)
+
+
+def test_report_kill_point_counts(matrix):
+    tried = sum(len(outcomes) for outcomes in matrix.values())
+    matched = sum(not diffs for outcomes in matrix.values() for _, diffs in outcomes)
+    lines = [f"kill points: {tried} tried, {matched} matched bit for bit"]
+    for name, outcomes in matrix.items():
+        lines.append(f"  {name}: {len(outcomes)} tried, {sum(not d for _, d in outcomes)} matched")
+    for key, entries in TALLY.items():
+        if not key.startswith("matrix"):
+            lines.append(f"  {key}: {len(entries)} tried, {sum(ok for _, ok in entries)} matched: {', '.join(p for p, _ in entries)}")
+    report = "\n".join(lines)
+    print(report)
+    REPORT.write_text(report + "\n", encoding="utf-8")
+    assert tried >= 40 and matched == tried, report
