@@ -17,6 +17,10 @@ import torch
 
 from izitorch.errors import IzitorchError, TrainingError
 
+# mkstemp makes 0600 files; outputs get the mode a plain open() would give them (0666 & ~umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
@@ -26,6 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

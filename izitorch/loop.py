@@ -5,9 +5,10 @@ clipping, progress bars) hooks in from plugins; the loop only computes losses an
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,10 +24,7 @@ from izitorch.state import Fold, Run, Scores, Slot
 def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
     hook, epochs = run.hook, run.config.run.epochs
     hook.izitorch_fold_start(run=run, fold=fold)
-    first = resume.restore(run, fold, fold.resume_state) if fold.resume_state else 1
-    for group in run.groups:
-        group.sync_from_members()  # the members were reset or restored behind the group's back
-    for epoch in range(first if not fold.stop_reason else epochs + 1, epochs + 1):
+    for epoch in range(_first_epoch(run, fold), epochs + 1):
         fold.epoch = epoch
         hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
         scores = Scores(epoch)
@@ -43,18 +41,36 @@ def izitorch_run_fold(run: Run, fold: Fold) -> dict[str, dict]:
         resume.save(run, fold, epoch)
         if fold.stop_reason:
             break
-    last_weights = {}
-    for slot in fold.slots:
-        if slot.kept_state is not None:
-            last_weights[slot.name] = {k: v.clone() for k, v in slot.model.state_dict().items()}
-            slot.model.load_state_dict(slot.kept_state)
-    fold.final_scores = run_epoch(run, fold, "test")
-    hook.izitorch_fold_finish(run=run, fold=fold)
-    for slot in fold.slots:  # the saved state continues from the last epoch, not the kept one
-        if slot.name in last_weights:
-            slot.model.load_state_dict(last_weights[slot.name])
+    with kept_weights(fold.slots):
+        fold.final_scores = run_epoch(run, fold, "test")
+        hook.izitorch_fold_finish(run=run, fold=fold)
     resume.save(run, fold, fold.epoch, final=True)
     return fold.final_scores
+
+
+def _first_epoch(run: Run, fold: Fold) -> int:
+    """1, or after a resume the first epoch that did not finish (past the end if it stopped)."""
+    first = resume.restore(run, fold, fold.resume_state) if fold.resume_state else 1
+    for group in run.groups:
+        group.sync_from_members()  # the members were reset or restored behind the group's back
+    return run.config.run.epochs + 1 if fold.stop_reason else first
+
+
+@contextlib.contextmanager
+def kept_weights(slots: list[Slot]) -> Iterator[None]:
+    """Models hold the weights they kept (``Slot.keep_weights``) inside the block, their last
+    epoch's weights after it: the final test uses the kept ones, a resume continues the last."""
+    last = {}
+    for slot in slots:
+        if slot.kept_state is not None:
+            last[slot.name] = {k: v.clone() for k, v in slot.model.state_dict().items()}
+            slot.model.load_state_dict(slot.kept_state)
+    try:
+        yield
+    finally:
+        for slot in slots:
+            if slot.name in last:
+                slot.model.load_state_dict(last[slot.name])
 
 
 def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
@@ -173,7 +189,7 @@ def _non_finite(run: Run, fold: Fold, slot: Slot, value: float, step: int) -> in
     if policy == "raise":
         raise TrainingError(f'model {slot.name}: {where}; lower the learning rate, clip gradients, or set nan_policy = "stop" / "skip_batch"')
     if policy == "stop":
-        slot.stopped = f"stopped: {where}"
+        slot.stopped = f'{where} (nan_policy = "stop")'  # the console adds "<model> stopped: "
         return 0
     return 1
 
@@ -223,10 +239,9 @@ def _compute_group(meters: list[Any], members: int) -> list[dict[str, Any]]:
 def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise TrainingError(
-        f"the dataset yields {type(batch).__name__} items of length {len(batch) if hasattr(batch, '__len__') else '?'}; "
-        "izitorch expects (input, target) pairs from __getitem__"
-    )
+    # a collated batch of bare tensors is itself a tensor: its len() is the batch size, not an item's
+    got = f"items of {len(batch)} elements" if isinstance(batch, (list, tuple)) else f"{type(batch).__name__} items"
+    raise TrainingError(f"the dataset yields {got}; izitorch expects (input, target) pairs from __getitem__")
 
 
 def _forward(slot: Slot, inputs: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
