@@ -413,6 +413,30 @@ class VectorGroup:
         self._repoint_members()
         self.optimizer.sync_from_members()
 
+    def state_dict(self) -> dict:
+        """The stacked weights, buffers and optimizer state, once for all members (copies).
+
+        A resume state saves this instead of K per-member state dicts: pickling thousands of
+        small tensors cost ~55 ms an epoch for 64 small models, a few stacked ones almost nothing.
+        """
+        return {
+            "names": self.names,
+            "flat": self.flat.detach().clone(),
+            "buffers": {name: buffer.detach().clone() for name, buffer in self.buffers.items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` in place: members keep seeing their rows."""
+        if state["names"] != self.names or state["flat"].shape != self.flat.shape:
+            raise IzitorchError(f"the saved group {state['names']} does not fit the group {self.names}; start over with --overwrite")
+        self._repoint_members()
+        self.flat.copy_(state["flat"])
+        for name, buffer in self.buffers.items():
+            buffer.copy_(state["buffers"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def train(self, mode: bool = True) -> None:
         """Set every member's (and the group's) train/eval mode."""
         for slot in self.slots:
@@ -631,6 +655,24 @@ class StackedOptimizer:
                          "exp_avg_sq": group._row(self.state["exp_avg_sq"], k, span)}
             optimizer.state[param] = entry
         self._installed[k] = True
+
+    def state_dict(self) -> dict:
+        return {"state": {key: value.clone() for key, value in self.state.items()}, "steps": self.steps.clone(),
+                "started": list(self.started)}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict) -> None:
+        """Take a saved stacked state; started members see it through their own optimizers."""
+        for key, value in self.state.items():
+            value.copy_(saved["state"][key])
+        self.steps.copy_(saved["steps"])
+        self._hyper_values = None
+        self._refresh()
+        for k, started in enumerate(saved["started"]):
+            self.started[k], self._installed[k] = started, False
+            self.group.slots[k].optimizer.state.clear()
+            if started:
+                self._install(k)
 
     @torch.no_grad()
     def sync_from_members(self) -> None:

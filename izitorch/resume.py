@@ -25,7 +25,7 @@ from izitorch.io import save_torch
 from izitorch.state import Fold, Run
 
 STATE_DIR = ".izitorch"
-FORMAT = 1
+FORMAT = 2
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
@@ -44,6 +44,7 @@ def has_state(res_dir: Path) -> bool:
 
 def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     """Write the fold's state after ``epoch`` (``final``: the fold is done, scores included)."""
+    grouped = {name for group in run.groups for name in group.names}
     plugins: dict[str, Any] = {}
     for part in run.hook.izitorch_state_dict(run=run):
         if part:
@@ -55,7 +56,8 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
         "epoch": epoch,
         "stop_reason": fold.stop_reason,
         "final_scores": _tensorise(fold.final_scores) if final else None,
-        "slots": {slot.name: _slot_state(slot) for slot in fold.slots},
+        "slots": {slot.name: _slot_state(slot, grouped=slot.name in grouped) for slot in fold.slots},
+        "groups": [group.state_dict() for group in run.groups],
         "plugins": plugins,
         "rng": _rng_state(fold),
     }
@@ -99,14 +101,23 @@ def restore(run: Run, fold: Fold, state: dict) -> int:
         if saved is None:
             raise ManifestError(f'cannot resume: model "{slot.name}" is not in the saved state; start over with --overwrite', source=run.config.source)
         try:
-            slot.model.load_state_dict(saved["model"])
-            slot.optimizer.load_state_dict(saved["optimizer"])
+            if saved["model"] is None:  # a vectorized member: weights and moments come with its group
+                for group, hyper in zip(slot.optimizer.param_groups, saved["optimizer"]["param_groups"]):
+                    group.update({key: value for key, value in hyper.items() if key != "params"})
+            else:
+                slot.model.load_state_dict(saved["model"])
+                slot.optimizer.load_state_dict(saved["optimizer"])
             if slot.scheduler is not None and saved["scheduler"] is not None:
                 slot.scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0]
             raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
         slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
+    saved_groups = state.get("groups", [])
+    if [g["names"] for g in saved_groups] != [group.names for group in run.groups]:
+        raise IzitorchError("cannot resume: the models were grouped differently when the state was saved; start over with --overwrite")
+    for group, saved in zip(run.groups, saved_groups):
+        group.load_state_dict(saved)
     run.hook.izitorch_load_state_dict(run=run, state=state["plugins"])
     _set_rng_state(fold, state["rng"])
     fold.epoch, fold.stop_reason = state["epoch"], state["stop_reason"]
@@ -164,10 +175,14 @@ def _stable(value: Any) -> Any:
 
 # -- state pieces -------------------------------------------------------------------------------
 
-def _slot_state(slot) -> dict:
+def _slot_state(slot, grouped: bool) -> dict:
+    """A slot's own state; a vectorized member's weights and moments are in its group's entry."""
+    optimizer = slot.optimizer.state_dict()
+    if grouped:
+        optimizer = {"param_groups": optimizer["param_groups"]}
     return standalone({
-        "model": slot.model.state_dict(),
-        "optimizer": slot.optimizer.state_dict(),
+        "model": None if grouped else slot.model.state_dict(),
+        "optimizer": optimizer,
         "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
         "kept_state": slot.kept_state,
         "kept_epoch": slot.kept_epoch,
