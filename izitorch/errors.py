@@ -11,9 +11,19 @@ from typing import Iterable
 
 
 class IzitorchError(Exception):
-    """Base of every error meant for the user: its text is the whole message."""
+    """Base of every error meant for the user: its text is the whole message, on one line."""
 
     exit_code = 2
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)  # a name or a library message may hold "\n"
+        super().__init__(*args)
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character (``\n``, ``\r``, ``\u2028``...) shown escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ManifestError(IzitorchError):
@@ -24,9 +34,8 @@ class ManifestError(IzitorchError):
         super().__init__(self._render())
 
     def _render(self) -> str:
-        text = ": ".join(part for part in (self.source, self.path, self.message) if part)
         # one line, always: a key or value holding "\n" (legal in TOML) is shown escaped
-        return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        return one_line(": ".join(part for part in (self.source, self.path, self.message) if part))
 
     def located(self, source: str = "", prefix: str = "") -> "ManifestError":
         """The same error placed in a file and under a key prefix (``models[1]``)."""

@@ -41,6 +41,8 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_referen
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ManifestError(f"invalid TOML: {error}", source=source) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays / inline tables
+        raise ManifestError("invalid TOML: arrays or inline tables nested too deeply", source=source) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"cannot read the manifest: {error}", source=source) from None
     for override in overrides:
@@ -144,14 +146,20 @@ def _structure_float(value: Any, _type: type) -> float:
 
 
 def _structure_names(value: Any, _type: type) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise ValueTypeError(f"expected a list of plugin names, got {describe(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueTypeError(f"expected a list of plugin names (strings), found {describe(item)} in it")
     return tuple(value)
 
 
 def _structure_component(value: Any, _type: type) -> ComponentSpec:
     if isinstance(value, str):
-        return ComponentSpec(value)
+        try:
+            return ComponentSpec(value)
+        except FieldError as error:  # the key is the component's own, not ComponentSpec's "target"
+            raise ValueTypeError(error.message) from None
     if isinstance(value, dict):
         if "class" not in value:
             raise ValueTypeError('expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }')
@@ -228,6 +236,8 @@ def apply_override(raw: dict, override: str) -> None:
     keys = _parse_key_path(key_path.strip(), override)
     try:
         value = tomllib.loads(f"value = {text}")["value"]
+    except RecursionError:
+        raise ManifestError(f'--set "{override}": arrays or inline tables nested too deeply') from None
     except tomllib.TOMLDecodeError:
         value = text
     node: Any = raw

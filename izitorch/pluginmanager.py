@@ -81,7 +81,7 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
     known = available_plugins()
     for name in enabled_plugin_names(config):
         plugin, version = _load(name, known, config)
-        _register(pm, plugin, name)
+        _register(pm, plugin, name, config.source)
         versions[name] = version
     try:
         pm.check_pending()
@@ -117,9 +117,9 @@ def _load(name: str, known: dict[str, EntryPoint], config: Config) -> tuple[Any,
             return _instantiate(_import_file(name, config.base_dir)), "local"
         module = importlib.import_module(name)
         return _instantiate(module), getattr(module, "__version__", "local")
+    except ManifestError as error:  # a local plugin file that is missing or fails to import
+        raise error.located(config.source, f"plugins.{name}" if name in config.plugins.tables else "plugins.enable") from None
     except IzitorchError:
-        raise
-    except ManifestError:
         raise
     except Exception as error:
         raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}') from None
@@ -130,7 +130,10 @@ def _instantiate(obj: Any) -> Any:
     return obj() if inspect.isclass(obj) else obj
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, source: str = "") -> None:
+    already = pm.get_name(plugin)
+    if already is not None:  # e.g. enable = ["izitorch.plugins.kfold"] next to "kfold"
+        raise ManifestError(f'plugin "{name}" is the plugin "{already}", already enabled; name it once', "plugins.enable", source)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:

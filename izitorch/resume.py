@@ -110,7 +110,8 @@ def restore(run: Run, fold: Fold, state: dict) -> int:
             if slot.scheduler is not None and saved["scheduler"] is not None:
                 slot.scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, ValueError, KeyError) as error:
-            first = str(error).strip().splitlines()[0]
+            lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+            first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the first mismatch
             raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
         slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
     saved_groups = state.get("groups", [])

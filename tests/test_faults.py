@@ -1,0 +1,588 @@
+"""Never lose a run (issue 4): faults during a run and the one-line errors they give.
+
+- Outputs are never half-written: a write that fails mid-way (a patched ``os.replace``, a full
+  disk, a permission error, an interrupt) leaves the previous file intact and no temporary file.
+- A full disk during training stops the run with exit 1 and one line; the finished epochs stay
+  on disk and ``--resume`` continues once there is room again.
+- ``nan_policy``: a diverging model stops (default), skips its non-finite batches, or ends the
+  run, while the other models are unaffected.
+- Out-of-memory, shapes that do not fit the criterion, labels outside ``num_classes``, empty
+  data or splits, impossible k-folds, bad ranges, factories that raise, a resume state from
+  another architecture, a dataset that does not yield pairs: each is one line on stderr
+  (``izitorch: error: ...``), exit 2 (1 once training has started), and every finished epoch
+  stays on disk.
+
+NaN, OOM and shape faults are injected deterministically by ``models.py:Flaky``, which counts its
+training-mode forward calls (200 digits, holdout 160/40, batch 32: five steps per epoch, so
+call 8 is epoch 2, step 3). Most runs go in-process through ``izitorch.cli.main`` (what
+``python -m izitorch`` calls); the ones where a stray traceback would show run as subprocesses.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import izitorch
+from izitorch import io as izio
+from izitorch import resume
+from izitorch.cli import main
+from izitorch.data import build_slot
+from izitorch.errors import IzitorchError, TrainingError
+from izitorch.models import MLP
+from izitorch.state import Fold, Run, Split
+
+from conftest import run_cli
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PREFIX = "izitorch: error: "
+STEPS = 5  # training steps per epoch of the runs below (160 training samples, batch 32)
+
+MODELS = '''\
+"""Test models and datasets that fail on purpose, at a chosen training-mode forward call."""
+import os
+import signal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+
+class Flaky(nn.Module):
+    """A one-hidden-layer MLP whose training forward call number N misbehaves.
+
+    ``nan_at``: calls whose output is multiplied by NaN; ``nan_from``: every call from then on;
+    ``oom_at``: raise CUDA's out-of-memory error; ``narrow_at``: from then on return only
+    3 classes; ``sigint_at``: send SIGINT to this process.
+    """
+
+    def __init__(self, hidden: int = 16, num_classes: int = 10, nan_at: list = (), nan_from: int = 0,
+                 oom_at: int = 0, narrow_at: int = 0, sigint_at: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.nan_at, self.nan_from, self.oom_at = set(nan_at), nan_from, oom_at
+        self.narrow_at, self.sigint_at = narrow_at, sigint_at
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x.flatten(1))
+        if not self.training:
+            return out
+        self.calls += 1
+        if self.calls == self.oom_at:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.calls == self.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if self.narrow_at and self.calls >= self.narrow_at:
+            out = out[:, :3]
+        if self.calls in self.nan_at or (self.nan_from and self.calls >= self.nan_from):
+            out = out * float("nan")
+        return out
+
+
+class Boom(nn.Module):
+    def __init__(self, hidden: int = 16):
+        raise ValueError("hidden must be even")
+
+
+class Triples(Dataset):
+    """Items (input, label, index): not the (input, target) pairs izitorch needs."""
+
+    def __init__(self, n: int = 40):
+        self.x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 10, i
+
+
+class Bare(Triples):
+    """Items that are bare tensors."""
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def empty():
+    return TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+
+
+def broken(limit: int = 1):
+    raise FileNotFoundError("data/train.csv")
+'''
+
+MLP_ENTRY = '''\
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = { hidden = 16 }
+optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
+'''
+
+
+def flaky(name: str = "flaky", **params) -> str:
+    """A ``[[models]]`` entry for ``models.py:Flaky`` with the given parameters."""
+    table = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
+    return (f'[[models]]\nname = "{name}"\nmodel = "models.py:Flaky"\nparams = {{ {table} }}\n'
+            'optimizer = { class = "torch.optim:Adam", lr = 1e-2 }\n')
+
+
+def write_run(tmp_path: Path, models: str = MLP_ENTRY, *, epochs: int = 3, limit: int = 200, run: str = "",
+              tail: str = "", res: str = "res", name: str = "m.toml") -> Path:
+    """A manifest (and ``models.py``) in tmp_path: digits[:limit], holdout 80/20, batch 32."""
+    (tmp_path / "models.py").write_text(MODELS, encoding="utf-8")
+    path = tmp_path / name
+    path.write_text(f'''\
+[run]
+res_dir = "{(tmp_path / res).as_posix()}"
+epochs = {epochs}
+batch_size = 32
+display_step = 1000
+{run}
+
+[data]
+dataset = "izitorch.datasets:digits"
+params = {{ limit = {limit} }}
+num_classes = 10
+
+{models}
+{tail}
+''', encoding="utf-8")
+    return path
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``izitorch ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_of(err: str) -> str:
+    """The message of the one ``izitorch: error:`` line that stderr must hold."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(PREFIX), err
+    return lines[0][len(PREFIX):]
+
+
+def trainlog(res: Path, model: str) -> dict:
+    return json.loads((res / model / "trainlog.json").read_text(encoding="utf-8"))
+
+
+def without_times(log: dict) -> dict:
+    return {epoch: {k: v for k, v in entry.items() if not k.endswith("_time")} for epoch, entry in log.items()}
+
+
+def saved_state(res: Path, fold: int = 1) -> dict:
+    return torch.load(res / ".izitorch" / f"fold_{fold}.pth.tar", weights_only=True)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
+
+
+def assert_tensors_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_finished_epochs_on_disk(res: Path, models: list[str], epochs: int) -> None:
+    """Epochs 1..epochs are in every trainlog and in the resume state; the lock is released."""
+    for name in models:
+        assert list(trainlog(res, name)) == [str(e) for e in range(1, epochs + 1)], name
+    state = saved_state(res)
+    assert state["epoch"] == epochs and state["final_scores"] is None
+    assert set(state["slots"]) == set(models)
+    for name in models:
+        assert all(torch.isfinite(v).all() for v in state["slots"][name]["model"].values())
+    assert not (res / ".izitorch.lock").exists()
+    assert leftovers(res) == []
+
+
+# -- outputs are never half-written -------------------------------------------------------------
+
+def weights(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {"epoch": seed, "state_dict": MLP(hidden=4).state_dict()}
+
+
+def test_a_failed_replace_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "mlp" / "model.pth.tar"
+    izio.save_torch(path, weights(1))
+    seen = []
+
+    def replace(src, dst):
+        seen.append(torch.load(src, weights_only=True))  # the new file was complete...
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # ...when moving it failed
+
+    monkeypatch.setattr(izio.os, "replace", replace)
+    with pytest.raises(IzitorchError) as info:
+        izio.save_torch(path, weights(2))
+    assert type(info.value) is IzitorchError and info.value.exit_code == 2
+    assert str(info.value) == f"cannot write {path}: Input/output error; check the permissions of res_dir or choose another one"
+    assert seen and seen[0]["epoch"] == 2
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1
+    assert_tensors_equal(kept["state_dict"], weights(1)["state_dict"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth.tar"]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit, ValueError])
+def test_a_write_cut_short_leaves_the_previous_file_and_no_temporary(tmp_path, interrupt):
+    path = tmp_path / "trainlog.json"
+    izio.write_json(path, {"1": {"loss": 1.5}})
+    before = path.read_bytes()
+
+    def half(handle):
+        handle.write(b'{"1": {"loss": 1.5}, "2": {"lo')
+        raise interrupt("cut")
+
+    with pytest.raises(interrupt):  # not an OSError: passed through as it is
+        izio.atomic_write(path, half)
+    assert path.read_bytes() == before
+    assert json.loads(path.read_text()) == {"1": {"loss": 1.5}}
+    assert [p.name for p in tmp_path.iterdir()] == ["trainlog.json"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_a_training_error_and_the_previous_checkpoint_is_intact(tmp_path, code):
+    path = tmp_path / "mlp" / "model.pth.tar"
+    izio.save_torch(path, weights(1))
+
+    def full(handle):
+        handle.write(b"\0" * 4096)
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(TrainingError) as info:
+        izio.atomic_write(path, full)
+    assert info.value.exit_code == 1
+    message = str(info.value)
+    assert message == (f"no space left on the device while writing {path}; the previous version is intact: "
+                       "free some space, then continue with --resume")
+    assert "\n" not in message
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth.tar"]
+
+
+def test_a_permission_error_is_a_one_line_izitorch_error(tmp_path, monkeypatch):
+    path = tmp_path / "conf.json"
+    izio.write_json(path, {"a": 1})
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    monkeypatch.setattr(izio.tempfile, "mkstemp", denied)
+    with pytest.raises(IzitorchError) as info:
+        izio.write_json(path, {"a": 2})
+    assert type(info.value) is IzitorchError and info.value.exit_code == 2
+    assert str(info.value) == f"cannot write {path}: Permission denied; check the permissions of res_dir or choose another one"
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_outputs_get_the_mode_a_plain_open_would_give_them(tmp_path):
+    """mkstemp creates 0600 files; results must stay readable as with open() (0666 & ~umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "results.json"
+    izio.write_json(path, {"a": 1})
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+    izio.write_json(path, {"a": 2})  # a rewrite keeps it
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_checkpoint_rewrite_failing_in_a_run_keeps_the_last_one(tmp_path, monkeypatch, capsys):
+    """A 2-epoch run, extended to 3 with --resume; the epoch-3 checkpoint hits a full disk."""
+    path = write_run(tmp_path, epochs=2)
+    res = tmp_path / "res"
+    assert cli(capsys, "run", path)[0] == 0
+    before = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
+    assert before["epoch"] == 2
+    real_atomic_write = izio.atomic_write
+
+    def full_for_checkpoints(target, write):
+        if Path(target).name != "model.pth.tar":
+            return real_atomic_write(target, write)
+
+        def full(handle):
+            handle.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real_atomic_write(target, full)
+
+    monkeypatch.setattr(izio, "atomic_write", full_for_checkpoints)
+    code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
+    assert code == 1
+    assert error_of(err) == (f"no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+                             "the previous version is intact: free some space, then continue with --resume")
+    after = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
+    assert after["epoch"] == 2
+    assert_tensors_equal(after["state_dict"], before["state_dict"])
+    assert saved_state(res)["epoch"] == 2  # the resume state is written after the plugins: still epoch 2
+    assert leftovers(res) == [] and not (res / ".izitorch.lock").exists()
+    monkeypatch.undo()  # space freed
+    code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
+    assert code == 0, err
+    assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 3
+    assert list(trainlog(res, "mlp")) == ["1", "2", "3"]
+
+
+FULL_DISK_PLUGIN = '''\
+"""Test plugin: while the file "disk_full" exists next to it, every write from epoch 3 on fails."""
+import errno
+import os
+from pathlib import Path
+
+import izitorch.io as io
+from izitorch import hookimpl
+
+MARKER = Path(__file__).with_name("disk_full")
+_real_atomic_write = io.atomic_write
+_epoch = [0]
+
+
+def _atomic_write(path, write):
+    if _epoch[0] >= 3 and MARKER.exists():
+        def full(handle):
+            handle.write(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _real_atomic_write(path, full)
+    return _real_atomic_write(path, write)
+
+
+io.atomic_write = _atomic_write
+
+
+@hookimpl
+def izitorch_epoch_start(run, fold, epoch):
+    _epoch[0] = epoch
+'''
+
+
+def test_a_full_disk_at_epoch_3_exits_1_keeps_epochs_1_2_and_resume_completes(tmp_path, capsys):
+    (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN, encoding="utf-8")
+    (tmp_path / "disk_full").touch()
+    plugins = '[plugins]\nenable = ["full_disk.py"]\n'
+    path = write_run(tmp_path, epochs=4, tail=plugins)
+    res = tmp_path / "res"
+    done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
+    assert done.returncode == 1, done.stderr
+    log_file = res / "mlp" / "trainlog.json"  # the first write of epoch 3
+    assert error_of(done.stderr) == (f"no space left on the device while writing {log_file}; "
+                                     "the previous version is intact: free some space, then continue with --resume")
+    assert_finished_epochs_on_disk(res, ["mlp"], 2)
+    assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
+    assert not (res / "results.json").exists()
+
+    (tmp_path / "disk_full").unlink()  # space freed
+    done = run_cli("run", path.name, "--resume", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    resumed = trainlog(res, "mlp")
+    assert list(resumed) == ["1", "2", "3", "4"]
+    assert json.loads((res / "results.json").read_text())["mlp"]["folds"] == 1
+
+    # the same run never interrupted (in this process, without the plugin) logs the same scores
+    reference = write_run(tmp_path, epochs=4, res="ref", name="ref.toml")
+    assert cli(capsys, "run", reference)[0] == 0
+    assert without_times(resumed) == without_times(trainlog(tmp_path / "ref", "mlp"))
+
+
+# -- nan_policy -----------------------------------------------------------------------------------
+
+NAN_AT_EPOCH_2_STEP_3 = STEPS + 3
+STOPPED = 'loss is nan at fold 1, epoch 2, step 3 (nan_policy = "stop")'
+
+
+def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, capsys):
+    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3))
+    res = tmp_path / "res"
+    code, out, err = cli(capsys, "run", path)
+    assert code == 0, err
+    assert f"izitorch: flaky stopped: {STOPPED}" in out.splitlines()
+    log = trainlog(res, "flaky")
+    assert list(log) == ["1", "2", "3"]
+    assert "stopped" not in log["1"]
+    assert log["2"]["stopped"] == log["3"]["stopped"] == STOPPED
+    assert "loss" in log["2"] and "loss" not in log["3"]  # two steps trained in epoch 2, none in 3
+    assert all(torch.isfinite(torch.tensor(v)) for e in log.values() for v in e.values() if isinstance(v, float))
+    metrics = json.loads((res / "flaky" / "test_metrics.json").read_text())
+    assert metrics["stopped"] == STOPPED and metrics["epoch"] == 3
+    checkpoint = torch.load(res / "flaky" / "model.pth.tar", weights_only=True)
+    assert checkpoint["epoch"] == 2  # not rewritten once stopped
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert saved_state(res)["slots"]["flaky"]["stopped"] == STOPPED
+
+    mlp_log = trainlog(res, "mlp")
+    assert list(mlp_log) == ["1", "2", "3"] and not any("stopped" in e for e in mlp_log.values())
+    alone = write_run(tmp_path, res="alone", name="alone.toml")
+    assert cli(capsys, "run", alone)[0] == 0
+    assert without_times(mlp_log) == without_times(trainlog(tmp_path / "alone", "mlp"))
+    summary = json.loads((res / "results.json").read_text())
+    assert set(summary) == {"mlp", "flaky"}
+
+
+def test_nan_skip_batch_skips_exactly_the_bad_batches_and_keeps_training(tmp_path, capsys):
+    bad = [3, STEPS + 2, STEPS + 4]  # epoch 1 step 3, epoch 2 steps 2 and 4
+    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_at=bad), run='nan_policy = "skip_batch"')
+    res = tmp_path / "res"
+    code, out, err = cli(capsys, "run", path)
+    assert code == 0, err
+    assert "stopped" not in out
+    log = trainlog(res, "flaky")
+    assert [log[e].get("skipped_batches") for e in ("1", "2", "3")] == [1.0, 2.0, None]
+    assert all("stopped" not in entry and torch.isfinite(torch.tensor(entry["loss"])) for entry in log.values())
+    assert not any("skipped_batches" in entry for entry in trainlog(res, "mlp").values())
+    checkpoint = torch.load(res / "flaky" / "model.pth.tar", weights_only=True)
+    assert checkpoint["epoch"] == 3
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert "stopped" not in json.loads((res / "flaky" / "test_metrics.json").read_text())
+
+
+def test_nan_raise_exits_1_naming_the_model_and_keeps_epoch_1(tmp_path):
+    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3), run='nan_policy = "raise"')
+    done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
+    assert done.returncode == 1
+    assert error_of(done.stderr) == ('model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, '
+                                     'clip gradients, or set nan_policy = "stop" / "skip_batch"')
+    assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
+
+
+def test_when_every_model_stops_the_fold_ends_early(tmp_path, capsys):
+    models = flaky("a", nan_from=NAN_AT_EPOCH_2_STEP_3) + flaky("b", hidden=8, nan_from=2 * STEPS + 2)
+    path = write_run(tmp_path, models, epochs=5)
+    res = tmp_path / "res"
+    code, out, err = cli(capsys, "run", path)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "izitorch: fold 1 stopped: every model stopped (epoch 3)" in lines
+    assert f"izitorch: a stopped: {STOPPED}" in lines
+    assert 'izitorch: b stopped: loss is nan at fold 1, epoch 3, step 2 (nan_policy = "stop")' in lines
+    assert not any(line.startswith("epoch 4/5") for line in lines)
+    for name in ("a", "b"):
+        assert list(trainlog(res, name)) == ["1", "2", "3"]
+        assert "stopped" in json.loads((res / name / "test_metrics.json").read_text())
+    state = saved_state(res)
+    assert state["stop_reason"] == "every model stopped (epoch 3)" and state["final_scores"] is not None
+    assert set(json.loads((res / "results.json").read_text())) == {"a", "b"}
+
+
+# -- one line, the right exit code, finished epochs kept ------------------------------------------
+
+def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
+    path = write_run(tmp_path, MLP_ENTRY + flaky(oom_at=STEPS + 2))
+    done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
+    assert done.returncode == 1
+    assert error_of(done.stderr) == ("model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
+                                     "Tried to allocate 2.00 GiB; out of memory: lower batch_size, or train fewer or "
+                                     "smaller models at once")
+    assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
+
+
+def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_classes(tmp_path, capsys):
+    path = write_run(tmp_path, MLP_ENTRY + flaky(narrow_at=2 * STEPS + 1))  # 3 classes from epoch 3 on
+    code, _, err = cli(capsys, "run", path)
+    assert code == 1
+    assert re.fullmatch(r"model flaky: the criterion failed on output \(32, 3\) and target \(32,\): Target \d is out of "
+                        r"bounds; check that the model's output size matches num_classes and that labels lie in "
+                        r"\[0, num_classes\)", error_of(err))
+    assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 2)
+
+
+def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys):
+    path = write_run(tmp_path)
+    code, _, err = cli(capsys, "run", path, "--set", "data.num_classes=5")
+    assert code == 2
+    assert error_of(err) == ("data: labels range from 0 to 9 but num_classes = 5; labels must lie in "
+                             "[0, num_classes): fix num_classes or the labels")
+    assert not (tmp_path / "res" / "mlp").exists()
+
+
+@pytest.mark.parametrize("sets, code, expected", [
+    (['data.dataset="models.py:empty"', "data.params={}"], 2, "data.dataset: the dataset is empty; check its path or parameters"),
+    (['data.dataset="models.py:broken"'], 2, "data.dataset: models.py:broken(...) raised FileNotFoundError: data/train.csv"),
+    (["data.params.limit=5", "data.train_ratio=0.1"], 2,
+     "data.train_ratio = 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves "
+     "both sides non-empty"),
+    (["data.params.limit=5", "data.train_ratio=0.9", "data.validation=true"], 2,
+     "data.train_ratio = 0.9 leaves 4 training and 1 held-out samples out of 5; use more data or a ratio that leaves "
+     "both sides non-empty"),
+    (["data.params.limit=5", "plugins.kfold.k=10"], 2, "plugins.kfold.k = 10 needs at least 10 samples, the dataset has 5; lower k"),
+    (["run.batch_size=0"], 2, "{path}: run.batch_size: expected an integer >= 1, got 0"),
+    (["run.batch_size=-3"], 2, "{path}: run.batch_size: expected an integer >= 1, got -3"),
+    (["data.train_ratio=0"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
+    (["data.train_ratio=1"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
+    (['models[0].model="models.py:Boom"'], 2, "models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
+    (['data.dataset="models.py:Triples"', "data.params={}"], 1,
+     "the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
+    (['data.dataset="models.py:Bare"', "data.params={}"], 1,
+     "the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__"),
+])
+def test_one_line_errors_before_or_at_the_first_step(tmp_path, capsys, sets, code, expected):
+    path = write_run(tmp_path, epochs=1)
+    args = [arg for s in sets for arg in ("--set", s)]
+    got, _, err = cli(capsys, "run", path, *args)
+    assert got == code
+    assert error_of(err) == expected.format(path=path)
+    res = tmp_path / "res"
+    assert not (res / ".izitorch.lock").exists()
+    assert not (res / "mlp" / "trainlog.json").exists() and not (res / ".izitorch").exists()
+
+
+def test_resuming_with_another_architecture_is_refused_naming_the_key(tmp_path, capsys):
+    path = write_run(tmp_path, epochs=2)
+    res = tmp_path / "res"
+    assert cli(capsys, "run", path)[0] == 0
+    files = {p: p.read_bytes() for p in res.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
+    assert code == 2
+    assert error_of(err) == (f"{path}: cannot resume: models[0].params.hidden changed (16 -> 32) since the interrupted "
+                             "run; restore it, or start over with --overwrite")
+    assert {p: p.read_bytes() for p in res.rglob("*") if p.is_file()} == files
+
+
+def test_restoring_a_state_from_another_architecture_names_the_model(tmp_path, capsys):
+    path = write_run(tmp_path, epochs=1)
+    assert cli(capsys, "run", path)[0] == 0
+    state = saved_state(tmp_path / "res")
+    config = izitorch.load_manifest(path, ["models[0].params.hidden=32"])
+    slot = build_slot(config.models[0], 0, torch.device("cpu"), config.base_dir)
+    run = Run(config, pm=None, device=torch.device("cpu"), res_dir=tmp_path / "res")
+    fold = Fold(0, 1, Split(train=list(range(8)), test=[8, 9]), {}, [slot])
+    with pytest.raises(IzitorchError) as info:
+        resume.restore(run, fold, state)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == ("model mlp: the saved state does not fit the model (size mismatch for net.0.weight: copying a param "
+                       "with shape torch.Size([16, 64]) from checkpoint, the shape in current model is torch.Size([32, 64])); "
+                       "the architecture changed since the interrupted run: start over with --overwrite")
+
+
+def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys):
+    """Same manifest, but the model's code now builds another architecture: the state does not fit."""
+    path = write_run(tmp_path, flaky("net"), epochs=2)
+    res = tmp_path / "res"
+    assert cli(capsys, "run", path)[0] == 0
+    log = trainlog(res, "net")
+    wider = MODELS.replace("nn.Linear(64, hidden)", "nn.Linear(64, 2 * hidden)")
+    (tmp_path / "models.py").write_text(wider.replace("nn.Linear(hidden, num_classes)", "nn.Linear(2 * hidden, num_classes)"))
+    done = run_cli("run", path.name, "--resume", "--set", "run.epochs=3", cwd=tmp_path, env=ENV)
+    assert done.returncode == 2
+    assert error_of(done.stderr) == ("model net: the saved state does not fit the model (size mismatch for net.0.weight: "
+                                     "copying a param with shape torch.Size([16, 64]) from checkpoint, the shape in current "
+                                     "model is torch.Size([32, 64])); the architecture changed since the interrupted run: "
+                                     "start over with --overwrite")
+    assert trainlog(res, "net") == log and saved_state(res)["epoch"] == 2
