@@ -15,7 +15,6 @@ from textwrap import dedent
 from types import SimpleNamespace
 
 import numpy as np
-import pluggy
 import pytest
 import torch
 
