@@ -7,6 +7,31 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
+
+def _plugins_of_a_source_checkout() -> None:
+    """Make ``plugins/`` importable as ``izitorch.plugins`` when running from a checkout.
+
+    Installed (wheel or editable), ``plugins/`` *is* ``izitorch.plugins``. But ``python -m
+    izitorch`` started from the repository root imports this folder first, beside which
+    ``plugins/`` sits as a plain folder: the built-ins' entry points would then fail to import.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "izitorch.plugins" in sys.modules or importlib.util.find_spec("izitorch.plugins") is not None:
+        return
+    beside = Path(__file__).resolve().parent.parent / "plugins"
+    if not (beside / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("izitorch.plugins", beside / "__init__.py", submodule_search_locations=[str(beside)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["izitorch.plugins"] = module
+    spec.loader.exec_module(module)
+
+
+_plugins_of_a_source_checkout()
+
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig
 from izitorch.errors import IzitorchError, ManifestError, TrainingError
 from izitorch.manifest import load_manifest

@@ -68,3 +68,23 @@ def test_readme_setup_commands_match_tox_and_ci():
     assert tox["testenv:tests"]["commands"].startswith("pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "tox -e tests" in ci
+
+
+def test_running_from_a_checkout_finds_the_builtin_plugins():
+    """``python -m izitorch`` from the repository root imports the checkout, where plugins/ is a
+    folder beside izitorch/: the built-ins must still import as izitorch.plugins."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import izitorch, izitorch.plugins.holdout as h\n"
+        "print(izitorch.__file__)\nprint(h.__file__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    package, plugin = done.stdout.split()
+    assert Path(package) == ROOT / "izitorch" / "__init__.py"
+    assert Path(plugin) == ROOT / "plugins" / "holdout.py"
