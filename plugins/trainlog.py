@@ -59,6 +59,10 @@ class TrainlogPlugin:
         for slot in fold.slots:
             final = fold.final_scores[slot.name]
             folder = run.model_dir(slot, fold)
+            log = self.logs.get(slot.name)
+            if slot.stopped and log and "stopped" not in log[max(log, key=int)]:
+                log[max(log, key=int)]["stopped"] = slot.stopped  # decided after that epoch was logged
+                write_json(folder / "trainlog.json", log)
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
             summary = scalars(final)

@@ -400,3 +400,29 @@ def test_kfold_with_validation_and_k_2_fails_on_the_cli(write_manifest, tmp_path
 def test_kfold_k_below_2_is_a_manifest_error(write_manifest):
     with pytest.raises(ManifestError, match=r"plugins\.kfold\.k: expected an integer >= 2, got 1"):
         run_manifest(write_manifest(), "plugins.kfold.k=1")
+
+
+def test_the_epoch_at_which_a_model_stops_early_says_so_in_its_trainlog(write_manifest, tmp_path):
+    path = write_manifest(
+        f"""
+        [run]
+        res_dir = "{(tmp_path / 'res').as_posix()}"
+        epochs = 6
+        batch_size = 32
+        [data]
+        dataset = "izitorch.datasets:digits"
+        params = {{ limit = 200 }}
+        num_classes = 10
+        [[models]]
+        name = "frozen"
+        model = "izitorch.models:MLP"
+        optimizer = {{ class = "torch.optim:SGD", lr = 0.0 }}
+        [plugins.early_stop]
+        patience = 2
+        """
+    )
+    izitorch.run(izitorch.load_manifest(path))
+    log = json.loads((tmp_path / "res" / "frozen" / "trainlog.json").read_text())
+    assert list(log) == ["1", "2", "3"]  # lr = 0: no improvement after epoch 1, patience 2
+    assert "stopped" not in log["2"]
+    assert log["3"]["stopped"] == "early stop at epoch 3: no loss improvement for 2 evaluations"
