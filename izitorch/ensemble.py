@@ -37,10 +37,10 @@ VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, to
 
 # A stacked parameter is a column range of the flat [K, N] tensor, so it is not "dense" and
 # autograd warns (once) that its gradient, a view with exactly the same strides, breaks the
-# layout contract. The accumulation is in place and correct; the warning is a false positive.
-# VectorGroup.backward relaxes the check; this filter covers a backward called directly.
+# layout contract. The accumulation is in place and correct; the warning is a false positive,
+# silenced inside VectorGroup.backward only (never globally: this is the user's process).
 _relaxed_grad_layout = getattr(torch.autograd, "enforce_grad_layout_policy", None)
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract", category=UserWarning)
+_LAYOUT_WARNING = "grad and param do not obey the gradient layout contract"
 
 # Module attributes that are torch's bookkeeping, not configuration that changes the forward.
 _MODULE_INTERNALS = frozenset({
@@ -377,11 +377,13 @@ class VectorGroup:
         ``active`` to :meth:`step` to skip them.
         """
         total = losses.sum()
-        if _relaxed_grad_layout is None:
-            total.backward()
-        else:
+        if _relaxed_grad_layout is not None:
             with _relaxed_grad_layout(False):
                 total.backward()
+            return
+        with warnings.catch_warnings():  # older torch: no policy switch, only the warning to silence
+            warnings.filterwarnings("ignore", message=_LAYOUT_WARNING, category=UserWarning)
+            total.backward()
 
     def zero_grad(self) -> None:
         """Zero the stacked gradients in place (members' ``.grad`` stay views of them)."""
