@@ -155,36 +155,50 @@ def gather_tensors(dataset: Dataset, indices, device: torch.device) -> tuple[tor
 
 
 def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, Any]:
-    """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``.
+    """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``."""
+    seed = run.config.run.rdm_seed + fold_index
+    return {phase: make_loader(run, getattr(split, phase), seed, shuffle=phase == "train" and run.config.run.shuffle)
+            for phase in ("train", "val", "test") if getattr(split, phase) is not None}
+
+
+def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = False) -> Any:
+    """Batches of ``run.dataset[indices]``, shuffled by a sampler seeded with ``seed``.
 
     In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path; any other
-    dataset goes through a ``DataLoader`` (workers, pinned memory).
+    dataset goes through a ``DataLoader`` (workers, pinned memory). ``with_rows`` adds each
+    sample's dataset index as a third element of the batch (parallel folds mask by it).
     """
     cfg = run.config.run
-    common = dict(
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory and run.device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-    )
-    seed = cfg.rdm_seed + fold_index
     # The sampler owns its generator, so the batch order does not depend on num_workers: a
     # DataLoader also draws its workers' base seed from ``generator=`` (or from the global RNG
     # when None), once per epoch, or once per run with persistent workers.
-    loaders = {}
-    for phase in ("train", "val", "test"):
-        indices = getattr(split, phase)
-        if indices is None:
-            continue
-        subset = Subset(run.dataset, indices.tolist())
-        sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if phase == "train" and cfg.shuffle else None
-        generator = torch.Generator().manual_seed(seed)
-        tensors = gather_tensors(run.dataset, indices, run.device)
-        if tensors is not None:
-            loaders[phase] = TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
-        else:
-            loaders[phase] = DataLoader(subset, sampler=sampler, generator=generator, **common)
-    return loaders
+    dataset = WithRows(run.dataset) if with_rows else run.dataset
+    subset = Subset(dataset, indices.tolist())
+    sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    generator = torch.Generator().manual_seed(seed)
+    tensors = gather_tensors(run.dataset, indices, run.device)
+    if tensors is not None:
+        if with_rows:
+            tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
+        return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
+    return DataLoader(subset, sampler=sampler, generator=generator, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+
+
+class WithRows(Dataset):
+    """``dataset[i] + (i,)``: a sample with its index, so a batch says which samples it holds."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise IzitorchError(f"the dataset yields {type(item).__name__} items; izitorch expects (input, target) pairs from __getitem__")
+        return item[0], item[1], index
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:

@@ -357,13 +357,21 @@ class VectorGroup:
 
     __call__ = forward
 
-    def losses(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
+    def losses(self, outputs: Any, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Each member's criterion value on its own outputs: ``[K]`` (one shared target).
 
         Common criteria (cross-entropy on class indices, MSE, L1) are computed directly on the
         flattened ``[K*B, ...]`` outputs, which costs half of ``vmap`` over the criterion; any
-        other criterion goes through ``vmap``.
+        other criterion goes through ``vmap``. With ``mask`` (``[K, B]`` bool, parallel folds),
+        member ``k``'s loss is the criterion's reduction over the samples ``mask[k]`` selects
+        only (the others contribute an exact zero to its value and gradient).
         """
+        if mask is not None:
+            loss = masked_loss(self.slots[0].criterion, outputs, target, mask)
+            if loss is None:
+                raise IzitorchError(f"{type(self.slots[0].criterion).__name__} cannot be restricted to each member's samples; "
+                                    "parallel folds support CrossEntropyLoss, MSELoss and L1Loss")
+            return loss
         if isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor):
             loss = _batched_loss(self.slots[0].criterion, outputs, target)
             if loss is not None:
@@ -472,6 +480,41 @@ def _batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -
         per_element = function(outputs, target.expand_as(outputs), reduction="none").flatten(1)
         return per_element.mean(1) if criterion.reduction == "mean" else per_element.sum(1)
     return None
+
+
+def masked_loss(criterion: Any, outputs: Any, target: Any, mask: torch.Tensor) -> torch.Tensor | None:
+    """``[K]`` losses of ``criterion`` where member ``k`` only counts the samples ``mask[k]``
+    selects, reduced as the criterion reduces (a mean over no sample is 0); None for a
+    criterion this does not know (see :func:`supports_masked_loss`)."""
+    if not supports_masked_loss(criterion) or not isinstance(outputs, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    size, mean = outputs.shape[0], criterion.reduction == "mean"
+    if type(criterion) is nn.CrossEntropyLoss:
+        if outputs.ndim != 3 or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]:
+            return None
+        per_sample = nn.functional.cross_entropy(
+            outputs.flatten(0, 1), target.repeat(size), weight=criterion.weight, ignore_index=criterion.ignore_index,
+            reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
+        total = torch.where(mask, per_sample, 0.0).sum(1)
+        if not mean:
+            return total
+        # torch's mean divides by the summed class weights of the targets that are not ignored
+        counted = (target != criterion.ignore_index).to(per_sample.dtype)
+        if criterion.weight is not None:
+            counted = counted * criterion.weight[target.clamp(0, outputs.shape[2] - 1)]
+        return total / torch.where(mask, counted, 0.0).sum(1).clamp_min(torch.finfo(per_sample.dtype).tiny)
+    if outputs.shape[1:] != target.shape or outputs.ndim < 2:
+        return None
+    function = nn.functional.mse_loss if type(criterion) is nn.MSELoss else nn.functional.l1_loss
+    per_element = function(outputs, target.expand_as(outputs), reduction="none").flatten(2)
+    per_sample = per_element.mean(2) if mean else per_element.sum(2)
+    total = torch.where(mask, per_sample, 0.0).sum(1)
+    return total / mask.sum(1).clamp_min(1) if mean else total
+
+
+def supports_masked_loss(criterion: Any) -> bool:
+    """Whether :func:`masked_loss` knows ``criterion`` (what parallel folds need)."""
+    return type(criterion) in (nn.CrossEntropyLoss, nn.MSELoss, nn.L1Loss) and criterion.reduction in ("mean", "sum")
 
 
 def _inactive_rows(active: torch.Tensor | Sequence[bool] | None, size: int) -> list[int]:

@@ -61,6 +61,18 @@ def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
 # -- the fold protocol --------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
+def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | None":
+    """Train every split of ``run.splits``; return each model's final test scores per fold.
+
+    The schedule of the folds. The default (``izitorch.loop``) takes them one after another:
+    per split, slots reset to their initial weights, the training seed ``rdm_seed + fold`` set,
+    loaders made, then ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are
+    read from their saved state instead. ``[plugins.kfold] parallel = true`` answers it by
+    training all folds at once (``izitorch.parallel``), calling the per-fold hooks in fold order.
+    """
+
+
+@hookspec(firstresult=True)
 def izitorch_run_fold(run: "Run", fold: "Fold") -> "dict[str, dict] | None":
     """Train and evaluate every slot of one fold; return each slot's final test scores.
 

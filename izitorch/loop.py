@@ -10,14 +10,35 @@ import math
 import time
 from typing import Any, Iterator
 
+import attrs
 import torch
 
 from izitorch import resume
-from izitorch.data import to_device
+from izitorch.data import make_loaders, to_device
 from izitorch.errors import TrainingError
 from izitorch.guard import Interrupted
 from izitorch.pluginmanager import hookimpl
 from izitorch.state import Fold, Run, Scores, Slot
+
+
+@hookimpl(trylast=True)
+def izitorch_run_folds(run: Run, resuming: bool) -> dict[str, list[dict]]:
+    """The folds one after another, each from the models' initial weights (see the hookspec)."""
+    epochs = run.config.run.epochs
+    results: dict[str, list[dict]] = {slot.name: [] for slot in run.slots}
+    for index, split in enumerate(run.splits):
+        saved = resume.load(run, index) if resuming else None
+        if resume.needs_training(saved, epochs):
+            for slot in run.slots:
+                slot.reset()
+            torch.manual_seed(run.config.run.rdm_seed + index)
+            fold = Fold(index, len(run.splits), split, make_loaders(run, split, index), run.slots, resume_state=saved)
+            final = run.hook.izitorch_run_fold(run=run, fold=fold)
+        else:
+            final = resume.final_scores(saved)
+        for name, scores in final.items():
+            results[name].append(scores)
+    return results
 
 
 @hookimpl(trylast=True)
@@ -76,31 +97,47 @@ def kept_weights(slots: list[Slot]) -> Iterator[None]:
 def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
     """One pass over ``fold.loaders[phase]``: trains when ``phase == "train"``, else evaluates.
 
-    Vectorized groups (``run.groups``) take one forward/backward/step for all their members;
-    the other slots (``run.singles``) step one after another on the same batch. Returns
-    ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``. Metrics
-    accumulate on the device; the only per-batch synchronisation is the finiteness check of
-    the training losses (``run.nan_policy``).
+    Returns ``{slot name: {metric: value, "train_step_time" | "inference_time": seconds}}``
+    for the fold's slots (see :func:`epoch_pass`).
+    """
+    return {slot.name: values for slot, values in epoch_pass(run, fold, phase).items()}
+
+
+def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
+    """:func:`run_epoch` keyed by slot, for passes whose slots share names (parallel folds).
+
+    Vectorized groups (``run.groups``) take one forward/backward/step for their members in
+    ``fold.slots`` (the others are frozen); the other slots (``run.singles``) step one after
+    another on the same batch. With ``fold.masks`` (parallel folds), the training loader yields
+    ``(input, target, rows)`` and each member's loss is the mean over its own fold's training
+    samples of the batch. Metrics accumulate on the device; the only per-batch synchronisation
+    is the finiteness check of the training losses (``run.nan_policy``).
     """
     train = phase == "train"
-    singles = [slot for slot in run.singles if not (train and slot.stopped)]
-    meters = {slot.name: _new_meters(run) for slot in singles}
+    members = set(fold.slots)
+    singles = [slot for slot in run.singles if slot in members and not (train and slot.stopped)]
+    meters = {slot: _new_meters(run) for slot in singles}
     group_meters = [_new_group_meters(run, len(group)) for group in run.groups]
-    skipped = dict.fromkeys((slot.name for slot in fold.slots), 0)
+    skipped = dict.fromkeys(fold.slots, 0)
     for slot in fold.slots:
         slot.model.train(train)
     hook, stop_flag = run.hook, run.stop_flag
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
+    masks = fold.masks if train else None
     non_blocking = run.device.type == "cuda"
     steps = 0
     start = time.perf_counter()
     with torch.set_grad_enabled(train):
         for steps, batch in enumerate(fold.loaders[phase], 1):
-            inputs, target = to_device(_unpack(batch), run.device, non_blocking)
-            losses = {}
-            for group, group_meter in zip(run.groups, group_meters):
-                _group_batch(run, fold, group, group_meter, inputs, target, train, steps, before_step, skipped, losses)
+            if masks is not None:
+                inputs, target, rows = to_device(batch, run.device, non_blocking)
+            else:
+                inputs, target = to_device(_unpack(batch), run.device, non_blocking)
+            losses: dict[Slot, Any] = {}
+            group_step = _GroupStep(run, fold, members, train, steps, before_step, skipped, losses)
+            for index, (group, group_meter) in enumerate(zip(run.groups, group_meters)):
+                group_step.apply(group, group_meter, inputs, target, masks.for_group(index, rows) if masks is not None else None)
             for slot in singles:
                 if train and slot.stopped:
                     continue  # stopped during this epoch by the NaN guard
@@ -108,67 +145,101 @@ def run_epoch(run: Run, fold: Fold, phase: str) -> dict[str, dict[str, Any]]:
                 if train:
                     value = loss.item()  # the one per-step sync: nan_policy needs it
                     if not math.isfinite(value):
-                        skipped[slot.name] += _non_finite(run, fold, slot, value, steps)
+                        skipped[slot] += _non_finite(run, fold, slot, value, steps)
                         continue
                     _step(run, slot, loss, before_step)
                 output, loss = output.detach(), loss.detach()
-                for meter in meters[slot.name]:
+                for meter in meters[slot]:
                     meter.update(output, target, loss)
-                losses[slot.name] = loss
+                losses[slot] = loss
             if batch_finish is not None:
-                batch_finish(run=run, fold=fold, step=steps, losses=losses)
+                for part in fold.parts or [fold]:
+                    batch_finish(run=run, fold=part, step=steps, losses={s.name: losses[s] for s in part.slots if s in losses})
             if stop_flag is not None and stop_flag.signum is not None:
                 raise Interrupted(stop_flag.signum, "interrupted")
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     per_step = (time.perf_counter() - start) / max(steps, 1)
-    values = {name: _compute(slot_meters) for name, slot_meters in meters.items()}
+    values = {slot: _compute(slot_meters) for slot, slot_meters in meters.items()}
     for group, group_meter in zip(run.groups, group_meters):
         for slot, member in zip(group.slots, _compute_group(group_meter, len(group))):
-            if not (train and slot.stopped and not member):
-                values[slot.name] = member
+            if slot in members and not (train and slot.stopped and not member):
+                values[slot] = member
     time_key = "train_step_time" if train else "inference_time"
     results = {}
     for slot in fold.slots:
-        if slot.name not in values or (train and not values[slot.name] and slot.stopped):
+        if slot not in values or (train and not values[slot] and slot.stopped):
             continue
-        results[slot.name] = {**values[slot.name], time_key: per_step}
-        if skipped[slot.name]:
-            results[slot.name]["skipped_batches"] = skipped[slot.name]
+        results[slot] = {**values[slot], time_key: per_step}
+        if skipped[slot]:
+            results[slot]["skipped_batches"] = skipped[slot]
     return results
 
 
-def _group_batch(run: Run, fold: Fold, group: Any, group_meter: list, inputs: Any, target: torch.Tensor, train: bool,
-                 step: int, before_step: Any, skipped: dict[str, int], losses: dict[str, Any]) -> None:
-    """One batch for a vectorized group: one forward, one backward, one optimizer step."""
-    active = [not slot.stopped for slot in group.slots] if train else None
-    if active is not None and not any(active):
-        return
-    try:
-        outputs = group.forward(inputs, active)
-        member_losses = group.losses(outputs, target)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise TrainingError(f"models {', '.join(group.names)} (vectorized): {_first_line(error)}{_hint(error)}; "
-                            'check the output size against num_classes, or set multi_model = "sequential" to see which model fails') from None
-    if train:
-        for k, value in enumerate(member_losses.tolist()):  # one sync for the whole group
-            if active[k] and not math.isfinite(value):
-                skipped[group.slots[k].name] += _non_finite(run, fold, group.slots[k], value, step)
+@attrs.define
+class _GroupStep:
+    """One batch for a vectorized group: one forward, one backward, one optimizer step.
+
+    Members outside ``members`` (another fold's, in an evaluation of parallel folds) and, in
+    training, stopped members are frozen: their weights, buffers and metrics do not move.
+    """
+
+    run: Run
+    fold: Fold
+    members: set
+    train: bool
+    step: int
+    before_step: Any
+    skipped: dict
+    losses: dict
+
+    def apply(self, group: Any, group_meter: list, inputs: Any, target: torch.Tensor, mask: torch.Tensor | None) -> None:
+        train = self.train
+        active = [slot in self.members and not (train and slot.stopped) for slot in group.slots]
+        if not any(active):
+            return
+        if all(active) and not train:
+            active = None  # evaluation of the whole group: no row is frozen
+        try:
+            outputs = group.forward(inputs, active)
+            member_losses = group.losses(outputs, target, mask)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise TrainingError(f"models {', '.join(group.names)} (vectorized): {_first_line(error)}{_hint(error)}; "
+                                'check the output size against num_classes, or set multi_model = "sequential" to see which model fails') from None
+        if train:
+            self._guard(group, member_losses, active, mask)
+            if any(active):
+                group.zero_grad()
+                group.backward(member_losses)
+                if self.before_step is not None:
+                    for slot, is_active in zip(group.slots, active):
+                        if is_active:
+                            self.before_step(run=self.run, slot=slot)
+                group.step(active)
+        outputs, member_losses = outputs.detach(), member_losses.detach()
+        for meter in group_meter:
+            if mask is None:
+                meter.update(outputs, target, member_losses, active)
+            elif getattr(meter, "accepts_mask", False):
+                meter.update(outputs, target, member_losses, active, mask=mask)
+        for k, slot in enumerate(group.slots):
+            if active is None or active[k]:
+                self.losses[slot] = member_losses[k]
+
+    def _guard(self, group: Any, member_losses: torch.Tensor, active: list[bool], mask: torch.Tensor | None) -> None:
+        """Apply ``nan_policy`` (one sync for the whole group); a member with no sample of its
+        own in the batch (parallel folds) does not step."""
+        values = member_losses.tolist()
+        counts = mask.sum(1).tolist() if mask is not None else None
+        for k, value in enumerate(values):
+            if not active[k]:
+                continue
+            if counts is not None and counts[k] == 0:
                 active[k] = False
-        if any(active):
-            group.zero_grad()
-            group.backward(member_losses)
-            if before_step is not None:
-                for slot, is_active in zip(group.slots, active):
-                    if is_active:
-                        before_step(run=run, slot=slot)
-            group.step(active)
-    outputs, member_losses = outputs.detach(), member_losses.detach()
-    for meter in group_meter:
-        meter.update(outputs, target, member_losses, active)
-    for k, slot in enumerate(group.slots):
-        if active is None or active[k]:
-            losses[slot.name] = member_losses[k]
+            elif not math.isfinite(value):
+                slot = group.slots[k]
+                self.skipped[slot] += _non_finite(self.run, self.fold, slot, value, self.step)
+                active[k] = False
 
 
 def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:

@@ -38,8 +38,13 @@ def state_path(res_dir: Path, fold_index: int) -> Path:
     return res_dir / STATE_DIR / f"fold_{fold_index + 1}.pth.tar"
 
 
+def parallel_state_path(res_dir: Path) -> Path:
+    """Parallel folds share one state (they advance together): ``res_dir/.izitorch/folds.pth.tar``."""
+    return res_dir / STATE_DIR / "folds.pth.tar"
+
+
 def has_state(res_dir: Path) -> bool:
-    return any((res_dir / STATE_DIR).glob("fold_*.pth.tar"))
+    return any((res_dir / STATE_DIR).glob("*.pth.tar"))
 
 
 def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
@@ -55,11 +60,11 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
         "fold": fold.index,
         "epoch": epoch,
         "stop_reason": fold.stop_reason,
-        "final_scores": _tensorise(fold.final_scores) if final else None,
-        "slots": {slot.name: _slot_state(slot, grouped=slot.name in grouped) for slot in fold.slots},
+        "final_scores": tensorise(fold.final_scores) if final else None,
+        "slots": {slot.name: slot_state(slot, grouped=slot.name in grouped) for slot in fold.slots},
         "groups": [group.state_dict() for group in run.groups],
         "plugins": plugins,
-        "rng": _rng_state(fold),
+        "rng": rng_state(fold),
     }
     save_torch(state_path(run.res_dir, fold.index), state)
 
@@ -68,11 +73,16 @@ def check(run: Run, folds: int) -> None:
     """Load every saved state once (on the CPU, then dropped): a changed config is refused here."""
     for index in range(folds):
         load(run, index, device="cpu")
+    load_file(run, parallel_state_path(run.res_dir), device="cpu")
 
 
 def load(run: Run, fold_index: int, device: Any = None) -> dict | None:
     """The saved state of a fold, or None; refused (ManifestError) when the config changed."""
-    path = state_path(run.res_dir, fold_index)
+    return load_file(run, state_path(run.res_dir, fold_index), device)
+
+
+def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
+    """A saved state, or None when there is none; refused when the config changed."""
     if not path.is_file():
         return None
     try:
@@ -97,32 +107,39 @@ def needs_training(state: dict | None, epochs: int) -> bool:
 def restore(run: Run, fold: Fold, state: dict) -> int:
     """Put a fold back where ``state`` left it; return the first epoch still to train."""
     for slot in fold.slots:
-        saved = state["slots"].get(slot.name)
-        if saved is None:
-            raise ManifestError(f'cannot resume: model "{slot.name}" is not in the saved state; start over with --overwrite', source=run.config.source)
-        try:
-            if saved["model"] is None:  # a vectorized member: weights and moments come with its group
-                for group, hyper in zip(slot.optimizer.param_groups, saved["optimizer"]["param_groups"]):
-                    group.update({key: value for key, value in hyper.items() if key != "params"})
-            else:
-                slot.model.load_state_dict(saved["model"])
-                slot.optimizer.load_state_dict(saved["optimizer"])
-            if slot.scheduler is not None and saved["scheduler"] is not None:
-                slot.scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
-            first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the first mismatch
-            raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
-        slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
-    saved_groups = state.get("groups", [])
+        restore_slot(run, slot, state["slots"].get(slot.name))
+    restore_groups(run, state.get("groups", []))
+    run.hook.izitorch_load_state_dict(run=run, state=state["plugins"])
+    set_rng_state(fold, state["rng"])
+    fold.epoch, fold.stop_reason = state["epoch"], state["stop_reason"]
+    return state["epoch"] + 1
+
+
+def restore_slot(run: Run, slot: Any, saved: dict | None) -> None:
+    """Put one model back as saved (a vectorized member's weights come with its group)."""
+    if saved is None:
+        raise ManifestError(f'cannot resume: model "{slot.name}" is not in the saved state; start over with --overwrite', source=run.config.source)
+    try:
+        if saved["model"] is None:  # a vectorized member: weights and moments come with its group
+            for group, hyper in zip(slot.optimizer.param_groups, saved["optimizer"]["param_groups"]):
+                group.update({key: value for key, value in hyper.items() if key != "params"})
+        else:
+            slot.model.load_state_dict(saved["model"])
+            slot.optimizer.load_state_dict(saved["optimizer"])
+        if slot.scheduler is not None and saved["scheduler"] is not None:
+            slot.scheduler.load_state_dict(saved["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the first mismatch
+        raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
+    slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
+
+
+def restore_groups(run: Run, saved_groups: list[dict]) -> None:
     if [g["names"] for g in saved_groups] != [group.names for group in run.groups]:
         raise IzitorchError("cannot resume: the models were grouped differently when the state was saved; start over with --overwrite")
     for group, saved in zip(run.groups, saved_groups):
         group.load_state_dict(saved)
-    run.hook.izitorch_load_state_dict(run=run, state=state["plugins"])
-    _set_rng_state(fold, state["rng"])
-    fold.epoch, fold.stop_reason = state["epoch"], state["stop_reason"]
-    return state["epoch"] + 1
 
 
 def final_scores(state: dict) -> dict[str, dict]:
@@ -176,7 +193,7 @@ def _stable(value: Any) -> Any:
 
 # -- state pieces -------------------------------------------------------------------------------
 
-def _slot_state(slot, grouped: bool) -> dict:
+def slot_state(slot, grouped: bool) -> dict:
     """A slot's own state; a vectorized member's weights and moments are in its group's entry."""
     optimizer = slot.optimizer.state_dict()
     if grouped:
@@ -191,12 +208,12 @@ def _slot_state(slot, grouped: bool) -> dict:
     })
 
 
-def _tensorise(scores: dict[str, dict]) -> dict[str, dict]:
+def tensorise(scores: dict[str, dict]) -> dict[str, dict]:
     return {name: {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in values.items()}
             for name, values in scores.items()}
 
 
-def _rng_state(fold: Fold) -> dict:
+def rng_state(fold: Fold) -> dict:
     np_state = np.random.get_state()
     python_state = random.getstate()
     state = {
@@ -216,7 +233,7 @@ def _rng_state(fold: Fold) -> dict:
     return state
 
 
-def _set_rng_state(fold: Fold, state: dict) -> None:
+def set_rng_state(fold: Fold, state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -16,11 +16,11 @@ import torch
 
 from izitorch import ensemble, resume
 from izitorch.config import Config
-from izitorch.data import build_dataset, build_slots, make_loaders, pick_device
+from izitorch.data import build_dataset, build_slots, pick_device
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.guard import LOCK_NAME, Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.pluginmanager import make_plugin_manager
-from izitorch.state import Fold, Run, Split
+from izitorch.state import Run, Split
 
 
 def run(config: Config) -> dict[str, list[dict]]:
@@ -49,19 +49,7 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         resume.check(session, len(session.splits))
     hook.izitorch_run_start(run=session)
-    results: dict[str, list[dict]] = {slot.name: [] for slot in session.slots}
-    for index, split in enumerate(session.splits):
-        saved = resume.load(session, index) if resuming else None
-        if resume.needs_training(saved, config.run.epochs):
-            for slot in session.slots:
-                slot.reset()
-            torch.manual_seed(config.run.rdm_seed + index)
-            fold = Fold(index, len(session.splits), split, make_loaders(session, split, index), session.slots, resume_state=saved)
-            final = hook.izitorch_run_fold(run=session, fold=fold)
-        else:
-            final = resume.final_scores(saved)
-        for name, scores in final.items():
-            results[name].append(scores)
+    results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)
     return results
 

@@ -127,6 +127,10 @@ class Fold:
     stop_reason: str | None = None
     final_scores: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     resume_state: dict | None = attrs.field(default=None, repr=False)
+    #: Parallel folds: the folds trained together in this pass (hooks see those, never this one)
+    parts: list["Fold"] = attrs.field(factory=list, repr=False)
+    #: Parallel folds: which samples each member trains on (``izitorch.ensemble.SampleMasks``)
+    masks: Any = attrs.field(default=None, repr=False)
 
     @property
     def eval_phase(self) -> str:

@@ -3,6 +3,9 @@
 The k test sets partition the dataset (every sample is tested exactly once). With
 ``data.validation``, fold i validates on chunk i+1 (mod k) and trains on the other k-2 chunks.
 Every fold starts from the models' initial weights with fresh optimizers (done by the core).
+
+``parallel = true`` trains the k folds at once, as vectorized groups over one pass of the data,
+each fold's model blind to its own test (and validation) samples: see :mod:`izitorch.parallel`.
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ from izitorch import Run, Split, hookimpl
 from izitorch.config import at_least
 from izitorch.errors import IzitorchError
 from izitorch.options import plugin_options
+from izitorch.parallel import check as check_parallel
+from izitorch.parallel import run_parallel
 
 
 @attrs.frozen
 class KFoldOptions:
     k: int = attrs.field(default=5, validator=at_least(2))
+    parallel: bool = False
 
 
 class KFoldPlugin:
@@ -32,6 +38,11 @@ class KFoldPlugin:
         self.options = plugin_options(config, "kfold", KFoldOptions)
 
     @hookimpl
+    def izitorch_run_folds(self, run: Run, resuming: bool) -> dict[str, list[dict]] | None:
+        """With ``parallel``, all folds at once; else None, and the core takes them in turn."""
+        return run_parallel(run, resuming) if self.options.parallel else None
+
+    @hookimpl
     def izitorch_make_splits(self, run: Run, dataset) -> list[Split]:
         k, size = self.options.k, len(dataset)
         minimum = k if not run.config.data.validation else max(k, 3)
@@ -39,6 +50,9 @@ class KFoldPlugin:
             raise IzitorchError(f"plugins.kfold.k = {k} needs at least {minimum} samples, the dataset has {size}; lower k")
         if run.config.data.validation and k < 3:
             raise IzitorchError("plugins.kfold.k must be >= 3 with data.validation (one chunk tests, one validates, the rest trains)")
+        if self.options.parallel:  # refuse before anything is written, and say how the models run
+            check_parallel(run)
+            run.grouping = [f"parallel folds: the {k} folds of each model train at once as members of vectorized groups"]
         splitter = KFold(n_splits=k, shuffle=True, random_state=run.config.run.rdm_seed)
         chunks = [test for _, test in splitter.split(np.arange(size))]
         splits = []

@@ -79,15 +79,25 @@ class ConfusionMeter:
 
 
 class StackedLossMeter:
-    """:class:`LossMeter` for the K members of a vectorized group at once (losses ``[K]``)."""
+    """:class:`LossMeter` for the K members of a vectorized group at once (losses ``[K]``).
+
+    With ``mask`` (``[K, B]`` bool, parallel folds), member ``k``'s batch counts for the
+    samples it trained on, ``mask[k].sum()``, not for the whole batch.
+    """
+
+    accepts_mask = True
 
     def __init__(self, members: int) -> None:
         self.total: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None) -> None:
-        n = target.shape[0] if target.ndim else 1
-        weights = torch.full_like(losses, float(n), dtype=torch.float32)
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
+               mask: torch.Tensor | None = None) -> None:
+        if mask is not None:
+            weights = mask.sum(1).to(torch.float32)
+        else:
+            n = target.shape[0] if target.ndim else 1
+            weights = torch.full_like(losses, float(n), dtype=torch.float32)
         if active is not None:
             weights = weights * torch.tensor(active, dtype=torch.float32, device=losses.device)
         weighted = torch.where(weights > 0, losses.float() * weights, torch.zeros_like(weights))
@@ -101,7 +111,12 @@ class StackedLossMeter:
 
 
 class StackedConfusionMeter:
-    """:class:`ConfusionMeter` for K members at once: one ``bincount`` over ``[K, B, C, ...]``."""
+    """:class:`ConfusionMeter` for K members at once: one ``bincount`` over ``[K, B, C, ...]``.
+
+    With ``mask`` (``[K, B]`` bool, parallel folds), member ``k`` counts only its own samples.
+    """
+
+    accepts_mask = True
 
     def __init__(self, num_classes: int | None, members: int) -> None:
         self.num_classes = num_classes
@@ -109,7 +124,8 @@ class StackedConfusionMeter:
         self.counts: torch.Tensor | None = None
         self.applies = True
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
+               mask: torch.Tensor | None = None) -> None:
         if not self.applies:
             return
         if target.is_floating_point() or outputs.ndim < 3 or outputs.shape[1] != target.shape[0]:
@@ -122,6 +138,9 @@ class StackedConfusionMeter:
         valid = (truth >= 0) & (truth < classes)
         if active is not None:
             valid = valid & torch.tensor(active, device=truth.device).reshape(members, 1)
+        if mask is not None:
+            per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
+            valid = valid & mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
         offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
         pairs = torch.where(valid, truth * classes + predicted, cells - 1) + offsets
         counts = torch.bincount(pairs.reshape(-1), minlength=members * cells)
