@@ -31,7 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from izitorch.errors import IzitorchError
 from izitorch.state import Slot
 
-__all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone"]
+__all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone", "why_not_vectorizable", "masked_loss", "supports_masked_loss"]
 
 VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -66,7 +66,7 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
     reasons: dict[str, str] = {}
     candidates: list[tuple[Slot, _Signature]] = []
     for slot in slots:
-        why = _ineligible(slot)
+        why = why_not_vectorizable(slot)
         if why:
             reasons[slot.name] = f"{slot.name}: {why}"
         else:
@@ -91,7 +91,7 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
     return groups, sequential, [reasons[slot.name] for slot in sequential]
 
 
-def _ineligible(slot: Slot) -> str | None:
+def why_not_vectorizable(slot: Slot) -> str | None:
     """Why this slot can never be part of a group (whatever the others are), or None."""
     model, optimizer = slot.model, slot.optimizer
     kind = type(optimizer)
@@ -239,7 +239,7 @@ class VectorGroup:
         if len(slots) < 2:
             raise IzitorchError("a vectorized group needs at least two models")
         for slot in slots:
-            why = _ineligible(slot)
+            why = why_not_vectorizable(slot)
             if why:
                 raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
         first = _Signature.of(slots[0])

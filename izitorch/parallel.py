@@ -146,6 +146,9 @@ def check(run: Run) -> None:
     if run.config.run.multi_model == "sequential":
         raise IzitorchError(f'{OPTION} trains the folds as vectorized groups; it cannot run with multi_model = "sequential": drop one of them')
     for slot in run.slots:
+        why = ensemble.why_not_vectorizable(slot)
+        if why:
+            raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {slot.name}: {why}; set parallel = false")
         if not ensemble.supports_masked_loss(slot.criterion):
             raise IzitorchError(f"model {slot.name}: {OPTION} needs a CrossEntropyLoss, MSELoss or L1Loss criterion with reduction "
                                 f"mean or sum (it has {type(slot.criterion).__name__}); set parallel = false")

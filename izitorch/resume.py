@@ -25,7 +25,7 @@ from izitorch.io import save_torch
 from izitorch.state import Fold, Run
 
 STATE_DIR = ".izitorch"
-FORMAT = 2
+FORMAT = 3  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
@@ -156,6 +156,8 @@ def fingerprint(config: Config) -> dict[str, str]:
                         filter=lambda field, _: field.name not in ("source", "base_dir"))
     flat: dict[str, str] = {}
     _flatten(tree, "", flat)
+    # a plugin's table is [plugins.<name>] in the manifest (``PluginsConfig.tables`` inside)
+    flat = {k.replace("plugins.tables.", "plugins.", 1): v for k, v in flat.items()}
     return {k: v for k, v in flat.items() if k not in TOLERATED}
 
 

@@ -12,8 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from izitorch import ensemble, resume
 from izitorch.config import Config
 from izitorch.data import build_dataset, build_slots, pick_device

@@ -20,6 +20,7 @@ class ConsolePlugin:
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.bar: tqdm | None = None
+        self.bar_fold = 0
         self.announced: set[tuple[int, str]] = set()
 
     def _print(self, text: str) -> None:
@@ -43,17 +44,21 @@ class ConsolePlugin:
 
     @hookimpl
     def izitorch_epoch_start(self, run, fold, epoch) -> None:
+        if self.bar is not None:
+            return  # parallel folds share one pass over the data: one bar, the first fold's
+        self.bar_fold = fold.index
         label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
         self.bar = tqdm(total=len(fold.loaders["train"]), desc=f"{label}epoch {epoch}/{run.config.run.epochs}",
                         leave=False, file=sys.stderr, disable=None, dynamic_ncols=True)
 
     @hookimpl
     def izitorch_batch_finish(self, run, fold, step, losses) -> None:
-        if self.bar is not None:
+        if self.bar is not None and fold.index == self.bar_fold:
             self.bar.update(1)
         if step % run.config.run.display_step == 0:
             text = "  ".join(f"{name} {loss.item():.4f}" for name, loss in losses.items())
-            self._print(f"  step {step}/{len(fold.loaders['train'])}  loss: {text}")
+            label = f"fold {fold.index + 1} " if fold.count > 1 else ""
+            self._print(f"  {label}step {step}/{len(fold.loaders['train'])}  loss: {text}")
 
     @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:

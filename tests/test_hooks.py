@@ -279,6 +279,32 @@ def test_make_splits_from_a_plugin_replaces_holdout(tmp_path):
     assert pickle.loads((res / "mlp_a" / "FOLD_2" / "confusion_matrix.pkl").read_bytes()).sum() == 6
 
 
+# -- izitorch_run_folds -----------------------------------------------------------------------
+
+FOLDS_RUNNER = '''\
+from izitorch import hookimpl
+from izitorch import loop
+
+
+@hookimpl
+def izitorch_run_folds(run, resuming):
+    run.splits = run.splits[::-1]  # a schedule of its own: the last fold first, via the default
+    results = loop.izitorch_run_folds(run=run, resuming=resuming)
+    return {name: [{**scores, "order": i} for i, scores in enumerate(folds)] for name, folds in results.items()}
+'''
+
+
+def test_run_folds_from_a_plugin_replaces_the_fold_schedule(tmp_path):
+    path = setup_run(tmp_path, {"folds_runner.py": FOLDS_RUNNER}, 'enable = ["folds_runner.py"]\n[plugins.kfold]\nk = 2')
+    results = run_manifest(path)
+    assert [f["order"] for f in results["mlp_a"]] == [0, 1]
+    summary = read_json(tmp_path / "res" / "results.json")["mlp_a"]
+    assert summary["folds"] == 2 and summary["mean"]["order"] == 0.5  # run_finish got the plugin's results
+    split = pickle.loads((tmp_path / "res" / "Dataset_split.pkl").read_bytes())
+    matrix = pickle.loads((tmp_path / "res" / "mlp_a" / "FOLD_1" / "confusion_matrix.pkl").read_bytes())
+    assert matrix.sum() == len(split[1][1])  # FOLD_1 is the reversed list's first: the second split
+
+
 # -- izitorch_run_fold ------------------------------------------------------------------------
 
 FOLD_RUNNER = '''\

@@ -189,10 +189,42 @@ metric = "acc"
 max_norm = 1.0
 """
 
+# (d) parallel folds: 3 folds of two models (Adam; SGD with momentum, dropout and StepLR) trained
+# at once, validation, best-acc checkpoints, early stopping that ends every fold at epoch 3 of 4:
+# each fold's plugin state (swapped around its hooks) must survive a resume
+PARALLEL = HEAD + """
+[[models]]
+name = "adam"
+model = "izitorch.models:MLP"
+params = { hidden = 16 }
+optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
+
+[[models]]
+name = "sgd"
+model = "izitorch.models:MLP"
+params = { hidden = 16, dropout = 0.2 }
+optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
+scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.7 }
+
+[plugins]
+enable = ["probe.py", "kfold", "early_stop"]
+[plugins.kfold]
+k = 3
+parallel = true
+[plugins.checkpoint]
+policy = "best"
+metric = "acc"
+[plugins.early_stop]
+patience = 2
+metric = "loss"
+min_delta = 100.0
+"""
+
 SCENARIOS = {
     "holdout": dict(template=HOLDOUT, epochs=3, run_extra="test_epoch = 2", data_extra=""),
     "kfold": dict(template=KFOLD, epochs=4, run_extra="", data_extra="validation = true"),
     "two": dict(template=TWO, epochs=4, run_extra="", data_extra="validation = true"),
+    "parallel": dict(template=PARALLEL, epochs=4, run_extra="", data_extra="validation = true"),
 }
 
 
@@ -200,7 +232,8 @@ def _batch(fold, epoch, step):
     return {"hook": "batch", "fold": fold, "epoch": epoch, "step": step}
 
 
-# holdout: 192 training samples -> 6 steps per epoch; kfold: 80 -> 3 steps; two: 192 -> 6 steps
+# holdout: 192 training samples -> 6 steps per epoch; kfold: 80 -> 3 steps; two: 192 -> 6 steps;
+# parallel: one pass over all 240 samples -> 8 steps, batch_finish once per fold and step
 KILL_POINTS = {
     "holdout": [
         _batch(1, 1, 1), _batch(1, 1, 3), _batch(1, 1, 6), _batch(1, 2, 1), _batch(1, 2, 4), _batch(1, 3, 6),
@@ -247,6 +280,16 @@ KILL_POINTS = {
         {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2}, {"hook": "replace", "file": "results.json", "nth": 1},
         {"hook": "replace", "file": "model.pth.tar", "nth": 1},
         [_batch(1, 1, 5), _batch(1, 3, 3)], [_batch(1, 4, 2), {"hook": "epoch_finish", "fold": 1, "epoch": 4}],
+    ],
+    "parallel": [
+        _batch(1, 1, 1), _batch(2, 1, 8), _batch(3, 2, 4), _batch(1, 3, 8), _batch(3, 3, 1),
+        {"hook": "fold_start", "fold": 2}, {"hook": "epoch_start", "fold": 2, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 3, "epoch": 3},
+        {"hook": "fold_finish", "fold": 2}, {"hook": "run_finish"},
+        {"hook": "replace", "file": "folds.pth.tar", "nth": 1}, {"hook": "replace", "file": "folds.pth.tar", "nth": 3},
+        {"hook": "replace", "file": "folds.pth.tar", "nth": 4},  # the final state (after the tests)
+        {"hook": "replace", "file": "trainlog.json", "nth": 5}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
+        [_batch(2, 2, 2), _batch(1, 3, 1)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 3}],
     ],
 }
 
@@ -527,6 +570,14 @@ def test_references_are_what_the_scenarios_claim(scenarios):
         log = json.loads((two / model / "trainlog.json").read_text())
         assert list(log) == ["1", "2", "3", "4"] and "val_accuracy" in log["4"]
         assert json.loads((two / model / "best_epoch.json").read_text())["phase"] == "val"
+    _, parallel = scenarios["parallel"]
+    for model in ("adam", "sgd"):
+        for fold in (1, 2, 3):  # each fold's early-stopping counters, swapped around its hooks, end it at epoch 3
+            log = json.loads((parallel / model / f"FOLD_{fold}" / "trainlog.json").read_text())
+            assert list(log) == ["1", "2", "3"] and "val_accuracy" in log["3"]
+    state = torch.load(parallel / ".izitorch" / "folds.pth.tar", weights_only=True)
+    assert state["final"] and [f["stop_reason"] for f in state["folds"]] == ["every model stopped early (epoch 3)"] * 3
+    assert not list((parallel / ".izitorch").glob("fold_*.pth.tar"))
     state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)
     assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7 ** 4)]
     assert state["slots"]["mlp"]["optimizer"]["state"]  # momentum buffers are part of the state

@@ -1,0 +1,290 @@
+"""Parallel folds (``[plugins.kfold] parallel = true``): every fold trained at once, each blind
+to its own test samples, with the same outputs, hooks and per-fold plugin state as sequential
+folds, and clear refusals for what it cannot do faithfully."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import izitorch
+from conftest import run_cli
+from izitorch import load_manifest
+
+MANIFEST = """\
+[run]
+res_dir = "{res}"
+epochs = {epochs}
+batch_size = 32
+rdm_seed = 3
+display_step = 1000
+{run_extra}
+[data]
+dataset = "{dataset}"
+params = {params}
+num_classes = 10
+{data_extra}
+[[models]]
+name = "adam"
+model = "izitorch.models:MLP"
+params = {{ hidden = 16{model_extra} }}
+optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
+{criterion}
+[[models]]
+name = "sgd"
+model = "izitorch.models:MLP"
+params = {{ hidden = 16, dropout = 0.1 }}
+optimizer = {{ class = "torch.optim:SGD", lr = 0.1, momentum = 0.9, nesterov = true }}
+
+[plugins]
+enable = [{enable}]
+[plugins.kfold]
+k = {k}
+parallel = {parallel}
+"""
+
+# A digits dataset whose chosen samples are garbage: noise inputs and shifted labels.
+NOISY = '''\
+import torch
+from torch.utils.data import TensorDataset
+
+from izitorch.datasets import digits
+
+
+def noisy_digits(limit=300, noisy=()):
+    inputs, targets = (t.clone() for t in digits(limit=limit).tensors)
+    rows = torch.tensor(list(noisy), dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    inputs[rows] = 5 * torch.randn(len(rows), inputs.shape[1], generator=generator)
+    targets[rows] = (targets[rows] + 3) % 10
+    return TensorDataset(inputs, targets)
+'''
+
+
+def write(folder: Path, name: str = "m.toml", *, epochs: int = 3, k: int = 3, parallel: str = "true", dataset: str = "izitorch.datasets:digits",
+          params: str = "{ limit = 300 }", run_extra: str = "", data_extra: str = "", model_extra: str = "", criterion: str = "",
+          enable: str = '"kfold"') -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(MANIFEST.format(res=(folder / f"res_{path.stem}").as_posix(), epochs=epochs, k=k, parallel=parallel, dataset=dataset,
+                                    params=params, run_extra=run_extra, data_extra=data_extra, model_extra=model_extra,
+                                    criterion=criterion, enable=enable), encoding="utf-8")
+    return path
+
+
+def run(path: Path, *overrides: str) -> dict:
+    return izitorch.run(load_manifest(str(path), overrides))
+
+
+def weights(res: Path, model: str, fold: int) -> dict[str, torch.Tensor]:
+    return torch.load(res / model / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)["state_dict"]
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_each_fold_model_never_depends_on_its_own_test_samples(tmp_path):
+    """Garbage in fold 1's test samples leaves fold 1's weights bit for bit as they were, while
+    the folds that train on those samples change: the masked loss gives them an exact zero."""
+    (tmp_path / "noisy.py").write_text(NOISY, encoding="utf-8")
+    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits")
+    run(clean)
+    split = pickle.loads((tmp_path / "res_clean" / "Dataset_split.pkl").read_bytes())
+    test_of_fold_1 = split[0][1]
+    assert len(test_of_fold_1) == 100
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params="{ noisy = %s }" % json.dumps(test_of_fold_1))
+    run(spoiled)
+    assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
+    for model in ("adam", "sgd"):
+        before, after = weights(tmp_path / "res_clean", model, 1), weights(tmp_path / "res_spoiled", model, 1)
+        assert all(torch.equal(before[name], after[name]) for name in before), model
+        for fold in (2, 3):  # they train on fold 1's test samples: their weights must move
+            before, after = weights(tmp_path / "res_clean", model, fold), weights(tmp_path / "res_spoiled", model, fold)
+            assert not all(torch.equal(before[name], after[name]) for name in before), (model, fold)
+        # fold 1's own test scores see the garbage (its test set changed), its training loss does not
+        clean_log = read_json(tmp_path / "res_clean" / model / "FOLD_1" / "trainlog.json")
+        spoiled_log = read_json(tmp_path / "res_spoiled" / model / "FOLD_1" / "trainlog.json")
+        assert [e["loss"] for e in clean_log.values()] == [e["loss"] for e in spoiled_log.values()]
+        assert clean_log["3"]["test_accuracy"] > spoiled_log["3"]["test_accuracy"]
+
+
+def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
+    parallel = write(tmp_path, "parallel.toml", epochs=8)
+    sequential = write(tmp_path, "sequential.toml", epochs=8, parallel="false")
+    results = run(parallel)
+    reference = run(sequential)
+    res, ref = tmp_path / "res_parallel", tmp_path / "res_sequential"
+    relative = sorted(p.relative_to(res).as_posix() for p in res.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
+    assert relative == sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
+    assert (res / ".izitorch" / "folds.pth.tar").is_file() and not list((res / ".izitorch").glob("fold_*"))
+    split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
+    assert split == pickle.loads((ref / "Dataset_split.pkl").read_bytes())
+    for model in ("adam", "sgd"):
+        assert len(results[model]) == 3
+        for fold in (1, 2, 3):
+            folder = res / model / f"FOLD_{fold}"
+            log = read_json(folder / "trainlog.json")
+            assert list(log) == [str(e) for e in range(1, 9)] and {"loss", "accuracy", "test_loss", "test_accuracy"} <= set(log["8"])
+            matrix = pickle.loads((folder / "confusion_matrix.pkl").read_bytes())
+            assert matrix.sum() == len(split[fold - 1][1])  # the fold's own test set, every sample once
+            assert read_json(folder / "test_metrics.json")["accuracy"] == pytest.approx(results[model][fold - 1]["accuracy"])
+            state = weights(res, model, fold)  # a plain state_dict of the member alone, loadable into a fresh model
+            fresh = izitorch.models.MLP(hidden=16, dropout=0.1 if model == "sgd" else 0.0)
+            fresh.load_state_dict(state)
+        mean = np.mean([f["accuracy"] for f in results[model]])
+        reference_mean = np.mean([f["accuracy"] for f in reference[model]])
+        assert mean > 80.0 and abs(mean - reference_mean) < 6.0, (model, mean, reference_mean)
+    assert read_json(res / "results.json")["adam"]["folds"] == 3
+
+
+def test_train_metrics_count_each_folds_own_samples_only(tmp_path):
+    """A fold's training accuracy comes from a confusion matrix of its own training samples."""
+    path = write(tmp_path, epochs=1, k=4)
+    recorder = tmp_path / "recorder.py"
+    recorder.write_text('''\
+import json
+from izitorch import hookimpl
+SEEN = {}
+
+@hookimpl
+def izitorch_epoch_finish(run, fold, epoch, scores):
+    SEEN[fold.index] = {name: scores[name]["train"]["confusion_matrix"].sum().item() for name in scores}
+
+@hookimpl
+def izitorch_run_finish(run, results):
+    with open(run.res_dir / "seen.json", "w") as handle:
+        json.dump(SEEN, handle)
+''', encoding="utf-8")
+    run(path, 'plugins.enable=["kfold", "recorder.py"]')
+    seen = read_json(tmp_path / "res_m" / "seen.json")
+    split = pickle.loads((tmp_path / "res_m" / "Dataset_split.pkl").read_bytes())
+    assert seen == {str(i): {"adam": len(split[i][0]), "sgd": len(split[i][0])} for i in range(4)}
+
+
+STATEFUL = '''\
+"""Counts each fold's epochs in plugin state (swapped per fold) and stops fold 2 at epoch 2."""
+import json
+from izitorch import hookimpl
+
+COUNT = {"epochs": 0}
+ORDER = []
+
+
+@hookimpl
+def izitorch_fold_start(run, fold):
+    COUNT["epochs"] = 0
+    ORDER.append(("fold_start", fold.index + 1, None))
+
+
+@hookimpl
+def izitorch_epoch_start(run, fold, epoch):
+    ORDER.append(("epoch_start", fold.index + 1, epoch))
+
+
+@hookimpl
+def izitorch_epoch_finish(run, fold, epoch, scores):
+    COUNT["epochs"] += 1
+
+
+@hookimpl
+def izitorch_should_stop(run, fold, epoch, scores):
+    return "fold 2 is done" if fold.index == 1 and epoch == 2 else None
+
+
+@hookimpl
+def izitorch_fold_finish(run, fold):
+    ORDER.append(("fold_finish", fold.index + 1, COUNT["epochs"]))
+
+
+@hookimpl
+def izitorch_state_dict(run):
+    return {"stateful": dict(COUNT)}
+
+
+@hookimpl
+def izitorch_load_state_dict(run, state):
+    COUNT.update(state.get("stateful", {}))
+
+
+@hookimpl
+def izitorch_run_finish(run, results):
+    with open(run.res_dir / "order.json", "w") as handle:
+        json.dump(ORDER, handle)
+'''
+
+
+def test_hooks_see_each_fold_in_turn_with_its_own_plugin_state(tmp_path):
+    (tmp_path / "stateful.py").write_text(STATEFUL, encoding="utf-8")
+    path = write(tmp_path, epochs=3, enable='"kfold", "stateful.py"')
+    run(path)
+    order = [tuple(entry) for entry in read_json(tmp_path / "res_m" / "order.json")]
+    expected = [("fold_start", f, None) for f in (1, 2, 3)]
+    expected += [("epoch_start", f, 1) for f in (1, 2, 3)] + [("epoch_start", f, 2) for f in (1, 2, 3)]
+    expected += [("epoch_start", f, 3) for f in (1, 3)]  # fold 2 stopped after epoch 2
+    expected += [("fold_finish", 1, 3), ("fold_finish", 2, 2), ("fold_finish", 3, 3)]  # each fold counted its own epochs
+    assert order == expected
+    assert list(read_json(tmp_path / "res_m" / "adam" / "FOLD_2" / "trainlog.json")) == ["1", "2"]
+    assert list(read_json(tmp_path / "res_m" / "adam" / "FOLD_3" / "trainlog.json")) == ["1", "2", "3"]
+
+
+def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
+    """checkpoint policy best keeps one best score per fold (swapped state), on each fold's validation set."""
+    path = write(tmp_path, epochs=4, data_extra="validation = true", run_extra="")
+    text = path.read_text() + '[plugins.checkpoint]\npolicy = "best"\nmetric = "loss"\n'
+    path.write_text(text)
+    results = run(path)
+    res = tmp_path / "res_m"
+    for fold in (1, 2, 3):
+        log = read_json(res / "adam" / f"FOLD_{fold}" / "trainlog.json")
+        best = read_json(res / "adam" / f"FOLD_{fold}" / "best_epoch.json")
+        losses = {int(epoch): entry["val_loss"] for epoch, entry in log.items()}
+        assert best["epoch"] == min(losses, key=losses.get) and best["phase"] == "val"
+        assert read_json(res / "adam" / f"FOLD_{fold}" / "test_metrics.json")["epoch"] == best["epoch"]
+    assert len(results["adam"]) == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ('model_extra=", batchnorm = true"', None),
+    ("criterion", "needs a CrossEntropyLoss, MSELoss or L1Loss criterion"),
+    ("multi_model", 'cannot run with multi_model = "sequential"'),
+    ("optimizer", "trains every model as a vectorized group, but adam: optimizer RMSprop is not vectorized"),
+])
+def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, message):
+    if change.startswith("model_extra"):
+        (tmp_path / "bn.py").write_text(
+            "import torch\n\ndef mlp_bn(hidden=16, batchnorm=True):\n"
+            "    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))\n")
+        path = write(tmp_path)
+        path.write_text(path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "bn.py:mlp_bn"'))
+        message = "model adam: module '1' is a BatchNorm, whose batch statistics would mix each fold's test samples into its training"
+    elif change == "criterion":
+        path = write(tmp_path, criterion='criterion = "torch.nn:NLLLoss"')
+    elif change == "multi_model":
+        path = write(tmp_path, run_extra='multi_model = "sequential"')
+    else:
+        path = write(tmp_path)
+        path.write_text(path.read_text().replace('"torch.optim:Adam", lr = 1e-2', '"torch.optim:RMSprop", lr = 1e-2'))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "parallel = false" in lines[0] or "drop one" in lines[0], lines
+    assert not (tmp_path / "res_m" / "conf.json").exists()  # refused before anything was written
+
+
+def test_parallel_must_be_a_boolean(tmp_path):
+    path = write(tmp_path, parallel='"yes"')
+    done = run_cli("validate", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and "plugins.kfold.parallel" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_switching_parallel_on_resume_is_refused(tmp_path):
+    path = write(tmp_path, epochs=1)
+    run(path)
+    done = run_cli("run", str(path), "--resume", "--set", "plugins.kfold.parallel=false", "--set", "run.epochs=2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "plugins.kfold.parallel changed (True -> False)" in done.stderr, done.stderr
