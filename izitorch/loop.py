@@ -217,11 +217,12 @@ class _GroupStep:
                             self.before_step(run=self.run, slot=slot)
                 group.step(active)
         outputs, member_losses = outputs.detach(), member_losses.detach()
+        counted = None if active is None or all(active) else active  # None: no per-batch flag tensor
         for meter in group_meter:
             if mask is None:
-                meter.update(outputs, target, member_losses, active)
+                meter.update(outputs, target, member_losses, counted)
             elif getattr(meter, "accepts_mask", False):
-                meter.update(outputs, target, member_losses, active, mask=mask)
+                meter.update(outputs, target, member_losses, counted, mask=mask)
         for k, slot in enumerate(group.slots):
             if active is None or active[k]:
                 self.losses[slot] = member_losses[k]

@@ -23,6 +23,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
+    def izitorch_plain_stack(self) -> nn.Sequential:
+        """What ``forward`` computes, as layers: vectorized groups then run it with batched
+        matrix products instead of ``vmap`` (see ``izitorch.ensemble.PlainStack``)."""
+        return nn.Sequential(nn.Flatten(1), self.net)
+
 
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions and a linear head for ``side x side`` single-channel images.

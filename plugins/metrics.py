@@ -122,6 +122,7 @@ class StackedConfusionMeter:
         self.num_classes = num_classes
         self.members = members
         self.counts: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None  # member k's cells start at k * cells
         self.applies = True
 
     def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
@@ -141,7 +142,9 @@ class StackedConfusionMeter:
         if mask is not None:
             per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
             valid = valid & mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
-        offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
+        if self.offsets is None or self.offsets.device != truth.device:
+            self.offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
+        offsets = self.offsets
         pairs = torch.where(valid, truth * classes + predicted, cells - 1) + offsets
         counts = torch.bincount(pairs.reshape(-1), minlength=members * cells)
         self.counts = counts if self.counts is None else self.counts + counts

@@ -366,3 +366,56 @@ def test_models_with_hooks_are_not_grouped() -> None:
     assert reasons == ["h2: module 'net.0' has hooks (_forward_hooks)"]
     with pytest.raises(IzitorchError, match="h2 cannot be vectorized"):
         VectorGroup(slots[1:])
+
+
+# -- the batched-matmul forward of plain Linear stacks ------------------------------------------
+
+class Wrapped(nn.Module):
+    """An MLP behind a custom forward that izitorch cannot read: it must keep the vmap path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MLP(hidden=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 2.0
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: MLP(hidden=16, layers=2),
+    lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Sequential(nn.Linear(12, 12, bias=False), nn.GELU()), nn.Linear(12, 10)),
+])
+def test_plain_stacks_take_the_batched_matmul_path_and_match_vmap(factory, monkeypatch) -> None:
+    """Outputs and gradients of the baddbmm forward equal those of vmap(functional_call)."""
+    slots = [make_slot(f"p{k}", 30 + k, factory, lambda p: torch.optim.SGD(p, lr=0.1)) for k in range(3)]
+    group = VectorGroup(slots)
+    assert group._plain is not None
+    x, y = BATCHES[0]
+    calls = []
+    real = group._vforward
+    monkeypatch.setattr(group, "_vforward", lambda *a: calls.append(1) or real(*a))
+    fast = group.forward(x)
+    assert calls == []  # the plain path answered
+    group.backward(group.losses(fast, y))
+    fast_grads = group.flat_grad.clone()
+    group.zero_grad()
+    monkeypatch.setattr(group, "_plain", None)
+    slow = group.forward(x)
+    group.backward(group.losses(slow, y))
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grads, group.flat_grad, rtol=1e-5, atol=1e-6)
+    for k, slot in enumerate(slots):  # and each member's own module computes the same
+        torch.testing.assert_close(fast[k], slot.model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_other_models_and_inputs_keep_the_vmap_path() -> None:
+    for factory in (Wrapped, lambda: SmallCNN(channels=2)):
+        slots = [make_slot(f"w{k}", k, factory, lambda p: torch.optim.SGD(p, lr=0.1)) for k in range(2)]
+        assert VectorGroup(slots)._plain is None
+    slots = [make_slot(f"m{k}", k, lambda: MLP(hidden=8), lambda p: torch.optim.SGD(p, lr=0.1)) for k in range(2)]
+    group = VectorGroup(slots)
+    assert group._plain is not None
+    images = BATCHES[0][0].reshape(30, 1, 8, 8)  # Flatten makes it 2-D: still the plain path
+    torch.testing.assert_close(group.forward(images)[1], slots[1].model(images), rtol=1e-5, atol=1e-6)
+    assert group._plain(group.params, BATCHES[0][0][0], 2) is None  # a 1-D input: not a batch, vmap decides
