@@ -239,7 +239,8 @@ class _GroupStep:
                 active[k] = False
             elif not math.isfinite(value):
                 slot = group.slots[k]
-                self.skipped[slot] += _non_finite(self.run, self.fold, slot, value, self.step)
+                fold = next((part for part in self.fold.parts if slot in part.slots), self.fold)  # parallel folds: its own
+                self.skipped[slot] += _non_finite(self.run, fold, slot, value, self.step)
                 active[k] = False
 
 

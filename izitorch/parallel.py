@@ -61,7 +61,8 @@ def run_parallel(run: Run, resuming: bool) -> dict[str, list[dict]]:
     saved = resume.load_file(run, resume.parallel_state_path(run.res_dir)) if resuming else None
     if saved is not None:
         first = _restore(run, folds, union, states, saved)
-        if saved["final"]:
+        extended = saved["epoch"] < epochs and any(fold["stop_reason"] is None for fold in saved["folds"])
+        if saved["final"] and not extended:  # finished: nothing to retrain (more epochs extend it)
             return _results(run, [resume.final_scores(fold) for fold in saved["folds"]])
     else:
         first = 1

@@ -288,3 +288,60 @@ def test_switching_parallel_on_resume_is_refused(tmp_path):
     done = run_cli("run", str(path), "--resume", "--set", "plugins.kfold.parallel=false", "--set", "run.epochs=2", cwd=tmp_path)
     assert done.returncode == 2
     assert "plugins.kfold.parallel changed (True -> False)" in done.stderr, done.stderr
+
+
+PLAIN_DATASET = '''\
+from torch.utils.data import Dataset
+
+from izitorch.datasets import digits
+
+
+class PlainDigits(Dataset):
+    """The same samples as izitorch.datasets:digits, served one by one (the DataLoader path)."""
+
+    def __init__(self, limit=300):
+        self.inputs, self.targets = digits(limit=limit).tensors
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.inputs[index], self.targets[index]
+'''
+
+
+def test_a_dataset_without_the_fast_path_gives_the_same_parallel_run(tmp_path):
+    """Rows travel with the samples through a DataLoader too: same batches, same masks, same results."""
+    (tmp_path / "plain.py").write_text(PLAIN_DATASET, encoding="utf-8")
+    fast = run(write(tmp_path, "fast.toml", epochs=2))
+    slow = run(write(tmp_path, "slow.toml", epochs=2, dataset="plain.py:PlainDigits"))
+    for model in ("adam", "sgd"):
+        for fold in (1, 2, 3):
+            a, b = weights(tmp_path / "res_fast", model, fold), weights(tmp_path / "res_slow", model, fold)
+            assert all(torch.equal(a[name], b[name]) for name in a), (model, fold)
+        assert [f["accuracy"] for f in fast[model]] == [f["accuracy"] for f in slow[model]]
+
+
+def test_more_epochs_on_resume_extend_a_finished_parallel_run(tmp_path):
+    path = write(tmp_path, epochs=2)
+    run(path)
+    longer = run(path, "run.resume=true", "run.epochs=4")
+    reference = run(write(tmp_path, "ref.toml", epochs=4))
+    for model in ("adam", "sgd"):
+        assert list(read_json(tmp_path / "res_m" / model / "FOLD_2" / "trainlog.json")) == ["1", "2", "3", "4"]
+        assert [f["accuracy"] for f in longer[model]] == [f["accuracy"] for f in reference[model]]
+        for fold in (1, 2, 3):
+            a, b = weights(tmp_path / "res_m", model, fold), weights(tmp_path / "res_ref", model, fold)
+            assert all(torch.equal(a[name], b[name]) for name in a), (model, fold)
+
+
+def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
+    path = write(tmp_path, epochs=3)
+    path.write_text(path.read_text().replace("lr = 0.1, momentum = 0.9", "lr = 1e12, momentum = 0.9"))
+    results = run(path)
+    for fold in (1, 2, 3):
+        log = read_json(tmp_path / "res_m" / "sgd" / f"FOLD_{fold}" / "test_metrics.json")
+        assert f"at fold {fold}, epoch 1" in log["stopped"] and 'nan_policy = "stop"' in log["stopped"]
+        assert "stopped" not in read_json(tmp_path / "res_m" / "adam" / f"FOLD_{fold}" / "test_metrics.json")
+        assert list(read_json(tmp_path / "res_m" / "adam" / f"FOLD_{fold}" / "trainlog.json")) == ["1", "2", "3"]
+    assert np.mean([f["accuracy"] for f in results["adam"]]) > 60.0
