@@ -372,11 +372,16 @@ class VectorGroup:
         only (the others contribute an exact zero to its value and gradient).
         """
         if mask is not None:
-            loss = masked_loss(self.slots[0].criterion, outputs, target, mask)
-            if loss is None:
-                raise IzitorchError(f"{type(self.slots[0].criterion).__name__} cannot be restricted to each member's samples; "
-                                    "parallel folds support CrossEntropyLoss, MSELoss and L1Loss")
-            return loss
+            criterion = self.slots[0].criterion
+            loss = masked_loss(criterion, outputs, target, mask)
+            if loss is not None:
+                return loss
+            if supports_masked_loss(criterion):  # a known criterion: the shapes do not fit
+                got = tuple(outputs.shape[1:]) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+                want = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+                raise ValueError(f"{type(criterion).__name__} cannot take output {got} with target {want}")
+            raise IzitorchError(f"{type(criterion).__name__} cannot be restricted to each member's samples; "
+                                "parallel folds support CrossEntropyLoss, MSELoss and L1Loss")
         if isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor):
             loss = _batched_loss(self.slots[0].criterion, outputs, target)
             if loss is not None:

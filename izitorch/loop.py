@@ -204,7 +204,7 @@ class _GroupStep:
             outputs = group.forward(inputs, active)
             member_losses = group.losses(outputs, target, mask)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"models {', '.join(group.names)} (vectorized): {_first_line(error)}{_hint(error)}; "
+            raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): {_first_line(error)}{_hint(error)}; "
                                 'check the output size against num_classes, or set multi_model = "sequential" to see which model fails') from None
         if train:
             self._guard(group, member_losses, active, mask)

@@ -345,3 +345,15 @@ def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
         assert "stopped" not in read_json(tmp_path / "res_m" / "adam" / f"FOLD_{fold}" / "test_metrics.json")
         assert list(read_json(tmp_path / "res_m" / "adam" / f"FOLD_{fold}" / "trainlog.json")) == ["1", "2", "3"]
     assert np.mean([f["accuracy"] for f in results["adam"]]) > 60.0
+
+
+def test_a_model_whose_output_does_not_fit_fails_in_one_line_during_training(tmp_path):
+    (tmp_path / "odd.py").write_text(
+        "import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
+    path = write(tmp_path)
+    path.write_text(path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "odd.py:pairs"'))
+    done = run_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "models adam (vectorized): CrossEntropyLoss cannot take output (32, 10, 2) with target (32,)" in lines[0]
+    assert "check the output size against num_classes" in lines[0]
