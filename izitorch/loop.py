@@ -125,6 +125,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
     masks = fold.masks if train else None
+    group_step = _GroupStep(run, fold, members, train, before_step, skipped)
     non_blocking = run.device.type == "cuda"
     steps = 0
     start = time.perf_counter()
@@ -135,7 +136,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
             else:
                 inputs, target = to_device(_unpack(batch), run.device, non_blocking)
             losses: dict[Slot, Any] = {}
-            group_step = _GroupStep(run, fold, members, train, steps, before_step, skipped, losses)
+            group_step.step, group_step.losses = steps, losses
             for index, (group, group_meter) in enumerate(zip(run.groups, group_meters)):
                 group_step.apply(group, group_meter, inputs, target, masks.for_group(index, rows) if masks is not None else None)
             for slot in singles:
@@ -180,6 +181,8 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
 class _GroupStep:
     """One batch for a vectorized group: one forward, one backward, one optimizer step.
 
+    Made once per pass; ``step`` and ``losses`` (the batch's losses by slot) are set per batch.
+
     Members outside ``members`` (another fold's, in an evaluation of parallel folds) and, in
     training, stopped members are frozen: their weights, buffers and metrics do not move.
     """
@@ -188,10 +191,10 @@ class _GroupStep:
     fold: Fold
     members: set
     train: bool
-    step: int
     before_step: Any
     skipped: dict
-    losses: dict
+    step: int = 0
+    losses: dict = attrs.field(factory=dict)
 
     def apply(self, group: Any, group_meter: list, inputs: Any, target: torch.Tensor, mask: torch.Tensor | None) -> None:
         train = self.train

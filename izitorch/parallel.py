@@ -178,11 +178,7 @@ class _PluginStates:
 
     def take(self, fold: Fold) -> None:
         """Keep what the plugins hold now as ``fold``'s state (a copy: plugins may keep mutating theirs)."""
-        gathered: dict[str, Any] = {}
-        for part in self.run.hook.izitorch_state_dict(run=self.run):
-            if part:
-                gathered.update(part)
-        self.states[fold.index] = copy.deepcopy(gathered)
+        self.states[fold.index] = copy.deepcopy(resume.plugin_states(self.run))
 
     @contextlib.contextmanager
     def of(self, fold: Fold) -> Iterator[None]:

@@ -50,10 +50,6 @@ def has_state(res_dir: Path) -> bool:
 def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     """Write the fold's state after ``epoch`` (``final``: the fold is done, scores included)."""
     grouped = {name for group in run.groups for name in group.names}
-    plugins: dict[str, Any] = {}
-    for part in run.hook.izitorch_state_dict(run=run):
-        if part:
-            plugins.update(part)
     state = {
         "format": FORMAT,
         "fingerprint": fingerprint(run.config),
@@ -63,10 +59,19 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
         "final_scores": tensorise(fold.final_scores) if final else None,
         "slots": {slot.name: slot_state(slot, grouped=slot.name in grouped) for slot in fold.slots},
         "groups": [group.state_dict() for group in run.groups],
-        "plugins": plugins,
+        "plugins": plugin_states(run),
         "rng": rng_state(fold),
     }
     save_torch(state_path(run.res_dir, fold.index), state)
+
+
+def plugin_states(run: Run) -> dict[str, Any]:
+    """Every plugin's ``izitorch_state_dict``, merged (each plugin under its own keys)."""
+    merged: dict[str, Any] = {}
+    for part in run.hook.izitorch_state_dict(run=run):
+        if part:
+            merged.update(part)
+    return merged
 
 
 def check(run: Run, folds: int) -> None:

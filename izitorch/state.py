@@ -129,7 +129,7 @@ class Fold:
     resume_state: dict | None = attrs.field(default=None, repr=False)
     #: Parallel folds: the folds trained together in this pass (hooks see those, never this one)
     parts: list["Fold"] = attrs.field(factory=list, repr=False)
-    #: Parallel folds: which samples each member trains on (``izitorch.ensemble.SampleMasks``)
+    #: Parallel folds: which samples each member trains on (``izitorch.parallel.SampleMasks``)
     masks: Any = attrs.field(default=None, repr=False)
 
     @property
