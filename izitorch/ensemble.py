@@ -551,18 +551,32 @@ def _flat_layers(stack: nn.Sequential) -> list[nn.Module] | None:
     return layers
 
 
+def _per_sample_cross_entropy(criterion: nn.CrossEntropyLoss, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[K, B]``: each member's cross-entropy on each sample (``reduction="none"``).
+
+    On the CPU torch's ``log_softmax`` kernel is slow for few classes (for 10 classes, ~0.13 us
+    a row, 4x ``logsumexp``) and a group computes K*B rows; without class weights or label
+    smoothing the loss is ``logsumexp(x) - x[target]`` instead (the same value up to float
+    rounding, ~1e-7), which takes forward and backward from 0.23 to 0.09 ms for 16 x 64 rows.
+    """
+    size = outputs.shape[0]
+    if criterion.weight is None and criterion.label_smoothing == 0.0:
+        kept = target != criterion.ignore_index
+        safe = torch.where(kept, target, 0).view(1, -1, 1).expand(size, -1, 1)
+        return torch.where(kept, torch.logsumexp(outputs, 2) - outputs.gather(2, safe).squeeze(2), 0.0)
+    return nn.functional.cross_entropy(
+        outputs.flatten(0, 1), target.repeat(size), weight=criterion.weight, ignore_index=criterion.ignore_index,
+        reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
+
+
 def _batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """``[K]`` losses of ``criterion`` without vmap, for the criteria it knows, else None."""
     kind = type(criterion)
-    size = outputs.shape[0]
     if kind is nn.CrossEntropyLoss:
         if (criterion.weight is not None or criterion.reduction not in ("mean", "sum") or outputs.ndim != 3
                 or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]):
             return None
-        per_sample = nn.functional.cross_entropy(
-            outputs.flatten(0, 1), target.repeat(size), ignore_index=criterion.ignore_index,
-            reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
-        total = per_sample.sum(1)
+        total = _per_sample_cross_entropy(criterion, outputs, target).sum(1)
         # torch's mean divides by the number of targets that are not ignored
         return total / (target != criterion.ignore_index).sum() if criterion.reduction == "mean" else total
     if kind in (nn.MSELoss, nn.L1Loss):
@@ -580,13 +594,11 @@ def masked_loss(criterion: Any, outputs: Any, target: Any, mask: torch.Tensor) -
     criterion this does not know (see :func:`supports_masked_loss`)."""
     if not supports_masked_loss(criterion) or not isinstance(outputs, torch.Tensor) or not isinstance(target, torch.Tensor):
         return None
-    size, mean = outputs.shape[0], criterion.reduction == "mean"
+    mean = criterion.reduction == "mean"
     if type(criterion) is nn.CrossEntropyLoss:
         if outputs.ndim != 3 or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]:
             return None
-        per_sample = nn.functional.cross_entropy(
-            outputs.flatten(0, 1), target.repeat(size), weight=criterion.weight, ignore_index=criterion.ignore_index,
-            reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
+        per_sample = _per_sample_cross_entropy(criterion, outputs, target)
         total = torch.where(mask, per_sample, 0.0).sum(1)
         if not mean:
             return total

@@ -419,3 +419,27 @@ def test_other_models_and_inputs_keep_the_vmap_path() -> None:
     images = BATCHES[0][0].reshape(30, 1, 8, 8)  # Flatten makes it 2-D: still the plain path
     torch.testing.assert_close(group.forward(images)[1], slots[1].model(images), rtol=1e-5, atol=1e-6)
     assert group._plain(group.params, BATCHES[0][0][0], 2) is None  # a 1-D input: not a batch, vmap decides
+
+
+@pytest.mark.parametrize("criterion, target", [
+    (nn.CrossEntropyLoss(), BATCHES[0][1]),
+    (nn.CrossEntropyLoss(reduction="sum"), BATCHES[0][1]),
+    (nn.CrossEntropyLoss(ignore_index=3), BATCHES[0][1]),
+    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10), label_smoothing=0.1), BATCHES[0][1]),
+    (nn.MSELoss(), torch.randn(30, 10)),
+    (nn.L1Loss(reduction="sum"), torch.randn(30, 10)),
+])
+def test_masked_losses_equal_each_member_criterion_on_its_own_samples(criterion: nn.Module, target: torch.Tensor) -> None:
+    """Parallel folds' loss: member k's criterion over the samples mask[k] selects, nothing else."""
+    slots = [make_slot(f"c{k}", k, mlp, lambda p: torch.optim.SGD(p, lr=0.1), criterion=copy.deepcopy(criterion)) for k in range(3)]
+    group = VectorGroup(slots)
+    x = BATCHES[0][0]
+    mask = torch.rand(3, 30, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[2] = False  # a member with no sample in the batch: loss 0
+    losses = group.losses(group.forward(x), target, mask)
+    for k in range(2):
+        expected = slots[k].criterion(slots[k].model(x)[mask[k]], target[mask[k]])
+        torch.testing.assert_close(losses[k], expected, rtol=1e-5, atol=1e-6)
+    assert losses[2].item() == 0.0
+    group.backward(losses)  # the group's own backward (no layout warning)
+    assert torch.count_nonzero(group.member_grads(2)[0]) == 0
