@@ -24,6 +24,7 @@ import copy
 import warnings
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -702,7 +703,7 @@ class StackedOptimizer:
             columns = {"one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps,
                        "wd": wd, "decay": 1 - lr * wd}
             self.any_wd = bool((wd != 0).any())
-            self._lr64, self._beta1_64, self._beta2_64 = lr, beta1, beta2
+            self._lr64, self._beta1_64, self._beta2_64 = lr.numpy(), beta1.numpy(), beta2.numpy()
         flat = self.group.flat
         self._columns = {k: v.to(dtype=flat.dtype, device=flat.device).unsqueeze(1) for k, v in columns.items()}
         if self.kind == "sgd":
@@ -771,11 +772,14 @@ class StackedOptimizer:
             self.steps += increment
         else:
             self.steps += 1
-        step = self.steps[:, 0].to(torch.float64)
-        # torch: bias corrections from the Python float step, in double precision
+        # torch: bias corrections from the Python float step, in double precision; K numbers, so
+        # numpy (a microsecond an operation) rather than a dozen tiny torch kernels
+        step = self.steps[:, 0].numpy().astype(np.float64)
         bias1 = 1 - self._beta1_64 ** step
-        bias2_sqrt = (1 - self._beta2_64 ** step).sqrt()
-        scalars = torch.stack([-(self._lr64 / bias1), bias2_sqrt]).to(dtype=param.dtype, device=param.device)
+        bias2_sqrt = np.sqrt(1 - self._beta2_64 ** step)
+        with np.errstate(divide="ignore"):  # a frozen member that never stepped: inf, in a row left as it was
+            neg_step = -(self._lr64 / bias1)
+        scalars = torch.from_numpy(np.stack([neg_step, bias2_sqrt])).to(dtype=param.dtype, device=param.device)
         neg_step_size, bias2_sqrt = scalars.unsqueeze(2).unbind(0)
         if self.any_wd:
             if self.decoupled:

@@ -108,9 +108,9 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
 
     Vectorized groups (``run.groups``) take one forward/backward/step for their members in
     ``fold.slots`` (the others are frozen); the other slots (``run.singles``) step one after
-    another on the same batch. With ``fold.masks`` (parallel folds), the training loader yields
-    ``(input, target, rows)`` and each member's loss is the mean over its own fold's training
-    samples of the batch. Metrics accumulate on the device; the only per-batch synchronisation
+    another on the same batch. With ``fold.masks`` (parallel folds), the loader yields
+    ``(input, target, rows)`` and each member's loss and metrics count only the samples of the
+    batch that its own fold uses in this phase. Metrics accumulate on the device; the only per-batch synchronisation
     is the finiteness check of the training losses (``run.nan_policy``).
     """
     train = phase == "train"
@@ -124,7 +124,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     hook, stop_flag = run.hook, run.stop_flag
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
-    masks = fold.masks if train else None
+    masks = fold.masks
     group_step = _GroupStep(run, fold, members, train, before_step, skipped)
     non_blocking = run.device.type == "cuda"
     steps = 0

@@ -37,7 +37,7 @@ from izitorch import ensemble, resume
 from izitorch.data import make_loader
 from izitorch.errors import IzitorchError
 from izitorch.io import save_torch
-from izitorch.loop import epoch_pass, kept_weights, run_epoch
+from izitorch.loop import epoch_pass, kept_weights
 from izitorch.state import Fold, Run, Scores, Slot
 
 OPTION = "plugins.kfold.parallel = true"
@@ -56,11 +56,11 @@ class SampleMasks:
 
 def run_parallel(run: Run, resuming: bool) -> dict[str, list[dict]]:
     """Train every fold of ``run.splits`` at once; return each model's final test scores per fold."""
-    folds, union = _prepare(run)
+    folds, passes = _prepare(run)
     hook, epochs, states = run.hook, run.config.run.epochs, _PluginStates(run)
     saved = resume.load_file(run, resume.parallel_state_path(run.res_dir)) if resuming else None
     if saved is not None:
-        first = _restore(run, folds, union, states, saved)
+        first = _restore(run, folds, passes, states, saved)
         extended = saved["epoch"] < epochs and any(fold["stop_reason"] is None for fold in saved["folds"])
         if saved["final"] and not extended:  # finished: nothing to retrain (more epochs extend it)
             return _results(run, [resume.final_scores(fold) for fold in saved["folds"]])
@@ -77,28 +77,37 @@ def run_parallel(run: Run, resuming: bool) -> dict[str, list[dict]]:
             fold.epoch = epoch
             with states.of(fold):
                 hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
-        union.epoch, union.parts, union.slots = epoch, running, [slot for fold in running for slot in fold.slots]
-        trained = epoch_pass(run, union, "train")
-        for slot in union.slots:
-            if slot.scheduler is not None and not slot.stopped:
-                slot.scheduler.step()
+        trained = _shared_pass(run, passes, "train", running)
         for fold in running:
-            _finish_epoch(run, fold, epoch, trained, states)
-        _save(run, folds, union, states, epoch, final=False)
-    for fold in folds:
-        with kept_weights(fold.slots):
-            fold.final_scores = run_epoch(run, fold, "test")
+            for slot in fold.slots:
+                if slot.scheduler is not None and not slot.stopped:
+                    slot.scheduler.step()
+        phase = folds[0].eval_phase
+        evaluated = _shared_pass(run, passes, phase, running) if epoch % run.config.run.test_epoch == 0 or epoch == epochs else {}
+        for fold in running:
+            _finish_epoch(run, fold, epoch, {"train": trained, phase: evaluated}, states)
+        _save(run, folds, passes, states, epoch, final=False)
+    with kept_weights([slot for fold in folds for slot in fold.slots]):
+        tested = _shared_pass(run, passes, "test", folds)
+        for fold in folds:
+            fold.final_scores = {slot.name: tested[slot] for slot in fold.slots}
             with states.of(fold):
                 hook.izitorch_fold_finish(run=run, fold=fold)
-    _save(run, folds, union, states, max(fold.epoch for fold in folds), final=True)
+    _save(run, folds, passes, states, max(fold.epoch for fold in folds), final=True)
     return _results(run, [fold.final_scores for fold in folds])
 
 
-def _finish_epoch(run: Run, fold: Fold, epoch: int, trained: dict[Slot, dict], states: "_PluginStates") -> None:
+def _shared_pass(run: Run, passes: dict[str, Fold], phase: str, folds: list[Fold]) -> dict[Slot, dict]:
+    """One pass over the data of ``phase`` for the members of ``folds``, each on its own samples."""
+    shared = passes[phase]
+    shared.epoch, shared.parts, shared.slots = folds[0].epoch, folds, [slot for fold in folds for slot in fold.slots]
+    return epoch_pass(run, shared, phase)
+
+
+def _finish_epoch(run: Run, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]], states: "_PluginStates") -> None:
     scores = Scores(epoch)
-    scores.add("train", {slot.name: trained[slot] for slot in fold.slots if slot in trained})
-    if epoch % run.config.run.test_epoch == 0 or epoch == run.config.run.epochs:
-        scores.add(fold.eval_phase, run_epoch(run, fold, fold.eval_phase))
+    for phase, values in passes.items():
+        scores.add(phase, {slot.name: values[slot] for slot in fold.slots if slot in values})
     with states.of(fold):
         run.hook.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
         fold.stop_reason = run.hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)
@@ -112,8 +121,12 @@ def _results(run: Run, finals: list[dict[str, dict]]) -> dict[str, list[dict]]:
 
 # -- set-up -------------------------------------------------------------------------------------
 
-def _prepare(run: Run) -> tuple[list[Fold], Fold]:
-    """One member per model and fold, grouped; the folds, and the pass that trains them all."""
+def _prepare(run: Run) -> tuple[list[Fold], dict[str, Fold]]:
+    """One member per model and fold, grouped; the folds, and per phase the pass that serves them all.
+
+    A pass (train, val, test) goes once over the samples that some fold uses in that phase;
+    its masks say which member counts which sample (``fold.masks``, see :func:`epoch_pass`).
+    """
     check(run)
     count, seed = len(run.splits), run.config.run.rdm_seed
     for slot in run.slots:
@@ -124,22 +137,22 @@ def _prepare(run: Run) -> tuple[list[Fold], Fold]:
         raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {reasons[0]}; set parallel = false")
     run.groups, run.singles = groups, []
     torch.manual_seed(seed)
-    everything = np.unique(np.concatenate([split.train for split in run.splits]))
-    shared = make_loader(run, everything, seed, shuffle=run.config.run.shuffle, with_rows=True)
-    folds = []
-    for index, (split, slots) in enumerate(zip(run.splits, members)):
-        loaders = {"train": shared}
-        for phase in ("val", "test"):
-            if getattr(split, phase) is not None:
-                loaders[phase] = make_loader(run, getattr(split, phase), seed + index, shuffle=False)
-        folds.append(Fold(index, count, split, loaders, slots))
-    trains = torch.zeros(count, len(run.dataset), dtype=torch.bool)
-    for index, split in enumerate(run.splits):
-        trains[index, torch.as_tensor(split.train, dtype=torch.long)] = True
     fold_of = {slot: index for index, slots in enumerate(members) for slot in slots}
-    masks = SampleMasks([trains[[fold_of[slot] for slot in group.slots]].to(run.device) for group in groups])
-    union = Fold(0, count, run.splits[0], {"train": shared}, [], masks=masks)
-    return folds, union
+    passes = {}
+    for phase in ("train", "val", "test"):
+        parts = [getattr(split, phase) for split in run.splits]
+        if parts[0] is None:
+            continue
+        used = torch.zeros(count, len(run.dataset), dtype=torch.bool)
+        for index, indices in enumerate(parts):
+            used[index, torch.as_tensor(indices, dtype=torch.long)] = True
+        loader = make_loader(run, np.unique(np.concatenate(parts)), seed, shuffle=phase == "train" and run.config.run.shuffle, with_rows=True)
+        masks = SampleMasks([used[[fold_of[slot] for slot in group.slots]].to(run.device) for group in groups])
+        passes[phase] = Fold(0, count, run.splits[0], {phase: loader}, [], masks=masks)
+    # the folds' loaders are the shared passes' (each fold's own samples: fold.split)
+    loaders = {phase: shared.loaders[phase] for phase, shared in passes.items()}
+    folds = [Fold(index, count, split, loaders, slots) for index, (split, slots) in enumerate(zip(run.splits, members))]
+    return folds, passes
 
 
 def check(run: Run) -> None:
@@ -189,15 +202,12 @@ class _PluginStates:
 
 # -- resume --------------------------------------------------------------------------------------
 
-def _loaders(folds: list[Fold], union: Fold) -> Any:
+def _loaders(passes: dict[str, Fold]) -> Any:
     """Every loader whose generator the resume state keeps (``resume`` reads ``.loaders``)."""
-    loaders = {"train": union.loaders["train"]}
-    for fold in folds:
-        loaders.update({f"{phase}_{fold.index + 1}": loader for phase, loader in fold.loaders.items() if phase != "train"})
-    return types.SimpleNamespace(loaders=loaders)
+    return types.SimpleNamespace(loaders={phase: shared.loaders[phase] for phase, shared in passes.items()})
 
 
-def _save(run: Run, folds: list[Fold], union: Fold, states: _PluginStates, epoch: int, final: bool) -> None:
+def _save(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginStates, epoch: int, final: bool) -> None:
     state = {
         "format": resume.FORMAT,
         "fingerprint": resume.fingerprint(run.config),
@@ -212,12 +222,12 @@ def _save(run: Run, folds: list[Fold], union: Fold, states: _PluginStates, epoch
             "plugins": states.states[fold.index],
         } for fold in folds],
         "groups": [group.state_dict() for group in run.groups],
-        "rng": resume.rng_state(_loaders(folds, union)),
+        "rng": resume.rng_state(_loaders(passes)),
     }
     save_torch(resume.parallel_state_path(run.res_dir), state)
 
 
-def _restore(run: Run, folds: list[Fold], union: Fold, states: _PluginStates, saved: dict) -> int:
+def _restore(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginStates, saved: dict) -> int:
     """Put every fold back where the saved state left it; return the first epoch still to train."""
     if saved.get("parallel") != len(folds):
         raise IzitorchError(f"cannot resume: the saved parallel run has {saved.get('parallel')} folds, this one {len(folds)}; start over with --overwrite")
@@ -227,5 +237,5 @@ def _restore(run: Run, folds: list[Fold], union: Fold, states: _PluginStates, sa
         fold.epoch, fold.stop_reason = entry["epoch"], entry["stop_reason"]
         states.states[fold.index] = entry["plugins"]
     resume.restore_groups(run, saved["groups"])
-    resume.set_rng_state(_loaders(folds, union), saved["rng"])
+    resume.set_rng_state(_loaders(passes), saved["rng"])
     return saved["epoch"] + 1

@@ -135,7 +135,7 @@ class StackedConfusionMeter:
         members, classes = outputs.shape[0], self.num_classes or outputs.shape[2]
         cells = classes * classes + 1  # the last cell of each member collects what is dropped
         predicted = outputs.argmax(dim=2).reshape(members, -1)
-        truth = target.reshape(1, -1).expand(members, -1)
+        truth = target.reshape(1, -1)  # shared by every member: checked once, broadcast over K
         valid = (truth >= 0) & (truth < classes)
         if active is not None:
             valid = valid & torch.tensor(active, device=truth.device).reshape(members, 1)
@@ -144,10 +144,12 @@ class StackedConfusionMeter:
             valid = valid & mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
         if self.offsets is None or self.offsets.device != truth.device:
             self.offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
-        offsets = self.offsets
-        pairs = torch.where(valid, truth * classes + predicted, cells - 1) + offsets
+        pairs = torch.where(valid, truth * classes + predicted, cells - 1) + self.offsets
         counts = torch.bincount(pairs.reshape(-1), minlength=members * cells)
-        self.counts = counts if self.counts is None else self.counts + counts
+        if self.counts is None:
+            self.counts = counts
+        else:
+            self.counts += counts
 
     def compute(self) -> list[dict[str, Any]]:
         if not self.applies or self.counts is None:
