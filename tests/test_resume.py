@@ -615,9 +615,10 @@ def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
     rng = random.Random(time.time_ns())
     name = rng.choice(list(SCENARIOS))
     scenario, ref = scenarios[name]
-    epochs = SCENARIOS[name]["epochs"] if name != "kfold" else 3  # kfold folds stop at epoch 3
-    steps = {"holdout": 6, "kfold": 3, "two": 6}[name]
-    spec = _batch(rng.randint(1, 3 if name == "kfold" else 1), rng.randint(1, epochs), rng.randint(1, steps))
+    folds = 3 if name in ("kfold", "parallel") else 1
+    epochs = 3 if name in ("kfold", "parallel") else SCENARIOS[name]["epochs"]  # their folds stop at epoch 3
+    steps = {"holdout": 6, "kfold": 3, "two": 6, "parallel": 8}[name]
+    spec = _batch(rng.randint(1, folds), rng.randint(1, epochs), rng.randint(1, steps))
     point = f"{name}: {label(spec)}"
     path = scenario.manifest("random")
     try:
