@@ -87,6 +87,7 @@ class RunConfig:
     overwrite: bool = attrs.field(default=False, metadata=doc("replace the results of an earlier run in res_dir"))
     nan_policy: str = attrs.field(default="stop", validator=one_of(*NAN_POLICIES), metadata=doc("what a non-finite training loss does to its model"))
     multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
+    deterministic: bool = attrs.field(default=False, metadata=doc("deterministic algorithms only: the same bits on a GPU too"))
 
 
 @attrs.frozen

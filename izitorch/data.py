@@ -56,27 +56,27 @@ def build_dataset(config: Config) -> Dataset:
         raise IzitorchError(f"data.dataset: {type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset") from None
     if size == 0:
         raise IzitorchError("data.dataset: the dataset is empty; check its path or parameters")
-    check_labels(dataset, config.data.num_classes)
     return dataset
 
 
-def check_labels(dataset: Dataset, num_classes: int | None) -> None:
+def check_labels(dataset: Dataset, num_classes: int | None) -> int | None:
     """Integer labels must lie in [0, num_classes), checked where the labels are at hand.
 
     Works for a ``TensorDataset`` (its last tensor) and for datasets with a ``targets`` attribute
     (torchvision's convention); other datasets are checked by the criterion during training.
+    Returns how many classes a classifier's output needs (``num_classes``, else the largest
+    label + 1, else None when the labels are not at hand).
     """
-    if num_classes is None:
-        return
     labels = dataset.tensors[-1] if isinstance(dataset, torch.utils.data.TensorDataset) else getattr(dataset, "targets", None)
     if labels is None:
-        return
+        return num_classes
     labels = torch.as_tensor(labels)
     if labels.is_floating_point() or labels.numel() == 0:
-        return
+        return num_classes
     low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
+    if num_classes is not None and (low < 0 or high >= num_classes):
         raise IzitorchError(f"data: labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): fix num_classes or the labels")
+    return num_classes if num_classes is not None else high + 1
 
 
 def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:
@@ -134,10 +134,23 @@ class TensorBatchLoader:
             for start in range(0, self.size, self.batch_size):
                 yield tuple(t[start:start + self.batch_size] for t in self.tensors)
             return
-        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.device)
+        order = host_to_device(torch.tensor(list(self.sampler), dtype=torch.long), self.device)
         for start in range(0, self.size, self.batch_size):
             rows = order[start:start + self.batch_size]
             yield tuple(t.index_select(0, rows) for t in self.tensors)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the host) copied to ``device`` without stalling on CUDA.
+
+    A copy from ordinary (pageable) memory makes the host wait until the GPU has drained its
+    queue, once per call: a few small per-step copies cost more than the step's kernels. Staged
+    through pinned memory (torch's caching host allocator keeps the block until the copy is
+    done) the copy is queued like a kernel.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def gather_tensors(dataset: Dataset, indices, device: torch.device) -> tuple[torch.Tensor, ...] | None:

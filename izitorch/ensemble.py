@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from izitorch.data import host_to_device
 from izitorch.errors import IzitorchError
 from izitorch.state import Slot
 
@@ -725,7 +726,8 @@ class StackedOptimizer:
             return
         self._refresh()
         tensors = [self.group.flat, *self.state.values()]
-        saved = [t[frozen] for t in tensors] if frozen else None  # advanced indexing copies
+        rows = host_to_device(torch.tensor(frozen, dtype=torch.long), tensors[0].device) if frozen else None
+        saved = [t[rows] for t in tensors] if frozen else None  # advanced indexing copies
         skip = set(frozen)
         moving = [k for k in range(self.group.size) if k not in skip]
         if self.kind == "sgd":
@@ -733,8 +735,8 @@ class StackedOptimizer:
         else:
             self._adam(frozen)
         if saved is not None:
-            for t, rows in zip(tensors, saved):
-                t[frozen] = rows
+            for t, kept in zip(tensors, saved):
+                t[rows] = kept
         for k in moving:
             if not self.started[k]:
                 self.started[k] = True
@@ -779,7 +781,7 @@ class StackedOptimizer:
         bias2_sqrt = np.sqrt(1 - self._beta2_64 ** step)
         with np.errstate(divide="ignore"):  # a frozen member that never stepped: inf, in a row left as it was
             neg_step = -(self._lr64 / bias1)
-        scalars = torch.from_numpy(np.stack([neg_step, bias2_sqrt])).to(dtype=param.dtype, device=param.device)
+        scalars = host_to_device(torch.from_numpy(np.stack([neg_step, bias2_sqrt])).to(param.dtype), param.device)
         neg_step_size, bias2_sqrt = scalars.unsqueeze(2).unbind(0)
         if self.any_wd:
             if self.decoupled:
@@ -858,24 +860,25 @@ class StackedOptimizer:
 # --------------------------------------------------------------------------------------------
 
 
-def standalone(state: Any) -> Any:
-    """A copy of a (nested) state dict whose tensors own their memory.
+def standalone(state: Any, device: torch.device | str | None = None) -> Any:
+    """A copy of a (nested) state dict whose tensors own their memory (on ``device`` if given).
 
     A member's ``model.state_dict()`` and ``optimizer.state_dict()`` hold views of the group's
     stacked tensors, and ``torch.save`` writes a view's whole storage: call this before saving
-    so that a member's checkpoint holds the member alone.
+    so that a member's checkpoint holds the member alone. Checkpoints pass ``device="cpu"`` so
+    that ``torch.load`` works on a machine without the GPU they were trained on.
     """
     if isinstance(state, torch.Tensor):
-        return state.detach().clone()
+        return state.detach().clone() if device is None else state.detach().to(device, copy=True)
     if isinstance(state, dict):
         result = copy.copy(state)  # keeps the type and a state dict's ``_metadata``
         for key, value in result.items():
-            result[key] = standalone(value)
+            result[key] = standalone(value, device)
         return result
     if isinstance(state, list):
-        return [standalone(v) for v in state]
+        return [standalone(v, device) for v in state]
     if isinstance(state, tuple):
-        return tuple(standalone(v) for v in state)
+        return tuple(standalone(v, device) for v in state)
     return state
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import attrs
 import torch
+from torch import nn
 
 from izitorch import resume
 from izitorch.data import make_loaders, to_device
@@ -142,7 +143,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
             for slot in singles:
                 if train and slot.stopped:
                     continue  # stopped during this epoch by the NaN guard
-                output, loss = _forward(slot, inputs, target)
+                output, loss = _forward(slot, inputs, target, run.output_classes)
                 if train:
                     value = loss.item()  # the one per-step sync: nan_policy needs it
                     if not math.isfinite(value):
@@ -205,6 +206,9 @@ class _GroupStep:
             active = None  # evaluation of the whole group: no row is frozen
         try:
             outputs = group.forward(inputs, active)
+            if _too_few_classes(group.slots[0].criterion, outputs, target, self.run.output_classes, class_dim=2):
+                raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): output {_shape(outputs)} has "
+                                    f"{outputs.shape[2]} classes but the labels need {self.run.output_classes}; {FIT_CLASSES}")
             member_losses = group.losses(outputs, target, mask)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): {_first_line(error)}{_hint(error)}; "
@@ -320,7 +324,7 @@ def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     raise TrainingError(f"the dataset yields {got}; izitorch expects (input, target) pairs from __getitem__")
 
 
-def _forward(slot: Slot, inputs: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's output and loss; a shape or label mistake becomes a one-line TrainingError."""
     try:
         if isinstance(inputs, dict):
@@ -331,14 +335,30 @@ def _forward(slot: Slot, inputs: Any, target: torch.Tensor) -> tuple[torch.Tenso
             output = slot.model(inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}{_hint(error)}") from None
+    if _too_few_classes(slot.criterion, output, target, classes, class_dim=1):
+        raise TrainingError(f"model {slot.name}: output {_shape(output)} has {output.shape[1]} classes but the labels need {classes} "
+                            f"(target {_shape(target)}); {FIT_CLASSES}")
     try:
         loss = slot.criterion(output, target)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise TrainingError(
             f"model {slot.name}: the criterion failed on output {_shape(output)} and target {_shape(target)}: "
-            f"{_first_line(error)}; check that the model's output size matches num_classes and that labels lie in [0, num_classes)"
-        ) from None
+            f"{_first_line(error)}; {FIT_CLASSES}") from None
     return output, loss
+
+
+FIT_CLASSES = "check that the model's output size matches num_classes and that labels lie in [0, num_classes)"
+
+
+def _too_few_classes(criterion: Any, output: Any, target: Any, classes: int | None, class_dim: int) -> bool:
+    """Whether a class-index criterion would meet a label beyond the output's classes.
+
+    Decided from shapes on the host, before the criterion runs: on CUDA that mistake is a
+    device-side assert, which kills the process with a traceback and loses the CUDA context.
+    """
+    return (classes is not None and isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
+            and isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) and not target.is_floating_point()
+            and output.dim() > class_dim and output.shape[class_dim] < classes)
 
 
 def _shape(value: Any) -> str:
@@ -360,4 +380,6 @@ def _hint(error: BaseException) -> str:
     text = str(error).lower()
     if "out of memory" in text or "can't allocate memory" in text:
         return "; out of memory: lower batch_size, or train fewer or smaller models at once"
+    if "deterministic" in text and "use_deterministic_algorithms" in text:
+        return "; this operation has no deterministic algorithm: set deterministic = false in [run]"
     return ""

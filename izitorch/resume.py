@@ -29,7 +29,7 @@ FORMAT = 3  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
-TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory",
+TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory", "run.deterministic",
              "run.device", "run.overwrite", "run.resume", "args.epochs", "args.display_step",
              "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite", "args.res_dir"}
 

@@ -6,7 +6,8 @@
   ``metric`` (``metric_best``: loss, acc or IoU) improves, on the validation set when there is
   one. The best weights are also the ones the fold's final test uses.
 
-A checkpoint is ``{"epoch", "state_dict", "optimizer", "scheduler"}``, written atomically.
+A checkpoint is ``{"epoch", "state_dict", "optimizer", "scheduler"}``, written atomically, with
+CPU tensors: a model trained on a GPU loads with a plain ``torch.load`` on any machine.
 """
 from __future__ import annotations
 
@@ -78,4 +79,5 @@ def checkpoint(slot, epoch: int) -> dict:
     state = {"epoch": epoch, "state_dict": slot.model.state_dict(), "optimizer": slot.optimizer.state_dict()}
     if slot.scheduler is not None:
         state["scheduler"] = slot.scheduler.state_dict()
-    return standalone(state)  # a vectorized member's tensors are views of the whole group
+    # a vectorized member's tensors are views of the whole group; CPU copies load anywhere
+    return standalone(state, device="cpu")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from izitorch import hookimpl
+from izitorch.data import host_to_device
 
 
 class LossMeter:
@@ -67,7 +68,7 @@ class ConfusionMeter:
         # indexing, so no data-dependent shape and no device synchronisation.
         cells = classes * classes
         pairs = torch.where((truth >= 0) & (truth < classes), truth * classes + predicted, cells)
-        counts = torch.bincount(pairs, minlength=cells + 1)
+        counts = count_cells(pairs, cells + 1)
         self.counts = counts if self.counts is None else self.counts + counts
 
     def compute(self) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class StackedLossMeter:
             n = target.shape[0] if target.ndim else 1
             weights = torch.full_like(losses, float(n), dtype=torch.float32)
         if active is not None:
-            weights = weights * torch.tensor(active, dtype=torch.float32, device=losses.device)
+            weights = weights * host_to_device(torch.tensor(active, dtype=torch.float32), losses.device)
         weighted = torch.where(weights > 0, losses.float() * weights, torch.zeros_like(weights))
         self.total = weighted if self.total is None else self.total + weighted
         self.count = weights if self.count is None else self.count + weights
@@ -138,14 +139,14 @@ class StackedConfusionMeter:
         truth = target.reshape(1, -1)  # shared by every member: checked once, broadcast over K
         valid = (truth >= 0) & (truth < classes)
         if active is not None:
-            valid = valid & torch.tensor(active, device=truth.device).reshape(members, 1)
+            valid = valid & host_to_device(torch.tensor(active), truth.device).reshape(members, 1)
         if mask is not None:
             per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
             valid = valid & mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
         if self.offsets is None or self.offsets.device != truth.device:
             self.offsets = torch.arange(members, device=truth.device).reshape(members, 1) * cells
         pairs = torch.where(valid, truth * classes + predicted, cells - 1) + self.offsets
-        counts = torch.bincount(pairs.reshape(-1), minlength=members * cells)
+        counts = count_cells(pairs.reshape(-1), members * cells)
         if self.counts is None:
             self.counts = counts
         else:
@@ -161,6 +162,18 @@ class StackedConfusionMeter:
             matrix = counts.reshape(classes, classes)
             results.append({"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix})
         return results
+
+
+def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
+    """``torch.bincount(pairs, minlength=cells)`` for indices known to lie in ``[0, cells)``.
+
+    On CUDA, ``bincount`` reads the indices' range back to the host to size its result: a
+    device synchronisation per batch. The size is known here, so an ``index_add_`` into a
+    zeroed vector counts the same without one (integer sums: exact in any order).
+    """
+    if pairs.is_cuda:
+        return torch.zeros(cells, dtype=torch.int64, device=pairs.device).index_add_(0, pairs, torch.ones_like(pairs))
+    return torch.bincount(pairs, minlength=cells)
 
 
 def accuracy(matrix: np.ndarray) -> float:

@@ -493,13 +493,32 @@ def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
 
 
 def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_classes(tmp_path, capsys):
+    """Decided from shapes before the criterion runs: on CUDA the criterion itself would hit a
+    device-side assert (a traceback and a lost CUDA context) instead of raising."""
     path = write_run(tmp_path, MLP_ENTRY + flaky(narrow_at=2 * STEPS + 1))  # 3 classes from epoch 3 on
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert re.fullmatch(r"model flaky: the criterion failed on output \(32, 3\) and target \(32,\): Target \d is out of "
-                        r"bounds; check that the model's output size matches num_classes and that labels lie in "
-                        r"\[0, num_classes\)", error_of(err))
+    assert error_of(err) == ("model flaky: output (32, 3) has 3 classes but the labels need 10 (target (32,)); check that the "
+                             "model's output size matches num_classes and that labels lie in [0, num_classes)")
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 2)
+
+
+def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_criterion_runs(tmp_path, capsys):
+    narrow = MLP_ENTRY.replace("hidden = 16", "hidden = 16, num_classes = 4")
+    path = write_run(tmp_path, narrow + narrow.replace('name = "mlp"', 'name = "mlp2"'), run='multi_model = "vectorized"')
+    code, _, err = cli(capsys, "run", path)
+    assert code == 1
+    assert error_of(err) == ("models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but the labels need 10; check that "
+                             "the model's output size matches num_classes and that labels lie in [0, num_classes)")
+
+
+def test_a_criterion_that_fails_on_the_output_is_named_with_both_shapes(tmp_path, capsys):
+    mse = MLP_ENTRY + 'criterion = "torch.nn:MSELoss"\n'
+    path = write_run(tmp_path, mse)
+    code, _, err = cli(capsys, "run", path)
+    assert code == 1
+    assert error_of(err).startswith("model mlp: the criterion failed on output (32, 10) and target (32,): ")
+    assert error_of(err).endswith("; check that the model's output size matches num_classes and that labels lie in [0, num_classes)")
 
 
 def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys):

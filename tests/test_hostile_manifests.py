@@ -424,9 +424,9 @@ README_CASES = {
     "model mlp: loss is nan": (1, None, [], ["run", "m.toml", "--set", 'run.nan_policy="raise"', "--set", FLAKY_MLP[0],
                                              "--set", "models[0].params.nan_from=23"]),
     "interrupted by SIGINT": (130, None, [], ["run", "m.toml", "--set", FLAKY_MLP[0], "--set", "models[0].params.sigint_at=12"]),
-    "model cnn: the criterion failed": (1, None, [], ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set",
-                                                      'models[0].model="izitorch.models:SmallCNN"', "--set",
-                                                      "models[0].params={num_classes=3}"]),
+    "model cnn: output (32, 3) has 3 classes": (1, None, [], ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set",
+                                                              'models[0].model="izitorch.models:SmallCNN"', "--set",
+                                                              "models[0].params={num_classes=3}"]),
 }
 
 
