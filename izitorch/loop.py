@@ -237,8 +237,10 @@ class _GroupStep:
     def _guard(self, group: Any, member_losses: torch.Tensor, active: list[bool], mask: torch.Tensor | None) -> None:
         """Apply ``nan_policy`` (one sync for the whole group); a member with no sample of its
         own in the batch (parallel folds) does not step."""
-        values = member_losses.tolist()
-        counts = mask.sum(1).tolist() if mask is not None else None
+        if mask is None:
+            values, counts = member_losses.tolist(), None
+        else:  # both read back in one transfer
+            values, counts = torch.stack([member_losses.detach().double(), mask.sum(1).double()]).tolist()
         for k, value in enumerate(values):
             if not active[k]:
                 continue

@@ -149,7 +149,7 @@ def restore_groups(run: Run, saved_groups: list[dict]) -> None:
 
 def final_scores(state: dict) -> dict[str, dict]:
     """A finished fold's final scores, as the loop returned them (numpy confusion matrices)."""
-    return {name: {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()}
+    return {name: {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()}
             for name, scores in state["final_scores"].items()}
 
 

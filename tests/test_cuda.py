@@ -262,7 +262,8 @@ def test_a_killed_gpu_run_with_dropout_resumes_bit_for_bit(tmp_path, determinist
     reference = write(tmp_path, "ref", models=models, enable='"killer.py", "kfold"', extra=kfold, deterministic=deterministic)
     killed = write(tmp_path, "killed", models=models, enable='"killer.py", "kfold"', extra=kfold, deterministic=deterministic)
     assert run_cli("run", str(reference), cwd=tmp_path).returncode == 0
-    done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "1,2,5"})
+    # killed in fold 2: fold 1's saved final scores are reused on resume
+    done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "2,2,5"})
     assert done.returncode == -signal.SIGKILL
     done = run_cli("run", str(killed), "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
