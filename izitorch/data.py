@@ -56,27 +56,27 @@ def build_dataset(config: Config) -> Dataset:
         raise IzitorchError(f"data.dataset: {type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset") from None
     if size == 0:
         raise IzitorchError("data.dataset: the dataset is empty; check its path or parameters")
+    check_labels(dataset, config.data.num_classes)
     return dataset
 
 
-def check_labels(dataset: Dataset, num_classes: int | None) -> int | None:
+def check_labels(dataset: Dataset, num_classes: int | None) -> None:
     """Integer labels must lie in [0, num_classes), checked where the labels are at hand.
 
     Works for a ``TensorDataset`` (its last tensor) and for datasets with a ``targets`` attribute
     (torchvision's convention); other datasets are checked by the criterion during training.
-    Returns how many classes a classifier's output needs (``num_classes``, else the largest
-    label + 1, else None when the labels are not at hand).
     """
+    if num_classes is None:
+        return
     labels = dataset.tensors[-1] if isinstance(dataset, torch.utils.data.TensorDataset) else getattr(dataset, "targets", None)
     if labels is None:
-        return num_classes
+        return
     labels = torch.as_tensor(labels)
     if labels.is_floating_point() or labels.numel() == 0:
-        return num_classes
+        return
     low, high = int(labels.min()), int(labels.max())
-    if num_classes is not None and (low < 0 or high >= num_classes):
+    if low < 0 or high >= num_classes:
         raise IzitorchError(f"data: labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): fix num_classes or the labels")
-    return num_classes if num_classes is not None else high + 1
 
 
 def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:

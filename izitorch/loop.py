@@ -143,7 +143,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
             for slot in singles:
                 if train and slot.stopped:
                     continue  # stopped during this epoch by the NaN guard
-                output, loss = _forward(slot, inputs, target, run.output_classes)
+                output, loss = _forward(slot, inputs, target, run.config.data.num_classes)
                 if train:
                     value = loss.item()  # the one per-step sync: nan_policy needs it
                     if not math.isfinite(value):
@@ -206,9 +206,10 @@ class _GroupStep:
             active = None  # evaluation of the whole group: no row is frozen
         try:
             outputs = group.forward(inputs, active)
-            if _too_few_classes(group.slots[0].criterion, outputs, target, self.run.output_classes, class_dim=2):
+            classes = self.run.config.data.num_classes
+            if _too_few_classes(group.slots[0].criterion, outputs, target, classes, class_dim=2):
                 raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): output {_shape(outputs)} has "
-                                    f"{outputs.shape[2]} classes but the labels need {self.run.output_classes}; {FIT_CLASSES}")
+                                    f"{outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
             member_losses = group.losses(outputs, target, mask)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): {_first_line(error)}{_hint(error)}; "
@@ -338,7 +339,7 @@ def _forward(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}{_hint(error)}") from None
     if _too_few_classes(slot.criterion, output, target, classes, class_dim=1):
-        raise TrainingError(f"model {slot.name}: output {_shape(output)} has {output.shape[1]} classes but the labels need {classes} "
+        raise TrainingError(f"model {slot.name}: output {_shape(output)} has {output.shape[1]} classes but num_classes = {classes} "
                             f"(target {_shape(target)}); {FIT_CLASSES}")
     try:
         loss = slot.criterion(output, target)
@@ -353,10 +354,12 @@ FIT_CLASSES = "check that the model's output size matches num_classes and that l
 
 
 def _too_few_classes(criterion: Any, output: Any, target: Any, classes: int | None, class_dim: int) -> bool:
-    """Whether a class-index criterion would meet a label beyond the output's classes.
+    """Whether a class-index criterion may meet a label beyond the output's classes (labels
+    were checked against ``num_classes`` before training).
 
     Decided from shapes on the host, before the criterion runs: on CUDA that mistake is a
     device-side assert, which kills the process with a traceback and loses the CUDA context.
+    Without ``num_classes`` the criterion is left to find it.
     """
     return (classes is not None and isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
             and isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) and not target.is_floating_point()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from izitorch import ensemble, resume
 from izitorch.config import Config
-from izitorch.data import build_dataset, build_slots, check_labels, pick_device
+from izitorch.data import build_dataset, build_slots, pick_device
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.guard import LOCK_NAME, Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.pluginmanager import make_plugin_manager
@@ -42,7 +42,6 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
     hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset = build_dataset(config)
-    session.output_classes = check_labels(session.dataset, config.data.num_classes)
     session.slots = build_slots(config, session.device)
     session.groups, session.singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))

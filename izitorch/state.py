@@ -149,7 +149,6 @@ class Run:
     stash: Stash = attrs.field(factory=Stash)
     metric_factories: dict[str, Any] = attrs.field(factory=dict)
     dataset: Any = None
-    output_classes: int | None = None  # classes a classifier's output needs: num_classes, else largest label + 1
     splits: list[Split] = attrs.field(factory=list)
     slots: list[Slot] = attrs.field(factory=list)
     plugin_versions: dict[str, str] = attrs.field(factory=dict)

@@ -498,7 +498,7 @@ def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_cl
     path = write_run(tmp_path, MLP_ENTRY + flaky(narrow_at=2 * STEPS + 1))  # 3 classes from epoch 3 on
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err) == ("model flaky: output (32, 3) has 3 classes but the labels need 10 (target (32,)); check that the "
+    assert error_of(err) == ("model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
                              "model's output size matches num_classes and that labels lie in [0, num_classes)")
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 2)
 
@@ -508,7 +508,7 @@ def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_crite
     path = write_run(tmp_path, narrow + narrow.replace('name = "mlp"', 'name = "mlp2"'), run='multi_model = "vectorized"')
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err) == ("models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but the labels need 10; check that "
+    assert error_of(err) == ("models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but num_classes = 10; check that "
                              "the model's output size matches num_classes and that labels lie in [0, num_classes)")
 
 
