@@ -571,12 +571,16 @@ def _per_sample_cross_entropy(criterion: nn.CrossEntropyLoss, outputs: torch.Ten
         reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
 
 
+def _class_indices(outputs: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``[K, B, C]`` outputs and a ``[B]`` target of class indices fit (cross-entropy)."""
+    return outputs.ndim == 3 and target.ndim == 1 and not target.is_floating_point() and outputs.shape[1] == target.shape[0]
+
+
 def _batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """``[K]`` losses of ``criterion`` without vmap, for the criteria it knows, else None."""
     kind = type(criterion)
     if kind is nn.CrossEntropyLoss:
-        if (criterion.weight is not None or criterion.reduction not in ("mean", "sum") or outputs.ndim != 3
-                or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]):
+        if criterion.weight is not None or criterion.reduction not in ("mean", "sum") or not _class_indices(outputs, target):
             return None
         total = _per_sample_cross_entropy(criterion, outputs, target).sum(1)
         # torch's mean divides by the number of targets that are not ignored
@@ -598,7 +602,7 @@ def masked_loss(criterion: Any, outputs: Any, target: Any, mask: torch.Tensor) -
         return None
     mean = criterion.reduction == "mean"
     if type(criterion) is nn.CrossEntropyLoss:
-        if outputs.ndim != 3 or target.ndim != 1 or target.is_floating_point() or outputs.shape[1] != target.shape[0]:
+        if not _class_indices(outputs, target):
             return None
         per_sample = _per_sample_cross_entropy(criterion, outputs, target)
         total = torch.where(mask, per_sample, 0.0).sum(1)

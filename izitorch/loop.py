@@ -111,8 +111,8 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     ``fold.slots`` (the others are frozen); the other slots (``run.singles``) step one after
     another on the same batch. With ``fold.masks`` (parallel folds), the loader yields
     ``(input, target, rows)`` and each member's loss and metrics count only the samples of the
-    batch that its own fold uses in this phase. Metrics accumulate on the device; the only per-batch synchronisation
-    is the finiteness check of the training losses (``run.nan_policy``).
+    batch that its own fold uses in this phase. Metrics accumulate on the device; the only
+    per-batch synchronisation is the finiteness check of the training losses (``nan_policy``).
     """
     train = phase == "train"
     members = set(fold.slots)
@@ -204,16 +204,18 @@ class _GroupStep:
             return
         if all(active) and not train:
             active = None  # evaluation of the whole group: no row is frozen
+        label = f"models {', '.join(dict.fromkeys(group.names))} (vectorized)"
         try:
             outputs = group.forward(inputs, active)
-            classes = self.run.config.data.num_classes
-            if _too_few_classes(group.slots[0].criterion, outputs, target, classes, class_dim=2):
-                raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): output {_shape(outputs)} has "
-                                    f"{outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise TrainingError(f"{label}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
+        classes = self.run.config.data.num_classes
+        if _too_few_classes(group.slots[0].criterion, outputs, target, classes, class_dim=2):
+            raise TrainingError(f"{label}: output {_shape(outputs)} has {outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
+        try:
             member_losses = group.losses(outputs, target, mask)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"models {', '.join(dict.fromkeys(group.names))} (vectorized): {_first_line(error)}{_hint(error)}; "
-                                'check the output size against num_classes, or set multi_model = "sequential" to see which model fails') from None
+            raise TrainingError(f"{label}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
         if train:
             self._guard(group, member_losses, active, mask)
             if any(active):
@@ -351,6 +353,7 @@ def _forward(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None)
 
 
 FIT_CLASSES = "check that the model's output size matches num_classes and that labels lie in [0, num_classes)"
+GROUP_FAILED = 'check the output size against num_classes, or set multi_model = "sequential" to see which model fails'
 
 
 def _too_few_classes(criterion: Any, output: Any, target: Any, classes: int | None, class_dim: int) -> bool:

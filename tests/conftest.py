@@ -35,6 +35,17 @@ params = {{ hidden = 16 }}
 optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
 """
 
+# A plugin file that SIGKILLs the run at the batch named by KILL_AT="fold,epoch,step".
+KILLER = """\
+import os, signal
+from izitorch import hookimpl
+
+@hookimpl
+def izitorch_batch_finish(run, fold, step, losses):
+    if os.environ.get("KILL_AT") == f"{fold.index + 1},{fold.epoch},{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
 
 @pytest.fixture
 def write_manifest(tmp_path: Path):

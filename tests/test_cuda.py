@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import izitorch
-from conftest import run_cli
+from conftest import KILLER, run_cli
 from izitorch.data import TensorBatchLoader, make_loaders
 from izitorch.datasets import digits
 from izitorch.models import MLP, SmallCNN
@@ -97,17 +97,6 @@ def izitorch_batch_finish(run, fold, step, losses):
         seen.update({"param:" + s.name: str(next(s.model.parameters()).device) for s in fold.slots})
         (run.res_dir / "devices.json").write_text(json.dumps(seen))
 """
-
-KILLER = """\
-import os, signal
-from izitorch import hookimpl
-
-@hookimpl
-def izitorch_batch_finish(run, fold, step, losses):
-    if os.environ.get("KILL_AT") == f"{fold.index + 1},{fold.epoch},{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-"""
-
 
 def write(folder: Path, name: str, *, models: str, epochs: int = 3, mode: str = "auto", enable: str = "",
           extra: str = "", dataset: str = "izitorch.datasets:digits", deterministic: bool = False) -> Path:

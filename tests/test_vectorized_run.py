@@ -13,7 +13,7 @@ import torch
 import izitorch
 from izitorch.models import MLP
 
-from conftest import run_cli
+from conftest import KILLER, run_cli
 
 # CPU: there a group's dropout masks are the sequential ones (one [K, B, H] draw from the same
 # generator); CUDA's counter-based generator draws them differently (tests/test_cuda.py compares
@@ -59,16 +59,6 @@ k = 2
 
 [plugins.grad_clip]
 max_norm = 0.5
-"""
-
-KILLER = """\
-import os, signal
-from izitorch import hookimpl
-
-@hookimpl
-def izitorch_batch_finish(run, fold, step, losses):
-    if os.environ.get("KILL_AT") == f"{fold.index + 1},{fold.epoch},{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 def manifest(tmp_path: Path, name: str, mode: str = "auto", nan_policy: str = "stop", model: str = "izitorch.models:MLP",
