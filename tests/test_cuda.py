@@ -98,6 +98,7 @@ def izitorch_batch_finish(run, fold, step, losses):
         (run.res_dir / "devices.json").write_text(json.dumps(seen))
 """
 
+
 def write(folder: Path, name: str, *, models: str, epochs: int = 3, mode: str = "auto", enable: str = "",
           extra: str = "", dataset: str = "izitorch.datasets:digits", deterministic: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
