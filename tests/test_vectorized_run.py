@@ -61,6 +61,7 @@ k = 2
 max_norm = 0.5
 """
 
+
 def manifest(tmp_path: Path, name: str, mode: str = "auto", nan_policy: str = "stop", model: str = "izitorch.models:MLP",
              plugins: str = "") -> Path:
     path = tmp_path / f"{name}.toml"
