@@ -272,7 +272,7 @@ def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, 
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "parallel = false" in lines[0] or "drop one" in lines[0], lines
+    assert len(lines) == 1 and message in lines[0] and ("parallel = false" in lines[0] or "drop one" in lines[0]), lines
     assert not (tmp_path / "res_m" / "conf.json").exists()  # refused before anything was written
 
 
@@ -322,10 +322,23 @@ def test_a_dataset_without_the_fast_path_gives_the_same_parallel_run(tmp_path):
         assert [f["accuracy"] for f in fast[model]] == [f["accuracy"] for f in slow[model]]
 
 
+EPOCH_LOG = """\
+from izitorch import hookimpl
+
+@hookimpl
+def izitorch_epoch_start(run, fold, epoch):
+    with open(run.res_dir / "started.txt", "a") as log:
+        log.write(f"{fold.index + 1}:{epoch} ")
+"""
+
+
 def test_more_epochs_on_resume_extend_a_finished_parallel_run(tmp_path):
-    path = write(tmp_path, epochs=2)
+    (tmp_path / "epochs.py").write_text(EPOCH_LOG, encoding="utf-8")
+    path = write(tmp_path, epochs=2, enable='"kfold", "epochs.py"')
     run(path)
     longer = run(path, "run.resume=true", "run.epochs=4")
+    # the resumed run trained epochs 3 and 4 only: it continued from the saved state
+    assert (tmp_path / "res_m" / "started.txt").read_text().split() == [f"{f}:{e}" for e in (1, 2, 3, 4) for f in (1, 2, 3)]
     reference = run(write(tmp_path, "ref.toml", epochs=4))
     for model in ("adam", "sgd"):
         assert list(read_json(tmp_path / "res_m" / model / "FOLD_2" / "trainlog.json")) == ["1", "2", "3", "4"]

@@ -53,10 +53,13 @@ def test_the_run_uses_deterministic_algorithms_and_restores_the_previous_setting
         assert json.loads((tmp_path / "res" / "seen.json").read_text()) == {"algorithms": True, "benchmark": False, "cudnn": True}
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
         assert not torch.backends.cudnn.deterministic
-        # the switch changes no result on the CPU, and resuming may turn it off
+        # the switch changes no result on the CPU
         again = izitorch.run(izitorch.load_manifest(str(path), ["run.deterministic=false", "run.overwrite=true"]))
         assert json.loads((tmp_path / "res" / "seen.json").read_text())["algorithms"] is False
         assert [(f["accuracy"], f["loss"]) for f in again["mlp"]] == [(f["accuracy"], f["loss"]) for f in first["mlp"]]
+        # and a resumed run may switch it (here back on, while extending the run by one epoch)
+        izitorch.run(izitorch.load_manifest(str(path), ["run.resume=true", "run.epochs=3"]))
+        assert json.loads((tmp_path / "res" / "seen.json").read_text())["algorithms"] is True
     finally:
         torch.backends.cudnn.benchmark = False
 
@@ -71,4 +74,3 @@ def test_an_operation_without_a_deterministic_algorithm_fails_in_one_line_naming
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert lines[0].startswith("izitorch: error: model mlp: forward failed on input of shape (32, 64): put_ does not have a deterministic")
     assert lines[0].endswith("this operation has no deterministic algorithm: set deterministic = false in [run]")
-    assert not torch.are_deterministic_algorithms_enabled()
