@@ -113,7 +113,12 @@ OPTIMIZERS = {
                                             eps=(1e-8, 1e-6, 1e-8, 1e-4)[k], weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k]) for k in range(K)],
     "adamw": [lambda p, k=k: torch.optim.AdamW(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
                                               weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]) for k in range(K)],
+    # members that share betas and eps take torch's fused Adam kernel (CPU), lrs may differ
+    "adam-sweep": [lambda p, k=k: torch.optim.Adam(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=(0.8, 0.99)) for k in range(K)],
+    "adam-shared-l2": [lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, eps=1e-6) for _ in range(K)],
+    "adamw-sweep": [lambda p, k=k: torch.optim.AdamW(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]) for k in range(K)],
 }
+FUSED = {"adam-sweep", "adam-shared-l2", "adamw-sweep"}
 
 
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
@@ -123,6 +128,7 @@ def test_group_matches_sequential_training(kind: str) -> None:
     group = VectorGroup(grouped)
     train_plain(plain)
     train_group(group)
+    assert (group.optimizer._fused is not None) == (kind in FUSED)
     weights, optim = max_slot_diff(plain, grouped)
     assert weights < ATOL and optim < ATOL
     moved = max_state_diff(plain[0].model.state_dict(), make_slot("x", 100, mlp, OPTIMIZERS[kind][0]).model.state_dict())
@@ -164,15 +170,19 @@ def test_batch_norm_running_stats_are_per_member(kind: str) -> None:
             assert torch.allclose(outputs[k], slot.model(x), atol=ATOL)
 
 
-def test_each_member_scheduler_drives_its_own_lr() -> None:
+# adam-shared-l2 starts on the fused kernel (one lr) and leaves it when the lrs part (L2 decay)
+@pytest.mark.parametrize("kind, fused_at_end", [("adam", False), ("adam-sweep", True), ("adam-shared-l2", False)])
+def test_each_member_scheduler_drives_its_own_lr(kind: str, fused_at_end: bool) -> None:
     schedulers = [lambda o, k=k: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=(0.5, 0.9, 0.1, 1.0)[k]) for k in range(K)]
-    plain, grouped = twin_slots(mlp, OPTIMIZERS["adam"], schedulers)
+    plain, grouped = twin_slots(mlp, OPTIMIZERS[kind], schedulers)
     group = VectorGroup(grouped)
+    assert (group.optimizer._fused is not None) == (kind in FUSED)
     train_plain(plain)
     train_group(group)
+    assert (group.optimizer._fused is not None) == fused_at_end
     weights, optim = max_slot_diff(plain, grouped)
     assert weights < ATOL and optim < ATOL
-    assert grouped[2].optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.1 ** EPOCHS)
+    assert grouped[2].optimizer.param_groups[0]["lr"] == pytest.approx(grouped[2].optimizer.defaults["lr"] * 0.1 ** EPOCHS)
 
 
 def test_dropout_masks_differ_per_member() -> None:
@@ -190,7 +200,7 @@ def test_dropout_masks_differ_per_member() -> None:
     assert torch.allclose(out[0], slots[0].model(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["adam", "sgd-dampening"])
+@pytest.mark.parametrize("kind", ["adam", "adamw-sweep", "sgd-dampening"])
 def test_inactive_members_are_not_updated(kind: str) -> None:
     def active(step: int) -> list[bool]:
         return [True, not 3 <= step < 7, step >= 2, step % 4 != 1]
