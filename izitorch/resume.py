@@ -52,7 +52,7 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     grouped = {name for group in run.groups for name in group.names}
     state = {
         "format": FORMAT,
-        "fingerprint": fingerprint(run.config),
+        "fingerprint": _fingerprint_of(run.config),
         "fold": fold.index,
         "epoch": epoch,
         "stop_reason": fold.stop_reason,
@@ -166,6 +166,17 @@ def fingerprint(config: Config) -> dict[str, str]:
     return {k: v for k, v in flat.items() if k not in TOLERATED}
 
 
+_last_fingerprint: tuple[Config, dict[str, str]] | None = None
+
+
+def _fingerprint_of(config: Config) -> dict[str, str]:
+    """:func:`fingerprint`, computed once per (frozen) config: a run saves its state every epoch."""
+    global _last_fingerprint
+    if _last_fingerprint is None or _last_fingerprint[0] is not config:
+        _last_fingerprint = (config, fingerprint(config))
+    return _last_fingerprint[1]
+
+
 def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:
     for key in sorted(set(saved) | set(current)):
         before, after = saved.get(key, "(absent)"), current.get(key, "(absent)")
@@ -202,9 +213,10 @@ def _stable(value: Any) -> Any:
 
 def slot_state(slot, grouped: bool) -> dict:
     """A slot's own state; a vectorized member's weights and moments are in its group's entry."""
-    optimizer = slot.optimizer.state_dict()
-    if grouped:
-        optimizer = {"param_groups": optimizer["param_groups"]}
+    if grouped:  # the hyper-parameters only (what restore_slot reads), without packing the state
+        optimizer = {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in slot.optimizer.param_groups]}
+    else:
+        optimizer = slot.optimizer.state_dict()
     return standalone({
         "model": None if grouped else slot.model.state_dict(),
         "optimizer": optimizer,

@@ -6,7 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
-from izitorch.plugins.metrics import ConfusionMeter, LossMeter, accuracy, izitorch_register_metrics, mean_iou
+from izitorch.plugins import metrics
+from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, StackedConfusionMeter, StackedLossMeter, accuracy,
+                                      izitorch_register_metrics, mean_iou)
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
 
@@ -154,3 +156,69 @@ def test_register_metrics_registers_loss_and_classification():
     registered = {}
     izitorch_register_metrics(register=registered.__setitem__)
     assert registered == {"loss": LossMeter, "classification": ConfusionMeter}
+
+
+def stacked_batches(generator, members=3, classes=5, sizes=BATCHES):
+    """Uneven batches of K members' outputs ``[K, B, C]``, shared targets, per-member losses,
+    parallel-fold masks and, on some batches, members left out (``active``)."""
+    batches = []
+    for i, size in enumerate(sizes):
+        outputs = torch.randn(members, size, classes, generator=generator)
+        target = torch.randint(-1, classes, (size,), generator=generator)  # -1: an ignored label
+        losses = torch.rand(members, generator=generator)
+        mask = torch.rand(members, size, generator=generator) < 0.7
+        active = [True, i % 2 == 0, True][:members] if i % 3 == 1 else None
+        batches.append((outputs, target, losses, mask, active))
+    return batches
+
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_stacked_meters_equal_one_meter_per_member(generator, monkeypatch, flush, masked):
+    """Member k of a stacked meter counts what a lone meter fed only member k's own samples of
+    the batches it trained on counts; counting in bulk (flush) or batch by batch agrees."""
+    if flush:  # count every few batches instead of once at the end
+        monkeypatch.setattr(metrics, "FLUSH_ELEMENTS", 40)
+        monkeypatch.setattr(metrics, "FLUSH_BATCHES", 2)
+    batches = stacked_batches(generator)
+    stacked = [StackedLossMeter(3), StackedConfusionMeter(5, 3)]
+    alone = [[LossMeter(5), ConfusionMeter(5)] for _ in range(3)]
+    for outputs, target, losses, mask, active in batches:
+        for meter in stacked:
+            meter.update(outputs, target, losses, active, mask=mask if masked else None)
+        for k in range(3):
+            if active is not None and not active[k]:
+                continue
+            rows = mask[k] if masked else slice(None)
+            if masked and not rows.any():
+                continue
+            for meter in alone[k]:
+                meter.update(outputs[k][rows], target[rows], losses[k])
+    merged = [{**loss, **confusion} for loss, confusion in zip(*(meter.compute() for meter in stacked))]
+    for k in range(3):
+        expected = {**alone[k][0].compute(), **alone[k][1].compute()}
+        assert merged[k]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+        assert (merged[k]["confusion_matrix"] == expected["confusion_matrix"]).all()
+        assert merged[k]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert merged[1]["confusion_matrix"].sum() < merged[0]["confusion_matrix"].sum()  # member 1 sat batches out
+
+
+def test_a_member_left_out_of_a_batch_keeps_its_nan_loss_out(generator):
+    meter = StackedLossMeter(2)
+    meter.update(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 2.0]))
+    meter.update(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.tensor([float("nan"), 4.0]), [False, True])
+    assert [m["loss"] for m in meter.compute()] == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_single_meters_count_in_bulk_as_batch_by_batch(generator, monkeypatch, flush):
+    if flush:
+        monkeypatch.setattr(metrics, "FLUSH_ELEMENTS", 16)
+        monkeypatch.setattr(metrics, "FLUSH_BATCHES", 1)
+    logits = torch.randn(sum(BATCHES), 4, generator=generator)
+    targets = torch.randint(0, 4, (sum(BATCHES),), generator=generator)
+    losses = list(torch.rand(len(BATCHES), generator=generator))
+    values = {**accumulate(LossMeter(4), split(logits), split(targets), losses), **accumulate(ConfusionMeter(4), split(logits), split(targets))}
+    sizes = torch.tensor(BATCHES, dtype=torch.float32)
+    assert values["loss"] == pytest.approx(float((torch.stack(losses) * sizes).sum() / sizes.sum()), rel=1e-6)
+    assert (values["confusion_matrix"] == confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=list(range(4)))).all()
