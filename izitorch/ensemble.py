@@ -86,7 +86,7 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
     groups = []
     for bucket in buckets:
         if len(bucket) >= 2:
-            groups.append(VectorGroup([slot for slot, _ in bucket]))
+            groups.append(VectorGroup([slot for slot, _ in bucket], checked=True))
         else:
             slot, signature = bucket[0]
             reasons[slot.name] = f"{slot.name}: {_why_alone(slot, signature, candidates, slots)}"
@@ -238,19 +238,21 @@ class VectorGroup:
     (``Slot.reset``, a resume) so that the stacked state takes the members' state back.
     """
 
-    def __init__(self, slots: Sequence[Slot]) -> None:
+    def __init__(self, slots: Sequence[Slot], checked: bool = False) -> None:
+        """``checked``: :func:`group_slots` already verified that the slots can be grouped."""
         slots = list(slots)
         if len(slots) < 2:
             raise IzitorchError("a vectorized group needs at least two models")
-        for slot in slots:
-            why = why_not_vectorizable(slot)
-            if why:
-                raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
-        first = _Signature.of(slots[0])
-        for slot in slots[1:]:
-            if not _Signature.of(slot).matches(first):
-                raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
-                                    "their architectures, optimizer kinds or criteria differ")
+        if not checked:
+            for slot in slots:
+                why = why_not_vectorizable(slot)
+                if why:
+                    raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
+            first = _Signature.of(slots[0])
+            for slot in slots[1:]:
+                if not _Signature.of(slot).matches(first):
+                    raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
+                                        "their architectures, optimizer kinds or criteria differ")
         self.slots = slots
         self.size = len(slots)
         models = [slot.model for slot in slots]
