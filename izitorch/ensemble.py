@@ -684,7 +684,7 @@ class StackedOptimizer:
         self._installed = [False] * K
         self._hyper_values: list[tuple] | None = None
         self._columns: dict[str, torch.Tensor] = {}
-        self._fused: _FusedAdam | None = None
+        self._fused: _FusedStep | None = None
         self.sync_from_members()
 
     # -- hyper-parameters
@@ -719,9 +719,8 @@ class StackedOptimizer:
             self._lr64, self._beta1_64, self._beta2_64 = lr.numpy(), beta1.numpy(), beta2.numpy()
         flat = self.group.flat
         self._columns = {k: v.to(dtype=flat.dtype, device=flat.device).unsqueeze(1) for k, v in columns.items()}
-        if self.kind == "adam":
-            self._columns["lr"] = lr.to(dtype=flat.dtype, device=flat.device).unsqueeze(1)
-            self._fused = _FusedAdam.of(values, self.decoupled, self) if self.use_fused else None
+        self._columns["lr"] = lr.to(dtype=flat.dtype, device=flat.device).unsqueeze(1)
+        self._fused = _FusedStep.of(self, values) if self.use_fused else None
         if self.kind == "sgd":
             mask = torch.tensor(self.momentum_mask, device=flat.device).unsqueeze(1)
             self._columns["has_momentum"] = mask
@@ -745,10 +744,10 @@ class StackedOptimizer:
         saved = [t[rows] for t in tensors] if frozen else None  # advanced indexing copies
         skip = set(frozen)
         moving = [k for k in range(self.group.size) if k not in skip]
-        if self.kind == "sgd":
+        if self._fused is not None and not frozen and (self.kind == "adam" or len(set(self.started)) == 1):
+            self._fused_step(is_first_step=not self.started[0])  # SGD: all members at their first step, or none
+        elif self.kind == "sgd":
             self._sgd(moving)
-        elif self._fused is not None and not frozen:
-            self._fused_adam()
         else:
             self._adam(frozen)
         if saved is not None:
@@ -811,23 +810,29 @@ class StackedOptimizer:
         denom = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(c["eps"])
         param.addcmul_(exp_avg / denom, neg_step_size)
 
-    def _fused_adam(self) -> None:
-        """:meth:`_adam` as one call of torch's fused Adam kernel (CPU: ~12 us against ~200 us
-        for the dozen elementwise operations at K = 16): every member is one row, with its own
-        step count. Members that differ only in learning rate (a sweep) share the kernel: it
-        writes each member's unscaled update (lr = 1) into a zeroed scratch tensor, which one
-        ``addcmul_`` scales by each member's lr."""
+    def _fused_step(self, is_first_step: bool) -> None:
+        """:meth:`_sgd` / :meth:`_adam` as one call of torch's fused kernel (CPU; Adam at K = 16:
+        ~12 us against ~200 us for a dozen elementwise operations): every member is one row,
+        with its own Adam step count. Members that differ only in learning rate (a sweep) share
+        the kernel: it writes each member's unscaled update (lr = 1) into a zeroed scratch
+        tensor, which one ``addcmul_`` scales by each member's lr. ``is_first_step``: no member
+        has stepped yet (SGD's momentum buffer then starts as the gradient)."""
         fused, c = self._fused, self._columns
         param = self.group.flat
-        self.steps += 1  # the kernel reads the step; torch's own fused Adam increments it first
-        if self.any_wd and self.decoupled:
-            param.mul_(c["decay"])
-        target = fused.rows["param"] if fused.lr is not None else fused.rows["scratch"]
         if fused.lr is None:
             fused.scratch.zero_()
-        torch._fused_adam_(target, fused.rows["grad"], fused.rows["exp_avg"], fused.rows["exp_avg_sq"], [], fused.rows["step"],
-                           amsgrad=False, lr=1.0 if fused.lr is None else fused.lr, beta1=fused.beta1, beta2=fused.beta2,
-                           weight_decay=fused.l2, eps=fused.eps, maximize=False)
+        target = fused.rows["param"] if fused.lr is not None else fused.rows["scratch"]
+        lr = 1.0 if fused.lr is None else fused.lr
+        if self.kind == "sgd":
+            buffers = fused.rows["momentum_buffer"] if fused.options["momentum"] else []
+            torch._fused_sgd_(target, fused.rows["grad"], buffers, lr=lr, nesterov=self.nesterov, maximize=False,
+                              is_first_step=is_first_step, **fused.options)
+        else:
+            self.steps += 1  # the kernel reads the step; torch's own fused Adam increments it first
+            if self.any_wd and self.decoupled:
+                param.mul_(c["decay"])
+            torch._fused_adam_(target, fused.rows["grad"], fused.rows["exp_avg"], fused.rows["exp_avg_sq"], [], fused.rows["step"],
+                               lr=lr, amsgrad=False, maximize=False, **fused.options)
         if fused.lr is None:
             param.addcmul_(fused.scratch, c["lr"])
 
@@ -895,57 +900,64 @@ class StackedOptimizer:
 
 
 @attrs.frozen
-class _FusedAdam:
-    """When and how :meth:`StackedOptimizer._fused_adam` applies to a group.
+class _FusedStep:
+    """When and how :meth:`StackedOptimizer._fused_step` applies to a group.
 
-    The kernel takes one lr, betas, eps and weight decay for all its tensors: the members must
-    share betas and eps; their lrs may differ (the update is then scaled per member after the
-    kernel), and so may AdamW's decoupled weight decay (applied before it, as now). Adam's L2
-    weight decay acts on the parameter inside the kernel, so it needs one lr and one decay.
-    ``rows`` holds the per-member row views the kernel takes (made once: the stacked tensors
-    are updated in place, never replaced).
+    torch's fused kernels take one value of each hyper-parameter for all their tensors: the
+    members must share them (SGD: momentum, dampening; Adam: betas, eps), except the lr (the
+    update is then scaled per member after the kernel) and AdamW's decoupled weight decay
+    (applied before it, as on the elementwise path). L2 weight decay (SGD, Adam) acts on the
+    parameter inside the kernel, so it needs one lr and one decay. ``rows`` holds the
+    per-member row views the kernel takes, made once: the stacked tensors are updated in
+    place, never replaced.
     """
 
     lr: float | None  # None: per-member lrs, scaled after the kernel
-    beta1: float
-    beta2: float
-    eps: float
-    l2: float
+    options: dict  # the kernel's shared hyper-parameters
     scratch: torch.Tensor
     rows: dict
 
     @classmethod
-    def of(cls, values: list[tuple], decoupled: bool, optimizer: "StackedOptimizer") -> "_FusedAdam | None":
-        lrs, beta1s, beta2s, epss, wds = zip(*values)
+    def of(cls, optimizer: "StackedOptimizer", values: list[tuple]) -> "_FusedStep | None":
         flat = optimizer.group.flat
-        if len(set(beta1s)) > 1 or len(set(beta2s)) > 1 or len(set(epss)) > 1 or not _has_fused_adam(flat.device, flat.dtype):
+        columns = list(zip(*values))  # sgd: lr, wd, momentum, dampening; adam: lr, beta1, beta2, eps, wd
+        if optimizer.kind == "sgd":
+            lrs, wds, momenta, dampenings = columns
+            shared = {"momentum": momenta, "dampening": dampenings}
+        else:
+            lrs, beta1s, beta2s, epss, wds = columns
+            shared = {"beta1": beta1s, "beta2": beta2s, "eps": epss}
+        if any(len(set(v)) > 1 for v in shared.values()) or not _has_fused_kernels(flat.device, flat.dtype):
             return None
         lr = lrs[0] if len(set(lrs)) == 1 else None
-        l2 = 0.0
-        if not decoupled and any(wds):
+        options = {key: v[0] for key, v in shared.items()}
+        options["weight_decay"] = 0.0
+        if not optimizer.decoupled and any(wds):
             if lr is None or len(set(wds)) > 1:
                 return None
-            l2 = wds[0]
+            options["weight_decay"] = wds[0]
         scratch = torch.zeros_like(flat)
         tensors = {"param": flat, "grad": optimizer.group.flat_grad, "scratch": scratch, **optimizer.state}
         rows = {name: list(tensor.unbind(0)) for name, tensor in tensors.items()}
         rows["step"] = [optimizer.steps[k, 0] for k in range(len(flat))]  # a member's parameters step together
-        return cls(lr, beta1s[0], beta2s[0], epss[0], l2, scratch, rows)
+        return cls(lr, options, scratch, rows)
 
 
 @functools.lru_cache(maxsize=None)
-def _has_fused_adam(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch has a fused Adam kernel for these tensors (CPU: torch >= 2.4).
+def _has_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has fused SGD and Adam kernels for these tensors (CPU: torch >= 2.4).
 
-    On CUDA the kernel wants its step counts on the GPU, where torch keeps them on the CPU
+    On CUDA the Adam kernel wants its step counts on the GPU, where torch keeps them on the CPU
     (and so does a member's ``optimizer.state_dict()``): the elementwise path stays there.
     """
-    if device.type != "cpu" or not hasattr(torch, "_fused_adam_"):
+    if device.type != "cpu" or not hasattr(torch, "_fused_adam_") or not hasattr(torch, "_fused_sgd_"):
         return False
     one = torch.ones(2, dtype=dtype)
     try:
         torch._fused_adam_([one.clone()], [one.clone()], [one.clone()], [one.clone()], [], [torch.ones(())], amsgrad=False,
                            lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
+        torch._fused_sgd_([one.clone()], [one.clone()], [one.clone()], weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=True)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True

@@ -113,12 +113,16 @@ OPTIMIZERS = {
                                             eps=(1e-8, 1e-6, 1e-8, 1e-4)[k], weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k]) for k in range(K)],
     "adamw": [lambda p, k=k: torch.optim.AdamW(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
                                               weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]) for k in range(K)],
-    # members that share betas and eps take torch's fused Adam kernel (CPU), lrs may differ
+    # members that share betas and eps (SGD: momentum, dampening) take torch's fused kernels
+    # (CPU); their lrs may differ
     "adam-sweep": [lambda p, k=k: torch.optim.Adam(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=(0.8, 0.99)) for k in range(K)],
     "adam-shared-l2": [lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, eps=1e-6) for _ in range(K)],
     "adamw-sweep": [lambda p, k=k: torch.optim.AdamW(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]) for k in range(K)],
+    "sgd-sweep": [lambda p, k=k: torch.optim.SGD(p, lr=0.02 * (k + 1), momentum=0.9, nesterov=True) for k in range(K)],
+    "sgd-shared-l2": [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, dampening=0.1, weight_decay=1e-2) for _ in range(K)],
+    "sgd-plain-sweep": [lambda p, k=k: torch.optim.SGD(p, lr=0.05 * (k + 1)) for k in range(K)],
 }
-FUSED = {"adam-sweep", "adam-shared-l2", "adamw-sweep"}
+FUSED = {"adam-sweep", "adam-shared-l2", "adamw-sweep", "sgd-sweep", "sgd-shared-l2", "sgd-plain-sweep"}
 
 
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
@@ -200,7 +204,7 @@ def test_dropout_masks_differ_per_member() -> None:
     assert torch.allclose(out[0], slots[0].model(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamw-sweep", "sgd-dampening"])
+@pytest.mark.parametrize("kind", ["adam", "adamw-sweep", "sgd-dampening", "sgd-sweep"])
 def test_inactive_members_are_not_updated(kind: str) -> None:
     def active(step: int) -> list[bool]:
         return [True, not 3 <= step < 7, step >= 2, step % 4 != 1]
