@@ -16,7 +16,9 @@ so ``slot.optimizer.state_dict()`` is what that optimizer would hold had it step
 Parameters live in one flat ``[K, N]`` tensor (each stacked parameter is a view of a column
 range), and so do their gradients and the optimizer's moments. The update of all members is
 then a handful of elementwise operations on ``[K, N]`` tensors with per-member hyper-parameters
-as ``[K, 1]`` columns, whatever the number of parameter tensors.
+as ``[K, 1]`` columns, whatever the number of parameter tensors; on the CPU, when the members
+share the hyper-parameters torch's fused kernels take as one value, a single fused SGD / Adam
+call (see :class:`_FusedStep`).
 """
 from __future__ import annotations
 
@@ -663,7 +665,7 @@ class StackedOptimizer:
     move it. Members' optimizer step hooks never run (models with them are not grouped).
     """
 
-    #: Use torch's fused Adam kernel where it applies (tests switch it off to compare).
+    #: Step on torch's fused SGD / Adam kernels where they apply (False: always elementwise).
     use_fused = True
 
     def __init__(self, group: VectorGroup) -> None:

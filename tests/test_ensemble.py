@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from izitorch.datasets import digits
-from izitorch.ensemble import VectorGroup, group_slots, standalone
+from izitorch.ensemble import StackedOptimizer, VectorGroup, group_slots, standalone
 from izitorch.errors import IzitorchError
 from izitorch.models import MLP, SmallCNN
 from izitorch.state import Slot
@@ -137,6 +137,18 @@ def test_group_matches_sequential_training(kind: str) -> None:
     assert weights < ATOL and optim < ATOL
     moved = max_state_diff(plain[0].model.state_dict(), make_slot("x", 100, mlp, OPTIMIZERS[kind][0]).model.state_dict())
     assert moved > 0.01  # it did train
+
+
+@pytest.mark.parametrize("kind", ["adamw-sweep", "sgd-sweep"])
+def test_the_fused_and_elementwise_steps_agree(kind: str, monkeypatch) -> None:
+    fused, elementwise = twin_slots(mlp, OPTIMIZERS[kind])
+    fused_group = VectorGroup(fused)
+    monkeypatch.setattr(StackedOptimizer, "use_fused", False)
+    elementwise_group = VectorGroup(elementwise)
+    assert fused_group.optimizer._fused is not None and elementwise_group.optimizer._fused is None
+    train_group(fused_group, epochs=1)
+    train_group(elementwise_group, epochs=1)
+    assert max(max_slot_diff(fused, elementwise)) < 1e-6
 
 
 # SmallCNN's convolution biases feed BatchNorm, so their true gradient is zero and what the
