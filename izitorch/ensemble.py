@@ -710,18 +710,17 @@ class StackedOptimizer:
         h = torch.tensor(values, dtype=torch.float64)  # [K, n]: derived factors in double, as Python floats are
         if self.kind == "sgd":
             lr, wd, momentum, dampening = h.unbind(1)
-            columns = {"neg_lr": -lr, "wd": wd, "momentum": momentum, "one_minus_dampening": 1 - dampening}
+            columns = {"lr": lr, "wd": wd, "momentum": momentum, "one_minus_dampening": 1 - dampening}
             self.any_wd = bool((wd != 0).any())
             self.momentum_mask = (momentum != 0).tolist()
         else:
             lr, beta1, beta2, eps, wd = h.unbind(1)
-            columns = {"one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps,
+            columns = {"lr": lr, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps,
                        "wd": wd, "decay": 1 - lr * wd}
             self.any_wd = bool((wd != 0).any())
             self._lr64, self._beta1_64, self._beta2_64 = lr.numpy(), beta1.numpy(), beta2.numpy()
         flat = self.group.flat
         self._columns = {k: v.to(dtype=flat.dtype, device=flat.device).unsqueeze(1) for k, v in columns.items()}
-        self._columns["lr"] = lr.to(dtype=flat.dtype, device=flat.device).unsqueeze(1)
         self._fused = _FusedStep.of(self, values) if self.use_fused else None
         if self.kind == "sgd":
             mask = torch.tensor(self.momentum_mask, device=flat.device).unsqueeze(1)
@@ -782,7 +781,7 @@ class StackedOptimizer:
                 direction = torch.where(c["has_momentum"], direction, grad)
         else:
             direction = grad
-        param.addcmul_(direction, c["neg_lr"])
+        param.addcmul_(direction, c["lr"], value=-1)
 
     def _adam(self, frozen: list[int]) -> None:
         c, param, grad = self._columns, self.group.flat, self.group.flat_grad

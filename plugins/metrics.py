@@ -163,7 +163,7 @@ class ConfusionMeter:
             return
         if self.cells is None:
             self.cells = _CellCounts(1, self.num_classes or output.shape[1])
-        self.cells.add(output.detach().argmax(dim=1).reshape(1, -1), target.reshape(-1))
+        self.cells.add(output.argmax(dim=1).reshape(1, -1), target.reshape(-1))
 
     def compute(self) -> dict[str, Any]:
         matrices = self.cells.matrices() if self.applies and self.cells is not None else None
@@ -184,13 +184,7 @@ class StackedLossMeter:
 
     def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
                mask: torch.Tensor | None = None) -> None:
-        n = target.shape[0] if target.ndim else 1
-        if mask is not None:
-            weight = mask.sum(1)
-        elif active is not None:
-            weight = torch.full_like(losses, float(n), dtype=torch.float32)
-        else:
-            weight = n
+        weight = mask.sum(1) if mask is not None else target.shape[0] if target.ndim else 1
         if active is not None:
             weight = weight * host_to_device(torch.tensor(active, dtype=torch.float32), losses.device)
         self.sums.add(losses.detach(), weight)
@@ -224,7 +218,7 @@ class StackedConfusionMeter:
         members = outputs.shape[0]
         if self.cells is None:
             self.cells = _CellCounts(members, self.num_classes or outputs.shape[2])
-        predicted = outputs.detach().argmax(dim=2).reshape(members, -1)
+        predicted = outputs.argmax(dim=2).reshape(members, -1)
         keep = None
         if mask is not None:
             per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
