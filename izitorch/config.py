@@ -88,6 +88,7 @@ class RunConfig:
     nan_policy: str = attrs.field(default="stop", validator=one_of(*NAN_POLICIES), metadata=doc("what a non-finite training loss does to its model"))
     multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
     deterministic: bool = attrs.field(default=False, metadata=doc("deterministic algorithms only: the same bits on a GPU too"))
+    background_writes: bool = attrs.field(default=True, metadata=doc("write files on a background thread, at most one epoch behind"))
 
 
 @attrs.frozen

@@ -1,36 +1,76 @@
 """Every file izitorch writes goes through here: temp file, flush, fsync, ``os.replace``.
 
 A crash at any moment leaves either the previous file or the new one, never half of one, so a
-checkpoint or trainlog that existed before a failure still loads after it.
+checkpoint or trainlog that existed before a failure still loads after it. Inside
+:func:`background_writes` (a run, unless ``run.background_writes = false``) a file is serialised
+at once and written by :class:`~izitorch.writer.BackgroundWriter`'s thread, in order.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import json
 import os
 import pickle
-import tempfile
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 import torch
 
 from izitorch.errors import IzitorchError, TrainingError
+from izitorch.writer import BackgroundWriter
 
-# mkstemp makes 0600 files; outputs get the mode a plain open() would give them (0666 & ~umask)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_writer: BackgroundWriter | None = None  # set by background_writes()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
+
+    Inside :func:`background_writes`, ``write`` fills a memory buffer now and the writer's
+    thread puts the bytes in place later (a failure there is raised by a later call)."""
     path = Path(path)
+    if _writer is None:
+        return _write_file(path, write)
+    buffer = BytesIO()
+    try:
+        write(buffer)
+    except OSError as error:
+        raise _write_error(path, error) from None
+    _writer.submit(path, buffer.getbuffer())
+    return path
+
+
+@contextlib.contextmanager
+def background_writes(enabled: bool = True) -> Iterator[None]:
+    """Write files on a background thread for the duration of the block; every file is on
+    disk when it ends (a write error is raised then, unless the block raised already)."""
+    global _writer
+    if not enabled or _writer is not None:
+        yield
+        return
+    writer = _writer = BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data)))
+    try:
+        yield
+        writer.flush()
+    finally:
+        _writer = None
+        writer.close()
+
+
+def commit() -> None:
+    """An epoch's files are all written: wait until the previous epoch's are on disk (writes lag
+    at most one epoch behind training; see :mod:`izitorch.writer`)."""
+    if _writer is not None:
+        _writer.commit()
+
+
+def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
+        fd, tmp = _create_temporary(path)
+        with open(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -42,6 +82,26 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             raise _write_error(path, error) from None
         raise
     return path
+
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_temporary_numbers = itertools.count()
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new ``.<name>.<pid>-<n>.tmp`` next to ``path``, created with the mode a plain open()
+    would give (0666 & ~umask); the folder is made when missing. Fewer system calls and less
+    Python than ``tempfile.mkstemp`` + ``fchmod``, which counts when the writer thread has to
+    take the GIL from the training loop for each step."""
+    for _ in range(8):
+        tmp = f"{path.parent}{os.sep}.{path.name}.{os.getpid()}-{next(_temporary_numbers)}.tmp"
+        try:
+            return os.open(tmp, _FLAGS, 0o666), tmp
+        except FileExistsError:  # a leftover of an earlier process with the same pid
+            continue
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def _write_error(path: Path, error: OSError) -> IzitorchError:

@@ -36,7 +36,7 @@ from torch import nn
 from izitorch import ensemble, resume
 from izitorch.data import make_loader
 from izitorch.errors import IzitorchError
-from izitorch.io import save_torch
+from izitorch.io import commit, save_torch
 from izitorch.loop import epoch_pass, kept_weights
 from izitorch.state import Fold, Run, Scores, Slot
 
@@ -227,6 +227,7 @@ def _save(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginS
         "rng": resume.rng_state(_loaders(passes)),
     }
     save_torch(resume.parallel_state_path(run.res_dir), state)
+    commit()  # the state is the epoch's last file
 
 
 def _restore(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginStates, saved: dict) -> int:

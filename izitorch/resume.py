@@ -21,7 +21,7 @@ import torch
 from izitorch.config import Config
 from izitorch.ensemble import standalone
 from izitorch.errors import IzitorchError, ManifestError
-from izitorch.io import save_torch
+from izitorch.io import commit, save_torch
 from izitorch.state import Fold, Run
 
 STATE_DIR = ".izitorch"
@@ -30,7 +30,7 @@ FORMAT = 3  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
 TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory", "run.deterministic",
-             "run.device", "run.overwrite", "run.resume", "args.epochs", "args.display_step",
+             "run.device", "run.overwrite", "run.resume", "run.background_writes", "args.epochs", "args.display_step",
              "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite", "args.res_dir"}
 
 
@@ -63,6 +63,7 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
         "rng": rng_state(fold),
     }
     save_torch(state_path(run.res_dir, fold.index), state)
+    commit()  # the state is the epoch's last file
 
 
 def plugin_states(run: Run) -> dict[str, Any]:

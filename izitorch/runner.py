@@ -17,6 +17,7 @@ from izitorch.config import Config
 from izitorch.data import build_dataset, build_slots, pick_device
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.guard import LOCK_NAME, Interrupted, StopFlag, res_dir_lock, stop_on_signals
+from izitorch.io import background_writes
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Run, Split
@@ -29,7 +30,8 @@ def run(config: Config) -> dict[str, list[dict]]:
     res_dir = Path(config.run.res_dir)
     check_res_dir(res_dir, config)
     flag = StopFlag()
-    with res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic):
+    with (res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic),
+          background_writes(config.run.background_writes)):
         resuming = prepare_res_dir(res_dir, config)
         session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag)
         try:

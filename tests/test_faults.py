@@ -24,6 +24,7 @@ import json
 import os
 import re
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -280,10 +281,14 @@ def test_a_permission_error_is_a_one_line_izitorch_error(tmp_path, monkeypatch):
     path = tmp_path / "conf.json"
     izio.write_json(path, {"a": 1})
 
-    def denied(*_args, **_kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+    real_open = os.open
 
-    monkeypatch.setattr(izio.tempfile, "mkstemp", denied)
+    def denied(name, *args, **kwargs):
+        if str(name).endswith(".tmp"):  # the temporary file izitorch creates next to conf.json
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(izio.os, "open", denied)
     with pytest.raises(IzitorchError) as info:
         izio.write_json(path, {"a": 2})
     assert type(info.value) is IzitorchError and info.value.exit_code == 2
@@ -292,7 +297,7 @@ def test_a_permission_error_is_a_one_line_izitorch_error(tmp_path, monkeypatch):
 
 
 def test_outputs_get_the_mode_a_plain_open_would_give_them(tmp_path):
-    """mkstemp creates 0600 files; results must stay readable as with open() (0666 & ~umask)."""
+    """Results stay readable as with open() (0666 & ~umask), not 0600 like tempfile.mkstemp's."""
     umask = os.umask(0o022)
     os.umask(umask)
     path = tmp_path / "results.json"
@@ -605,3 +610,60 @@ def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys
                                      "model is torch.Size([32, 64])); the architecture changed since the interrupted run: "
                                      "start over with --overwrite")
     assert trainlog(res, "net") == log and saved_state(res)["epoch"] == 2
+
+
+# -- files written behind training (run.background_writes) -----------------------------------------
+
+def replaced_by_thread(monkeypatch) -> dict[str, set[str]]:
+    """Record which thread moves each file into place: ``{file name: {thread names}}``."""
+    seen: dict[str, set[str]] = {}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.setdefault(Path(dst).name, set()).add(threading.current_thread().name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(izio.os, "replace", replace)
+    return seen
+
+
+@pytest.mark.parametrize("background, thread", [(True, "izitorch-writer"), (False, "MainThread")])
+def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, capsys, monkeypatch, background, thread):
+    seen = replaced_by_thread(monkeypatch)
+    path = write_run(tmp_path, run=f"background_writes = {str(background).lower()}")
+    code, _, err = cli(capsys, "run", path)
+    assert code == 0, err
+    for name in ("conf.json", "trainlog.json", "model.pth.tar", "fold_1.pth.tar", "test_metrics.json", "results.json"):
+        assert seen[name] == {thread}, (name, seen[name])
+    assert list(trainlog(tmp_path / "res", "mlp")) == ["1", "2", "3"]  # every file is there when run() returns
+    assert saved_state(tmp_path / "res")["final_scores"] is not None
+    assert leftovers(tmp_path / "res") == []
+
+
+def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it_lands(tmp_path, capsys, monkeypatch):
+    """Epoch 3's checkpoint fails on the writer thread: exit 1 with the one line, and epoch 3's
+    resume state, queued after it, is not written; --resume then completes the run."""
+    path = write_run(tmp_path, epochs=3)
+    res = tmp_path / "res"
+    failed_on = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "model.pth.tar" and torch.load(src, weights_only=True)["epoch"] == 3:
+            failed_on.append(threading.current_thread().name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(izio.os, "replace", replace)
+    code, _, err = cli(capsys, "run", path)
+    assert code == 1 and failed_on == ["izitorch-writer"]
+    assert error_of(err) == (f"no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+                             "the previous version is intact: free some space, then continue with --resume")
+    assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
+    assert saved_state(res)["epoch"] == 2
+    assert leftovers(res) == [] and not (res / ".izitorch.lock").exists() and not (res / "results.json").exists()
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "run", path, "--resume")
+    assert code == 0, err
+    assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 3
+    assert list(trainlog(res, "mlp")) == ["1", "2", "3"]

@@ -941,9 +941,10 @@ def test_the_rack_resumes_with_resume_1(tmp_path):
 
     ref = launch("ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = launch("killed", kill=10)  # 192 training samples: 6 steps an epoch, so epoch 2 step 4
+    killed = launch("killed", kill=16)  # 192 training samples: 6 steps an epoch, so epoch 3 step 4
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert saved_epoch(tmp_path / "killed") == 1
+    # files are written behind training, at most one epoch behind: epoch 1 is on disk, 2 may be
+    assert saved_epoch(tmp_path / "killed") in (1, 2)
     (tmp_path / "killed").rename(tmp_path / "res")  # a moved res_dir resumes too, as with a manifest
     resumed = launch("res", "--resume", "1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -1,0 +1,106 @@
+"""Write-behind: during a run, files reach the disk on one background thread while training goes on.
+
+Why: every file izitorch writes is fsynced before it replaces the previous version
+(:mod:`izitorch.io`), and an epoch writes several (trainlog, checkpoint, resume state). For a
+small model these system calls cost as much as the epoch's training. The main thread still
+serialises each file, so what is written is the state at the moment of the call; only the
+temporary file, its fsync and the rename move to the thread.
+
+What a run can count on:
+
+- **order**: files land in the order they were written, so an epoch's resume state (its last
+  file) never lands before that epoch's outputs;
+- **bounded lag**: :meth:`BackgroundWriter.commit`, called after each resume state, waits until
+  the previous epoch's files are on disk. A hard kill (SIGKILL, power loss) loses at most the last
+  finished epoch, which ``--resume`` trains again; Ctrl-C, errors and the end of a run wait for
+  every file;
+- **errors**: a failed write stops every later one (nothing after it lands, so the resume state
+  never points past it) and is raised in the main thread by the next write, commit or flush;
+- **memory**: the serialised bytes waiting for the disk are bounded by ``max_pending_bytes``;
+  past it a write waits (one file larger than the bound is still taken, alone).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+from typing import Callable
+
+WriteFile = Callable[[Path, memoryview], None]
+
+
+class BackgroundWriter:
+    """One thread writing ``(path, bytes)`` pairs in order with ``write_file``."""
+
+    def __init__(self, write_file: WriteFile, max_pending_bytes: int = 256 << 20) -> None:
+        self._write_file = write_file
+        self._max_pending_bytes = max_pending_bytes
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[Path, memoryview]] = collections.deque()
+        self._pending_bytes = 0
+        self._submitted = 0  # files handed over so far
+        self._done = 0  # files written (or dropped after an error) so far
+        self._last_commit = 0
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="izitorch-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, data: memoryview) -> None:
+        """Queue ``data`` for ``path``; raise the error of an earlier write, if any."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or not self._pending_bytes
+                                or self._pending_bytes + len(data) <= self._max_pending_bytes)
+            self._raise_error()
+            self._queue.append((path, data))
+            self._pending_bytes += len(data)
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def commit(self) -> None:
+        """Mark the end of an epoch's files and wait until the previous epoch's are on disk."""
+        with self._cond:
+            previous, self._last_commit = self._last_commit, self._submitted
+            self._wait_for(previous)
+
+    def flush(self) -> None:
+        """Wait until every queued file is on disk; raise a write's error."""
+        with self._cond:
+            self._wait_for(self._submitted)
+
+    def close(self) -> None:
+        """Finish the queued writes (dropping them after an error) and stop the thread; never raises."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _wait_for(self, count: int) -> None:
+        self._cond.wait_for(lambda: self._done >= count or self._error is not None)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                path, data = self._queue[0]
+                failed = self._error is not None
+            error = None
+            if not failed:  # after a failure nothing later lands
+                try:
+                    self._write_file(path, data)
+                except BaseException as caught:  # noqa: BLE001 -- handed to the main thread
+                    error = caught
+            with self._cond:
+                self._queue.popleft()
+                self._pending_bytes -= len(data)
+                self._done += 1
+                if error is not None and self._error is None:
+                    self._error = error
+                self._cond.notify_all()
