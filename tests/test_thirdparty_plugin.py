@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from textwrap import dedent
 
@@ -181,3 +182,25 @@ def test_izitorch_plugins_lists_it_with_version_and_hooks(site):
     assert out[index + 1] == "    hooks: izitorch_configure, izitorch_run_finish, izitorch_should_stop"
     # without the site folder the entry point is gone, and so is the plugin
     assert not any(line.startswith("demo ") for line in check(run_cli("plugins")).stdout.splitlines())
+
+
+def test_a_plugin_installed_while_the_process_runs_is_found(tmp_path, monkeypatch):
+    """The entry points are cached per installation state (sys.path folders and their
+    modification times): a distribution that appears later is seen, one that goes is forgotten."""
+    from izitorch.pluginmanager import available_plugins
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    assert "late" not in available_plugins()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    dist = site / "izitorch_late-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: izitorch-late\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[izitorch]\nlate = izitorch_late:Plugin\n")
+    assert available_plugins()["late"].value == "izitorch_late:Plugin"
+    time.sleep(0.05)
+    for child in dist.iterdir():
+        child.unlink()
+    dist.rmdir()
+    assert "late" not in available_plugins()
