@@ -370,3 +370,42 @@ def test_a_model_whose_output_does_not_fit_fails_in_one_line_during_training(tmp
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "models adam (vectorized): CrossEntropyLoss cannot take output (32, 10, 2) with target (32,)" in lines[0]
     assert "check the output size against num_classes" in lines[0]
+
+
+def test_a_member_with_no_sample_of_its_own_in_a_batch_does_not_step(tmp_path):
+    """With one sample a batch, every batch is some fold's test sample: that fold's member must
+    sit the step out (an Adam step on a zero gradient would still move it). 30 samples, 3 folds,
+    2 epochs: each member takes 2 x 20 steps, not 2 x 30."""
+    path = write(tmp_path, epochs=2, params="{ limit = 30 }")
+    run(path, "run.batch_size=1")
+    res = tmp_path / "res_m"
+    split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
+    assert [len(train) for train, _ in split] == [20, 20, 20]
+    for fold in (1, 2, 3):
+        state = torch.load(res / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)["optimizer"]["state"]
+        assert [float(entry["step"]) for entry in state.values()] == [40.0] * 4, fold
+
+
+def test_each_members_scheduler_drives_its_own_learning_rate(tmp_path):
+    """A StepLR (halving every epoch) on "adam": every fold's member ends at lr / 2**epochs, as in
+    sequential folds, and the group trains with it: epoch 1 is the run without a scheduler's,
+    epoch 2 (at half the lr) is not."""
+    scheduler = '\nscheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }'
+    scheduled = write(tmp_path, "scheduled.toml", epochs=2, criterion=scheduler)
+    constant = write(tmp_path, "constant.toml", epochs=2)
+    sequential = write(tmp_path, "sequential.toml", epochs=2, criterion=scheduler, parallel="false")
+    for path in (scheduled, constant, sequential):
+        run(path)
+    for fold in (1, 2, 3):
+        lrs = [torch.load(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)
+               ["optimizer"]["param_groups"][0]["lr"] for name in ("scheduled", "constant", "sequential")]
+        assert lrs == [pytest.approx(1e-2 / 4), pytest.approx(1e-2), pytest.approx(1e-2 / 4)], fold
+        logs = [read_json(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "trainlog.json") for name in ("scheduled", "constant")]
+        assert logs[0]["1"]["loss"] == logs[1]["1"]["loss"]
+        assert logs[0]["2"]["loss"] != logs[1]["2"]["loss"]
+        sgd = [read_json(tmp_path / f"res_{name}" / "sgd" / f"FOLD_{fold}" / "trainlog.json") for name in ("scheduled", "constant")]
+        assert without_times(sgd[0]) == without_times(sgd[1])  # the other model has no scheduler
+
+
+def without_times(log: dict) -> dict:
+    return {epoch: {k: v for k, v in entry.items() if not k.endswith("_time")} for epoch, entry in log.items()}
