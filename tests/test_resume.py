@@ -471,11 +471,19 @@ def resume_state_view(path: Path) -> dict:
     states (trainlog timings aside), scores, torch RNG and the loaders' generators. (The numpy
     and python RNG states come from each process's own random seeding until a resume restores them.)"""
     state = torch.load(path, weights_only=True)
-    view = {k: state[k] for k in ("fold", "epoch", "stop_reason", "slots", "fingerprint")}
-    view["plugins"] = strip_times(state["plugins"])
-    view["final_scores"] = strip_times(state["final_scores"]) if state["final_scores"] is not None else None
+    if "parallel" in state:  # folds.pth.tar: the folds of a parallel run, saved together
+        view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
+        view["folds"] = [{**{k: fold[k] for k in ("epoch", "stop_reason", "slots")}, **fold_view(fold)} for fold in state["folds"]]
+    else:
+        view = {k: state[k] for k in ("fold", "epoch", "stop_reason", "slots", "fingerprint", "groups")}
+        view.update(fold_view(state))
     view["rng"] = {"torch": state["rng"]["torch"], "loaders": state["rng"]["loaders"]}
     return view
+
+
+def fold_view(state: dict) -> dict:
+    return {"plugins": strip_times(state["plugins"]),
+            "final_scores": strip_times(state["final_scores"]) if state["final_scores"] is not None else None}
 
 
 def compare_runs(ref: Path, other: Path) -> list[str]:
@@ -490,8 +498,8 @@ def compare_runs(ref: Path, other: Path) -> list[str]:
         if name.endswith("/conf.json"):  # a scheduler's repr carries its memory address
             a, b = ({k: v for k, v in conf.items() if k != "scheduler"} for conf in (a, b))
         diffs += same(a, b, name)
-    states = sorted(p.name for p in (ref / ".izitorch").glob("fold_*.pth.tar"))
-    if states != sorted(p.name for p in (other / ".izitorch").glob("fold_*.pth.tar")):
+    states = sorted(p.name for p in (ref / ".izitorch").glob("fold*.pth.tar"))
+    if states != sorted(p.name for p in (other / ".izitorch").glob("fold*.pth.tar")):
         diffs.append("resume states: different folds saved")
     for name in states:
         diffs += same(resume_state_view(ref / ".izitorch" / name), resume_state_view(other / ".izitorch" / name), f".izitorch/{name}")
@@ -602,6 +610,13 @@ def test_compare_runs_sees_a_difference(scenarios, tmp_path):
     assert any(d.startswith("cnn/model.pth.tar.state_dict.head.bias") for d in diffs), diffs
     assert any(d.startswith("mlp/trainlog.json.2.loss") for d in diffs), diffs
     assert any(d.startswith("mlp/confusion_matrix.pkl") for d in diffs), diffs
+    _, parallel = scenarios["parallel"]  # the parallel folds' shared state is compared too
+    copy = tmp_path / "parallel"
+    shutil.copytree(parallel, copy)
+    state = torch.load(copy / ".izitorch" / "folds.pth.tar", weights_only=True)
+    state["groups"][0]["flat"][0, 0] += 1e-6
+    torch.save(state, copy / ".izitorch" / "folds.pth.tar")
+    assert [d for d in compare_runs(parallel, copy) if d.startswith(".izitorch/folds.pth.tar.groups")], compare_runs(parallel, copy)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
