@@ -44,8 +44,9 @@ class ConsolePlugin:
 
     @hookimpl
     def izitorch_epoch_start(self, run, fold, epoch) -> None:
-        if self.bar is not None:
-            return  # parallel folds share one pass over the data: one bar, the first fold's
+        if self.bar is not None:  # parallel folds share one pass over the data: one bar for all
+            self.bar.set_description(f"folds 1-{fold.count} epoch {epoch}/{run.config.run.epochs}", refresh=False)
+            return
         self.bar_fold = fold.index
         label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
         self.bar = tqdm(total=len(fold.loaders["train"]), desc=f"{label}epoch {epoch}/{run.config.run.epochs}",

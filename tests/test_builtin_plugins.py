@@ -327,6 +327,50 @@ def test_console_display_step_larger_than_an_epoch_prints_no_step_lines(write_ma
     assert re.search(r"^epoch 1/1: ", out, re.M)
 
 
+
+class RecordingBar:
+    """Stands for tqdm: records each bar's total, description and updates."""
+
+    made: list["RecordingBar"] = []
+
+    def __init__(self, total, desc, **_options):
+        self.total, self.desc, self.updates, self.closed = total, desc, 0, False
+        RecordingBar.made.append(self)
+
+    def update(self, count):
+        self.updates += count
+
+    def set_description(self, desc, refresh=True):
+        self.desc = desc
+
+    def clear(self):
+        pass
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_console_shows_one_bar_per_pass_over_the_training_data(write_manifest, tmp_path, monkeypatch, parallel):
+    """Sequential folds: a bar per fold and epoch. Parallel folds share one pass: one bar an
+    epoch, filled once per batch of that pass (not once per fold), and closed."""
+    from izitorch.plugins import console
+
+    RecordingBar.made = []
+    monkeypatch.setattr(console, "tqdm", RecordingBar)
+    kfold = f"[plugins]\nenable = [\"kfold\"]\n[plugins.kfold]\nk = 3\nparallel = {str(parallel).lower()}\n"
+    run_manifest(write_manifest(two_models(tmp_path, epochs=2, extra=kfold)))
+    bars = RecordingBar.made
+    # parallel: the pass goes over all 300 samples (each a training sample of two folds); sequential: 200
+    batches = -(-300 // 32) if parallel else -(-200 // 32)
+    expected = ["folds 1-3 epoch 1/2", "folds 1-3 epoch 2/2"] if parallel else [f"fold {f}/3 epoch {e}/2" for f in (1, 2, 3) for e in (1, 2)]
+    assert [bar.desc for bar in bars] == expected
+    assert all(bar.total == bar.updates == batches and bar.closed for bar in bars), [(b.total, b.updates) for b in bars]
+
+
 # -- holdout / kfold -------------------------------------------------------------------------------
 
 
