@@ -212,7 +212,7 @@ def _loaders(passes: dict[str, Fold]) -> Any:
 def _save(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginStates, epoch: int, final: bool) -> None:
     state = {
         "format": resume.FORMAT,
-        "fingerprint": resume.fingerprint(run.config),
+        "fingerprint": resume.saved_fingerprint(run.config),
         "parallel": len(folds),
         "epoch": epoch,
         "final": final,

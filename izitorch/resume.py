@@ -52,7 +52,7 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     grouped = {name for group in run.groups for name in group.names}
     state = {
         "format": FORMAT,
-        "fingerprint": _fingerprint_of(run.config),
+        "fingerprint": saved_fingerprint(run.config),
         "fold": fold.index,
         "epoch": epoch,
         "stop_reason": fold.stop_reason,
@@ -170,7 +170,7 @@ def fingerprint(config: Config) -> dict[str, str]:
 _last_fingerprint: tuple[Config, dict[str, str]] | None = None
 
 
-def _fingerprint_of(config: Config) -> dict[str, str]:
+def saved_fingerprint(config: Config) -> dict[str, str]:
     """:func:`fingerprint`, computed once per (frozen) config: a run saves its state every epoch."""
     global _last_fingerprint
     if _last_fingerprint is None or _last_fingerprint[0] is not config:
