@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import pickle
+import threading
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, IO, Iterator
@@ -20,9 +21,14 @@ from typing import Any, Callable, IO, Iterator
 import torch
 
 from izitorch.errors import IzitorchError, TrainingError
+from izitorch.guard import Interrupted
 from izitorch.writer import BackgroundWriter
 
-_writer: BackgroundWriter | None = None  # set by background_writes()
+_local = threading.local()  # .writer: this thread's BackgroundWriter, set by background_writes()
+
+
+def _writer() -> BackgroundWriter | None:
+    return getattr(_local, "writer", None)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -31,39 +37,63 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     Inside :func:`background_writes`, ``write`` fills a memory buffer now and the writer's
     thread puts the bytes in place later (a failure there is raised by a later call)."""
     path = Path(path)
-    if _writer is None:
+    writer = _writer()
+    if writer is None:
         return _write_file(path, write)
     buffer = BytesIO()
     try:
         write(buffer)
     except OSError as error:
         raise _write_error(path, error) from None
-    _writer.submit(path, buffer.getbuffer())
+    writer.submit(path, buffer.getbuffer())
     return path
 
 
 @contextlib.contextmanager
 def background_writes(enabled: bool = True) -> Iterator[None]:
-    """Write files on a background thread for the duration of the block; every file is on
-    disk when it ends (a write error is raised then, unless the block raised already)."""
-    global _writer
-    if not enabled or _writer is not None:
+    """Write this thread's files on a background thread for the duration of the block; every
+    file is on disk when it ends. A write error is raised then; when the block ends on an
+    interrupt (whose message says the finished epochs are saved), the write error replaces it.
+
+    Each thread has its own writer (two runs in two threads do not share one). Nested in the
+    same thread, ``enabled=True`` keeps the outer writer and ``enabled=False`` writes in line
+    after the outer writer's files."""
+    outer = _writer()
+    if outer is not None:
+        if enabled:
+            yield
+            return
+        outer.flush()
+        _local.writer = None
+        try:
+            yield
+        finally:
+            _local.writer = outer
+        return
+    if not enabled:
         yield
         return
-    writer = _writer = BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data)))
+    writer = _local.writer = BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data)))
+    stop = None
     try:
         yield
-        writer.flush()
+    except (KeyboardInterrupt, Interrupted) as error:
+        stop = error
+        raise
     finally:
-        _writer = None
+        _local.writer = None
         writer.close()
+        if stop is not None and writer.error is not None:
+            raise writer.error from None
+    writer.flush()  # everything is written (or dropped after a failure): raises that failure
 
 
 def commit() -> None:
     """An epoch's files are all written: wait until the previous epoch's are on disk (writes lag
     at most one epoch behind training; see :mod:`izitorch.writer`)."""
-    if _writer is not None:
-        _writer.commit()
+    writer = _writer()
+    if writer is not None:
+        writer.commit()
 
 
 def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:

@@ -48,7 +48,9 @@ def available_plugins() -> dict[str, EntryPoint]:
 
 def _installation_stamp() -> tuple:
     """``sys.path`` with each folder's modification time: installing or removing a distribution
-    changes it (its ``.dist-info`` folder comes or goes), so the cache below sees new plugins."""
+    changes it (its ``.dist-info`` folder comes or goes; pip replaces the folder on a reinstall),
+    so the cache below sees new plugins. An ``entry_points.txt`` edited in place is not seen
+    until the process restarts."""
     stamp = []
     for entry in sys.path:
         try:

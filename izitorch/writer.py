@@ -12,12 +12,13 @@ What a run can count on:
   file) never lands before that epoch's outputs;
 - **bounded lag**: :meth:`BackgroundWriter.commit`, called after each resume state, waits until
   the previous epoch's files are on disk. A hard kill (SIGKILL, power loss) loses at most the last
-  finished epoch, which ``--resume`` trains again; Ctrl-C, errors and the end of a run wait for
-  every file;
+  finished epoch, which ``--resume`` trains again; Ctrl-C (a second one too), errors and the end
+  of a run wait for every file;
 - **errors**: a failed write stops every later one (nothing after it lands, so the resume state
   never points past it) and is raised in the main thread by the next write, commit or flush;
 - **memory**: the serialised bytes waiting for the disk are bounded by ``max_pending_bytes``;
-  past it a write waits (one file larger than the bound is still taken, alone).
+  past it a write waits (one file larger than the bound is still taken, alone). The next file is
+  serialised before it waits, so a run holds at most the bound plus one file.
 """
 from __future__ import annotations
 
@@ -43,12 +44,20 @@ class BackgroundWriter:
         self._last_commit = 0
         self._error: BaseException | None = None
         self._closing = False
+        self._stopped = False  # set by the thread when it leaves its loop
         self._thread = threading.Thread(target=self._work, name="izitorch-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first failed write's error (later files were dropped), or None."""
+        return self._error
 
     def submit(self, path: Path, data: memoryview) -> None:
         """Queue ``data`` for ``path``; raise the error of an earlier write, if any."""
         with self._cond:
+            if self._closing:
+                raise RuntimeError(f"{path}: the background writer is closed")
             self._cond.wait_for(lambda: self._error is not None or not self._pending_bytes
                                 or self._pending_bytes + len(data) <= self._max_pending_bytes)
             self._raise_error()
@@ -69,11 +78,25 @@ class BackgroundWriter:
             self._wait_for(self._submitted)
 
     def close(self) -> None:
-        """Finish the queued writes (dropping them after an error) and stop the thread; never raises."""
+        """Finish the queued writes (dropping them after an error) and stop the thread.
+
+        Raises no write error (see :attr:`error`). A KeyboardInterrupt meanwhile (a second
+        Ctrl-C) is held until the queued files, at most an epoch's, are on disk, then raised:
+        abandoning them would lose finished epochs and leave temporary files."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join()
+        interrupt = None
+        while True:  # not Thread.join(): an interrupted join marks a running thread as stopped
+            try:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopped)
+                break
+            except KeyboardInterrupt as error:
+                interrupt = error
+        self._thread.join()  # at once: the thread has left its loop
+        if interrupt is not None:
+            raise interrupt
 
     def _wait_for(self, count: int) -> None:
         self._cond.wait_for(lambda: self._done >= count or self._error is not None)
@@ -88,6 +111,8 @@ class BackgroundWriter:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closing)
                 if not self._queue:
+                    self._stopped = True
+                    self._cond.notify_all()
                     return
                 path, data = self._queue[0]
                 failed = self._error is not None
@@ -104,3 +129,4 @@ class BackgroundWriter:
                 if error is not None and self._error is None:
                     self._error = error
                 self._cond.notify_all()
+            del path, data  # the written bytes are not kept while the thread waits for more

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from textwrap import dedent
 
@@ -69,3 +70,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "izitorch", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def replaced_by_thread(monkeypatch) -> list[tuple[str, str]]:
+    """Record ``(file name, thread name)`` each time izitorch moves a file into place."""
+    from izitorch import io as izio
+
+    seen: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((Path(dst).name, threading.current_thread().name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(izio.os, "replace", replace)
+    return seen

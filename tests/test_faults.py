@@ -39,7 +39,7 @@ from izitorch.errors import IzitorchError, TrainingError
 from izitorch.models import MLP
 from izitorch.state import Fold, Run, Split
 
-from conftest import run_cli
+from conftest import replaced_by_thread, run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PREFIX = "izitorch: error: "
@@ -614,27 +614,15 @@ def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys
 
 # -- files written behind training (run.background_writes) -----------------------------------------
 
-def replaced_by_thread(monkeypatch) -> dict[str, set[str]]:
-    """Record which thread moves each file into place: ``{file name: {thread names}}``."""
-    seen: dict[str, set[str]] = {}
-    real_replace = os.replace
-
-    def replace(src, dst):
-        seen.setdefault(Path(dst).name, set()).add(threading.current_thread().name)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(izio.os, "replace", replace)
-    return seen
-
-
 @pytest.mark.parametrize("background, thread", [(True, "izitorch-writer"), (False, "MainThread")])
 def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, capsys, monkeypatch, background, thread):
     seen = replaced_by_thread(monkeypatch)
     path = write_run(tmp_path, run=f"background_writes = {str(background).lower()}")
     code, _, err = cli(capsys, "run", path)
     assert code == 0, err
+    threads = {name: {t for n, t in seen if n == name} for name, _ in seen}
     for name in ("conf.json", "trainlog.json", "model.pth.tar", "fold_1.pth.tar", "test_metrics.json", "results.json"):
-        assert seen[name] == {thread}, (name, seen[name])
+        assert threads[name] == {thread}, (name, threads[name])
     assert list(trainlog(tmp_path / "res", "mlp")) == ["1", "2", "3"]  # every file is there when run() returns
     assert saved_state(tmp_path / "res")["final_scores"] is not None
     assert leftovers(tmp_path / "res") == []

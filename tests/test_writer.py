@@ -6,6 +6,7 @@ so each guarantee is checked at a moment when it matters (a file still waiting),
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 
@@ -13,7 +14,10 @@ import pytest
 
 from izitorch import io as izio
 from izitorch.errors import TrainingError
+from izitorch.guard import Interrupted
 from izitorch.writer import BackgroundWriter
+
+from conftest import replaced_by_thread
 
 WAIT = 10.0  # seconds: generous for a loaded CI machine; a passing test never waits this long
 
@@ -138,26 +142,48 @@ def test_close_writes_what_is_queued():
 # -- io.background_writes ------------------------------------------------------------------------
 
 def test_inside_background_writes_files_are_written_by_the_thread_and_all_there_at_the_end(tmp_path, monkeypatch):
-    threads = []
-    real_replace = izio.os.replace
-
-    def replace(src, dst):
-        threads.append(threading.current_thread().name)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(izio.os, "replace", replace)
+    seen = replaced_by_thread(monkeypatch)
+    main = threading.current_thread().name
     with izio.background_writes():
         for epoch in range(1, 6):
             izio.write_json(tmp_path / "trainlog.json", {str(e): e for e in range(1, epoch + 1)})
             izio.commit()
     assert json.loads((tmp_path / "trainlog.json").read_text()) == {str(e): e for e in range(1, 6)}
-    assert threads == ["izitorch-writer"] * 5
-    assert izio._writer is None
+    assert seen == [("trainlog.json", "izitorch-writer")] * 5
+    assert izio._writer() is None
     izio.write_json(tmp_path / "after.json", {})  # outside: written at once, by the caller
-    assert threads[-1] == threading.current_thread().name and (tmp_path / "after.json").exists()
-    with izio.background_writes(enabled=False):
-        izio.write_json(tmp_path / "off.json", {})
-        assert (tmp_path / "off.json").exists() and threads[-1] == threading.current_thread().name
+    assert seen[-1] == ("after.json", main) and (tmp_path / "after.json").exists()
+
+
+def test_nested_without_background_writes_go_in_line_after_the_outer_ones(tmp_path, monkeypatch):
+    seen = replaced_by_thread(monkeypatch)
+    main = threading.current_thread().name
+    with izio.background_writes():
+        izio.write_json(tmp_path / "queued.json", {})
+        with izio.background_writes(enabled=False):
+            izio.write_json(tmp_path / "in_line.json", {})
+            assert seen == [("queued.json", "izitorch-writer"), ("in_line.json", main)]
+        izio.write_json(tmp_path / "queued_again.json", {})
+    assert seen[-1] == ("queued_again.json", "izitorch-writer")
+
+
+def test_each_thread_has_its_own_writer(tmp_path, monkeypatch):
+    """A second run in another thread neither uses nor waits on this thread's writer."""
+    seen = replaced_by_thread(monkeypatch)
+    with izio.background_writes():
+        outer = izio._writer()
+        found = []
+
+        def other_thread():
+            found.append(izio._writer())
+            izio.write_json(tmp_path / "other.json", {})  # no writer of its own: written at once
+            with izio.background_writes():
+                found.append(izio._writer())
+
+        thread = in_thread(other_thread)
+        thread.join(WAIT)
+    assert found[0] is None and found[1] is not None and found[1] is not outer
+    assert ("other.json", thread.name) in seen
 
 
 def test_a_write_error_on_the_thread_is_raised_when_the_block_ends(tmp_path, monkeypatch):
@@ -175,4 +201,48 @@ def test_an_error_of_the_block_is_not_hidden_by_a_write_error(tmp_path, monkeypa
         with izio.background_writes():
             izio.write_json(tmp_path / "a.json", {"a": 1})
             raise KeyError("the block's own error")
-    assert izio._writer is None
+    assert izio._writer() is None
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), Interrupted(2, "interrupted; every finished epoch is saved")])
+def test_an_interrupt_does_not_hide_a_failed_write(tmp_path, monkeypatch, stop):
+    """The interrupt's message says the finished epochs are saved: a failed write says otherwise."""
+    monkeypatch.setattr(izio.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises((TrainingError, KeyboardInterrupt)) as info:  # a KeyboardInterrupt must not end the session
+        with izio.background_writes():
+            izio.write_json(tmp_path / "a.json", {"a": 1})
+            raise stop
+    assert info.type is TrainingError and str(info.value).startswith("no space left on the device while writing")
+
+
+def test_a_second_ctrl_c_during_close_waits_for_the_queued_files(tmp_path):
+    """KeyboardInterrupt in the main thread while close() waits: the queued files still land
+    (no finished epoch lost, no temporary file left), then the interrupt goes on."""
+    recorder = Recorder()
+    recorder.hold("state")
+    writer = BackgroundWriter(recorder)
+    writer.submit(Path("log"), memoryview(b"1"))
+    writer.submit(Path("state"), memoryview(b"1"))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what the run's second SIGINT meets
+    interrupted = threading.Event()
+
+    def second_ctrl_c():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # wakes the main thread's join
+        interrupted.set()
+
+    try:
+        threading.Timer(0.1, second_ctrl_c).start()
+        threading.Timer(0.5, recorder.release, ("state",)).start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted.is_set()
+    assert recorder.names() == ["log", "state"]
+
+
+def test_a_closed_writer_takes_no_more_files():
+    writer = BackgroundWriter(Recorder())
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(Path("late"), memoryview(b"x"))
