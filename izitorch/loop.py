@@ -126,7 +126,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
     masks = fold.masks
-    group_step = _GroupStep(run, fold, members, train, before_step, skipped)
+    group_step = _GroupStep(run, fold, members, train, before_step, skipped, wants_losses=batch_finish is not None)
     non_blocking = run.device.type == "cuda"
     steps = 0
     start = time.perf_counter()
@@ -194,6 +194,7 @@ class _GroupStep:
     train: bool
     before_step: Any
     skipped: dict
+    wants_losses: bool = True
     step: int = 0
     losses: dict = attrs.field(factory=dict)
 
@@ -204,18 +205,17 @@ class _GroupStep:
             return
         if all(active) and not train:
             active = None  # evaluation of the whole group: no row is frozen
-        label = f"models {', '.join(dict.fromkeys(group.names))} (vectorized)"
         try:
             outputs = group.forward(inputs, active)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"{label}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
+            raise TrainingError(f"{_label(group)}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
         classes = self.run.config.data.num_classes
         if _too_few_classes(group.slots[0].criterion, outputs, target, classes, class_dim=2):
-            raise TrainingError(f"{label}: output {_shape(outputs)} has {outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
+            raise TrainingError(f"{_label(group)}: output {_shape(outputs)} has {outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
         try:
             member_losses = group.losses(outputs, target, mask)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"{label}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
+            raise TrainingError(f"{_label(group)}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
         if train:
             self._guard(group, member_losses, active, mask)
             if any(active):
@@ -233,9 +233,10 @@ class _GroupStep:
                 meter.update(outputs, target, member_losses, counted)
             elif getattr(meter, "accepts_mask", False):
                 meter.update(outputs, target, member_losses, counted, mask=mask)
-        for k, slot in enumerate(group.slots):
-            if active is None or active[k]:
-                self.losses[slot] = member_losses[k]
+        if self.wants_losses:  # one view per member: only for izitorch_batch_finish
+            for k, slot in enumerate(group.slots):
+                if active is None or active[k]:
+                    self.losses[slot] = member_losses[k]
 
     def _guard(self, group: Any, member_losses: torch.Tensor, active: list[bool], mask: torch.Tensor | None) -> None:
         """Apply ``nan_policy`` (one sync for the whole group); a member with no sample of its
@@ -254,6 +255,10 @@ class _GroupStep:
                 fold = next((part for part in self.fold.parts if slot in part.slots), self.fold)  # parallel folds: its own
                 self.skipped[slot] += _non_finite(self.run, fold, slot, value, self.step)
                 active[k] = False
+
+
+def _label(group: Any) -> str:
+    return f"models {', '.join(dict.fromkeys(group.names))} (vectorized)"
 
 
 def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:

@@ -155,3 +155,37 @@ def test_a_diverging_member_stops_alone_and_the_others_are_unaffected(tmp_path):
     c = weights(tmp_path / "nan", "c", 1)
     assert c["epoch"] == 3 and all(torch.isfinite(t).all() for t in c["state_dict"].values())
     assert list(json.loads((tmp_path / "nan" / "c" / "FOLD_1" / "trainlog.json").read_text())) == ["1", "2", "3"]
+
+
+# Records every step's losses as izitorch_batch_finish sees them, into the file named by LOSSES_TO.
+LOSS_RECORDER = """\
+import json, os
+from izitorch import hookimpl
+
+SEEN = []
+
+@hookimpl
+def izitorch_batch_finish(run, fold, step, losses):
+    SEEN.append([fold.index, fold.epoch, step, {name: loss.item() for name, loss in losses.items()}])
+
+@hookimpl
+def izitorch_run_finish(run, results):
+    with open(os.environ["LOSSES_TO"], "w") as handle:
+        json.dump(SEEN, handle)
+"""
+
+
+def test_batch_finish_sees_each_members_own_loss_as_sequential_training_does(tmp_path):
+    (tmp_path / "recorder.py").write_text(LOSS_RECORDER)
+    seen = {}
+    for mode in ("vectorized", "sequential"):
+        path = manifest(tmp_path, mode, mode, plugins='"kfold", "grad_clip", "recorder.py"')
+        done = run_cli("run", str(path), cwd=tmp_path, env={"LOSSES_TO": str(tmp_path / f"{mode}.json")})
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    vectorized, sequential = seen["vectorized"], seen["sequential"]
+    assert len(vectorized) == len(sequential) == 2 * 3 * 4  # 2 folds x 3 epochs x 120 samples / 32
+    for (fold, epoch, step, losses), expected in zip(vectorized, sequential):
+        assert [fold, epoch, step] == expected[:3]
+        assert list(losses) == ["a", "b", "c"]
+        assert list(losses.values()) == pytest.approx(list(expected[3].values()), abs=1e-5), (fold, epoch, step)
