@@ -35,7 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from izitorch.data import host_to_device
 from izitorch.errors import IzitorchError
-from izitorch.state import Slot
+from izitorch.state import Slot, standalone  # standalone: in __all__ for the code that imported it from here
 
 __all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone", "why_not_vectorizable", "masked_loss", "supports_masked_loss"]
 
@@ -965,28 +965,6 @@ def _has_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def standalone(state: Any, device: torch.device | str | None = None) -> Any:
-    """A copy of a (nested) state dict whose tensors own their memory (on ``device`` if given).
-
-    A member's ``model.state_dict()`` and ``optimizer.state_dict()`` hold views of the group's
-    stacked tensors, and ``torch.save`` writes a view's whole storage: call this before saving
-    so that a member's checkpoint holds the member alone. Checkpoints pass ``device="cpu"`` so
-    that ``torch.load`` works on a machine without the GPU they were trained on.
-    """
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone() if device is None else state.detach().to(device, copy=True)
-    if isinstance(state, dict):
-        result = copy.copy(state)  # keeps the type and a state dict's ``_metadata``
-        for key, value in result.items():
-            result[key] = standalone(value, device)
-        return result
-    if isinstance(state, list):
-        return [standalone(v, device) for v in state]
-    if isinstance(state, tuple):
-        return tuple(standalone(v, device) for v in state)
-    return state
 
 
 def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot], list[str]]:

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from izitorch.config import Config
-from izitorch.ensemble import standalone
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.io import commit, save_torch
-from izitorch.state import Fold, Run
+from izitorch.state import Fold, Run, standalone
 
 STATE_DIR = ".izitorch"
 FORMAT = 3  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds

@@ -15,9 +15,9 @@ import attrs
 
 from izitorch import hookimpl
 from izitorch.config import one_of
-from izitorch.ensemble import standalone
 from izitorch.io import save_torch, write_json
 from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
+from izitorch.state import standalone
 
 POLICIES = ("last", "all", "best")
 

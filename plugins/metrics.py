@@ -239,7 +239,7 @@ def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
     """``torch.bincount(pairs, minlength=cells)`` for indices known to lie in ``[0, cells)``.
 
     On CUDA, ``bincount`` reads the indices' range back to the host to size its result: a
-    device synchronisation per batch. The size is known here, so an ``index_add_`` into a
+    device synchronisation per call (per flush of :class:`_CellCounts`). The size is known here, so an ``index_add_`` into a
     zeroed vector counts the same without one (integer sums: exact in any order).
     """
     if pairs.is_cuda:

@@ -189,16 +189,22 @@ def test_a_plugin_installed_while_the_process_runs_is_found(tmp_path, monkeypatc
     modification times): a distribution that appears later is seen, one that goes is forgotten."""
     from izitorch.pluginmanager import available_plugins
 
+    from izitorch import pluginmanager
+
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
+    scans = []
+    real_entry_points = pluginmanager.entry_points
+    monkeypatch.setattr(pluginmanager, "entry_points", lambda **kw: scans.append(kw) or real_entry_points(**kw))
     assert "late" not in available_plugins()
+    assert "late" not in available_plugins() and len(scans) == 1  # nothing changed: not scanned again
     time.sleep(0.05)  # past the file system's timestamp granularity
     dist = site / "izitorch_late-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: izitorch-late\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[izitorch]\nlate = izitorch_late:Plugin\n")
-    assert available_plugins()["late"].value == "izitorch_late:Plugin"
+    assert available_plugins()["late"].value == "izitorch_late:Plugin" and len(scans) == 2
     time.sleep(0.05)
     for child in dist.iterdir():
         child.unlink()
