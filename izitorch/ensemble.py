@@ -878,6 +878,12 @@ class StackedOptimizer:
         group = self.group
         self._hyper_values = None
         self._refresh()
+        if not any(slot.optimizer.state for slot in group.slots):  # every member fresh (a fold's start)
+            for stacked in self.state.values():  # what the loop below does row by row (~4 ms at K = 64)
+                stacked.zero_()
+            self.steps.zero_()
+            self.started, self._installed = [False] * group.size, [False] * group.size
+            return
         for k, slot in enumerate(group.slots):
             states = [slot.optimizer.state.get(param) or {} for param in group._member_params[k]]
             started = any(states)

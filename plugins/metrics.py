@@ -116,8 +116,11 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
-def _scores(matrix: np.ndarray) -> dict[str, Any]:
-    return {"accuracy": accuracy(matrix), "IoU": mean_iou(matrix), "confusion_matrix": matrix}
+def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
+    """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
+    for all K at once (a 64-model group: one numpy operation each instead of 64)."""
+    return [{"accuracy": acc, "IoU": iou, "confusion_matrix": matrix}
+            for acc, iou, matrix in zip(accuracies(matrices).tolist(), mean_ious(matrices).tolist(), matrices)]
 
 
 class LossMeter:
@@ -167,7 +170,7 @@ class ConfusionMeter:
 
     def compute(self) -> dict[str, Any]:
         matrices = self.cells.matrices() if self.applies and self.cells is not None else None
-        return {} if matrices is None else _scores(matrices[0])
+        return {} if matrices is None else _scores(matrices)[0]
 
 
 class StackedLossMeter:
@@ -232,7 +235,7 @@ class StackedConfusionMeter:
         matrices = self.cells.matrices() if self.applies and self.cells is not None else None
         if matrices is None:
             return [{} for _ in range(self.members)]
-        return [_scores(matrix) for matrix in matrices]
+        return _scores(matrices)
 
 
 def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
@@ -249,16 +252,29 @@ def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
 
 def accuracy(matrix: np.ndarray) -> float:
     """Percentage of samples on the diagonal."""
-    total = matrix.sum()
-    return float(100.0 * np.trace(matrix) / total) if total else 0.0
+    return float(accuracies(matrix[None])[0])
 
 
 def mean_iou(matrix: np.ndarray) -> float:
     """Mean over the classes present in truth or prediction of TP / (TP + FP + FN)."""
-    tp = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(axis=0) + matrix.sum(axis=1) - tp
+    return float(mean_ious(matrix[None])[0])
+
+
+def accuracies(matrices: np.ndarray) -> np.ndarray:
+    """:func:`accuracy` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty)."""
+    totals = matrices.sum(axis=(1, 2))
+    correct = np.trace(matrices, axis1=1, axis2=2)
+    return np.divide(100.0 * correct, totals, out=np.zeros(len(matrices)), where=totals > 0)
+
+
+def mean_ious(matrices: np.ndarray) -> np.ndarray:
+    """:func:`mean_iou` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty)."""
+    tp = np.diagonal(matrices, axis1=1, axis2=2).astype(np.float64)
+    union = matrices.sum(axis=1) + matrices.sum(axis=2) - tp
     present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else 0.0
+    ious = np.divide(tp, union, out=np.zeros_like(tp), where=present)
+    classes = present.sum(axis=1)
+    return np.divide(ious.sum(axis=1), classes, out=np.zeros(len(matrices)), where=classes > 0)
 
 
 @hookimpl

@@ -578,6 +578,29 @@ def test_resuming_with_another_architecture_is_refused_naming_the_key(tmp_path, 
     assert {p: p.read_bytes() for p in res.rglob("*") if p.is_file()} == files
 
 
+def test_a_state_of_the_previous_format_still_resumes_and_an_unknown_one_is_refused(tmp_path, capsys):
+    """Format 3 kept the fingerprint as a dict (format 4: JSON text); such a state must still be
+    checked against the manifest and resumed, and a format this version does not know refused."""
+    path = write_run(tmp_path, epochs=2)
+    res = tmp_path / "res"
+    assert cli(capsys, "run", path)[0] == 0
+    state_file = res / ".izitorch" / "fold_1.pth.tar"
+    state = saved_state(res)
+    assert state["format"] == 4 and isinstance(state["fingerprint"], str)
+    state["format"], state["fingerprint"] = 3, json.loads(state["fingerprint"])
+    torch.save(state, state_file)
+    code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
+    assert code == 2 and "cannot resume: models[0].params.hidden changed (16 -> 32)" in error_of(err)
+    code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
+    assert code == 0, err
+    assert list(trainlog(res, "mlp")) == ["1", "2", "3"] and saved_state(res)["epoch"] == 3
+    state = saved_state(res)
+    state["format"] = 99
+    torch.save(state, state_file)
+    code, _, err = cli(capsys, "run", path, "--resume")
+    assert code == 2 and error_of(err) == (f"{state_file}: written by another izitorch version (format 99); start over with --overwrite")
+
+
 def test_restoring_a_state_from_another_architecture_names_the_model(tmp_path, capsys):
     path = write_run(tmp_path, epochs=1)
     assert cli(capsys, "run", path)[0] == 0

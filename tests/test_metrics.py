@@ -7,8 +7,8 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from izitorch.plugins import metrics
-from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, StackedConfusionMeter, StackedLossMeter, accuracy,
-                                      izitorch_register_metrics, mean_iou)
+from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, StackedConfusionMeter, StackedLossMeter, _CellCounts,
+                                      accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious)
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
 
@@ -150,6 +150,28 @@ def test_accuracy_and_iou_helpers():
     assert accuracy(matrix) == pytest.approx(500 / 6)
     assert mean_iou(matrix) == pytest.approx((3 / 4 + 2 / 3) / 2)
     assert accuracy(np.zeros((3, 3), dtype=np.int64)) == 0.0
+    assert mean_iou(np.zeros((3, 3), dtype=np.int64)) == 0.0
+
+
+def test_scores_of_a_stack_equal_each_matrix_on_its_own():
+    """A group's scores are computed for all members at once; each must equal the plain
+    formula applied to its own matrix (empty matrices and absent classes included)."""
+    rng = np.random.default_rng(0)
+    matrices = rng.integers(0, 5, size=(7, 4, 4)) * (rng.random((7, 4, 4)) < 0.5)
+    matrices[2] = 0  # nothing counted
+    matrices[3, :, 1] = matrices[3, 1, :] = 0  # class 1 absent in truth and prediction
+    for matrix, acc, iou in zip(matrices, accuracies(matrices), mean_ious(matrices)):
+        total = matrix.sum()
+        assert acc == (100.0 * np.trace(matrix) / total if total else 0.0)
+        tp = np.diag(matrix).astype(np.float64)
+        union = matrix.sum(0) + matrix.sum(1) - tp
+        assert iou == pytest.approx((tp[union > 0] / union[union > 0]).mean() if (union > 0).any() else 0.0, rel=1e-12)
+    stacked = StackedConfusionMeter(4, 7)
+    stacked.cells = _CellCounts(7, 4)
+    stacked.cells.counts = torch.from_numpy(np.concatenate([matrices.reshape(7, -1), np.zeros((7, 1), dtype=np.int64)], 1).reshape(-1))
+    for k, scores in enumerate(stacked.compute()):
+        assert scores["accuracy"] == accuracy(matrices[k]) and scores["IoU"] == mean_iou(matrices[k])
+        np.testing.assert_array_equal(scores["confusion_matrix"], matrices[k])
 
 
 def test_register_metrics_registers_loss_and_classification():
