@@ -261,6 +261,8 @@ class VectorGroup:
         # One stateless copy of the first member runs everyone's weights through functional_call.
         self._base = copy.deepcopy(models[0]).to("meta")
         self._pairs = list(zip(self._base.modules(), models[0].modules()))
+        self._modules = [module for model in models for module in model.modules()]
+        self._plain_modes = all(type(module).train is nn.Module.train for module in self._modules)
         self.param_names = [name for name, _ in models[0].named_parameters()]
         self.buffer_names = [name for name, _ in models[0].named_buffers()]
         self._member_params = [list(model.parameters()) for model in models]
@@ -466,9 +468,19 @@ class VectorGroup:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def train(self, mode: bool = True) -> None:
-        """Set every member's (and the group's) train/eval mode."""
-        for slot in self.slots:
-            slot.model.train(mode)
+        """Set every member's (and the group's) train/eval mode, as ``model.train(mode)`` does.
+
+        Where no module class of the members overrides ``train``, the flags are set directly:
+        ``Module.train`` recurses through ``__setattr__``, ~0.7 ms a pass for 64 small models
+        against ~0.03 ms. The module list is the members' at grouping: the group runs that
+        structure and no other.
+        """
+        if self._plain_modes:
+            for module in self._modules:
+                object.__setattr__(module, "training", mode)
+        else:
+            for slot in self.slots:
+                slot.model.train(mode)
         self._sync_mode()
 
     def _sync_mode(self) -> None:

@@ -120,8 +120,11 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     meters = {slot: _new_meters(run) for slot in singles}
     group_meters = [_new_group_meters(run, len(group)) for group in run.groups]
     skipped = dict.fromkeys(fold.slots, 0)
-    for slot in fold.slots:
-        slot.model.train(train)
+    for group in run.groups:  # every member, those of folds that stopped too: a group runs in its first member's mode
+        group.train(train)
+    for slot in run.singles:
+        if slot in members:
+            slot.model.train(train)
     hook, stop_flag = run.hook, run.stop_flag
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None

@@ -469,3 +469,28 @@ def test_masked_losses_equal_each_member_criterion_on_its_own_samples(criterion:
     assert losses[2].item() == 0.0
     group.backward(losses)  # the group's own backward (no layout warning)
     assert torch.count_nonzero(group.member_grads(2)[0]) == 0
+
+
+class FrozenDropoutMLP(MLP):
+    """A model whose own ``train`` keeps its dropout off: the group must go through it."""
+
+    def train(self, mode: bool = True) -> "FrozenDropoutMLP":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+        return self
+
+
+@pytest.mark.parametrize("factory", [lambda: MLP(hidden=16, dropout=0.5), lambda: FrozenDropoutMLP(hidden=16, dropout=0.5)])
+def test_group_train_sets_every_members_modes_as_model_train_does(factory) -> None:
+    _, grouped = twin_slots(factory, OPTIMIZERS["adam"])
+    reference = factory()
+    group = VectorGroup(grouped)
+    for mode in (False, True, False, True):
+        group.train(mode)
+        reference.train(mode)
+        expected = [module.training for module in reference.modules()]
+        for slot in grouped:
+            assert [module.training for module in slot.model.modules()] == expected
+        assert [module.training for module in group._base.modules()] == expected

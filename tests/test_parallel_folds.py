@@ -409,3 +409,38 @@ def test_each_members_scheduler_drives_its_own_learning_rate(tmp_path):
 
 def without_times(log: dict) -> dict:
     return {epoch: {k: v for k, v in entry.items() if not k.endswith("_time")} for epoch, entry in log.items()}
+
+
+STOP_FOLD_1 = '''\
+from izitorch import hookimpl
+
+
+@hookimpl
+def izitorch_should_stop(run, fold, epoch, scores):
+    return "fold 1 is done" if fold.index == 0 and epoch == 1 else None
+'''
+
+
+def test_the_folds_still_training_train_in_train_mode_after_the_first_fold_stopped(tmp_path, monkeypatch):
+    """A group runs in the mode of its members: once fold 1 has stopped (its members sit the passes
+    out), the other folds' training passes must still run with dropout on, and evaluation with it off."""
+    from izitorch import ensemble
+
+    modes = []
+    real_forward = ensemble.VectorGroup.forward
+
+    def forward(self, inputs, active=None):
+        outputs = real_forward(self, inputs, active)
+        modes.append((torch.is_grad_enabled(), self._base.training, [slot.model.training for slot in self.slots]))
+        return outputs
+
+    monkeypatch.setattr(ensemble.VectorGroup, "forward", forward)
+    (tmp_path / "stop.py").write_text(STOP_FOLD_1, encoding="utf-8")
+    run(write(tmp_path, epochs=3, enable='"kfold", "stop.py"'))
+    assert read_json(tmp_path / "res_m" / "sgd" / "FOLD_1" / "trainlog.json").keys() == {"1"}
+    assert list(read_json(tmp_path / "res_m" / "sgd" / "FOLD_2" / "trainlog.json")) == ["1", "2", "3"]
+    training = [(base, members) for grad, base, members in modes if grad]
+    evaluating = [(base, members) for grad, base, members in modes if not grad]
+    assert training and evaluating
+    assert all(base and all(members) for base, members in training)
+    assert all(not base and not any(members) for base, members in evaluating)
