@@ -6,6 +6,7 @@ Shuffling uses a seeded ``torch.Generator`` per fold (never the global RNG), so 
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Any
 
 import torch
@@ -85,15 +86,24 @@ def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str)
     model = _build(spec.model, spec.params, f"{where}.model", base_dir)
     if not isinstance(model, torch.nn.Module):
         raise IzitorchError(f"{where}.model: {_label(spec.model)} returned {type(model).__name__}, not a torch.nn.Module")
-    model.to(device)
+    move_to(model, device)
     criterion = _component(spec.criterion, f"{where}.criterion", base_dir)
     if isinstance(criterion, torch.nn.Module):
-        criterion.to(device)
+        move_to(criterion, device)
     optimizer = _component(spec.optimizer, f"{where}.optimizer", base_dir, model.parameters())
     scheduler = _component(spec.scheduler, f"{where}.scheduler", base_dir, optimizer) if spec.scheduler else None
     slot = Slot(spec.name, spec, model, criterion, optimizer, scheduler)
     slot.snapshot_initial_state()
     return slot
+
+
+def move_to(module: torch.nn.Module, device: torch.device) -> None:
+    """``module.to(device)``, skipped when every parameter and buffer is there already and the
+    class keeps ``Module.to``: the call walks every submodule (~25 us for a small MLP, 1.6 ms
+    for the 64 models of a sweep) to change nothing on the CPU."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if type(module).to is not torch.nn.Module.to or any(tensor.device != device for tensor in tensors):
+        module.to(device)
 
 
 def _component(component: ComponentSpec, where: str, base_dir: str, *leading: Any) -> Any:

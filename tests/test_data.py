@@ -89,3 +89,35 @@ def test_a_run_is_identical_on_both_paths(write_manifest, tmp_path):
     log_fast = json.loads((fast_dir / "mlp" / "trainlog.json").read_text())
     log_slow = json.loads((slow_dir / "mlp" / "trainlog.json").read_text())
     assert strip(log_fast) == strip(log_slow)
+
+
+def test_move_to_skips_only_what_is_already_on_the_device(monkeypatch):
+    """``Module.to`` runs unless every tensor is on the device already; a class with its own ``to``
+    (which may move more than parameters and buffers) always gets it called."""
+    from torch import nn
+
+    from izitorch.data import move_to
+
+    moved = []
+    real_to = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *args, **kwargs: moved.append(type(self).__name__) or self)
+
+    class OwnTo(nn.Linear):
+        def to(self, *args, **kwargs):
+            moved.append("own")
+            return real_to(self, *args, **kwargs)
+
+    cpu = torch.device("cpu")
+    move_to(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), cpu)
+    move_to(nn.ReLU(), cpu)
+    assert moved == []
+    move_to(OwnTo(2, 2), cpu)
+    assert moved == ["own"]
+    moved.clear()
+    on_meta = nn.Linear(2, 2, device="meta")
+    move_to(on_meta, cpu)
+    assert moved == ["Linear"]
+    buffer_on_meta = nn.BatchNorm1d(2)
+    buffer_on_meta.running_mean = torch.zeros(2, device="meta")
+    move_to(buffer_on_meta, cpu)
+    assert moved == ["Linear", "BatchNorm1d"]
