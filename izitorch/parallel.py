@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import types
+import weakref
 from typing import Any, Iterator
 
 import attrs
@@ -175,9 +177,29 @@ def check(run: Run) -> None:
 def _member(slot: Slot) -> Slot:
     """A copy of ``slot`` at its initial state (one deepcopy, so the optimizer holds the copy's parameters)."""
     model, criterion, optimizer, scheduler = copy.deepcopy((slot.model, slot.criterion, slot.optimizer, slot.scheduler))
+    if hasattr(slot.optimizer.step, "_wrapped_by_lr_sched"):
+        _mark_step_calls(optimizer)
     member = Slot(slot.name, slot.spec, model, criterion, optimizer, scheduler)
     member.snapshot_initial_state()
     return member
+
+
+def _mark_step_calls(optimizer: torch.optim.Optimizer) -> None:
+    """Wrap ``optimizer.step`` as an LR scheduler's constructor wraps its optimizer's (it marks
+    ``_opt_called`` and carries torch's ``_wrapped_by_lr_sched`` flag). A deepcopy loses that
+    wrapper (``Optimizer.__getstate__`` keeps no instance attributes), and without it the
+    copy's scheduler warns at its first step that ``optimizer.step()`` was overridden."""
+    optimizer_ref = weakref.ref(optimizer)  # no reference cycle, as in torch
+    step = type(optimizer).step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        target = optimizer_ref()
+        target._opt_called = True
+        return step(target, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
 
 
 # -- one plugin state per fold -----------------------------------------------------------------

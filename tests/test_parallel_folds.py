@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -394,8 +395,12 @@ def test_each_members_scheduler_drives_its_own_learning_rate(tmp_path):
     scheduled = write(tmp_path, "scheduled.toml", epochs=2, criterion=scheduler)
     constant = write(tmp_path, "constant.toml", epochs=2)
     sequential = write(tmp_path, "sequential.toml", epochs=2, criterion=scheduler, parallel="false")
-    for path in (scheduled, constant, sequential):
-        run(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for path in (scheduled, constant, sequential):
+            run(path)
+    # each member's scheduler knows its optimizer stepped (torch warns otherwise, at its first step)
+    assert [str(w.message) for w in caught if "optimizer.step()" in str(w.message)] == []
     for fold in (1, 2, 3):
         lrs = [torch.load(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)
                ["optimizer"]["param_groups"][0]["lr"] for name in ("scheduled", "constant", "sequential")]
