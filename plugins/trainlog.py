@@ -125,9 +125,24 @@ def model_description(slot) -> dict[str, Any]:
         "model": repr(slot.model),
         "criterion": repr(slot.criterion),
         "optimizer": repr(slot.optimizer),
-        "scheduler": repr(slot.scheduler) if slot.scheduler is not None else None,
+        "scheduler": describe_scheduler(slot.scheduler) if slot.scheduler is not None else None,
         "parameters": slot.parameter_count(),
     }
+
+
+def describe_scheduler(scheduler: Any) -> str:
+    """``StepLR(gamma=0.7, step_size=1, ...)``: the class and its plain settings. A scheduler's
+    repr is ``<... object at 0x7f...>``, which made the same run's conf.json differ every time."""
+    kind = type(scheduler)
+    settings = scheduler.state_dict() if hasattr(scheduler, "state_dict") else {}
+    shown = [f"{key}={value!r}" for key, value in sorted(settings.items()) if not key.startswith("_") and _plain(value)]
+    return f"{kind.__module__}.{kind.__qualname__}({', '.join(shown)})"
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _serialize(_instance, _field, value: Any) -> Any:

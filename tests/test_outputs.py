@@ -119,6 +119,15 @@ def test_model_conf_json_has_repr_and_parameter_count(write_manifest):
     assert conf["model"] == repr(model)
     assert "Adam" in conf["optimizer"]
     assert conf["spec"]["params"] == {"hidden": 16}
+    assert conf["scheduler"] is None
+
+
+def test_model_conf_json_describes_the_scheduler_the_same_way_every_run(write_manifest):
+    """Its class and settings, not its repr (``<... object at 0x...>``, another address each run)."""
+    step = 'models[0].scheduler={class="torch.optim.lr_scheduler:StepLR", step_size=2, gamma=0.5}'
+    res, _ = tiny(write_manifest, "run.epochs=1", step)
+    assert read(res / "mlp" / "conf.json")["scheduler"] == (
+        "torch.optim.lr_scheduler.StepLR(base_lrs=[0.01], gamma=0.5, last_epoch=0, step_size=2)")
 
 
 # -- trainlog.json --------------------------------------------------------------------------------
