@@ -217,35 +217,34 @@ def _stable(value: Any) -> Any:
 # -- state pieces -------------------------------------------------------------------------------
 
 def slot_state(slot, grouped: bool) -> dict:
-    """A slot's own state; a vectorized member's weights and moments are in its group's entry."""
-    if grouped:
-        return {
-            "model": None,
-            "optimizer": {"param_groups": changed_hyper(slot)},
-            "scheduler": standalone(slot.scheduler.state_dict()) if slot.scheduler is not None else None,
-            "kept_state": slot.kept_state,  # already a copy that owns its memory (Slot.keep_weights)
-            "kept_epoch": slot.kept_epoch,
-            "stopped": slot.stopped,
-        }
-    return standalone({
-        "model": slot.model.state_dict(),
-        "optimizer": slot.optimizer.state_dict(),
+    """A slot's own state; a vectorized member's weights and moments are in its group's entry.
+
+    ``kept_state`` is already a copy that owns its memory (``Slot.keep_weights``); the rest goes
+    through ``standalone`` (a member's views of its group's tensors would save the whole group).
+    """
+    own = {
+        "model": None if grouped else slot.model.state_dict(),
+        "optimizer": {"param_groups": changed_hyper(slot)} if grouped else slot.optimizer.state_dict(),
         "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
-        "kept_state": slot.kept_state,
-        "kept_epoch": slot.kept_epoch,
-        "stopped": slot.stopped,
-    })
+    }
+    return {**standalone(own), "kept_state": slot.kept_state, "kept_epoch": slot.kept_epoch, "stopped": slot.stopped}
 
 
 def changed_hyper(slot) -> list[dict]:
     """A vectorized member's optimizer hyper-parameters that differ from its initial ones (a
     scheduler's lr, say), per param group: what :func:`restore_slot` puts back onto the reset
     optimizer. Saving only those keeps a 64-member group's state small: all the hyper-parameters
-    of every member were ~2,600 objects to pickle every epoch."""
-    initial = slot.initial_state["optimizer"]["param_groups"]
-    return [{key: standalone(value) for key, value in group.items()
-             if key != "params" and (key not in base or _differs(value, base[key]))}
-            for group, base in zip(slot.optimizer.param_groups, initial)]
+    of every member were ~2,600 objects to pickle every epoch.
+
+    The unchanged ones come back from the resuming process's optimizer, built from the same
+    manifest (the fingerprint checks it), where a single model's ``load_state_dict`` takes every
+    saved value: the two differ only if the optimizer's code changed between the runs. A slot
+    without an initial snapshot (built outside :func:`izitorch.data.build_slot`) saves them all.
+    """
+    groups = slot.optimizer.param_groups
+    initial = slot.initial_state.get("optimizer", {}).get("param_groups") or [{} for _ in groups]
+    return [{key: value for key, value in group.items() if key != "params" and (key not in base or _differs(value, base[key]))}
+            for group, base in zip(groups, initial)]
 
 
 def _differs(value: Any, base: Any) -> bool:

@@ -268,7 +268,11 @@ def accuracies(matrices: np.ndarray) -> np.ndarray:
 
 
 def mean_ious(matrices: np.ndarray) -> np.ndarray:
-    """:func:`mean_iou` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty)."""
+    """:func:`mean_iou` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty).
+
+    Absent classes count as zeros in each row's sum, so numpy adds the ratios in another order
+    than a mean over the present classes alone: the two may differ in the last bit (~1e-16).
+    """
     tp = np.diagonal(matrices, axis1=1, axis2=2).astype(np.float64)
     union = matrices.sum(axis=1) + matrices.sum(axis=2) - tp
     present = union > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import types
 from typing import Any
 
 import attrs
@@ -122,21 +123,37 @@ def model_description(slot) -> dict[str, Any]:
     return {
         "name": slot.name,
         "spec": attrs.asdict(slot.spec, value_serializer=_serialize) if slot.spec is not None else None,
-        "model": repr(slot.model),
-        "criterion": repr(slot.criterion),
-        "optimizer": repr(slot.optimizer),
-        "scheduler": describe_scheduler(slot.scheduler) if slot.scheduler is not None else None,
+        "model": describe(slot.model),
+        "criterion": describe(slot.criterion),
+        "optimizer": describe(slot.optimizer),
+        "scheduler": describe(slot.scheduler) if slot.scheduler is not None else None,
         "parameters": slot.parameter_count(),
     }
 
 
-def describe_scheduler(scheduler: Any) -> str:
-    """``StepLR(gamma=0.7, step_size=1, ...)``: the class and its plain settings. A scheduler's
-    repr is ``<... object at 0x7f...>``, which made the same run's conf.json differ every time."""
-    kind = type(scheduler)
-    settings = scheduler.state_dict() if hasattr(scheduler, "state_dict") else {}
-    shown = [f"{key}={value!r}" for key, value in sorted(settings.items()) if not key.startswith("_") and _plain(value)]
-    return f"{kind.__module__}.{kind.__qualname__}({', '.join(shown)})"
+_SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def describe(value: Any) -> str:
+    """An object as ``conf.json`` records it: its repr, unless that holds a memory address
+    (``<... object at 0x7f...>``, ``<function f at 0x...>``), which made the same run's files
+    differ every time. A scheduler is its class and plain state, ``torch.optim.lr_scheduler.
+    StepLR(base_lrs=[0.01], gamma=0.5, last_epoch=0, step_size=2)``; a function its dotted name;
+    another object with the default repr its class (and length, for a dataset)."""
+    kind = type(value)
+    if isinstance(value, _SCHEDULERS):
+        state = value.state_dict()
+        shown = [f"{key}={item!r}" for key, item in sorted(state.items()) if not key.startswith("_") and _plain(item)]
+        return f"{kind.__module__}.{kind.__qualname__}({', '.join(shown)})"
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        return f"{value.__module__}.{value.__qualname__}"
+    if kind.__repr__ is object.__repr__:
+        try:
+            size = f"(len={len(value)})"
+        except TypeError:
+            size = ""
+        return f"{kind.__module__}.{kind.__qualname__}{size}"
+    return repr(value)
 
 
 def _plain(value: Any) -> bool:
@@ -148,4 +165,4 @@ def _plain(value: Any) -> bool:
 def _serialize(_instance, _field, value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool, list, dict, tuple)) or attrs.has(type(value)):
         return value  # attrs instances (nested config sections) are recursed into, not repr'd
-    return repr(value)
+    return describe(value)

@@ -93,7 +93,7 @@ def test_a_run_is_identical_on_both_paths(write_manifest, tmp_path):
 
 def test_move_to_skips_only_what_is_already_on_the_device(monkeypatch):
     """``Module.to`` runs unless every tensor is on the device already; a class with its own ``to``
-    (which may move more than parameters and buffers) always gets it called."""
+    or ``_apply`` (which may move more than parameters and buffers) always gets it called."""
     from torch import nn
 
     from izitorch.data import move_to
@@ -121,3 +121,13 @@ def test_move_to_skips_only_what_is_already_on_the_device(monkeypatch):
     buffer_on_meta.running_mean = torch.zeros(2, device="meta")
     move_to(buffer_on_meta, cpu)
     assert moved == ["Linear", "BatchNorm1d"]
+
+    class OwnApply(nn.Module):  # moves a plain tensor attribute along (through _apply)
+        def _apply(self, fn, recurse=True):
+            self.table = fn(self.table)
+            return super()._apply(fn, recurse)
+
+    holder = OwnApply()
+    holder.table = torch.zeros(2)
+    move_to(nn.Sequential(nn.Linear(2, 2), holder), cpu)
+    assert moved == ["Linear", "BatchNorm1d", "Sequential"]

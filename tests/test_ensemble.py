@@ -494,3 +494,21 @@ def test_group_train_sets_every_members_modes_as_model_train_does(factory) -> No
         for slot in grouped:
             assert [module.training for module in slot.model.modules()] == expected
         assert [module.training for module in group._base.modules()] == expected
+    with pytest.raises(ValueError, match="expected to be boolean"):
+        group.train(0)
+
+
+def test_a_members_resume_entry_keeps_the_hyper_parameters_that_moved() -> None:
+    """Only what moved from the initial snapshot (a slot built without one saves them all)."""
+    from izitorch.resume import slot_state
+
+    _, grouped = twin_slots(mlp, OPTIMIZERS["adam"])
+    slot = grouped[1]
+    assert slot_state(slot, grouped=True)["optimizer"]["param_groups"] == [{}]
+    slot.optimizer.param_groups[0]["lr"] = 0.5
+    slot.optimizer.param_groups[0]["lr_tensor"] = torch.tensor(0.5)  # tensors are always kept
+    saved = slot_state(slot, grouped=True)["optimizer"]["param_groups"]
+    assert saved[0].keys() == {"lr", "lr_tensor"} and saved[0]["lr"] == 0.5
+    bare = Slot("bare", None, slot.model, slot.criterion, slot.optimizer)  # never snapshotted
+    everything = {k: v for k, v in slot.optimizer.param_groups[0].items() if k != "params"}
+    assert slot_state(bare, grouped=True)["optimizer"]["param_groups"][0].keys() == everything.keys()

@@ -449,3 +449,28 @@ def test_the_folds_still_training_train_in_train_mode_after_the_first_fold_stopp
     assert training and evaluating
     assert all(base and all(members) for base, members in training)
     assert all(not base and not any(members) for base, members in evaluating)
+
+
+def test_a_members_optimizer_steps_its_own_parameters_and_tells_its_scheduler():
+    """The step wrapper a member's optimizer gets back after its deepcopy (its scheduler's) must
+    step the copy, not the original it was copied from, and mark the call for the scheduler."""
+    from torch import nn
+
+    from izitorch.models import MLP
+    from izitorch.parallel import _member
+    from izitorch.state import Slot
+
+    torch.manual_seed(0)
+    model = MLP(hidden=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    slot = Slot("m", None, model, nn.CrossEntropyLoss(), optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
+    slot.snapshot_initial_state()
+    member = _member(slot)
+    assert member.scheduler.optimizer is member.optimizer
+    before = [p.detach().clone() for p in model.parameters()]
+    for param in member.model.parameters():
+        param.grad = torch.ones_like(param)
+    member.optimizer.step()
+    assert member.optimizer._opt_called and not getattr(optimizer, "_opt_called", False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the original did not move
+    assert all(torch.allclose(p, b - 0.1) for p, b in zip(member.model.parameters(), before))

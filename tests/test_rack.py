@@ -348,6 +348,31 @@ def test_conf_json_records_custom_arguments(tmp_path):
     assert conf["config"]["run"]["epochs"] == 1 and "plugins" in conf and "versions" in conf
 
 
+def cross_entropy(output, target):
+    """A plain function as criterion (its repr holds a memory address)."""
+    return nn.functional.cross_entropy(output, target)
+
+
+def test_conf_json_holds_no_memory_address_for_objects_the_rack_was_given(tmp_path):
+    """A Rack passes objects, not references: a dataset, a scheduler and a function criterion had
+    reprs such as ``<... object at 0x7f...>``, different in every run."""
+    rack = make_rack(tmp_path / "res", "--epochs", "1")
+    torch.manual_seed(0)
+    model = Model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    rack.add_model_configs([ModelConfig(name="fn", model=model, criterion=cross_entropy, optimizer=optimizer, scheduler=scheduler)])
+    rack.launch()
+    texts = [path.read_text(encoding="utf-8") for path in (tmp_path / "res").rglob("conf.json")]
+    assert len(texts) == 3 and not [text for text in texts if "0x" in text]
+    conf = read(tmp_path / "res" / "fn" / "conf.json")
+    stepped = "torch.optim.lr_scheduler.StepLR(base_lrs=[0.1], gamma=0.5, last_epoch=0, step_size=2)"
+    assert conf["scheduler"] == conf["spec"]["scheduler"]["target"] == stepped
+    assert conf["criterion"] == conf["spec"]["criterion"]["target"] == f"{__name__}.cross_entropy"
+    assert read(tmp_path / "res" / "conf.json")["config"]["data"]["dataset"] == f"{__name__}.Digits(len={len(Digits())})"
+    assert conf["model"] == repr(model)
+
+
 def test_a_second_launch_into_the_same_res_dir_needs_overwrite(tmp_path):
     make_rack(tmp_path / "res", "--epochs", "1").launch()
     before = (tmp_path / "res" / "conf.json").read_bytes()
