@@ -142,7 +142,10 @@ def _write_error(path: Path, error: OSError) -> IzitorchError:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default))
+
+
+def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 

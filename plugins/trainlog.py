@@ -8,6 +8,7 @@ mean and standard deviation over folds; ``res_dir/results.json`` summarises ever
 """
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import types
@@ -18,14 +19,46 @@ import numpy as np
 import torch
 
 from izitorch import __version__, hookimpl
-from izitorch.io import write_json, write_pickle
+from izitorch.io import write_json, write_pickle, write_text
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
 
+class EpochLog:
+    """One model's ``trainlog.json``: its entries by epoch, each encoded once.
+
+    The file is rewritten after every epoch and the log is part of the resume state, so encoding
+    or pickling the whole log each time costs O(epochs) per epoch, O(epochs^2) a run (64 models,
+    50 epochs: ~4.5 s of a 9.5 s run). Here an epoch's entry is encoded once, with json's C
+    encoder, into one line of the file; the file and the saved state are those lines joined (one
+    string per model, not thousands of objects to pickle).
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.lines: dict[str, str] = {}
+
+    @classmethod
+    def parse(cls, text: str) -> "EpochLog":
+        log = cls()
+        for epoch, entry in json.loads(text).items():
+            log.set(epoch, entry)
+        return log
+
+    def set(self, epoch: str, entry: dict[str, Any]) -> None:
+        self.entries[epoch] = entry
+        self.lines[epoch] = f"  {json.dumps(epoch)}: {json.dumps(entry)}"
+
+    def last(self) -> str | None:
+        return next(reversed(self.entries), None)
+
+    def text(self) -> str:
+        return "{\n" + ",\n".join(self.lines.values()) + "\n}\n" if self.lines else "{}\n"
+
+
 class TrainlogPlugin:
     def __init__(self) -> None:
-        self.logs: dict[str, dict[str, dict]] = {}
+        self.logs: dict[str, EpochLog] = {}
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
@@ -36,7 +69,7 @@ class TrainlogPlugin:
 
     @hookimpl
     def izitorch_fold_start(self, run, fold) -> None:
-        self.logs = {slot.name: {} for slot in fold.slots}
+        self.logs = {slot.name: EpochLog() for slot in fold.slots}
 
     @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
@@ -44,16 +77,20 @@ class TrainlogPlugin:
             entry = flatten(scores[slot.name])
             if slot.stopped:
                 entry["stopped"] = slot.stopped
-            self.logs[slot.name][str(epoch)] = entry
-            write_json(run.model_dir(slot, fold) / "trainlog.json", self.logs[slot.name])
+            log = self.logs[slot.name]
+            log.set(str(epoch), entry)
+            write_text(run.model_dir(slot, fold) / "trainlog.json", log.text())
 
     @hookimpl
     def izitorch_state_dict(self, run):
-        return {"trainlog": {"logs": self.logs}}
+        return {"trainlog": {"texts": {name: log.text() for name, log in self.logs.items()}}}
 
     @hookimpl
     def izitorch_load_state_dict(self, run, state) -> None:
-        self.logs = {name: dict(log) for name, log in state.get("trainlog", {}).get("logs", {}).items()}
+        saved = state.get("trainlog", {})
+        if "logs" in saved:  # written by izitorch 0.2.0 (state format 3): the entries themselves
+            saved = {"texts": {name: json.dumps(log) for name, log in saved["logs"].items()}}
+        self.logs = {name: EpochLog.parse(text) for name, text in saved.get("texts", {}).items()}
 
     @hookimpl
     def izitorch_fold_finish(self, run, fold) -> None:
@@ -61,9 +98,10 @@ class TrainlogPlugin:
             final = fold.final_scores[slot.name]
             folder = run.model_dir(slot, fold)
             log = self.logs.get(slot.name)
-            if slot.stopped and log and "stopped" not in log[max(log, key=int)]:
-                log[max(log, key=int)]["stopped"] = slot.stopped  # decided after that epoch was logged
-                write_json(folder / "trainlog.json", log)
+            last = log.last() if log is not None else None
+            if slot.stopped and last is not None and "stopped" not in log.entries[last]:
+                log.set(last, {**log.entries[last], "stopped": slot.stopped})  # decided after that epoch was logged
+                write_text(folder / "trainlog.json", log.text())
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
             summary = scalars(final)

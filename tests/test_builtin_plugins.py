@@ -470,3 +470,40 @@ def test_the_epoch_at_which_a_model_stops_early_says_so_in_its_trainlog(write_ma
     assert list(log) == ["1", "2", "3"]  # lr = 0: no improvement after epoch 1, patience 2
     assert "stopped" not in log["2"]
     assert log["3"]["stopped"] == "early stop at epoch 3: no loss improvement for 2 evaluations"
+
+
+def test_the_trainlog_encodes_each_epoch_once_and_its_text_is_the_log(tmp_path, monkeypatch):
+    """trainlog.json and the saved state are the entries' encodings joined: an epoch's entry is
+    encoded once however long the run (re-encoding the whole log every epoch made a 50-epoch
+    sweep quadratic), and text, state and parse agree, NaN and a late stop included."""
+    from izitorch.plugins import trainlog
+
+    encoded = []
+    real_dumps = json.dumps
+    monkeypatch.setattr(trainlog.json, "dumps", lambda value, *a, **k: encoded.append(value) or real_dumps(value, *a, **k))
+    plugin = trainlog.TrainlogPlugin()
+    slots = [SimpleNamespace(name=name, stopped=None, kept_epoch=None) for name in ("a", "b")]
+    fold = SimpleNamespace(slots=slots)
+    run = SimpleNamespace(model_dir=lambda slot, _fold: tmp_path / slot.name)
+    plugin.izitorch_fold_start(run=run, fold=fold)
+    for epoch in range(1, 6):
+        scores = {slot.name: {"train": {"loss": 1.0 / epoch, "train_step_time": 0.1}, "test": {"acc": float("nan") if epoch == 3 else 50.0 + epoch}}
+                  for slot in slots}
+        plugin.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
+    assert len(encoded) == 5 * 2 * 2  # per epoch and model: its key and its entry, once
+    written = json.loads((tmp_path / "a" / "trainlog.json").read_text(encoding="utf-8"))
+    assert list(written) == ["1", "2", "3", "4", "5"] and written["2"] == {"loss": 0.5, "train_step_time": 0.1, "test_acc": 52.0}
+    assert np.isnan(written["3"]["test_acc"])
+    state = plugin.izitorch_state_dict(run=run)
+    resumed = trainlog.TrainlogPlugin()
+    resumed.izitorch_load_state_dict(run=run, state=state)
+    assert resumed.logs["a"].text() == plugin.logs["a"].text()
+    # a stop decided after the last epoch was logged is added to that epoch's entry
+    slots[1].stopped = "loss is nan"
+    resumed.izitorch_fold_finish(run=run, fold=SimpleNamespace(slots=[slots[1]], final_scores={"b": {"loss": 0.2}}, epoch=5))
+    written = json.loads((tmp_path / "b" / "trainlog.json").read_text(encoding="utf-8"))
+    assert written["5"]["stopped"] == "loss is nan" and "stopped" not in written["4"]
+    # a state saved by izitorch 0.2.0 held the entries themselves
+    old = trainlog.TrainlogPlugin()
+    old.izitorch_load_state_dict(run=run, state={"trainlog": {"logs": {"a": {"1": {"loss": 2.0}}}}})
+    assert json.loads(old.logs["a"].text()) == {"1": {"loss": 2.0}}

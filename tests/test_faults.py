@@ -579,8 +579,9 @@ def test_resuming_with_another_architecture_is_refused_naming_the_key(tmp_path, 
 
 
 def test_a_state_of_the_previous_format_still_resumes_and_an_unknown_one_is_refused(tmp_path, capsys):
-    """Format 3 kept the fingerprint as a dict (format 4: JSON text); such a state must still be
-    checked against the manifest and resumed, and a format this version does not know refused."""
+    """Format 3 kept the fingerprint and the trainlog as nested data (format 4: JSON text); such a
+    state must still be checked against the manifest and resumed, and a format this version does
+    not know refused."""
     path = write_run(tmp_path, epochs=2)
     res = tmp_path / "res"
     assert cli(capsys, "run", path)[0] == 0
@@ -588,12 +589,15 @@ def test_a_state_of_the_previous_format_still_resumes_and_an_unknown_one_is_refu
     state = saved_state(res)
     assert state["format"] == 4 and isinstance(state["fingerprint"], str)
     state["format"], state["fingerprint"] = 3, json.loads(state["fingerprint"])
+    state["plugins"]["trainlog"] = {"logs": {name: json.loads(text) for name, text in state["plugins"]["trainlog"]["texts"].items()}}
     torch.save(state, state_file)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
     assert code == 2 and "cannot resume: models[0].params.hidden changed (16 -> 32)" in error_of(err)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
     assert code == 0, err
-    assert list(trainlog(res, "mlp")) == ["1", "2", "3"] and saved_state(res)["epoch"] == 3
+    log = trainlog(res, "mlp")
+    assert list(log) == ["1", "2", "3"] and saved_state(res)["epoch"] == 3
+    assert log["1"] == state["plugins"]["trainlog"]["logs"]["mlp"]["1"]  # the earlier epochs come from the old state
     state = saved_state(res)
     state["format"] = 99
     torch.save(state, state_file)

@@ -482,7 +482,10 @@ def resume_state_view(path: Path) -> dict:
 
 
 def fold_view(state: dict) -> dict:
-    return {"plugins": strip_times(state["plugins"]),
+    plugins = dict(state["plugins"])
+    if "trainlog" in plugins:  # each model's trainlog.json text: compared as data, timings aside
+        plugins["trainlog"] = {name: json.loads(text) for name, text in plugins["trainlog"]["texts"].items()}
+    return {"plugins": strip_times(plugins),
             "final_scores": strip_times(state["final_scores"]) if state["final_scores"] is not None else None}
 
 
