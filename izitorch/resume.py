@@ -25,7 +25,7 @@ from izitorch.io import commit, save_torch
 from izitorch.state import Fold, Run, standalone
 
 STATE_DIR = ".izitorch"
-FORMAT = 4  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds. 4: the fingerprint as JSON text
+FORMAT = 4  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds. 4: fingerprint and trainlog as JSON text
 READABLE = (3, 4)  # formats this version resumes
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
