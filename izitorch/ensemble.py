@@ -35,7 +35,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from izitorch.data import host_to_device
 from izitorch.errors import IzitorchError
-from izitorch.state import Slot, standalone  # standalone: in __all__ for the code that imported it from here
+from izitorch.state import Slot, deep_equal, standalone  # standalone: in __all__ for the code that imported it from here
 
 __all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone", "why_not_vectorizable", "masked_loss", "supports_masked_loss"]
 
@@ -48,9 +48,6 @@ VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, to
 _relaxed_grad_layout = getattr(torch.autograd, "enforce_grad_layout_policy", None)
 _LAYOUT_WARNING = "grad and param do not obey the gradient layout contract"
 
-#: Types compared with == by ``_same`` without further checks (a fast path: grouping 64 models
-#: compares ~4,000 values).
-_PLAIN = frozenset({str, int, float, bool, type(None), type, torch.dtype, torch.device})
 # Module attributes that are torch's bookkeeping, not configuration that changes the forward.
 _MODULE_INTERNALS = frozenset({
     "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules",
@@ -145,8 +142,8 @@ class _Signature:
         return cls(_architecture(slot.model), _optimizer_kind(slot.optimizer), _config(slot.criterion, values=True))
 
     def matches(self, other: "_Signature") -> bool:
-        return (self.optimizer == other.optimizer and _same(self.architecture, other.architecture)
-                and _same(self.criterion, other.criterion))
+        return (self.optimizer == other.optimizer and deep_equal(self.architecture, other.architecture)
+                and deep_equal(self.criterion, other.criterion))
 
 
 def _architecture(model: nn.Module) -> list:
@@ -173,28 +170,6 @@ def _config(obj: Any, values: bool = False) -> Any:
     return (type(obj), attributes)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Deep equality that understands tensors (and treats incomparable values as different)."""
-    kind = type(a)
-    if kind is type(b) and kind in _PLAIN:  # most of an architecture: names, sizes, flags, dtypes
-        return a is b or a == b
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and a.device == b.device and (a.is_meta or bool(torch.equal(a, b))))
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple:
     """The optimizer's class and the options that change its formula (not its hyper-parameters)."""
     group = optimizer.param_groups[0]
@@ -212,15 +187,15 @@ def _describe_optimizer(kind: tuple) -> str:
 
 
 def _why_alone(slot: Slot, signature: _Signature, candidates: list, slots: Sequence[Slot]) -> str:
-    same_architecture = [(s, sig) for s, sig in candidates if s is not slot and _same(sig.architecture, signature.architecture)]
+    same_architecture = [(s, sig) for s, sig in candidates if s is not slot and deep_equal(sig.architecture, signature.architecture)]
     for other, sig in same_architecture:
         if sig.optimizer != signature.optimizer:
             return (f"optimizer {_describe_optimizer(signature.optimizer)} differs from {other.name}'s "
                     f"{_describe_optimizer(sig.optimizer)} (same architecture)")
     for other, sig in same_architecture:
-        if not _same(sig.criterion, signature.criterion):
+        if not deep_equal(sig.criterion, signature.criterion):
             return f"criterion {type(slot.criterion).__name__} is configured unlike {other.name}'s (same architecture and optimizer)"
-    others = [s.name for s in slots if s is not slot and _same(_architecture(s.model), signature.architecture)]
+    others = [s.name for s in slots if s is not slot and deep_equal(_architecture(s.model), signature.architecture)]
     if others:
         return f"no other vectorizable model with the same architecture ({', '.join(others)} cannot be grouped)"
     return "no other model with the same architecture"

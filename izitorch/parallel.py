@@ -185,8 +185,10 @@ def _member(slot: Slot) -> Slot:
 
 
 def _mark_step_calls(optimizer: torch.optim.Optimizer) -> None:
-    """Wrap ``optimizer.step`` as an LR scheduler's constructor wraps its optimizer's (it marks
-    ``_opt_called`` and carries torch's ``_wrapped_by_lr_sched`` flag). A deepcopy loses that
+    """Wrap ``optimizer.step`` as an LR scheduler's constructor wraps its optimizer's (torch's
+    ``patch_track_step_called``: it marks ``_opt_called`` and carries the ``_wrapped_by_lr_sched``
+    flag, which is what the scheduler checks; a group never calls a member's own step, it marks
+    ``_opt_called`` itself). A deepcopy loses that
     wrapper (``Optimizer.__getstate__`` keeps no instance attributes), and without it the
     copy's scheduler warns at its first step that ``optimizer.step()`` was overridden."""
     optimizer_ref = weakref.ref(optimizer)  # no reference cycle, as in torch

@@ -22,7 +22,7 @@ import torch
 from izitorch.config import Config
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.io import commit, save_torch
-from izitorch.state import Fold, Run, standalone
+from izitorch.state import Fold, Run, deep_equal, standalone
 
 STATE_DIR = ".izitorch"
 FORMAT = 4  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds. 4: fingerprint and trainlog as JSON text
@@ -243,14 +243,8 @@ def changed_hyper(slot) -> list[dict]:
     """
     groups = slot.optimizer.param_groups
     initial = slot.initial_state.get("optimizer", {}).get("param_groups") or [{} for _ in groups]
-    return [{key: value for key, value in group.items() if key != "params" and (key not in base or _differs(value, base[key]))}
+    return [{key: value for key, value in group.items() if key != "params" and (key not in base or not deep_equal(value, base[key]))}
             for group, base in zip(groups, initial)]
-
-
-def _differs(value: Any, base: Any) -> bool:
-    if isinstance(value, torch.Tensor) or isinstance(base, torch.Tensor):
-        return True  # kept whatever it holds: a tensor's comparison is no plain bool
-    return type(value) is not type(base) or value != base
 
 
 def tensorise(scores: dict[str, dict]) -> dict[str, dict]:

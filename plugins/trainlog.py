@@ -43,14 +43,19 @@ class EpochLog:
         """The log of a :meth:`text` (or of any JSON object of entries by epoch). Parallel folds
         swap each fold's log in and out of the plugin several times an epoch: the lines are
         taken back from the text, not encoded again (a raw newline never occurs inside one)."""
-        log = cls()
-        log.entries = json.loads(text)
+        entries = json.loads(text)
         lines = text[2:-3].split(",\n") if text.startswith("{\n") and text.endswith("\n}\n") else []
-        if len(lines) == len(log.entries):
-            log.lines = dict(zip(log.entries, lines))
-        else:
-            for epoch, entry in log.entries.items():
-                log.set(epoch, entry)
+        if len(lines) != len(entries):
+            return cls.of(entries)
+        log = cls()
+        log.entries, log.lines = entries, dict(zip(entries, lines))
+        return log
+
+    @classmethod
+    def of(cls, entries: dict[str, dict[str, Any]]) -> "EpochLog":
+        log = cls()
+        for epoch, entry in entries.items():
+            log.set(epoch, entry)
         return log
 
     def set(self, epoch: str, entry: dict[str, Any]) -> None:
@@ -97,8 +102,9 @@ class TrainlogPlugin:
     def izitorch_load_state_dict(self, run, state) -> None:
         saved = state.get("trainlog", {})
         if "logs" in saved:  # written by izitorch 0.2.0 (state format 3): the entries themselves
-            saved = {"texts": {name: json.dumps(log) for name, log in saved["logs"].items()}}
-        self.logs = {name: EpochLog.parse(text) for name, text in saved.get("texts", {}).items()}
+            self.logs = {name: EpochLog.of(entries) for name, entries in saved["logs"].items()}
+        else:
+            self.logs = {name: EpochLog.parse(text) for name, text in saved.get("texts", {}).items()}
 
     @hookimpl
     def izitorch_fold_finish(self, run, fold) -> None:

@@ -506,9 +506,14 @@ def test_a_members_resume_entry_keeps_the_hyper_parameters_that_moved() -> None:
     slot = grouped[1]
     assert slot_state(slot, grouped=True)["optimizer"]["param_groups"] == [{}]
     slot.optimizer.param_groups[0]["lr"] = 0.5
-    slot.optimizer.param_groups[0]["lr_tensor"] = torch.tensor(0.5)  # tensors are always kept
+    slot.optimizer.param_groups[0]["lr_tensor"] = torch.tensor(0.5)  # a key the snapshot lacks is kept
     saved = slot_state(slot, grouped=True)["optimizer"]["param_groups"]
     assert saved[0].keys() == {"lr", "lr_tensor"} and saved[0]["lr"] == 0.5
+    # a tensor hyper-parameter is compared by value: kept once a scheduler changed it in place
+    tensor_lr = make_slot("t", 0, mlp, lambda p: torch.optim.Adam(p, lr=torch.tensor(0.01)))
+    assert slot_state(tensor_lr, grouped=True)["optimizer"]["param_groups"] == [{}]
+    tensor_lr.optimizer.param_groups[0]["lr"].fill_(0.005)
+    assert torch.equal(slot_state(tensor_lr, grouped=True)["optimizer"]["param_groups"][0]["lr"], torch.tensor(0.005))
     bare = Slot("bare", None, slot.model, slot.criterion, slot.optimizer)  # never snapshotted
     everything = {k: v for k, v in slot.optimizer.param_groups[0].items() if k != "params"}
     assert slot_state(bare, grouped=True)["optimizer"]["param_groups"][0].keys() == everything.keys()
