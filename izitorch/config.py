@@ -122,9 +122,20 @@ def _default_optimizer() -> ComponentSpec:
     return ComponentSpec("torch.optim:Adam", {"lr": 1e-3})
 
 
+#: Names of the run's own entries at the top of ``res_dir``, which a model's folder would replace
+#: (compared ignoring case, for case-insensitive file systems). Names starting with a dot
+#: (``.``, ``..``, ``.izitorch``, ``.izitorch.lock``) are refused as a whole.
+RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json"})
+
+
 def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
+    """A model's name is its folder under ``res_dir``: it must stay inside and not replace a run file."""
     if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
         raise FieldError(attribute.name, f"expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got {describe(value)}")
+    if value.startswith("."):
+        raise FieldError(attribute.name, f"{describe(value)} starts with a dot: it would name a hidden folder, or res_dir's parent; start with a letter or digit")
+    if value.casefold() in RESERVED_NAMES:
+        raise FieldError(attribute.name, f"{describe(value)} is the name of one of the run's own files in res_dir; choose another name")
 
 
 @attrs.frozen

@@ -69,15 +69,24 @@ def check_labels(dataset: Dataset, num_classes: int | None) -> None:
     """
     if num_classes is None:
         return
-    labels = dataset.tensors[-1] if isinstance(dataset, torch.utils.data.TensorDataset) else getattr(dataset, "targets", None)
-    if labels is None:
-        return
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.numel() == 0:
+    labels = dataset_labels(dataset)
+    if labels is None or labels.is_floating_point() or labels.numel() == 0:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise IzitorchError(f"data: labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): fix num_classes or the labels")
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
+    """The labels of a dataset where they are at hand without loading its samples: a
+    ``TensorDataset``'s last tensor, or a ``targets`` attribute (torchvision's convention)."""
+    labels = dataset.tensors[-1] if isinstance(dataset, torch.utils.data.TensorDataset) else getattr(dataset, "targets", None)
+    if labels is None:
+        return None
+    try:
+        return torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):  # targets that are not numbers (strings, say)
+        return None
 
 
 def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from izitorch.errors import IzitorchError
-
-LOCK_NAME = ".izitorch.lock"
+from izitorch.ownership import LOCK_NAME, res_dir_error
 
 
 class Interrupted(IzitorchError):
@@ -42,10 +41,13 @@ class StopFlag:
 
 @contextlib.contextmanager
 def res_dir_lock(res_dir: Path) -> Iterator[None]:
-    """Hold ``res_dir``'s lock for the duration of the block."""
-    res_dir.mkdir(parents=True, exist_ok=True)
+    """Hold ``res_dir``'s lock for the duration of the block (``res_dir`` is created if needed)."""
     lock = res_dir / LOCK_NAME
-    _acquire(lock)
+    try:
+        res_dir.mkdir(parents=True, exist_ok=True)
+        _acquire(lock)
+    except OSError as error:
+        raise res_dir_error(res_dir, error) from None
     try:
         yield
     finally:
@@ -68,8 +70,12 @@ def _acquire(lock: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
             continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(record)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(record)
+        except OSError:  # a full disk: no empty lock is left behind
+            lock.unlink(missing_ok=True)
+            raise
         return
     raise IzitorchError(f"could not take the lock {lock}; another run is starting in the same res_dir")
 

@@ -22,13 +22,26 @@ import torch
 
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.guard import Interrupted
+from izitorch.ownership import Ledger
 from izitorch.writer import BackgroundWriter
 
-_local = threading.local()  # .writer: this thread's BackgroundWriter, set by background_writes()
+_local = threading.local()  # .writer: this thread's BackgroundWriter (background_writes); .ledger: its run's Ledger (owned_by)
 
 
 def _writer() -> BackgroundWriter | None:
     return getattr(_local, "writer", None)
+
+
+@contextlib.contextmanager
+def owned_by(ledger: Ledger) -> Iterator[None]:
+    """Inside, every path this thread writes is first claimed by ``ledger`` (recorded as the run's,
+    and refused when it resolves outside ``res_dir``)."""
+    outer = getattr(_local, "ledger", None)
+    _local.ledger = ledger
+    try:
+        yield
+    finally:
+        _local.ledger = outer
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -37,6 +50,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     Inside :func:`background_writes`, ``write`` fills a memory buffer now and the writer's
     thread puts the bytes in place later (a failure there is raised by a later call)."""
     path = Path(path)
+    ledger = getattr(_local, "ledger", None)
+    if ledger is not None:
+        ledger.claim(path)
     writer = _writer()
     if writer is None:
         return _write_file(path, write)

@@ -63,8 +63,7 @@ def run_parallel(run: Run, resuming: bool) -> dict[str, list[dict]]:
     saved = resume.load_file(run, resume.parallel_state_path(run.res_dir)) if resuming else None
     if saved is not None:
         first = _restore(run, folds, passes, states, saved)
-        extended = saved["epoch"] < epochs and any(fold["stop_reason"] is None for fold in saved["folds"])
-        if saved["final"] and not extended:  # finished: nothing to retrain (more epochs extend it)
+        if not resume.parallel_needs_training(saved, epochs):  # finished: nothing to retrain (more epochs extend it)
             return _results(run, [resume.final_scores(fold) for fold in saved["folds"]])
     else:
         first = 1
@@ -236,7 +235,7 @@ def _loaders(passes: dict[str, Fold]) -> Any:
 def _save(run: Run, folds: list[Fold], passes: dict[str, Fold], states: _PluginStates, epoch: int, final: bool) -> None:
     state = {
         "format": resume.FORMAT,
-        "fingerprint": resume.saved_fingerprint(run.config),
+        "fingerprint": resume.saved_fingerprint(run),
         "parallel": len(folds),
         "epoch": epoch,
         "final": final,

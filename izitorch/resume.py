@@ -10,6 +10,7 @@ what the state depends on is refused, naming the difference.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 
 from izitorch.config import Config
+from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.io import commit, save_torch
+from izitorch.ownership import STATE_DIR
 from izitorch.state import Fold, Run, deep_equal, standalone
 
-STATE_DIR = ".izitorch"
 FORMAT = 4  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds. 4: fingerprint and trainlog as JSON text
 READABLE = (3, 4)  # formats this version resumes
 
@@ -53,7 +55,7 @@ def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
     grouped = {name for group in run.groups for name in group.names}
     state = {
         "format": FORMAT,
-        "fingerprint": saved_fingerprint(run.config),
+        "fingerprint": saved_fingerprint(run),
         "fold": fold.index,
         "epoch": epoch,
         "stop_reason": fold.stop_reason,
@@ -76,11 +78,13 @@ def plugin_states(run: Run) -> dict[str, Any]:
     return merged
 
 
-def check(run: Run, folds: int) -> None:
-    """Load every saved state once (on the CPU, then dropped): a changed config is refused here."""
-    for index in range(folds):
-        load(run, index, device="cpu")
-    load_file(run, parallel_state_path(run.res_dir), device="cpu")
+def check(run: Run, folds: int) -> bool:
+    """Load every saved state once (on the CPU, then dropped): a changed config is refused here.
+    Return whether the saved run is complete (nothing is left to train)."""
+    epochs = run.config.run.epochs
+    done = [not needs_training(load(run, index, device="cpu"), epochs) for index in range(folds)]
+    parallel = load_file(run, parallel_state_path(run.res_dir), device="cpu")
+    return not parallel_needs_training(parallel, epochs) if parallel is not None else all(done)
 
 
 def load(run: Run, fold_index: int, device: Any = None) -> dict | None:
@@ -99,7 +103,11 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
     if state.get("format") not in READABLE:
         raise IzitorchError(f"{path}: written by another izitorch version (format {state.get('format')}); start over with --overwrite")
     saved = state["fingerprint"]
-    difference = first_difference(json.loads(saved) if isinstance(saved, str) else saved, fingerprint(run.config))
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    current = {**fingerprint(run.config), **dataset_fingerprint(run.dataset)}
+    if DATASET_KEY not in saved:  # a state of izitorch 0.2 did not describe the dataset's content
+        current.pop(DATASET_KEY, None)
+    difference = first_difference(saved, current)
     if difference:
         raise ManifestError(f"cannot resume: {difference} since the interrupted run; restore it, or start over with --overwrite", source=run.config.source)
     return state
@@ -110,6 +118,13 @@ def needs_training(state: dict | None, epochs: int) -> bool:
     if state is None or state["final_scores"] is None:
         return True
     return state["stop_reason"] is None and state["epoch"] < epochs
+
+
+def parallel_needs_training(state: dict | None, epochs: int) -> bool:
+    """Parallel folds must (re)train unless they finished and none can be extended to ``epochs``."""
+    if state is None or not state["final"]:
+        return True
+    return state["epoch"] < epochs and any(fold["stop_reason"] is None for fold in state["folds"])
 
 
 def restore(run: Run, fold: Fold, state: dict) -> int:
@@ -169,17 +184,37 @@ def fingerprint(config: Config) -> dict[str, str]:
     return {k: v for k, v in flat.items() if k not in TOLERATED}
 
 
-_last_fingerprint: tuple[Config, str] | None = None
+#: The fingerprint's entry for the dataset's content, so that a resume over data that changed
+#: (another length, other labels) is refused instead of testing on samples it trained on.
+DATASET_KEY = "data.dataset (samples and labels)"
 
 
-def saved_fingerprint(config: Config) -> str:
-    """:func:`fingerprint` as the JSON text a state file holds, made once per (frozen) config: a
-    run saves its state every epoch, and one string pickles ~10x faster than a dict of a few
-    hundred entries (a 64-model manifest: ~1,000 objects)."""
+def dataset_fingerprint(dataset: Any) -> dict[str, str]:
+    """``{DATASET_KEY: "1797 samples, labels 0a1b2c3d4e5f"}``: the length, and a digest of the
+    labels where they are at hand without loading samples (:func:`izitorch.data.dataset_labels`)."""
+    if dataset is None:
+        return {}
+    description = f"{len(dataset)} samples"
+    labels = dataset_labels(dataset)
+    if labels is not None:
+        labels = labels.detach().cpu().contiguous()
+        digest = hashlib.blake2b(f"{labels.dtype}{tuple(labels.shape)}".encode(), digest_size=6)
+        digest.update(labels.reshape(-1).view(torch.uint8).numpy().tobytes() if labels.numel() else b"")
+        description += f", labels {digest.hexdigest()}"
+    return {DATASET_KEY: description}
+
+
+_last_fingerprint: tuple[Config, Any, str] | None = None
+
+
+def saved_fingerprint(run: Run) -> str:
+    """:func:`fingerprint` and :func:`dataset_fingerprint` as the JSON text a state file holds,
+    made once per run (the config is frozen): a run saves its state every epoch, and one string
+    pickles much faster than a dict of a few hundred entries."""
     global _last_fingerprint
-    if _last_fingerprint is None or _last_fingerprint[0] is not config:
-        _last_fingerprint = (config, json.dumps(fingerprint(config)))
-    return _last_fingerprint[1]
+    if _last_fingerprint is None or _last_fingerprint[0] is not run.config or _last_fingerprint[1] is not run.dataset:
+        _last_fingerprint = (run.config, run.dataset, json.dumps({**fingerprint(run.config), **dataset_fingerprint(run.dataset)}))
+    return _last_fingerprint[2]
 
 
 def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:

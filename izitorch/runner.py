@@ -7,17 +7,17 @@ last finished epoch (:mod:`izitorch.resume`).
 """
 from __future__ import annotations
 
-import shutil
+import contextlib
 import signal
 import sys
 from pathlib import Path
 
-from izitorch import ensemble, resume
+from izitorch import ensemble, ownership, resume
 from izitorch.config import Config
 from izitorch.data import build_dataset, build_slots, pick_device
 from izitorch.errors import IzitorchError, ManifestError
-from izitorch.guard import LOCK_NAME, Interrupted, StopFlag, res_dir_lock, stop_on_signals
-from izitorch.io import background_writes
+from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
+from izitorch.io import background_writes, owned_by
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Run, Split
@@ -32,12 +32,16 @@ def run(config: Config) -> dict[str, list[dict]]:
     flag = StopFlag()
     with (res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic),
           background_writes(config.run.background_writes)):
-        resuming = prepare_res_dir(res_dir, config)
+        ledger, resuming = prepare_res_dir(res_dir, config)
         session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag)
         try:
-            return _run(session, resuming)
+            with owned_by(ledger):
+                results = _run(session, resuming)
         except Interrupted as stop:
             raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
+    if resuming:  # every file is on disk now
+        report_missing(ledger)
+    return results
 
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
@@ -48,40 +52,107 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     session.groups, session.singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
-        resume.check(session, len(session.splits))
+        if resume.check(session, len(session.splits)):
+            print(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', file=sys.stderr)
     hook.izitorch_run_start(run=session)
     results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)
     return results
 
 
+def report_missing(ledger: ownership.Ledger) -> None:
+    """Say which of the run's files were deleted after it wrote them and were not written again
+    (a checkpoint of a finished fold, say): the saved state cannot rebuild them."""
+    missing = ledger.missing()
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        print(f'izitorch: {len(missing)} file(s) of this run in "{ledger.root}" were deleted after it wrote them and cannot be rebuilt '
+              f"from the saved state: {shown}; run again with --overwrite to get them back", file=sys.stderr)
+
+
 def check_res_dir(res_dir: Path, config: Config) -> None:
-    """Refuse to mix two runs' outputs: an earlier run's folder needs ``overwrite`` or ``resume``."""
-    if res_dir.exists() and not res_dir.is_dir():
-        raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir", config.source)
-    if (res_dir / "conf.json").exists() and not (config.run.overwrite or config.run.resume):
-        raise ManifestError(
-            f'res_dir "{res_dir}" already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir',
-            "run.res_dir",
-            config.source,
-        )
+    """Refuse, before anything is written, a ``res_dir`` where the run would mix with, or delete,
+    what is not its own (see :mod:`izitorch.ownership`)."""
+    run = config.run
+    if run.resume and run.overwrite:
+        raise ManifestError("--resume and --overwrite cannot go together: --resume continues the run in res_dir, --overwrite deletes it; pass one",
+                            "run.resume", config.source)
+    try:
+        refuse_shared_folder(res_dir, config)
+        if res_dir.exists() and not res_dir.is_dir():
+            raise ManifestError(f'res_dir "{res_dir}" is a file; choose a folder', "run.res_dir", config.source)
+        if not res_dir.is_dir() or not [e for e in res_dir.iterdir() if e.name != ownership.LOCK_NAME]:
+            return  # new or empty: nothing to mix with
+        problem = _res_dir_problem(res_dir, config)
+    except OSError as error:  # a name too long, a folder that cannot be read...
+        raise ownership.res_dir_error(res_dir, error) from None
+    if problem:
+        raise ManifestError(f'res_dir "{res_dir}" {problem}', "run.res_dir", config.source)
 
 
-def prepare_res_dir(res_dir: Path, config: Config) -> bool:
-    """Empty ``res_dir`` for ``overwrite``; return whether there is a saved run to resume."""
-    if config.run.overwrite and not config.run.resume:
-        for child in res_dir.iterdir():
-            if child.name == LOCK_NAME:
-                continue
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        return False
-    if config.run.resume:
-        if resume.has_state(res_dir):
-            for leftover in res_dir.rglob(".*.tmp"):  # a write cut short by the kill being resumed
-                leftover.unlink(missing_ok=True)
-            return True
+def _res_dir_problem(res_dir: Path, config: Config) -> str | None:
+    """Why a folder that is not empty cannot take this run (its mode: new, overwrite, resume), or None."""
+    run = config.run
+    if not ownership.has_record(res_dir):
+        if (res_dir / "conf.json").exists() or resume.has_state(res_dir):
+            if run.resume and resume.has_state(res_dir):
+                return None  # a run of izitorch 0.2, which kept no record: it resumes, and records from now on
+            return ("holds an izitorch run without its record of files (.izitorch/owned.txt: a run of izitorch 0.2, or a copy "
+                    "that skipped the hidden .izitorch folder, as `cp -r run/*` does), so izitorch cannot tell its files from yours"
+                    + ("; nothing to resume" if run.resume else "") + ": choose a new or empty folder")
+        return "holds files that are not an izitorch run; choose a new or empty folder"
+    if not (run.overwrite or run.resume):
+        return "already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir"
+    if run.resume and not resume.has_state(res_dir):
+        return "holds a run but not its resume state (.izitorch/*.pth.tar is missing); nothing to resume: pass --overwrite to start over, or choose another res_dir"
+    if run.overwrite:
+        foreign = sorted(ownership.Ledger(res_dir).foreign())
+        if foreign:
+            return (f"holds files that are not an izitorch run ({_listing(foreign, res_dir)}); --overwrite deletes only what izitorch "
+                    "wrote: move them out, or choose a new or empty folder")
+    return None
+
+
+def _listing(paths: list[Path], res_dir: Path) -> str:
+    shown = ", ".join(str(p.relative_to(res_dir)) for p in paths[:3])
+    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def refuse_shared_folder(res_dir: Path, config: Config) -> None:
+    """A run gets a folder of its own: never the working directory, a file system's root, the
+    home folder, or a folder that holds the manifest."""
+    target = res_dir.resolve()
+    shared = []
+    if target == Path.cwd().resolve():
+        shared.append("the working directory")
+    if target == Path(target.anchor):
+        shared.append("the root of a file system")
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder known
+        if target == Path.home().resolve():
+            shared.append("your home folder")
+    manifest = Path(config.source)
+    if config.source.endswith(".toml") and manifest.is_file() and manifest.resolve().is_relative_to(target):
+        shared.append("a folder that holds the manifest")
+    if shared:
+        raise ManifestError(f'res_dir "{config.run.res_dir}" is {" and ".join(shared)}; a run needs a folder of its own: choose a new or empty '
+                            'one, e.g. "results/<name>"', "run.res_dir", config.source)
+
+
+def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bool]:
+    """Under the lock: delete the earlier run's own files for ``overwrite``, remove the temporary
+    files of writes cut short for ``resume``; return the run's ledger and whether it resumes."""
+    check_res_dir(res_dir, config)  # again, now that no other run can change the folder
+    ledger = ownership.Ledger(res_dir)
+    resuming = config.run.resume and resume.has_state(res_dir)
+    if config.run.overwrite:
+        ledger.remove_all()
+    elif resuming:
+        for leftover in ledger.temporaries():  # a write cut short by the kill being resumed
+            leftover.unlink(missing_ok=True)
+    elif config.run.resume:
         print(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', file=sys.stderr)
-    return False
+    ledger.start()
+    return ledger, resuming
 
 
 def interrupted_message(config: Config, stop: Interrupted) -> str:

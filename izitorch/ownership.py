@@ -1,0 +1,176 @@
+"""What a run owns inside ``res_dir``: the record of every file and folder izitorch wrote there.
+
+izitorch deletes and overwrites only what a run of its own wrote. Every file it writes goes
+through :mod:`izitorch.io`, which asks the run's :class:`Ledger` to :meth:`~Ledger.claim` the path
+first. The ledger appends the path (and each new folder above it) to
+``res_dir/.izitorch/owned.txt`` before the file is created, so the record always covers what is
+on disk: ``--overwrite`` removes exactly the recorded entries, a new run refuses a folder holding
+anything else, and a resume cleans up only the temporary files of recorded names.
+
+A claim also checks that the path, with every symbolic link resolved, lies inside ``res_dir``:
+a second guard behind the validation of model names.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from izitorch.errors import IzitorchError, TrainingError
+
+STATE_DIR = ".izitorch"  # the run's own folder: resume states and this record
+RECORD = "owned.txt"
+LOCK_NAME = ".izitorch.lock"
+
+#: ``.<name>.<pid>-<n>.tmp``: a temporary file of :mod:`izitorch.io` for ``<name>`` (a write cut
+#: short by a kill).
+TEMPORARY = re.compile(r"^\.(?P<target>.+)\.\d+-\d+\.tmp$")
+
+
+class Ledger:
+    """The record of a run's own entries in ``res_dir``, as paths relative to it (folders end with ``/``)."""
+
+    def __init__(self, res_dir: Path) -> None:
+        self.root = Path(os.path.abspath(res_dir))
+        self.resolved_root = self.root.resolve()
+        self.file = self.root / STATE_DIR / RECORD
+        self.entries: set[str] = set(read_record(self.file))
+        self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
+
+    def start(self) -> None:
+        """Create the run's own folder and the record, recording both."""
+        try:
+            self.file.parent.mkdir(exist_ok=True)
+        except OSError as error:
+            raise res_dir_error(self.root, error) from None
+        self._append([f"{STATE_DIR}/", f"{STATE_DIR}/{RECORD}"])
+
+    def claim(self, path: str | Path) -> None:
+        """Record ``path`` (and the folders above it) as the run's, before it is written; refuse
+        a path that resolves outside ``res_dir``."""
+        key = str(path)
+        if key in self._claimed:
+            return
+        absolute = Path(os.path.abspath(path))
+        resolved = absolute.resolve()
+        if resolved == self.resolved_root or not resolved.is_relative_to(self.resolved_root):
+            raise IzitorchError(f'refusing to write {path}: it resolves to {resolved}, outside res_dir "{self.root}"; '
+                                f"remove the symbolic link or choose other names")
+        parts = absolute.relative_to(self.root).parts
+        new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
+        new.append("/".join(parts))
+        self._append(new)
+        self._claimed.add(key)
+
+    def _append(self, entries: list[str]) -> None:
+        entries = [entry for entry in entries if entry not in self.entries]
+        if not entries:
+            return
+        text = "".join(f"{entry}\n" for entry in entries).encode("utf-8")
+        try:  # appended, not replaced: a kill leaves at most a cut last line, which read_record skips
+            fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise res_dir_error(self.root, error) from None
+        self.entries.update(entries)
+
+    def owns(self, relative: str, is_dir: bool) -> bool:
+        """Whether an entry (relative to ``res_dir``, ``/``-separated) is the run's: recorded, the
+        lock, or a temporary file of a recorded file."""
+        if relative == LOCK_NAME:
+            return True
+        if is_dir:
+            return f"{relative}/" in self.entries
+        if relative in self.entries:
+            return True
+        folder, _, name = relative.rpartition("/")
+        match = TEMPORARY.match(name)
+        return match is not None and f"{folder}/{match['target']}".lstrip("/") in self.entries
+
+    def foreign(self) -> Iterator[Path]:
+        """Every entry of ``res_dir`` that is not the run's (a foreign folder is not entered)."""
+        for folder, dirs, files in os.walk(self.root):
+            base = Path(folder).relative_to(self.root).as_posix()
+            prefix = "" if base == "." else f"{base}/"
+            for name in list(dirs):
+                if os.path.islink(os.path.join(folder, name)) or not self.owns(prefix + name, is_dir=True):
+                    dirs.remove(name)
+                    yield Path(folder) / name
+            for name in files:
+                if not self.owns(prefix + name, is_dir=False):
+                    yield Path(folder) / name
+
+    def temporaries(self) -> list[Path]:
+        """The temporary files of recorded names: writes cut short by a kill."""
+        found = []
+        for folder in {""} | {entry[:-1] for entry in self.entries if entry.endswith("/")}:
+            directory = self.root / folder
+            if not directory.is_dir() or directory.is_symlink():
+                continue
+            for child in directory.iterdir():
+                relative = f"{folder}/{child.name}".lstrip("/")
+                if relative not in self.entries and TEMPORARY.match(child.name) and self.owns(relative, is_dir=False):
+                    found.append(child)
+        return found
+
+    def missing(self) -> list[str]:
+        """Recorded files that are no longer on disk (deleted after the run wrote them)."""
+        return sorted(entry for entry in self.entries if not entry.endswith("/") and not (self.root / entry).is_file())
+
+    def remove_all(self) -> None:
+        """Delete every recorded entry and temporary file; the record itself goes last, so that an
+        interrupted removal can be repeated. Folders are removed only once empty."""
+        files = [self.root / entry for entry in self.entries if not entry.endswith("/") and entry != f"{STATE_DIR}/{RECORD}"]
+        folders = sorted((self.root / entry[:-1] for entry in self.entries if entry.endswith("/")), key=lambda p: len(p.parts), reverse=True)
+        try:
+            for path in [*files, *self.temporaries()]:
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+            self.file.unlink(missing_ok=True)
+            for folder in folders:
+                if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                    folder.rmdir()
+        except OSError as error:
+            raise res_dir_error(self.root, error) from None
+        self.entries.clear()
+        self._claimed.clear()
+
+
+def read_record(file: Path) -> list[str]:
+    """The entries of a record; a line cut by a kill (no newline) is skipped, as is anything
+    that is not a plain relative path."""
+    try:
+        text = file.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise IzitorchError(f"cannot read {file}: {error.strerror or error}; check the permissions of res_dir") from None
+    lines = text.split("\n")[:-1]  # the last piece has no newline: empty, or cut short
+    return [line for line in lines if line and not line.startswith("/") and ".." not in line.split("/")]
+
+
+def has_record(res_dir: Path) -> bool:
+    return (res_dir / STATE_DIR / RECORD).is_file()
+
+
+def res_dir_error(res_dir: Path, error: OSError) -> IzitorchError:
+    """A failure to create, lock or clean ``res_dir`` as one line (exit 1 for a full disk)."""
+    where = f'res_dir "{res_dir}"'
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TrainingError(f"{where}: no space left on the device; free some space and run again")
+    reasons = {
+        errno.ENOTDIR: "is a file, not a folder",
+        errno.EEXIST: "is a file, not a folder",
+        errno.EACCES: "cannot be written (permission denied)",
+        errno.EPERM: "cannot be written (permission denied)",
+        errno.EROFS: "is on a read-only file system",
+        errno.ENAMETOOLONG: "has a name that is too long",
+        errno.EISDIR: "is a folder where izitorch needs a file",
+    }
+    reason = reasons.get(error.errno, f"cannot be used ({error.strerror or error})")
+    return IzitorchError(f"{where}: {error.filename or res_dir} {reason}; choose another res_dir or fix that path")
