@@ -39,14 +39,6 @@ class Ledger:
         self.entries: set[str] = set(read_record(self.file))
         self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
 
-    def start(self) -> None:
-        """Create the run's own folder and the record, recording both."""
-        try:
-            self.file.parent.mkdir(exist_ok=True)
-        except OSError as error:
-            raise res_dir_error(self.root, error) from None
-        self._append([f"{STATE_DIR}/", f"{STATE_DIR}/{RECORD}"])
-
     def claim(self, path: str | Path) -> None:
         """Record ``path`` (and the folders above it) as the run's, before it is written; refuse
         a path that resolves outside ``res_dir``."""
@@ -65,11 +57,16 @@ class Ledger:
         self._claimed.add(key)
 
     def _append(self, entries: list[str]) -> None:
+        """Append entries to the record; the first write of a run creates it, so that a run which
+        failed before writing anything leaves no record behind."""
+        if not self.entries:
+            entries = [f"{STATE_DIR}/", f"{STATE_DIR}/{RECORD}", *entries]
         entries = [entry for entry in entries if entry not in self.entries]
         if not entries:
             return
         text = "".join(f"{entry}\n" for entry in entries).encode("utf-8")
         try:  # appended, not replaced: a kill leaves at most a cut last line, which read_record skips
+            self.file.parent.mkdir(exist_ok=True)
             fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o666)
             try:
                 os.write(fd, text)
@@ -117,6 +114,10 @@ class Ledger:
                 if relative not in self.entries and TEMPORARY.match(child.name) and self.owns(relative, is_dir=False):
                     found.append(child)
         return found
+
+    def states_recorded(self) -> bool:
+        """Whether the run ever wrote a resume state (``.izitorch/*.pth.tar``)."""
+        return any(entry.startswith(f"{STATE_DIR}/") and entry.endswith(".pth.tar") for entry in self.entries)
 
     def missing(self) -> list[str]:
         """Recorded files that are no longer on disk (deleted after the run wrote them)."""

@@ -103,10 +103,13 @@ def _res_dir_problem(res_dir: Path, config: Config) -> str | None:
         return "holds files that are not an izitorch run; choose a new or empty folder"
     if not (run.overwrite or run.resume):
         return "already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir"
-    if run.resume and not resume.has_state(res_dir):
-        return "holds a run but not its resume state (.izitorch/*.pth.tar is missing); nothing to resume: pass --overwrite to start over, or choose another res_dir"
-    if run.overwrite:
-        foreign = sorted(ownership.Ledger(res_dir).foreign())
+    ledger = ownership.Ledger(res_dir)
+    restarting = run.resume and not resume.has_state(res_dir)
+    if restarting and ledger.states_recorded():
+        return ("holds a run whose resume state is gone (.izitorch/*.pth.tar was deleted); nothing to resume: pass --overwrite to "
+                "start over, or choose another res_dir")
+    if run.overwrite or restarting:  # a run killed before its first epoch ended starts again, as --overwrite would
+        foreign = sorted(ledger.foreign())
         if foreign:
             return (f"holds files that are not an izitorch run ({_listing(foreign, res_dir)}); --overwrite deletes only what izitorch "
                     "wrote: move them out, or choose a new or empty folder")
@@ -139,20 +142,20 @@ def refuse_shared_folder(res_dir: Path, config: Config) -> None:
 
 
 def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bool]:
-    """Under the lock: delete the earlier run's own files for ``overwrite``, remove the temporary
-    files of writes cut short for ``resume``; return the run's ledger and whether it resumes."""
+    """Under the lock: delete the earlier run's own files (``overwrite``, or ``resume`` with no
+    finished epoch), or remove the temporary files of writes cut short (``resume``); return the
+    run's ledger and whether it resumes."""
     check_res_dir(res_dir, config)  # again, now that no other run can change the folder
     ledger = ownership.Ledger(res_dir)
     resuming = config.run.resume and resume.has_state(res_dir)
-    if config.run.overwrite:
-        ledger.remove_all()
-    elif resuming:
+    if resuming:
         for leftover in ledger.temporaries():  # a write cut short by the kill being resumed
             leftover.unlink(missing_ok=True)
-    elif config.run.resume:
+        return ledger, True
+    if config.run.resume:
         print(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', file=sys.stderr)
-    ledger.start()
-    return ledger, resuming
+    ledger.remove_all()  # overwrite, or a resume with nothing finished: only the earlier run's own files
+    return ledger, False
 
 
 def interrupted_message(config: Config, stop: Interrupted) -> str:

@@ -399,6 +399,13 @@ model = "izitorch.models:MLP"
 params = { hidden = 16 }
 optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
 '''
+RESIZABLE_DIGITS = """\
+from pathlib import Path
+from izitorch.datasets import digits
+
+def make():
+    return digits(limit=int((Path(__file__).parent / "size.txt").read_text()))
+"""
 FLAKY_MLP = ['models[0].model="models.py:Flaky"']  # 300 digits: 240 training samples, 8 steps per epoch
 
 # README line prefix -> (exit code, manifest text or None for README_MANIFEST, runs before, argv)
@@ -416,9 +423,14 @@ README_CASES = {
                                 ["validate", "m.toml"]),
     "m.toml: plugins.enable:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.enable=["kfodl"]']),
     "m.toml: plugins.kfold.k:": (2, None, [], ["validate", "m.toml", "--set", "plugins.kfold.k=1"]),
-    "m.toml: run.res_dir:": (2, None, [["run", "m.toml", "--set", "run.epochs=1"]], ["run", "m.toml"]),
+    'm.toml: run.res_dir: res_dir "results/digits" already': (2, None, [["run", "m.toml", "--set", "run.epochs=1"]], ["run", "m.toml"]),
+    'm.toml: run.res_dir: res_dir "." is': (2, None, [], ["run", "m.toml", "--set", 'run.res_dir="."']),
+    'm.toml: run.res_dir: res_dir "results/digits" holds': (2, None, ["foreign"], ["run", "m.toml"]),
+    "m.toml: models[0].name:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].name=".."']),
     'res_dir "results/digits" is in use': (2, None, ["lock"], ["run", "m.toml"]),
-    "m.toml: cannot resume:": (2, None, [["run", "m.toml", "--set", "run.epochs=1"]],
+    "m.toml: cannot resume: data.dataset": (2, README_MANIFEST.replace('"izitorch.datasets:digits"\nparams = { limit = 300 }', '"data.py:make"'),
+                                            [["run", "m.toml", "--set", "run.epochs=1"], "shrink"], ["run", "m.toml", "--resume"]),
+    "m.toml: cannot resume: models": (2, None, [["run", "m.toml", "--set", "run.epochs=1"]],
                                ["run", "m.toml", "--resume", "--set", "models[0].params.hidden=32"]),
     "data: labels range": (2, None, [], ["run", "m.toml", "--set", "data.num_classes=5"]),
     "model mlp: loss is nan": (1, None, [], ["run", "m.toml", "--set", 'run.nan_policy="raise"', "--set", FLAKY_MLP[0],
@@ -435,6 +447,7 @@ def readme_pattern(line: str) -> str:
     pattern = re.escape(line)
     pattern = pattern.replace(r"pid\ 4242\ on\ host,\ since\ 2026\-11\-25T02:10:00",
                               r"pid\ \d+\ on\ \S+,\ since\ \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+    pattern = re.sub(r"labels\\ [0-9a-f]{12}", r"labels\\ [0-9a-f]{12}", pattern)
     return pattern.replace(r"Target\ 7\ is", r"Target\ \d+\ is")
 
 
@@ -455,11 +468,18 @@ def test_the_cli_prints_the_readme_error_line(line, tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models.py").write_text(MODELS, encoding="utf-8")
     (tmp_path / "m.toml").write_text(text or README_MANIFEST, encoding="utf-8")
+    (tmp_path / "data.py").write_text(RESIZABLE_DIGITS, encoding="utf-8")
+    (tmp_path / "size.txt").write_text("300")
     for step in before:
         if step == "lock":  # a live process (this one's parent) holds the lock of res_dir
             lock = tmp_path / "results" / "digits" / ".izitorch.lock"
             lock.parent.mkdir(parents=True)
             lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-11-25T02:10:00"}))
+        elif step == "foreign":  # a folder of the user's
+            (tmp_path / "results" / "digits").mkdir(parents=True)
+            (tmp_path / "results" / "digits" / "raw.csv").write_text("a,b\n")
+        elif step == "shrink":  # the dataset changes behind the saved run
+            (tmp_path / "size.txt").write_text("200")
         else:
             assert main(step) == 0
     capsys.readouterr()

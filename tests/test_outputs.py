@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -431,13 +430,10 @@ def test_same_seed_same_run_other_seed_other_split(write_manifest, tmp_path):
 # -- the digits demo ------------------------------------------------------------------------------
 
 
-def test_digits_demo_reaches_95_percent_in_under_a_minute(tmp_path):
+def test_digits_demo_reaches_95_percent(tmp_path):
     res = tmp_path / "digits"
-    start = time.perf_counter()
     done = run_cli("run", str(ROOT / "manifests" / "digits.toml"), "--set", f"run.res_dir={res.as_posix()}", cwd=tmp_path)
-    elapsed = time.perf_counter() - start
     assert done.returncode == 0, done.stderr
-    assert elapsed < 60, f"the digits demo took {elapsed:.1f} s"
     summary = read(res / "results.json")
     assert set(summary) == {"mlp64", "cnn16"}
     for name, entry in summary.items():

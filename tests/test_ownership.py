@@ -41,7 +41,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_a_claim_records_the_file_and_each_new_folder_above_it(tmp_path):
     ledger = Ledger(tmp_path)
-    ledger.start()
+    assert not (tmp_path / ".izitorch").exists()  # nothing is recorded before the first write
     ledger.claim(tmp_path / "mlp" / "FOLD_1" / "trainlog.json")
     ledger.claim(tmp_path / "mlp" / "conf.json")
     assert read_record(tmp_path / ".izitorch" / "owned.txt") == [
@@ -74,7 +74,6 @@ def test_a_record_cut_by_a_kill_loses_only_its_last_line(tmp_path):
 
 def test_foreign_entries_and_own_temporary_files(tmp_path):
     ledger = Ledger(tmp_path)
-    ledger.start()
     ledger.claim(tmp_path / "mlp" / "trainlog.json")
     for name in ("mlp/trainlog.json", "mlp/.trainlog.json.123-4.tmp", "mlp/.other.json.1-2.tmp", "raw.csv",
                  ".izitorch.lock", "notes/.draft.tmp"):
@@ -201,8 +200,33 @@ def test_resume_of_a_run_whose_state_is_gone_is_refused(write_manifest, tmp_path
     before = snapshot(tmp_path / "res")
     code, err = run(capsys, "run", str(manifest), "--resume")
     assert code == 2
-    assert "holds a run but not its resume state" in one_error(err)
+    assert "holds a run whose resume state is gone" in one_error(err)
     assert snapshot(tmp_path / "res") == before
+
+
+def test_resume_of_a_run_killed_before_its_first_epoch_ended_starts_again(write_manifest, tmp_path, capsys):
+    from izitorch.io import owned_by, write_json
+
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    with owned_by(Ledger(res_dir)):  # what the killed run wrote: conf.json, nothing finished
+        write_json(res_dir / "conf.json", {"stale": True})
+        write_json(res_dir / "old_model" / "conf.json", {"stale": True})
+    (res_dir / "raw.csv").write_text("mine")
+    code, err = run(capsys, "run", str(write_manifest()), "--resume")
+    assert code == 2 and "holds files that are not an izitorch run (raw.csv)" in one_error(err)
+    (res_dir / "raw.csv").unlink()
+    code, err = run(capsys, "run", str(write_manifest()), "--resume")
+    assert code == 0 and "nothing to resume" in err
+    assert not (res_dir / "old_model").exists() and "stale" not in (res_dir / "conf.json").read_text()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_record_and_can_run_again(write_manifest, tmp_path, capsys):
+    manifest = write_manifest()
+    code, err = run(capsys, "run", str(manifest), "--set", "data.params.limit=0")
+    assert code == 2
+    assert sorted(os.listdir(tmp_path / "res")) == []
+    assert run(capsys, "run", str(manifest))[0] == 0
 
 
 DATASET = """\

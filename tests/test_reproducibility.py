@@ -9,15 +9,15 @@ import izitorch
 from conftest import run_cli
 
 RECORDER = """\
-import json
 import torch
 from izitorch import hookimpl
+from izitorch.io import write_json
 
 @hookimpl
 def izitorch_epoch_finish(run, fold, epoch, scores):
     seen = {"algorithms": torch.are_deterministic_algorithms_enabled(), "benchmark": torch.backends.cudnn.benchmark,
             "cudnn": torch.backends.cudnn.deterministic}
-    (run.res_dir / "seen.json").write_text(json.dumps(seen))
+    write_json(run.res_dir / "seen.json", seen)  # through izitorch.io: the run records it as its own
 """
 
 # put_ without accumulation has no deterministic CPU implementation.
