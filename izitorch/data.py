@@ -1,7 +1,9 @@
 """Datasets, models and loaders: from the configuration to the objects a fold trains on.
 
 Shuffling uses a seeded ``torch.Generator`` per fold (never the global RNG), so the same
-``rdm_seed`` gives the same batches whatever else the process does.
+``rdm_seed`` gives the same batches whatever else the process does. The dataset and the models
+are built right after :func:`~izitorch.reproducibility.seed_everything`, so that their own
+random draws (torch, numpy or ``random``) repeat from run to run.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from izitorch.config import ComponentSpec, Config, ModelSpec
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.references import resolve
+from izitorch.reproducibility import seed_everything
 from izitorch.state import Run, Slot, Split
 
 
@@ -50,7 +53,9 @@ def build_dataset(config: Config) -> Dataset:
     dataset = config.data.dataset
     if dataset is None:
         raise ManifestError("no dataset given: set [data] dataset (or call rack.set_dataset)", "data.dataset", config.source)
-    dataset = _build(dataset, config.data.params, "data.dataset", config.base_dir) if isinstance(dataset, str) else dataset
+    if isinstance(dataset, str):
+        seed_everything(config.run.rdm_seed)  # a dataset that draws random numbers when built
+        dataset = _build(dataset, config.data.params, "data.dataset", config.base_dir)
     try:
         size = len(dataset)
     except TypeError:
@@ -116,7 +121,7 @@ def _component(component: ComponentSpec, where: str, base_dir: str, *leading: An
 
 def build_slots(config: Config, device: torch.device) -> list[Slot]:
     """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible."""
-    torch.manual_seed(config.run.rdm_seed)
+    seed_everything(config.run.rdm_seed)
     return [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
 
 
