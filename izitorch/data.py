@@ -120,9 +120,44 @@ def _component(component: ComponentSpec, where: str, base_dir: str, *leading: An
 
 
 def build_slots(config: Config, device: torch.device) -> list[Slot]:
-    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible."""
+    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
+    model and optimizer must own its parameters (:func:`check_ownership`)."""
     seed_everything(config.run.rdm_seed)
-    return [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    check_ownership(slots, config.source)
+    return slots
+
+
+def check_ownership(slots: list[Slot], source: str = "") -> None:
+    """Refuse models that share parameters and optimizers that update what is not their model's.
+
+    Objects given from Python (a ``Rack``'s ``ModelConfig``) can be wired wrongly: one module in
+    two models trains one set of weights twice per step and reports it twice; an optimizer built
+    on another model's parameters trains that model and leaves its own untouched; one holding
+    tensors outside its model trains them, but izitorch resets, saves and restores a model's
+    parameters only. Each trains silently wrong, so each is refused before training.
+    """
+    owner: dict[int, int] = {}  # id(parameter) -> index of the first model holding it
+    for index, slot in enumerate(slots):
+        for parameter in slot.model.parameters():
+            first = owner.setdefault(id(parameter), index)
+            if first != index:
+                same = "is the same nn.Module object as" if slot.model is slots[first].model else "shares parameters with"
+                raise ManifestError(f'model "{slot.name}" {same} model "{slots[first].name}", so both would train one set of weights; '
+                                    "give each model its own module (build another, or copy.deepcopy it) and its optimizer on "
+                                    "that module's parameters", f"models[{index}].model", source)
+    for index, slot in enumerate(slots):
+        foreign = [p for group in getattr(slot.optimizer, "param_groups", ()) for p in group["params"] if owner.get(id(p)) != index]
+        if not foreign:
+            continue
+        others = sorted({owner[id(p)] for p in foreign if id(p) in owner})
+        if others:
+            names = ", ".join(f'"{slots[other].name}"' for other in others)
+            what = f"parameters of model {names}, not of its own model"
+        else:
+            what = f"{len(foreign)} tensor(s) that are not parameters of its model (izitorch resets, saves and restores a model's parameters only)"
+        raise ManifestError(f'the optimizer of model "{slot.name}" updates {what}; build each optimizer on its own model\'s '
+                            "parameters: optimizer(model.parameters())", f"models[{index}].optimizer", source)
 
 
 class TensorBatchLoader:
