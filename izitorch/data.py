@@ -236,9 +236,12 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
     sample's dataset index as a third element of the batch (parallel folds mask by it).
     """
     cfg = run.config.run
-    # The sampler owns its generator, so the batch order does not depend on num_workers: a
-    # DataLoader also draws its workers' base seed from ``generator=`` (or from the global RNG
-    # when None), once per epoch, or once per run with persistent workers.
+    # The sampler owns its generator, so the batch order does not depend on num_workers. The
+    # DataLoader draws its workers' base seed from ``generator=`` at each epoch's start, and each
+    # worker seeds its torch, numpy and random from it and its id. Workers are not persistent:
+    # persistent ones would carry their generators from epoch to epoch, where a resumed run's
+    # new workers could not pick them up; restarted each epoch, they draw from the loader's
+    # generator, whose state the resume state carries, so a resumed run draws the same numbers.
     dataset = WithRows(run.dataset) if with_rows else run.dataset
     subset = Subset(dataset, indices.tolist())
     sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
@@ -249,7 +252,7 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
             tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
         return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
     return DataLoader(subset, sampler=sampler, generator=generator, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=False)
 
 
 class WithRows(Dataset):

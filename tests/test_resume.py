@@ -567,12 +567,13 @@ def scenarios(tmp_path_factory, server):
     return built
 
 
-def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path) -> list[str]:
+def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, **changes: str) -> list[str]:
     """Run with the probe killing at ``spec`` (it must die by SIGKILL), resume, compare to ``ref``.
 
     A list of specs kills the first run and then each resumed run in turn (counted from the
-    start of that process), before the last resume runs to the end."""
-    path = scenario.manifest(tag)
+    start of that process), before the last resume runs to the end. ``changes`` replace fields
+    of the scenario's template."""
+    path = scenario.manifest(tag, **changes)
     for attempt, point in enumerate(spec if isinstance(spec, list) else [spec]):
         resume_flag = ("--resume",) if attempt else ()
         killed = server.run("run", str(path), *resume_flag, cwd=scenario.folder, env=probe(point))
@@ -684,6 +685,19 @@ def test_compare_runs_sees_a_difference(scenarios, tmp_path):
 def test_sigkill_at_every_kill_point_then_resume_matches_the_uninterrupted_run(matrix, name):
     failures = {point: diffs[:5] for point, diffs in matrix[name] if diffs}
     assert not failures, f"{len(failures)} of {len(matrix[name])} kill points of {name} did not match: {failures}"
+
+
+def test_dataloader_workers_draw_the_same_noise_after_a_resume(server, scenarios):
+    """Workers seed their numpy and random from the loader's generator at each epoch's start;
+    the resume state carries that generator, so a resumed run's workers draw what the
+    uninterrupted run's did."""
+    scenario, _ = scenarios["noisy"]
+    workers = {"run_extra": "num_workers = 2"}
+    reference = server.run("run", str(scenario.manifest("workers_ref", **workers)), cwd=scenario.folder)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for tag, spec in (("workers_mid", _batch(1, 2, 3)), ("workers_end", {"hook": "epoch_finish", "fold": 1, "epoch": 2})):
+        diffs = kill_and_resume(server, scenario, tag, spec, scenario.res("workers_ref"), **workers)
+        assert not diffs, f"{label(spec)}: {diffs[:5]}"
 
 
 def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
