@@ -261,7 +261,7 @@ SCENARIOS = {
     "kfold": dict(template=KFOLD, epochs=4, run_extra="", data_extra="validation = true"),
     "two": dict(template=TWO, epochs=4, run_extra="", data_extra="validation = true"),
     "parallel": dict(template=PARALLEL, epochs=4, run_extra="", data_extra="validation = true"),
-    "noisy": dict(template=NOISY_RUN, epochs=3, run_extra="", data_extra=""),
+    "noisy": {"template": NOISY_RUN, "epochs": 3, "run_extra": "", "data_extra": ""},
 }
 
 
