@@ -1,7 +1,9 @@
 """Datasets, models and loaders: from the configuration to the objects a fold trains on.
 
 Shuffling uses a seeded ``torch.Generator`` per fold (never the global RNG), so the same
-``rdm_seed`` gives the same batches whatever else the process does.
+``rdm_seed`` gives the same batches whatever else the process does. The dataset and the models
+are built right after :func:`~izitorch.reproducibility.seed_everything`, so that their own
+random draws (torch, numpy or ``random``) repeat from run to run.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from izitorch.config import ComponentSpec, Config, ModelSpec
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.references import resolve
+from izitorch.reproducibility import seed_everything
 from izitorch.state import Run, Slot, Split
 
 
@@ -50,7 +53,9 @@ def build_dataset(config: Config) -> Dataset:
     dataset = config.data.dataset
     if dataset is None:
         raise ManifestError("no dataset given: set [data] dataset (or call rack.set_dataset)", "data.dataset", config.source)
-    dataset = _build(dataset, config.data.params, "data.dataset", config.base_dir) if isinstance(dataset, str) else dataset
+    if isinstance(dataset, str):
+        seed_everything(config.run.rdm_seed)  # a dataset that draws random numbers when built
+        dataset = _build(dataset, config.data.params, "data.dataset", config.base_dir)
     try:
         size = len(dataset)
     except TypeError:
@@ -124,9 +129,44 @@ def _component(component: ComponentSpec, where: str, base_dir: str, *leading: An
 
 
 def build_slots(config: Config, device: torch.device) -> list[Slot]:
-    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible."""
-    torch.manual_seed(config.run.rdm_seed)
-    return [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
+    model and optimizer must own its parameters (:func:`check_ownership`)."""
+    seed_everything(config.run.rdm_seed)
+    slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    check_ownership(slots, config.source)
+    return slots
+
+
+def check_ownership(slots: list[Slot], source: str = "") -> None:
+    """Refuse models that share parameters and optimizers that update what is not their model's.
+
+    Objects given from Python (a ``Rack``'s ``ModelConfig``) can be wired wrongly: one module in
+    two models trains one set of weights twice per step and reports it twice; an optimizer built
+    on another model's parameters trains that model and leaves its own untouched; one holding
+    tensors outside its model trains them, but izitorch resets, saves and restores a model's
+    parameters only. Each trains silently wrong, so each is refused before training.
+    """
+    owner: dict[int, int] = {}  # id(parameter) -> index of the first model holding it
+    for index, slot in enumerate(slots):
+        for parameter in slot.model.parameters():
+            first = owner.setdefault(id(parameter), index)
+            if first != index:
+                same = "is the same nn.Module object as" if slot.model is slots[first].model else "shares parameters with"
+                raise ManifestError(f'model "{slot.name}" {same} model "{slots[first].name}", so both would train one set of weights; '
+                                    "give each model its own module (build another, or copy.deepcopy it) and its optimizer on "
+                                    "that module's parameters", f"models[{index}].model", source)
+    for index, slot in enumerate(slots):
+        foreign = [p for group in getattr(slot.optimizer, "param_groups", ()) for p in group["params"] if owner.get(id(p)) != index]
+        if not foreign:
+            continue
+        others = sorted({owner[id(p)] for p in foreign if id(p) in owner})
+        if others:
+            names = ", ".join(f'"{slots[other].name}"' for other in others)
+            what = f"parameters of model {names}, not of its own model"
+        else:
+            what = f"{len(foreign)} tensor(s) that are not parameters of its model (izitorch resets, saves and restores a model's parameters only)"
+        raise ManifestError(f'the optimizer of model "{slot.name}" updates {what}; build each optimizer on its own model\'s '
+                            "parameters: optimizer(model.parameters())", f"models[{index}].optimizer", source)
 
 
 class TensorBatchLoader:
@@ -205,9 +245,12 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
     sample's dataset index as a third element of the batch (parallel folds mask by it).
     """
     cfg = run.config.run
-    # The sampler owns its generator, so the batch order does not depend on num_workers: a
-    # DataLoader also draws its workers' base seed from ``generator=`` (or from the global RNG
-    # when None), once per epoch, or once per run with persistent workers.
+    # The sampler owns its generator, so the batch order does not depend on num_workers. The
+    # DataLoader draws its workers' base seed from ``generator=`` at each epoch's start, and each
+    # worker seeds its torch, numpy and random from it and its id. Workers are not persistent:
+    # persistent ones would carry their generators from epoch to epoch, where a resumed run's
+    # new workers could not pick them up; restarted each epoch, they draw from the loader's
+    # generator, whose state the resume state carries, so a resumed run draws the same numbers.
     dataset = WithRows(run.dataset) if with_rows else run.dataset
     subset = Subset(dataset, indices.tolist())
     sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
@@ -218,7 +261,7 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
             tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
         return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
     return DataLoader(subset, sampler=sampler, generator=generator, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=False)
 
 
 class WithRows(Dataset):

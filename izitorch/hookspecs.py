@@ -65,8 +65,8 @@ def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | N
     """Train every split of ``run.splits``; return each model's final test scores per fold.
 
     The schedule of the folds. The default (``izitorch.loop``) takes them one after another:
-    per split, slots reset to their initial weights, the training seed ``rdm_seed + fold`` set,
-    loaders made, then ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are
+    per split, slots reset to their initial weights, torch, numpy and ``random`` seeded with
+    ``rdm_seed + fold`` (``izitorch.reproducibility.seed_everything``), loaders made, then ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are
     read from their saved state instead. ``[plugins.kfold] parallel = true`` answers it by
     training all folds at once (``izitorch.parallel``), calling the per-fold hooks in fold order.
     """

@@ -19,6 +19,7 @@ from izitorch.data import make_loaders, to_device
 from izitorch.errors import TrainingError
 from izitorch.guard import Interrupted
 from izitorch.pluginmanager import hookimpl
+from izitorch.reproducibility import seed_everything
 from izitorch.state import Fold, Run, Scores, Slot
 
 
@@ -32,7 +33,7 @@ def izitorch_run_folds(run: Run, resuming: bool) -> dict[str, list[dict]]:
         if resume.needs_training(saved, epochs):
             for slot in run.slots:
                 slot.reset()
-            torch.manual_seed(run.config.run.rdm_seed + index)
+            seed_everything(run.config.run.rdm_seed + index)
             fold = Fold(index, len(run.splits), split, make_loaders(run, split, index), run.slots, resume_state=saved)
             final = run.hook.izitorch_run_fold(run=run, fold=fold)
         else:

@@ -40,6 +40,7 @@ from izitorch.data import make_loader
 from izitorch.errors import IzitorchError
 from izitorch.io import commit, save_torch
 from izitorch.loop import epoch_pass, kept_weights
+from izitorch.reproducibility import seed_everything
 from izitorch.state import Fold, Run, Scores, Slot
 
 OPTION = "plugins.kfold.parallel = true"
@@ -137,7 +138,7 @@ def _prepare(run: Run) -> tuple[list[Fold], dict[str, Fold]]:
     if singles:
         raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {reasons[0]}; set parallel = false")
     run.groups, run.singles = groups, []
-    torch.manual_seed(seed)
+    seed_everything(seed)
     fold_of = {slot: index for index, slots in enumerate(members) for slot in slots}
     passes = {}
     for phase in ("train", "val", "test"):

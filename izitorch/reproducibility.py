@@ -1,4 +1,11 @@
-"""``[run] deterministic = true``: the same run gives the same bits on a GPU too.
+"""The same manifest gives the same bits: ``rdm_seed`` seeds every global generator, and
+``[run] deterministic = true`` makes a GPU run reproducible too.
+
+:func:`seed_everything` seeds torch's, numpy's and Python's global generators together (as
+Lightning's function of that name does), so that a dataset or model drawing from ``np.random``
+or ``random`` trains the same way from run to run. DataLoader workers need nothing more: each
+worker seeds its own torch, numpy and ``random`` from the loader's seeded ``generator=`` and its
+worker id (torch >= 1.9), so their draws differ from each other and repeat from run to run.
 
 On the CPU izitorch's runs are reproducible as they are. On CUDA, cuDNN picks convolution
 algorithms by benchmark and some of them (and some cuBLAS paths) add in a varying order, so two
@@ -9,12 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 
 #: cuBLAS needs a fixed workspace to be deterministic; it reads this before its first call.
 CUBLAS_WORKSPACE = ":4096:8"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's (CPU and every CUDA device's), numpy's and Python's global generators with
+    ``seed``. numpy takes seeds below 2**32 only, so it gets ``seed % 2**32``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 @contextlib.contextmanager

@@ -8,13 +8,15 @@ deliberate differences (exactly N epochs, per-fold fresh optimizers, no silent o
 from __future__ import annotations
 
 import argparse
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import attrs
 
 from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig
-from izitorch.errors import ManifestError, did_you_mean
+from izitorch.errors import ManifestError, describe, did_you_mean
 
 #: The original menu: name -> (type, default, help). Flags that were 0/1 integers stay so.
 DEFAULT_PARAMETERS: dict[str, tuple[type, Any, str]] = {
@@ -43,6 +45,9 @@ DEFAULT_PARAMETERS: dict[str, tuple[type, Any, str]] = {
     "resume": (int, 0, "1 to continue the interrupted run in res_dir"),
     "nan_policy": (str, "stop", "what a non-finite loss does to its model: stop, skip_batch or raise"),
 }
+
+#: The 0/1 flags, which also take True and False from Python.
+FLAGS = frozenset({"pin_memory", "validation", "save_last", "save_all", "save_best", "shuffle", "overwrite", "resume"})
 
 
 @attrs.define
@@ -87,11 +92,16 @@ class Rack:
         return self.args
 
     def set_args(self, arguments: dict[str, Any]) -> None:
-        """Set parameters from the script; an unknown name is an error (with a did-you-mean)."""
+        """Set parameters from the script; an unknown name or a value of the wrong type is an
+        error naming the parameter (an unknown name with a did-you-mean)."""
         known = vars(self.args)
         for name, value in arguments.items():
             if name not in known:
                 raise ManifestError(f'unknown parameter "{name}"{did_you_mean(name, known)}; add custom ones with rack.add_arguments', source="Rack.set_args")
+            try:
+                value = checked_value(name, value)
+            except FieldError as error:
+                raise ManifestError(error.message, name, "Rack.set_args") from None
             setattr(self.args, name, value)
 
     def add_model_configs(self, configs: Iterable[ModelConfig]) -> None:
@@ -155,8 +165,26 @@ def _model_spec(conf: ModelConfig) -> ModelSpec:
     )
 
 
+def checked_value(name: str, value: Any) -> Any:
+    """``value`` for the original parameter ``name`` if it has the parameter's type, as a plain
+    Python value (a numpy integer becomes an int, a path a string); else :class:`FieldError`
+    saying what it expects, in the manifest's words. Custom parameters are the script's own."""
+    if name not in DEFAULT_PARAMETERS:
+        return value
+    kind = DEFAULT_PARAMETERS[name][0]
+    if kind is int and isinstance(value, numbers.Integral) and (name in FLAGS or not isinstance(value, bool)):
+        return int(value)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    expected = {int: "0 or 1 (or True / False)" if name in FLAGS else "an integer", float: "a number", str: "a string"}[kind]
+    raise FieldError(name, f"expected {expected}, got {describe(value)}")
+
+
 def config_from_args(args: argparse.Namespace, dataset: Any, model_configs: list[ModelConfig]) -> Config:
     """Map the original parameters to their homes in the manifest schema (README table)."""
+    args = argparse.Namespace(**{name: checked_value(name, value) for name, value in vars(args).items()})
     tables: dict[str, dict] = {}
     if args.kfold:
         tables["kfold"] = {"k": args.kfold}

@@ -612,3 +612,134 @@ def test_every_fold_starts_from_the_initial_weights_with_a_fresh_optimizer(tmp_p
         torch.testing.assert_close(momentum[0]["momentum_buffer"], grads["net.0.weight"], rtol=1e-5, atol=1e-6)
         firsts.append(saved)
     assert not torch.equal(firsts[0]["net.0.weight"], firsts[1]["net.0.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring mistakes refused before training, in one line naming the models
+
+
+def two_model_rack(res_dir: Path, first: tuple, second: tuple) -> Rack:
+    """A Rack of models "a" and "b", each ``(model, optimizer)``."""
+    rack = make_rack(res_dir)
+    rack.model_configs = [ModelConfig(name, model, nn.CrossEntropyLoss(), optimizer) for name, (model, optimizer) in zip("ab", (first, second))]
+    return rack
+
+
+def refusal(rack: Rack, res_dir: Path) -> str:
+    with pytest.raises(ManifestError) as info:
+        rack.launch()
+    assert not list(res_dir.rglob("trainlog.json"))  # refused before training
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+class Headed(nn.Module):
+    """A model on a backbone that may be another model's."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.backbone(x)))
+
+
+def test_one_module_in_two_model_configs_is_refused(tmp_path):
+    shared = Model()
+    message = refusal(two_model_rack(tmp_path / "res", (shared, sgd(shared)), (shared, sgd(shared))), tmp_path / "res")
+    assert message.startswith('Rack: models[1].model: model "b" is the same nn.Module object as model "a"')
+    assert "copy.deepcopy" in message
+    backbone = nn.Linear(64, 32)  # a part of a module shared
+    a, b = Headed(backbone), Headed(backbone)
+    message = refusal(two_model_rack(tmp_path / "res2", (a, sgd(a)), (b, sgd(b))), tmp_path / "res2")
+    assert message.startswith('Rack: models[1].model: model "b" shares parameters with model "a"')
+
+
+def test_an_optimizer_on_another_models_parameters_is_refused(tmp_path):
+    a, b = Model(), Model()
+    message = refusal(two_model_rack(tmp_path / "res", (a, sgd(a)), (b, sgd(a))), tmp_path / "res")
+    assert message.startswith('Rack: models[1].optimizer: the optimizer of model "b" updates parameters of model "a", not of its own model')
+    assert "model.parameters()" in message
+    stray = nn.Parameter(torch.zeros(3))  # say, a learnable temperature living outside the model
+    optimizer = torch.optim.SGD([*a.parameters(), stray], lr=0.1)
+    message = refusal(two_model_rack(tmp_path / "res2", (a, optimizer), (b, sgd(b))), tmp_path / "res2")
+    assert message.startswith('Rack: models[0].optimizer: the optimizer of model "a" updates 1 tensor(s) that are not parameters of its model')
+
+
+def test_an_optimizer_on_a_part_of_its_model_trains(tmp_path):
+    """Fine-tuning the head alone is not a wiring mistake: the backbone stays as it was."""
+    a, b = Headed(nn.Linear(64, 32)), Model()
+    backbone = {k: v.clone() for k, v in a.backbone.state_dict().items()}
+    rack = two_model_rack(tmp_path / "res", (a, torch.optim.SGD(a.head.parameters(), lr=0.1)), (b, sgd(b)))
+    rack.launch()
+    saved = flat_state(tmp_path / "res" / "a" / "model.pth.tar")
+    assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in backbone.items())
+    assert list(read(tmp_path / "res" / "a" / "trainlog.json")) == ["1", "2"]
+
+
+SINGLETON = """\
+import torch
+
+SHARED = torch.nn.Linear(64, 10)
+
+
+def shared():
+    return SHARED
+"""
+
+
+def test_a_manifest_model_factory_returning_one_module_twice_is_refused(write_manifest, tmp_path, capsys):
+    """The same check guards manifests: a factory returning a cached module."""
+    from izitorch.cli import main
+
+    (tmp_path / "singleton.py").write_text(SINGLETON)
+    path = write_manifest()
+    text = path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "singleton.py:shared"')
+    second = text[text.index("[[models]]"):].replace('name = "mlp"', 'name = "again"')
+    path.write_text(text + "\n" + second)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [(f'izitorch: error: {path}: models[1].model: model "again" is the same nn.Module object as model "mlp", so both '
+                                 "would train one set of weights; give each model its own module (build another, or copy.deepcopy it) and "
+                                 "its optimizer on that module's parameters")]
+    assert not list((tmp_path / "res").rglob("trainlog.json"))
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("epochs", "ten", 'epochs: expected an integer, got "ten"'),
+    ("epochs", 2.5, "epochs: expected an integer, got 2.5"),
+    ("batch_size", True, "batch_size: expected an integer, got true"),
+    ("lr", "fast", 'lr: expected a number, got "fast"'),
+    ("train_ratio", None, "train_ratio: expected a number, got None"),
+    ("device", 0, "device: expected a string, got 0"),
+    ("shuffle", "no", 'shuffle: expected 0 or 1 (or True / False), got "no"'),
+])
+def test_set_args_with_a_value_of_the_wrong_type_names_the_parameter(tmp_path, name, value, expected):
+    rack = bare_rack()
+    before = getattr(rack.args, name)
+    with pytest.raises(ManifestError) as info:
+        rack.set_args({name: value})
+    assert str(info.value) == f"Rack.set_args: {expected}"
+    assert getattr(rack.args, name) == before
+    setattr(rack.args, name, value)  # set behind set_args' back: refused at launch, naming the flag
+    rack.set_args({"res_dir": str(tmp_path / "res")})
+    with pytest.raises(ManifestError) as info:
+        rack.launch()
+    assert str(info.value) == f"Rack: --{expected}"
+    assert not (tmp_path / "res").exists()
+
+
+def test_set_args_takes_numpy_numbers_paths_and_booleans_for_flags(tmp_path):
+    import numpy as np
+
+    rack = bare_rack()
+    rack.set_args({"epochs": np.int64(3), "lr": np.float32(0.5), "res_dir": tmp_path / "res", "shuffle": False, "validation": True})
+    assert (rack.args.epochs, rack.args.res_dir, rack.args.shuffle, rack.args.validation) == (3, str(tmp_path / "res"), 0, 1)
+    assert type(rack.args.epochs) is int and type(rack.args.lr) is float
+    config = rack.config()
+    assert (config.run.epochs, config.run.res_dir, config.run.shuffle, config.data.validation) == (3, str(tmp_path / "res"), False, True)

@@ -220,11 +220,48 @@ metric = "loss"
 min_delta = 100.0
 """
 
+# (e) a user's dataset that augments every sample with noise from numpy's and Python's global
+# generators (see NOISY): a resume must restore both to continue the same noise
+NOISY_RUN = HEAD.replace('dataset = "izitorch.datasets:digits"', 'dataset = "noisy.py:NoisyDigits"') + """
+[[models]]
+name = "mlp"
+model = "izitorch.models:MLP"
+params = { hidden = 16 }
+optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
+
+[plugins]
+enable = ["probe.py"]
+"""
+
+NOISY = '''\
+"""The digits with augmentation noise drawn from numpy's and Python's global generators."""
+import random
+
+import numpy as np
+import torch
+
+from izitorch.datasets import digits
+
+
+class NoisyDigits(torch.utils.data.Dataset):
+    def __init__(self, limit):
+        self.data = digits(limit=limit)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        noise = np.random.normal(0.0, 0.2, tuple(x.shape)).astype("float32")
+        return x + torch.from_numpy(noise) * random.uniform(0.5, 1.5), y
+'''
+
 SCENARIOS = {
     "holdout": dict(template=HOLDOUT, epochs=3, run_extra="test_epoch = 2", data_extra=""),
     "kfold": dict(template=KFOLD, epochs=4, run_extra="", data_extra="validation = true"),
     "two": dict(template=TWO, epochs=4, run_extra="", data_extra="validation = true"),
     "parallel": dict(template=PARALLEL, epochs=4, run_extra="", data_extra="validation = true"),
+    "noisy": {"template": NOISY_RUN, "epochs": 3, "run_extra": "", "data_extra": ""},
 }
 
 
@@ -290,6 +327,11 @@ KILL_POINTS = {
         {"hook": "replace", "file": "folds.pth.tar", "nth": 4},  # the final state (after the tests)
         {"hook": "replace", "file": "trainlog.json", "nth": 5}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
         [_batch(2, 2, 2), _batch(1, 3, 1)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 3}],
+    ],
+    # 192 training samples -> 6 steps per epoch
+    "noisy": [
+        _batch(1, 1, 3), _batch(1, 2, 4), _batch(1, 3, 6), {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2}, [_batch(1, 2, 2), _batch(1, 3, 1)],
     ],
 }
 
@@ -395,6 +437,7 @@ class Scenario:
         self.name, self.folder = name, folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "probe.py").write_text(PROBE, encoding="utf-8")
+        (folder / "noisy.py").write_text(NOISY, encoding="utf-8")
 
     def manifest(self, tag: str, **changes: str) -> Path:
         """``<tag>.toml`` writing into ``res_<tag>``; ``changes`` replace template fields."""
@@ -468,8 +511,8 @@ def output_files(res: Path) -> set[str]:
 
 def resume_state_view(path: Path) -> dict:
     """What must match in a resume state: weights, optimizers, schedulers, kept weights, plugin
-    states (trainlog timings aside), scores, torch RNG and the loaders' generators. (The numpy
-    and python RNG states come from each process's own random seeding until a resume restores them.)"""
+    states (trainlog timings aside), scores, the torch, numpy and python RNG states and the
+    loaders' generators."""
     state = torch.load(path, weights_only=True)
     if "parallel" in state:  # folds.pth.tar: the folds of a parallel run, saved together
         view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
@@ -477,7 +520,7 @@ def resume_state_view(path: Path) -> dict:
     else:
         view = {k: state[k] for k in ("fold", "epoch", "stop_reason", "slots", "fingerprint", "groups")}
         view.update(fold_view(state))
-    view["rng"] = {"torch": state["rng"]["torch"], "loaders": state["rng"]["loaders"]}
+    view["rng"] = {key: state["rng"][key] for key in ("torch", "numpy", "python", "loaders")}
     return view
 
 
@@ -524,12 +567,13 @@ def scenarios(tmp_path_factory, server):
     return built
 
 
-def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path) -> list[str]:
+def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, **changes: str) -> list[str]:
     """Run with the probe killing at ``spec`` (it must die by SIGKILL), resume, compare to ``ref``.
 
     A list of specs kills the first run and then each resumed run in turn (counted from the
-    start of that process), before the last resume runs to the end."""
-    path = scenario.manifest(tag)
+    start of that process), before the last resume runs to the end. ``changes`` replace fields
+    of the scenario's template."""
+    path = scenario.manifest(tag, **changes)
     for attempt, point in enumerate(spec if isinstance(spec, list) else [spec]):
         resume_flag = ("--resume",) if attempt else ()
         killed = server.run("run", str(path), *resume_flag, cwd=scenario.folder, env=probe(point))
@@ -554,10 +598,22 @@ def kill_matrix(server, scenarios, name: str) -> list[tuple[str, list[str]]]:
     return outcomes
 
 
+class Matrix(dict):
+    """``matrix[name]``: the kill points of scenario ``name``, killed, resumed and compared the
+    first time they are asked for (so that ``-k noisy`` runs that scenario's alone)."""
+
+    def __init__(self, server, scenarios) -> None:
+        super().__init__()
+        self.server, self.scenarios = server, scenarios
+
+    def __missing__(self, name: str) -> list[tuple[str, list[str]]]:
+        self[name] = kill_matrix(self.server, self.scenarios, name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def matrix(server, scenarios):
-    """Every kill point of every scenario, killed, resumed and compared (run once per module)."""
-    return {name: kill_matrix(server, scenarios, name) for name in SCENARIOS}
+    return Matrix(server, scenarios)
 
 
 def test_references_are_what_the_scenarios_claim(scenarios):
@@ -589,6 +645,12 @@ def test_references_are_what_the_scenarios_claim(scenarios):
     state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)
     assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7 ** 4)]
     assert state["slots"]["mlp"]["optimizer"]["state"]  # momentum buffers are part of the state
+    _, noisy = scenarios["noisy"]  # its dataset drew from numpy's and python's generators since the fold's seeding
+    rng = torch.load(noisy / ".izitorch" / "fold_1.pth.tar", weights_only=True)["rng"]
+    np.random.seed(1)
+    random.seed(1)
+    assert not torch.equal(rng["numpy"][1], torch.from_numpy(np.random.get_state()[1].astype(np.int64)))
+    assert tuple(rng["python"][1].tolist()) != random.getstate()[1]
 
 
 def test_compare_runs_sees_a_difference(scenarios, tmp_path):
@@ -623,6 +685,19 @@ def test_compare_runs_sees_a_difference(scenarios, tmp_path):
 def test_sigkill_at_every_kill_point_then_resume_matches_the_uninterrupted_run(matrix, name):
     failures = {point: diffs[:5] for point, diffs in matrix[name] if diffs}
     assert not failures, f"{len(failures)} of {len(matrix[name])} kill points of {name} did not match: {failures}"
+
+
+def test_dataloader_workers_draw_the_same_noise_after_a_resume(server, scenarios):
+    """Workers seed their numpy and random from the loader's generator at each epoch's start;
+    the resume state carries that generator, so a resumed run's workers draw what the
+    uninterrupted run's did."""
+    scenario, _ = scenarios["noisy"]
+    workers = {"run_extra": "num_workers = 2"}
+    reference = server.run("run", str(scenario.manifest("workers_ref", **workers)), cwd=scenario.folder)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for tag, spec in (("workers_mid", _batch(1, 2, 3)), ("workers_end", {"hook": "epoch_finish", "fold": 1, "epoch": 2})):
+        diffs = kill_and_resume(server, scenario, tag, spec, scenario.res("workers_ref"), **workers)
+        assert not diffs, f"{label(spec)}: {diffs[:5]}"
 
 
 def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
