@@ -136,7 +136,7 @@ def test_loss_meter_is_sample_weighted(generator):
     values = accumulate(LossMeter(4), outputs, truths, losses)
     assert set(values) == {"loss"}
     assert values["loss"] == pytest.approx(criterion(logits, targets).item(), rel=1e-5)
-    batch_mean = float(np.mean([l.item() for l in losses]))
+    batch_mean = float(np.mean([loss.item() for loss in losses]))
     assert values["loss"] != pytest.approx(batch_mean, rel=1e-5)  # not the mean of batch means
 
 
