@@ -25,7 +25,7 @@ POLICIES = ("last", "all", "best")
 @attrs.frozen
 class CheckpointOptions:
     policy: str = attrs.field(default="last", validator=one_of(*POLICIES),
-                              metadata=doc('"last": model.pth.tar every epoch; "all": one file per epoch; "best": when metric improves'))
+                              metadata=doc('model.pth.tar rewritten every epoch ("last"), one file per epoch ("all"), or when metric improves ("best")'))
     metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES), metadata=doc('what "best" compares: loss, acc or IoU'))
 
 

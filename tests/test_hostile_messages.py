@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import types
 import warnings
@@ -346,6 +347,8 @@ STATE_CASES = {
     "random bytes": (lambda f: f.write_bytes(os.urandom(4096)), "the resume state cannot be read ("),
     "truncated": (lambda f: f.write_bytes(f.read_bytes()[:1000]), "the resume state cannot be read ("),
     "foreign object": (lambda f: torch.save({"format": 4, "x": Foreign()}, f),
+                       "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)"),
+    "a plain pickle": (lambda f: f.write_bytes(pickle.dumps({"format": 4})),  # torch warns about its protocol
                        "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)"),
 }
 
