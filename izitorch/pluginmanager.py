@@ -112,7 +112,7 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
         pm.check_pending()
     except pluggy.PluginValidationError as error:
         name = pm.get_name(error.plugin)
-        raise IzitorchError(f'plugin "{name}": {_unknown_hook_message(error)}', _key_of(name, config), config.source) from None
+        raise IzitorchError(f'plugin "{name}": {_unknown_hook_message(error)}', _key_of(name, config)) from None
     pm.hook.izitorch_configure.call_historic(kwargs={"config": config})
     return pm, versions
 
@@ -155,7 +155,7 @@ def _load(name: str, known: dict[str, EntryPoint], config: Config) -> tuple[Any,
     except IzitorchError:
         raise
     except Exception as error:
-        raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}', _key_of(name, config), config.source) from None
+        raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}', _key_of(name, config)) from None
 
 
 def _key_of(name: str, config: Config) -> str:
@@ -180,14 +180,14 @@ def _instantiate(obj: Any) -> Any:
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str, config: Config | None = None) -> None:
-    source, key = (config.source, _key_of(name, config)) if config is not None else ("", "")
+    source, key = (config.source, _key_of(name, config)) if config is not None else ("", "plugins")
     already = pm.get_name(plugin)
     if already is not None:  # e.g. enable = ["izitorch.plugins.kfold"] next to "kfold"
         raise ManifestError(f'plugin "{name}" is the plugin "{already}", already enabled; name it once', "plugins.enable", source)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
-        raise IzitorchError(f'plugin "{name}": {error}', key, source) from None
+        raise IzitorchError(f'plugin "{name}": {error}', key) from None
 
 
 def _hook_names(plugin: Any) -> set[str]:
