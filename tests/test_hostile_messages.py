@@ -7,6 +7,8 @@ path and the key path as the manifest spells them.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -18,6 +20,8 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import izitorch
 from izitorch import resume
@@ -408,3 +412,35 @@ def test_report_of_a_good_results_json_prints_the_table(tmp_path, capsys):
     code, out, err = cli(capsys, "report", res_dir)
     assert (code, err) == (0, "")
     assert "90.00" in out and "0.5000" in out
+
+
+# -- command lines at random ------------------------------------------------------------------------
+
+TOKENS = st.sampled_from(["validate", "plugins", "report", "run", "--set", "--resume", "--overwrite", "--version", "--help",
+                          "-h", "--", "-", "--set=", "m.toml", "missing.toml", "res", "run.epochs=1e9", "run.rdm_seed=-1",
+                          "run.epochs=2", 'plugins.enable=["x.y"]', "data.params={a={a={a=1}}}", "=", "[", "models[9].name=x"])
+ARGV = st.lists(st.one_of(TOKENS, st.text(max_size=12)), max_size=6).filter(lambda argv: "run" not in argv)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(argv=ARGV)
+def test_any_command_line_is_one_line_or_success(tmp_path_factory, argv):
+    """A random command line (never a training run) exits 0, or 2 with exactly one error line."""
+    folder = tmp_path_factory.mktemp("argv")
+    write(folder)
+    (folder / "res").mkdir()
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.chdir(before)
+    assert "Traceback" not in err.getvalue()
+    if code == 0:
+        assert err.getvalue() == ""
+    else:
+        assert code == 2, (argv, err.getvalue())
+        error_of(err.getvalue())
+    assert sorted(p.name for p in folder.iterdir()) == ["m.toml", "res"]  # nothing written by validate/report/plugins
