@@ -6,16 +6,31 @@ The only argparse of the manifest world. A user's mistake prints one line,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
-from izitorch.errors import IzitorchError
+from izitorch.errors import IzitorchError, describe, join_path, located_in, one_line
+
+
+class UsageError(IzitorchError):
+    """A command-line mistake (an unknown flag, a missing value, no command)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line like any other (no usage block): ``main`` prints it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; `izitorch --help` (or `izitorch COMMAND --help`) shows the usage")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="izitorch", description="Train and compare PyTorch models described by a TOML manifest.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from izitorch import __version__
+
+    parser = ArgumentParser(prog="izitorch", description="Train and compare PyTorch models described by a TOML manifest.")
+    parser.add_argument("--version", action="version", version=f"izitorch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     run = commands.add_parser("run", help="train the models of a manifest")
     validate = commands.add_parser("validate", help="check a manifest (references, arguments, plugins) without training")
@@ -33,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help and --version print, then argparse exits 0
+            return done.code if isinstance(done.code, int) else 0
         return COMMANDS[args.command](args)
     except IzitorchError as error:
         print(f"izitorch: error: {error}", file=sys.stderr)
@@ -49,7 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from izitorch.runner import run
 
     overrides = list(args.overrides) + (["run.overwrite=true"] if args.overwrite else []) + (["run.resume=true"] if args.resume else [])
-    run(load_manifest(args.manifest, overrides))
+    config = load_manifest(args.manifest, overrides)
+    with located_in(config.source):
+        run(config)
     return 0
 
 
@@ -58,7 +78,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.pluginmanager import make_plugin_manager
 
     config = load_manifest(args.manifest, args.overrides)
-    _, versions = make_plugin_manager(config)
+    with located_in(config.source):
+        _, versions = make_plugin_manager(config)
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)
     print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins})")
@@ -69,24 +90,49 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from izitorch.pluginmanager import describe_plugins
 
     for info in describe_plugins():
-        flag = "default" if info.default else "optional"
+        flag = "essential" if info.essential else "default" if info.default else "optional"
         print(f"{info.name} {info.version} ({flag}) -> {info.origin}")
         print(f"    hooks: {', '.join(info.hooks) or '-'}")
+        for option in info.options:
+            print(f"    [plugins.{info.name}] {option.key} = {option.default}" + (f": {option.doc}" if option.doc else ""))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from izitorch.io import read_json
     from izitorch.plugins.console import comparison_table
 
     res_dir = Path(args.res_dir)
     summary_file = res_dir / "results.json"
     if not summary_file.is_file():
         raise IzitorchError(f'{summary_file} not found: "{res_dir}" holds no finished run (results.json is written at the end of a run)')
-    summary = read_json(summary_file)
-    results = {name: [entry["mean"]] for name, entry in summary.items()}
-    print(comparison_table(results))
+    print(comparison_table(read_summary(summary_file)))
     return 0
+
+
+def read_summary(path: Path) -> dict[str, list[dict]]:
+    """``results.json`` as the comparison table takes it (each model's mean scores), refused in one
+    line when it is not what a run writes: truncated, not JSON, or of another structure."""
+    from izitorch.plugins.console import COLUMNS
+
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise IzitorchError(f"not a results file izitorch wrote ({type(error).__name__}: {one_line(str(error))}); "
+                            "run the manifest again (--overwrite) to rewrite it", source=str(path)) from None
+    except OSError as error:
+        raise IzitorchError(f"cannot read it: {error.strerror or error}", source=str(path)) from None
+    if not isinstance(summary, dict):
+        raise IzitorchError(f"expected a table of models, found {describe(summary)}; run the manifest again (--overwrite) to rewrite it", source=str(path))
+    for name, entry in summary.items():
+        mean = entry.get("mean") if isinstance(entry, dict) else None
+        if not isinstance(mean, dict):
+            raise IzitorchError(f"expected the model's scores with a \"mean\" table, found {describe(entry)}; "
+                                "run the manifest again (--overwrite) to rewrite it", join_path(name, "mean"), str(path))
+        for key in [key for key, _, _ in COLUMNS if key in mean]:
+            if isinstance(mean[key], bool) or not isinstance(mean[key], (int, float)):
+                raise IzitorchError(f"expected a number, found {describe(mean[key])}; run the manifest again (--overwrite) to rewrite it",
+                                    join_path(join_path(name, "mean"), key), str(path))
+    return {name: [entry["mean"]] for name, entry in summary.items()}
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "report": cmd_report}

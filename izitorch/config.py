@@ -37,6 +37,16 @@ def at_least(minimum: int):
     return check
 
 
+#: numpy's seed range, the narrowest of the generators a run seeds (torch takes any 64-bit integer).
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def seed_range(_instance: object, attribute: attrs.Attribute, value: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise FieldError(attribute.name, f"expected an integer from {low} to {high} (numpy's seed range), got {describe(value)}")
+
+
 def one_of(*choices: str):
     def check(_instance: object, attribute: attrs.Attribute, value: str) -> None:
         if value not in choices:
@@ -75,7 +85,7 @@ class RunConfig:
 
     res_dir: str = attrs.field(default="results", metadata=doc("folder for every output of the run"))
     device: str = attrs.field(default="auto", validator=device_name, metadata=doc('"auto" picks cuda when available'))
-    rdm_seed: int = attrs.field(default=1, metadata=doc("seed of the split, the shuffling and the training"))
+    rdm_seed: int = attrs.field(default=1, validator=seed_range, metadata=doc("seed of the split, the shuffling and the training"))
     epochs: int = attrs.field(default=10, validator=at_least(1), metadata=doc("epochs trained (exactly N)"))
     batch_size: int = attrs.field(default=128, validator=at_least(1), metadata=doc("samples per batch"))
     num_workers: int = attrs.field(default=0, validator=at_least(0), metadata=doc("DataLoader worker processes"))

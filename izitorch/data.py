@@ -40,7 +40,7 @@ def _build(target: Any, params: dict, where: str, base_dir: str, *leading: Any) 
         try:
             return factory(*leading, **params)
         except Exception as error:
-            raise IzitorchError(f"{where}: {_label(target)}(...) raised {type(error).__name__}: {error}") from None
+            raise IzitorchError(f"{_label(target)}(...) raised {type(error).__name__}: {error}", where) from None
     return factory
 
 
@@ -59,9 +59,9 @@ def build_dataset(config: Config) -> Dataset:
     try:
         size = len(dataset)
     except TypeError:
-        raise IzitorchError(f"data.dataset: {type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset") from None
+        raise IzitorchError(f"{type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset", "data.dataset") from None
     if size == 0:
-        raise IzitorchError("data.dataset: the dataset is empty; check its path or parameters")
+        raise IzitorchError("the dataset is empty; check its path or parameters", "data.dataset")
     check_labels(dataset, config.data.num_classes)
     return dataset
 
@@ -79,7 +79,8 @@ def check_labels(dataset: Dataset, num_classes: int | None) -> None:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
-        raise IzitorchError(f"data: labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): fix num_classes or the labels")
+        raise IzitorchError(f"labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): "
+                             "fix num_classes or the labels", "data.num_classes")
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
@@ -99,7 +100,7 @@ def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str)
     where = f"models[{index}]"
     model = _build(spec.model, spec.params, f"{where}.model", base_dir)
     if not isinstance(model, torch.nn.Module):
-        raise IzitorchError(f"{where}.model: {_label(spec.model)} returned {type(model).__name__}, not a torch.nn.Module")
+        raise IzitorchError(f"{_label(spec.model)} returned {type(model).__name__}, not a torch.nn.Module", f"{where}.model")
     move_to(model, device)
     criterion = _component(spec.criterion, f"{where}.criterion", base_dir)
     if isinstance(criterion, torch.nn.Module):

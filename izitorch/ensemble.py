@@ -980,6 +980,7 @@ def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot
         return [], list(slots), []
     groups, sequential, reasons = group_slots(slots)
     if mode == "vectorized" and sequential:
-        raise IzitorchError(f'multi_model = "vectorized": {reasons[0]}; use multi_model = "auto" to step such models one by one')
+        raise IzitorchError(f'"vectorized" needs every model in a group, but {reasons[0]}; use multi_model = "auto" to step such models one by one',
+                            "run.multi_model")
     notes = [f"vectorized group of {len(g)}: {', '.join(g.names)} ({type(g.slots[0].optimizer).__name__})" for g in groups]
     return groups, sequential, notes + [f"sequential: {reason}" for reason in reasons]

@@ -36,9 +36,9 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_referen
     source = str(path)
     file = Path(path)
     if not file.is_file():
-        raise ManifestError(f"manifest not found{'' if file.suffix == '.toml' else ' (manifests are .toml files)'}", source=source)
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        raise ManifestError(_not_a_file(file), source=source)
+    try:  # utf-8-sig: a byte-order mark (some Windows editors write one) is read as nothing
+        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as error:
         raise ManifestError(f"invalid TOML: {error}", source=source) from None
     except RecursionError:  # tomllib recurses once per level of nested arrays / inline tables
@@ -53,9 +53,19 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_referen
     return config_from_dict(raw, source=source, base_dir=str(file.parent), check=check_references)
 
 
+def _not_a_file(file: Path) -> str:
+    """Why ``file`` cannot be read as a manifest; checked before opening, so a FIFO never blocks."""
+    if file.is_dir():
+        return "is a folder, not a manifest: give the path of a .toml file"
+    if file.exists():
+        return "is not a regular file (a FIFO, a socket or a device): give the path of a .toml file"
+    return f"manifest not found{'' if file.suffix == '.toml' else ' (manifests are .toml files)'}"
+
+
 def config_from_dict(raw: dict, source: str = "", base_dir: str = ".", check: bool = True) -> Config:
     """Structure a manifest's dict; ``check`` also imports every reference and checks arguments."""
     try:
+        check_depth(raw)
         sections = {}
         for key, value in raw.items():
             if key not in SECTIONS:
@@ -72,6 +82,25 @@ def config_from_dict(raw: dict, source: str = "", base_dir: str = ".", check: bo
     except ManifestError as error:
         raise error.located(source=source) from None
     return config
+
+
+#: How deep tables and arrays may nest: far more than any real manifest needs, and deep enough
+#: values would exhaust Python's recursion in the code that copies and compares them.
+MAX_DEPTH = 32
+
+
+def check_depth(raw: dict) -> None:
+    """Refuse a manifest nested deeper than ``MAX_DEPTH``, naming the key where it goes too deep."""
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    while stack:  # iterative: the point is to survive a nesting that recursion would not
+        node, path, depth = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, item in items:
+            if isinstance(item, (dict, list)):
+                where = join_path(path, key)
+                if depth + 1 > MAX_DEPTH:
+                    raise ManifestError(f"tables and arrays are nested more than {MAX_DEPTH} levels deep; flatten the value", where)
+                stack.append((item, where, depth + 1))
 
 
 def _structure_section(key: str, value: Any) -> Any:
@@ -134,7 +163,16 @@ def _strict(expected: str, check):
 
 
 converter.register_structure_hook(bool, _strict("true or false", lambda v: isinstance(v, bool)))
-converter.register_structure_hook(int, _strict("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)))
+def _structure_int(value: Any, _type: type) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float):  # 1e9 and 3.0 are floats in TOML
+        example = f", e.g. {int(value)}" if value.is_integer() and abs(value) < 2**63 else ""
+        raise ValueTypeError(f"expected an integer, got {describe(value)} (a float): write an integer{example}")
+    raise ValueTypeError(f"expected an integer, got {describe(value)}")
+
+
+converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(str, _strict("a string", lambda v: isinstance(v, str)))
 converter.register_structure_hook(dict, _strict("a table", lambda v: isinstance(v, dict)))
 

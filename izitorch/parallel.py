@@ -43,7 +43,8 @@ from izitorch.loop import epoch_pass, kept_weights
 from izitorch.reproducibility import seed_everything
 from izitorch.state import Fold, Run, Scores, Slot
 
-OPTION = "plugins.kfold.parallel = true"
+OPTION = "parallel = true"
+KEY = "plugins.kfold.parallel"  # where OPTION is set: every refusal names it (the CLI adds the file)
 
 
 @attrs.define
@@ -136,7 +137,7 @@ def _prepare(run: Run) -> tuple[list[Fold], dict[str, Fold]]:
     members = [[_member(slot) for slot in run.slots] for _ in range(count)]
     groups, singles, reasons = ensemble.group_slots([slot for fold in members for slot in fold])
     if singles:
-        raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {reasons[0]}; set parallel = false")
+        raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {reasons[0]}; set parallel = false", KEY)
     run.groups, run.singles = groups, []
     seed_everything(seed)
     fold_of = {slot: index for index, slots in enumerate(members) for slot in slots}
@@ -160,18 +161,18 @@ def _prepare(run: Run) -> tuple[list[Fold], dict[str, Fold]]:
 def check(run: Run) -> None:
     """Refuse what parallel folds cannot do faithfully, with the reason and the way out."""
     if run.config.run.multi_model == "sequential":
-        raise IzitorchError(f'{OPTION} trains the folds as vectorized groups; it cannot run with multi_model = "sequential": drop one of them')
+        raise IzitorchError(f'{OPTION} trains the folds as vectorized groups; it cannot run with multi_model = "sequential": drop one of them', KEY)
     for slot in run.slots:
         why = ensemble.why_not_vectorizable(slot)
         if why:
-            raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {slot.name}: {why}; set parallel = false")
+            raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {slot.name}: {why}; set parallel = false", KEY)
         if not ensemble.supports_masked_loss(slot.criterion):
             raise IzitorchError(f"model {slot.name}: {OPTION} needs a CrossEntropyLoss, MSELoss or L1Loss criterion with reduction "
-                                f"mean or sum (it has {type(slot.criterion).__name__}); set parallel = false")
+                                f"mean or sum (it has {type(slot.criterion).__name__}); set parallel = false", KEY)
         for name, module in slot.model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise IzitorchError(f"model {slot.name}: module {name!r} is a BatchNorm, whose batch statistics would mix each fold's "
-                                    f"test samples into its training; set parallel = false")
+                                    f"test samples into its training; set parallel = false", KEY)
 
 
 def _member(slot: Slot) -> Slot:

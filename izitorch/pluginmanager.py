@@ -20,7 +20,7 @@ import pluggy
 
 from izitorch import hookspecs
 from izitorch.config import Config
-from izitorch.errors import IzitorchError, ManifestError, did_you_mean
+from izitorch.errors import IzitorchError, ManifestError, did_you_mean, one_line
 from izitorch.references import _import_file
 
 GROUP = "izitorch"
@@ -39,6 +39,8 @@ class PluginInfo:
     default: bool
     hooks: tuple[str, ...]
     origin: str
+    options: tuple = ()  # OptionInfo of the keys of its [plugins.<name>] table
+    essential: bool = False
 
 
 def available_plugins() -> dict[str, EntryPoint]:
@@ -104,26 +106,34 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
     known = available_plugins()
     for name in enabled_plugin_names(config):
         plugin, version = _load(name, known, config)
-        _register(pm, plugin, name, config.source)
+        _register(pm, plugin, name, config)
         versions[name] = version
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as error:
-        raise IzitorchError(f'plugin "{pm.get_name(error.plugin)}": {_unknown_hook_message(error)}') from None
+        name = pm.get_name(error.plugin)
+        raise IzitorchError(f'plugin "{name}": {_unknown_hook_message(error)}', _key_of(name, config)) from None
     pm.hook.izitorch_configure.call_historic(kwargs={"config": config})
     return pm, versions
 
 
 def describe_plugins() -> list[PluginInfo]:
-    """Every installed plugin with its version and the hooks it implements (for the CLI)."""
-    infos = []
+    """The essential loop, then every installed plugin, with its version, the hooks it
+    implements and the options of its ``[plugins.<name>]`` table (for the CLI)."""
+    from izitorch import loop
+    from izitorch.options import declared_options
+
+    infos = [PluginInfo(ESSENTIAL, _izitorch_version(), True, tuple(sorted(_hook_names(loop))), loop.__name__, essential=True)]
     for name, ep in sorted(available_plugins().items()):
+        options: tuple = ()
         try:
-            hooks = tuple(sorted(_hook_names(_instantiate(ep.load()))))
+            obj = ep.load()
+            hooks = tuple(sorted(_hook_names(_instantiate(obj))))
+            options = tuple(declared_options(obj))
         except Exception as error:  # a broken third-party plugin must not hide the others
-            hooks = (f"<failed to load: {type(error).__name__}: {error}>",)
+            hooks = (f"<failed to load: {type(error).__name__}: {one_line(str(error))}>",)
         version = _version(ep.dist)
-        infos.append(PluginInfo(name, version, name in DEFAULT_PLUGINS, hooks, ep.value))
+        infos.append(PluginInfo(name, version, name in DEFAULT_PLUGINS, hooks, ep.value, options))
     return infos
 
 
@@ -141,11 +151,18 @@ def _load(name: str, known: dict[str, EntryPoint], config: Config) -> tuple[Any,
         module = importlib.import_module(name)
         return _instantiate(module), getattr(module, "__version__", "local")
     except ManifestError as error:  # a local plugin file that is missing or fails to import
-        raise error.located(config.source, f"plugins.{name}" if name in config.plugins.tables else "plugins.enable") from None
+        raise error.located(config.source, _key_of(name, config)) from None
     except IzitorchError:
         raise
     except Exception as error:
-        raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}') from None
+        raise IzitorchError(f'plugin "{name}" failed to load: {type(error).__name__}: {error}', _key_of(name, config)) from None
+
+
+def _key_of(name: str, config: Config) -> str:
+    """Where the manifest names a plugin: its own table, else the enable list (or the defaults)."""
+    if name in config.plugins.tables:
+        return f"plugins.{name}"
+    return "plugins.enable" if name in config.plugins.enable else "plugins"
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,14 +179,15 @@ def _instantiate(obj: Any) -> Any:
     return obj() if inspect.isclass(obj) else obj
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str, source: str = "") -> None:
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, config: Config | None = None) -> None:
+    source, key = (config.source, _key_of(name, config)) if config is not None else ("", "plugins")
     already = pm.get_name(plugin)
     if already is not None:  # e.g. enable = ["izitorch.plugins.kfold"] next to "kfold"
         raise ManifestError(f'plugin "{name}" is the plugin "{already}", already enabled; name it once', "plugins.enable", source)
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
-        raise IzitorchError(f'plugin "{name}": {error}') from None
+        raise IzitorchError(f'plugin "{name}": {error}', key) from None
 
 
 def _hook_names(plugin: Any) -> set[str]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import torch
 
 from izitorch.config import Config
 from izitorch.data import dataset_labels
-from izitorch.errors import IzitorchError, ManifestError
+from izitorch.errors import IzitorchError, ManifestError, describe, join_path
 from izitorch.io import commit, save_torch
 from izitorch.ownership import STATE_DIR
 from izitorch.state import Fold, Run, deep_equal, standalone
@@ -93,15 +96,23 @@ def load(run: Run, fold_index: int, device: Any = None) -> dict | None:
 
 
 def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
-    """A saved state, or None when there is none; refused when the config changed."""
+    """A saved state, or None when there is none; refused when it is not a state this version
+    wrote (unreadable, another format, the wrong structure) or when the config changed."""
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location=device or run.device, weights_only=True)
+        with warnings.catch_warnings():  # torch's advice is about its own pickles, not ours
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device or run.device, weights_only=True)
     except Exception as error:
-        raise IzitorchError(f"{path}: the resume state cannot be read ({type(error).__name__}: {error}); start over with --overwrite") from None
+        raise IzitorchError(f"the resume state cannot be read ({_load_failure(error)}); start over with --overwrite", source=str(path)) from None
+    if not isinstance(state, dict):
+        raise IzitorchError(f"the resume state is not one izitorch wrote (it holds {describe(state)}, not a table); start over with --overwrite", source=str(path))
     if state.get("format") not in READABLE:
-        raise IzitorchError(f"{path}: written by another izitorch version (format {state.get('format')}); start over with --overwrite")
+        raise IzitorchError(f"written by another izitorch version (format {describe(state.get('format'))}); start over with --overwrite", source=str(path))
+    problem = structure_problem(state)
+    if problem:
+        raise IzitorchError(f"the resume state is not one izitorch wrote ({problem}); start over with --overwrite", source=str(path))
     saved = state["fingerprint"]
     saved = json.loads(saved) if isinstance(saved, str) else saved
     current = {**fingerprint(run.config), **dataset_fingerprint(run.dataset)}
@@ -111,6 +122,77 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
     if difference:
         raise ManifestError(f"cannot resume: {difference} since the interrupted run; restore it, or start over with --overwrite", source=run.config.source)
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """What went wrong in ``torch.load``, without torch's advice to load with ``weights_only=False``
+    (a state izitorch wrote never needs it: anything else is not our file)."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error) or not first:
+        return f"{type(error).__name__}: it is damaged or not a file izitorch wrote"
+    return f"{type(error).__name__}: {first}"
+
+
+# -- the structure of a saved state: checked once, where it is loaded ---------------------------
+
+_SLOT = {"model": (dict, type(None)), "optimizer": dict, "scheduler": (dict, type(None)), "kept_state": (dict, type(None)),
+         "kept_epoch": (int, type(None)), "stopped": (str, bool, type(None))}
+_FOLD = {"epoch": int, "stop_reason": (str, type(None)), "final_scores": (dict, type(None)), "slots": dict, "plugins": dict}
+_COMMON = {"fingerprint": (str, dict), "epoch": int, "groups": list, "rng": dict}
+_SEQUENTIAL = {**_COMMON, **_FOLD, "fold": int}
+_PARALLEL = {**_COMMON, "parallel": int, "final": bool, "folds": list}
+_RNG = {"torch": torch.Tensor, "cuda": list, "numpy": list, "python": list, "loaders": dict}
+
+
+def structure_problem(state: dict) -> str | None:
+    """What is wrong with the structure of a loaded state (``key.path: what``), or None.
+
+    Everything :func:`restore` and :func:`set_rng_state` read is checked here, the random
+    generators' states by setting them on throwaway generators, so that a damaged or foreign
+    file is refused in one line before anything is restored."""
+    try:
+        _check_keys(state, _PARALLEL if "parallel" in state else _SEQUENTIAL, "")
+        for index, fold in enumerate(state["folds"]) if "parallel" in state else [(None, state)]:
+            where = "" if index is None else f"folds[{index}]"
+            _check_keys(fold, _FOLD, where)
+            for name, slot in fold["slots"].items():
+                _check_keys(slot, _SLOT, join_path(join_path(where, "slots"), str(name)))
+        for index, group in enumerate(state["groups"]):
+            _check_keys(group, {"names": list}, f"groups[{index}]")
+        _check_keys(state["rng"], _RNG, "rng")
+        _try_rng(state["rng"])
+    except _Malformed as problem:
+        return str(problem)
+    return None
+
+
+class _Malformed(Exception):
+    """One thing wrong with a loaded state, as ``key.path: what``."""
+
+
+def _check_keys(value: Any, expected: dict[str, Any], where: str) -> None:
+    if not isinstance(value, dict):
+        raise _Malformed(f"{where or 'the state'}: expected a table, found {describe(value)}")
+    for key, kind in expected.items():
+        if key not in value:
+            raise _Malformed(f"{join_path(where, key)}: missing")
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise _Malformed(f"{join_path(where, key)}: unexpected {type(value[key]).__name__}")
+
+
+def _try_rng(rng: dict) -> None:
+    """Set each saved generator state on a throwaway generator: a bad one fails here."""
+    try:
+        torch.Generator().set_state(rng["torch"].cpu())
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.RandomState().set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = rng["python"]
+        random.Random().setstate((version, tuple(internal.tolist()), gauss))
+        for generators in rng["loaders"].values():
+            for generator_state in generators.values():
+                torch.Generator().set_state(generator_state.cpu())
+    except Exception as error:  # noqa: BLE001 - any damage: a wrong type, length, dtype or value
+        raise _Malformed(f"rng: not a generator state ({type(error).__name__})") from None
 
 
 def needs_training(state: dict | None, epochs: int) -> bool:
@@ -221,8 +303,31 @@ def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | No
     for key in sorted(set(saved) | set(current)):
         before, after = saved.get(key, "(absent)"), current.get(key, "(absent)")
         if before != after:
-            return f"{key} changed ({before} -> {after})"
+            return f"{manifest_key(key, set(saved) | set(current))} changed ({describe_text(before)} -> {describe_text(after)})"
     return None
+
+
+_COMPONENT_KEY = re.compile(r"^(models\[\d+\]\.(?:criterion|optimizer|scheduler))\.(?:params\.(.+)|target)$")
+
+
+def manifest_key(key: str, keys: set[str]) -> str:
+    """A fingerprint key as the manifest spells it: a component's ``params.lr`` is its ``lr``, and
+    its ``target`` is its ``class`` when written as a table (it has parameters), else the
+    component's own key (``criterion = "torch.nn:L1Loss"``)."""
+    match = _COMPONENT_KEY.match(key)
+    if match is None:
+        return key
+    component, param = match.groups()
+    if param is not None:
+        return f"{component}.{param}"
+    as_table = any(other.startswith(f"{component}.params.") for other in keys)
+    return f"{component}.class" if as_table else component
+
+
+def describe_text(text: str) -> str:
+    """A fingerprint value (already text) cut as :func:`izitorch.errors.describe` cuts values."""
+    shown = describe(text)
+    return shown[1:-1] if shown.startswith('"') and shown.endswith('"') else shown
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:

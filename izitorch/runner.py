@@ -167,14 +167,14 @@ def interrupted_message(config: Config, stop: Interrupted) -> str:
 def check_splits(splits: list[Split] | None, size: int) -> list[Split]:
     """Every split must have training and test samples inside the dataset."""
     if not splits:
-        raise IzitorchError("no split was made: enable the holdout or kfold plugin")
+        raise IzitorchError("no split was made: enable the holdout or kfold plugin", "plugins")
     for index, split in enumerate(splits):
         for part in ("train", "val", "test"):
             indices = getattr(split, part)
             if indices is None:
                 continue
             if len(indices) == 0:
-                raise IzitorchError(f"split {index + 1}: the {part} set is empty ({size} samples); use more data or change train_ratio / k")
+                raise IzitorchError(f"split {index + 1}: the {part} set is empty ({size} samples); use more data or change train_ratio / k", "data")
             if indices.min() < 0 or indices.max() >= size:
-                raise IzitorchError(f"split {index + 1}: {part} indices fall outside the dataset of {size} samples")
+                raise IzitorchError(f"split {index + 1}: {part} indices fall outside the dataset of {size} samples", "plugins")
     return splits

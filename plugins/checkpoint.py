@@ -14,7 +14,7 @@ from __future__ import annotations
 import attrs
 
 from izitorch import hookimpl
-from izitorch.config import one_of
+from izitorch.config import doc, one_of
 from izitorch.io import save_torch, write_json
 from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
 from izitorch.state import standalone
@@ -24,11 +24,14 @@ POLICIES = ("last", "all", "best")
 
 @attrs.frozen
 class CheckpointOptions:
-    policy: str = attrs.field(default="last", validator=one_of(*POLICIES))
-    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES))
+    policy: str = attrs.field(default="last", validator=one_of(*POLICIES),
+                              metadata=doc('model.pth.tar rewritten every epoch ("last"), one file per epoch ("all"), or when metric improves ("best")'))
+    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES), metadata=doc('what "best" compares: loss, acc or IoU'))
 
 
 class CheckpointPlugin:
+    izitorch_options = CheckpointOptions  # what `izitorch plugins` lists
+
     def __init__(self) -> None:
         self.options = CheckpointOptions()
         self.best: dict[str, float] = {}

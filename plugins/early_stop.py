@@ -9,18 +9,20 @@ from __future__ import annotations
 import attrs
 
 from izitorch import hookimpl
-from izitorch.config import at_least, one_of
+from izitorch.config import at_least, doc, one_of
 from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
 
 
 @attrs.frozen
 class EarlyStopOptions:
-    patience: int = attrs.field(default=5, validator=at_least(1))
-    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES))
-    min_delta: float = 0.0
+    patience: int = attrs.field(default=5, validator=at_least(1), metadata=doc("evaluations without improvement before a model stops"))
+    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES), metadata=doc("what must improve: loss, acc or IoU"))
+    min_delta: float = attrs.field(default=0.0, metadata=doc("the smallest change that counts as an improvement"))
 
 
 class EarlyStopPlugin:
+    izitorch_options = EarlyStopOptions  # what `izitorch plugins` lists
+
     def __init__(self) -> None:
         self.options = EarlyStopOptions()
         self.best: dict[str, float] = {}

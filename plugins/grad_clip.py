@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from izitorch import hookimpl
-from izitorch.config import FieldError
+from izitorch.config import FieldError, doc
 from izitorch.errors import ManifestError
 from izitorch.options import plugin_options
 
@@ -22,12 +22,14 @@ def _positive(_instance, attribute, value) -> None:
 
 @attrs.frozen
 class GradClipOptions:
-    value: float | None = attrs.field(default=None, validator=_positive)
-    max_norm: float | None = attrs.field(default=None, validator=_positive)
-    norm_type: float = attrs.field(default=2.0, validator=_positive)
+    value: float | None = attrs.field(default=None, validator=_positive, metadata=doc("clip each gradient element to [-value, value]"))
+    max_norm: float | None = attrs.field(default=None, validator=_positive, metadata=doc("clip the gradients' total norm (set value or max_norm)"))
+    norm_type: float = attrs.field(default=2.0, validator=_positive, metadata=doc("the norm max_norm measures"))
 
 
 class GradClipPlugin:
+    izitorch_options = GradClipOptions  # what `izitorch plugins` lists
+
     def __init__(self) -> None:
         self.options = GradClipOptions()
 

@@ -24,8 +24,9 @@ def izitorch_make_splits(run: Run, dataset) -> list[Split]:
     needed = 2 if run.config.data.validation else 1
     if n_train < 1 or len(held_out) < needed:
         raise IzitorchError(
-            f"data.train_ratio = {ratio} leaves {n_train} training and {len(held_out)} held-out samples "
-            f"out of {size}; use more data or a ratio that leaves both sides non-empty"
+            f"{ratio} leaves {n_train} training and {len(held_out)} held-out samples "
+            f"out of {size}; use more data or a ratio that leaves both sides non-empty",
+            "data.train_ratio",
         )
     if run.config.data.validation:
         half = len(held_out) // 2

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.model_selection import KFold
 
 from izitorch import Run, Split, hookimpl
-from izitorch.config import at_least
+from izitorch.config import at_least, doc
 from izitorch.errors import IzitorchError
 from izitorch.options import plugin_options
 from izitorch.parallel import check as check_parallel
@@ -23,12 +23,14 @@ from izitorch.parallel import run_parallel
 
 @attrs.frozen
 class KFoldOptions:
-    k: int = attrs.field(default=5, validator=at_least(2))
-    parallel: bool = False
+    k: int = attrs.field(default=5, validator=at_least(2), metadata=doc("number of folds; each sample is tested once"))
+    parallel: bool = attrs.field(default=False, metadata=doc("train the k folds at once, as vectorized groups"))
 
 
 class KFoldPlugin:
     """Answers ``izitorch_make_splits`` before holdout (which is ``trylast``)."""
+
+    izitorch_options = KFoldOptions  # what `izitorch plugins` lists
 
     def __init__(self) -> None:
         self.options = KFoldOptions()
@@ -47,9 +49,9 @@ class KFoldPlugin:
         k, size = self.options.k, len(dataset)
         minimum = k if not run.config.data.validation else max(k, 3)
         if size < minimum:
-            raise IzitorchError(f"plugins.kfold.k = {k} needs at least {minimum} samples, the dataset has {size}; lower k")
+            raise IzitorchError(f"k = {k} needs at least {minimum} samples, the dataset has {size}; lower k", "plugins.kfold.k")
         if run.config.data.validation and k < 3:
-            raise IzitorchError("plugins.kfold.k must be >= 3 with data.validation (one chunk tests, one validates, the rest trains)")
+            raise IzitorchError("k must be >= 3 with data.validation (one chunk tests, one validates, the rest trains)", "plugins.kfold.k")
         if self.options.parallel:  # refuse before anything is written, and say how the models run
             check_parallel(run)
             run.grouping = [f"parallel folds: the {k} folds of each model train at once as members of vectorized groups"]

@@ -16,7 +16,7 @@ import pluggy
 import pytest
 
 import izitorch
-from izitorch import hookspecs
+from izitorch import hookspecs, loop
 from izitorch.pluginmanager import DEFAULT_PLUGINS, available_plugins
 
 from conftest import TINY_MANIFEST, run_cli
@@ -160,14 +160,20 @@ def test_training_failure_exits_1_naming_the_model(tmp_path):
 # -- plugins ------------------------------------------------------------------------------------
 
 def parse_plugins(stdout: str) -> dict[str, dict]:
-    lines = stdout.splitlines()
-    assert len(lines) % 2 == 0, stdout
+    """Each plugin: a head line, its hooks, then one line per key of its [plugins.<name>] table."""
     listed = {}
-    for head, hooks in zip(lines[::2], lines[1::2]):
-        name, version, flag, arrow, origin = head.split(" ")
-        assert arrow == "->" and hooks.startswith("    hooks: "), (head, hooks)
-        listed[name] = {"version": version, "flag": flag, "origin": origin,
-                        "hooks": hooks[len("    hooks: "):].split(", ")}
+    for line in stdout.splitlines():
+        if not line.startswith(" "):
+            name, version, flag, arrow, origin = line.split(" ")
+            assert arrow == "->", line
+            listed[name] = {"version": version, "flag": flag, "origin": origin, "options": []}
+        elif line.startswith("    hooks: "):
+            assert "hooks" not in listed[name], line
+            listed[name]["hooks"] = line[len("    hooks: "):].split(", ")
+        else:
+            assert line.startswith(f"    [plugins.{name}] "), line
+            listed[name]["options"].append(line.split(" ")[5])
+    assert all("hooks" in entry for entry in listed.values()), stdout
     return listed
 
 
@@ -207,6 +213,9 @@ def test_plugins_lists_every_builtin_with_its_hooks(tmp_path):
         assert entry["hooks"] == hooks_seen_by_pluggy(name), name
         assert CORE_HOOKS[name] <= set(entry["hooks"]), name
     assert {name for name in BUILTINS if listed[name]["flag"] == "(default)"} == {"holdout", "metrics", "checkpoint", "trainlog", "console"}
+    assert listed["loop"]["flag"] == "(essential)" and listed["loop"]["origin"] == "izitorch.loop"
+    assert listed["loop"]["hooks"] == sorted(hook for hook in dir(loop) if hook.startswith("izitorch_"))
+    assert listed["kfold"]["options"] == ["k", "parallel"]
 
 
 # -- report -------------------------------------------------------------------------------------

@@ -529,26 +529,27 @@ def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys
     path = write_run(tmp_path)
     code, _, err = cli(capsys, "run", path, "--set", "data.num_classes=5")
     assert code == 2
-    assert error_of(err) == ("data: labels range from 0 to 9 but num_classes = 5; labels must lie in "
+    assert error_of(err) == (f"{path}: data.num_classes: labels range from 0 to 9 but num_classes = 5; labels must lie in "
                              "[0, num_classes): fix num_classes or the labels")
     assert not (tmp_path / "res" / "mlp").exists()
 
 
 @pytest.mark.parametrize("sets, code, expected", [
-    (['data.dataset="models.py:empty"', "data.params={}"], 2, "data.dataset: the dataset is empty; check its path or parameters"),
-    (['data.dataset="models.py:broken"'], 2, "data.dataset: models.py:broken(...) raised FileNotFoundError: data/train.csv"),
+    (['data.dataset="models.py:empty"', "data.params={}"], 2, "{path}: data.dataset: the dataset is empty; check its path or parameters"),
+    (['data.dataset="models.py:broken"'], 2, "{path}: data.dataset: models.py:broken(...) raised FileNotFoundError: data/train.csv"),
     (["data.params.limit=5", "data.train_ratio=0.1"], 2,
-     "data.train_ratio = 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves "
+     "{path}: data.train_ratio: 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves "
      "both sides non-empty"),
     (["data.params.limit=5", "data.train_ratio=0.9", "data.validation=true"], 2,
-     "data.train_ratio = 0.9 leaves 4 training and 1 held-out samples out of 5; use more data or a ratio that leaves "
+     "{path}: data.train_ratio: 0.9 leaves 4 training and 1 held-out samples out of 5; use more data or a ratio that leaves "
      "both sides non-empty"),
-    (["data.params.limit=5", "plugins.kfold.k=10"], 2, "plugins.kfold.k = 10 needs at least 10 samples, the dataset has 5; lower k"),
+    (["data.params.limit=5", "plugins.kfold.k=10"], 2,
+     "{path}: plugins.kfold.k: k = 10 needs at least 10 samples, the dataset has 5; lower k"),
     (["run.batch_size=0"], 2, "{path}: run.batch_size: expected an integer >= 1, got 0"),
     (["run.batch_size=-3"], 2, "{path}: run.batch_size: expected an integer >= 1, got -3"),
     (["data.train_ratio=0"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
     (["data.train_ratio=1"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
-    (['models[0].model="models.py:Boom"'], 2, "models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
+    (['models[0].model="models.py:Boom"'], 2, "{path}: models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
     (['data.dataset="models.py:Triples"', "data.params={}"], 1,
      "the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
     (['data.dataset="models.py:Bare"', "data.params={}"], 1,

@@ -62,7 +62,7 @@ CATALOGUE = [
      'run.seed: unknown key "seed" (did you mean "rdm_seed"?)'),
     # -- scalar types
     ("string-for-int", manifest(run='epochs = "3"'), 'run.epochs: expected an integer, got "3"'),
-    ("float-for-int", manifest(run="batch_size = 3.5"), "run.batch_size: expected an integer, got 3.5"),
+    ("float-for-int", manifest(run="batch_size = 3.5"), "run.batch_size: expected an integer, got 3.5 (a float): write an integer"),
     ("bool-for-int", manifest(run="epochs = true"), "run.epochs: expected an integer, got true"),
     ("int-for-bool", manifest(run="shuffle = 1"), "run.shuffle: expected true or false, got 1"),
     ("string-for-bool", manifest(data='validation = "yes"'), 'data.validation: expected true or false, got "yes"'),
@@ -264,7 +264,7 @@ def test_missing_file_without_toml_suffix(tmp_path):
 def test_manifest_that_is_a_folder(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path)
-    assert str(info.value) == f"{tmp_path}: manifest not found (manifests are .toml files)"
+    assert str(info.value) == f"{tmp_path}: is a folder, not a manifest: give the path of a .toml file"
 
 
 # -- file references --------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def test_overrides_do_not_touch_the_file(write_manifest):
     ("run..epochs=1", '--set "run..epochs=1": cannot read the key path "run..epochs"'),
     # a wrong type or an unknown key from --set reads exactly like the same mistake in the file
     ("run.epochs=three", 'run.epochs: expected an integer, got "three"'),
-    ("run.epochs=2.5", "run.epochs: expected an integer, got 2.5"),
+    ("run.epochs=2.5", "run.epochs: expected an integer, got 2.5 (a float): write an integer"),
     ("run.epochs=0", "run.epochs: expected an integer >= 1, got 0"),
     ('models[0].optimizer.lr="fast"', 'models[0].optimizer: expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }'),
     ("run.epoch=3", 'run.epoch: unknown key "epoch" (did you mean "epochs"?)'),

@@ -274,6 +274,7 @@ def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, 
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and ("parallel = false" in lines[0] or "drop one" in lines[0]), lines
+    assert lines[0].startswith(f"izitorch: error: {path}: plugins.kfold.parallel: "), lines
     assert not (tmp_path / "res_m" / "conf.json").exists()  # refused before anything was written
 
 

@@ -107,7 +107,8 @@ def test_vectorized_refuses_a_model_it_cannot_group_naming_it(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith('izitorch: error: multi_model = "vectorized": c: optimizer RMSprop is not vectorized')
+    assert lines[0].startswith(f'izitorch: error: {path}: run.multi_model: "vectorized" needs every model in a group, '
+                               'but c: optimizer RMSprop is not vectorized')
 
 
 def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
