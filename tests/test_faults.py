@@ -440,6 +440,25 @@ def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, ca
     assert set(summary) == {"mlp", "flaky"}
 
 
+@pytest.mark.parametrize("policy", ["stop", "skip_batch"])
+def test_the_models_listed_around_a_diverging_one_train_as_if_it_did_not_diverge(tmp_path, capsys, policy):
+    """Stepped one after another, the models before and after the diverging one (listed in the
+    middle) log and save exactly what they do next to the same model that stays finite."""
+    after = MLP_ENTRY.replace('"mlp"', '"after"').replace("hidden = 16", "hidden = 8")
+    run = f'multi_model = "sequential"\nnan_policy = "{policy}"'
+    diverging = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3) + after, run=run)
+    finite = write_run(tmp_path, MLP_ENTRY + flaky() + after, run=run, res="finite", name="finite.toml")
+    assert cli(capsys, "run", diverging)[0] == 0
+    assert cli(capsys, "run", finite)[0] == 0
+    res, ref = tmp_path / "res", tmp_path / "finite"
+    assert any("stopped" in entry or "skipped_batches" in entry for entry in trainlog(res, "flaky").values())  # it diverged
+    for name in ("mlp", "after"):
+        assert without_times(trainlog(res, name)) == without_times(trainlog(ref, name)), name
+        saved, reference = (torch.load(folder / name / "model.pth.tar", weights_only=True) for folder in (res, ref))
+        assert saved["epoch"] == reference["epoch"] == 3
+        assert_tensors_equal(saved["state_dict"], reference["state_dict"])
+
+
 def test_nan_skip_batch_skips_exactly_the_bad_batches_and_keeps_training(tmp_path, capsys):
     bad = [3, STEPS + 2, STEPS + 4]  # epoch 1 step 3, epoch 2 steps 2 and 4
     path = write_run(tmp_path, MLP_ENTRY + flaky(nan_at=bad), run='nan_policy = "skip_batch"')
