@@ -89,29 +89,35 @@ def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_each_fold_model_never_depends_on_its_own_test_samples(tmp_path):
-    """Garbage in fold 1's test samples leaves fold 1's weights bit for bit as they were, while
-    the folds that train on those samples change: the masked loss gives them an exact zero."""
+def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp_path):
+    """Garbage in fold 1's test and validation samples leaves fold 1's weights bit for bit as they
+    were, while the folds that train on those samples (fold 2 on fold 1's test chunk, fold 3 on its
+    validation chunk) change: the masked loss gives them an exact zero."""
     (tmp_path / "noisy.py").write_text(NOISY, encoding="utf-8")
-    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits")
+    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data_extra="validation = true")
     run(clean)
     split = pickle.loads((tmp_path / "res_clean" / "Dataset_split.pkl").read_bytes())
-    test_of_fold_1 = split[0][1]
-    assert len(test_of_fold_1) == 100
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params="{ noisy = %s }" % json.dumps(test_of_fold_1))
+    _, val_of_fold_1, test_of_fold_1 = split[0]
+    assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
+    assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
+    spoiled_rows = json.dumps(sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1]))
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params="{ noisy = %s }" % spoiled_rows,
+                    data_extra="validation = true")
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
     for model in ("adam", "sgd"):
         before, after = weights(tmp_path / "res_clean", model, 1), weights(tmp_path / "res_spoiled", model, 1)
         assert all(torch.equal(before[name], after[name]) for name in before), model
-        for fold in (2, 3):  # they train on fold 1's test samples: their weights must move
+        for fold in (2, 3):  # they train on fold 1's test or validation samples: their weights must move
             before, after = weights(tmp_path / "res_clean", model, fold), weights(tmp_path / "res_spoiled", model, fold)
             assert not all(torch.equal(before[name], after[name]) for name in before), (model, fold)
-        # fold 1's own test scores see the garbage (its test set changed), its training loss does not
+        # fold 1's own validation and test scores see the garbage, its training loss does not
         clean_log = read_json(tmp_path / "res_clean" / model / "FOLD_1" / "trainlog.json")
         spoiled_log = read_json(tmp_path / "res_spoiled" / model / "FOLD_1" / "trainlog.json")
         assert [e["loss"] for e in clean_log.values()] == [e["loss"] for e in spoiled_log.values()]
-        assert clean_log["3"]["test_accuracy"] > spoiled_log["3"]["test_accuracy"]
+        assert clean_log["3"]["val_accuracy"] > spoiled_log["3"]["val_accuracy"]
+        clean_test, spoiled_test = (read_json(tmp_path / res / model / "FOLD_1" / "test_metrics.json") for res in ("res_clean", "res_spoiled"))
+        assert clean_test["accuracy"] > spoiled_test["accuracy"]
 
 
 def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
