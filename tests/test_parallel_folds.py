@@ -240,19 +240,34 @@ def test_hooks_see_each_fold_in_turn_with_its_own_plugin_state(tmp_path):
 
 
 def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
-    """checkpoint policy best keeps one best score per fold (swapped state), on each fold's validation set."""
-    path = write(tmp_path, epochs=4, data_extra="validation = true", run_extra="")
-    text = path.read_text() + '[plugins.checkpoint]\npolicy = "best"\nmetric = "loss"\n'
-    path.write_text(text)
-    results = run(path)
-    res = tmp_path / "res_m"
+    """checkpoint policy best keeps one best score per fold (swapped state), on each fold's
+    validation set. Adam's learning rate is too high on purpose: the validation losses go up and
+    down, so the best epoch is not the last one and differs between folds. The kept weights are
+    those the same run saves for that epoch under policy all."""
+    runs = {}
+    for policy in ("best", "all"):
+        path = write(tmp_path, f"{policy}.toml", epochs=4, data_extra="validation = true")
+        path.write_text(path.read_text().replace('"torch.optim:Adam", lr = 1e-2', '"torch.optim:Adam", lr = 0.3')
+                        + f'[plugins.checkpoint]\npolicy = "{policy}"\nmetric = "loss"\n')
+        runs[policy] = run(path)
+    res, every = tmp_path / "res_best", tmp_path / "res_all"
+    best_epochs = []
     for fold in (1, 2, 3):
         log = read_json(res / "adam" / f"FOLD_{fold}" / "trainlog.json")
-        best = read_json(res / "adam" / f"FOLD_{fold}" / "best_epoch.json")
+        same_training = read_json(every / "adam" / f"FOLD_{fold}" / "trainlog.json")  # the policy does not change training
+        assert [entry["val_loss"] for entry in log.values()] == [entry["val_loss"] for entry in same_training.values()]
         losses = {int(epoch): entry["val_loss"] for epoch, entry in log.items()}
+        best = read_json(res / "adam" / f"FOLD_{fold}" / "best_epoch.json")
         assert best["epoch"] == min(losses, key=losses.get) and best["phase"] == "val"
+        assert best["value"] == losses[best["epoch"]]
+        saved = torch.load(res / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)
+        reference = torch.load(every / "adam" / f"FOLD_{fold}" / f"model_epoch{best['epoch']}.pth.tar", weights_only=True)
+        assert saved["epoch"] == best["epoch"]
+        assert all(torch.equal(saved["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
         assert read_json(res / "adam" / f"FOLD_{fold}" / "test_metrics.json")["epoch"] == best["epoch"]
-    assert len(results["adam"]) == 3
+        best_epochs.append(best["epoch"])
+    assert best_epochs != [4, 4, 4] and len(set(best_epochs)) > 1, best_epochs  # the case this test is about
+    assert len(runs["best"]["adam"]) == 3
 
 
 @pytest.mark.parametrize("change, message", [
