@@ -101,7 +101,7 @@ def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp
     assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
     assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
     spoiled_rows = json.dumps(sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1]))
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params="{ noisy = %s }" % spoiled_rows,
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params=f"{{ noisy = {spoiled_rows} }}",
                     data_extra="validation = true")
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
