@@ -626,15 +626,18 @@ def test_sigkill_at_every_kill_point_then_resume_matches_the_uninterrupted_run(m
 
 
 def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
-    """One random kill point, with ``python -m izitorch`` processes (no fork server)."""
-    rng = random.Random(time.time_ns())
+    """One random kill point, with ``python -m izitorch`` processes (no fork server). The seed is
+    printed (and in every failure message); ``IZITORCH_KILL_SEED=<seed>`` replays that point."""
+    seed = int(os.environ.get("IZITORCH_KILL_SEED") or time.time_ns() % 2**32)
+    print(f"random kill point: IZITORCH_KILL_SEED={seed}")
+    rng = random.Random(seed)
     name = rng.choice(list(SCENARIOS))
     scenario, ref = scenarios[name]
     folds = 3 if name in ("kfold", "parallel") else 1
     epochs = 3 if name in ("kfold", "parallel") else SCENARIOS[name]["epochs"]  # their folds stop at epoch 3
     steps = {"holdout": 6, "kfold": 3, "two": 6, "parallel": 8}[name]
     spec = _batch(rng.randint(1, folds), rng.randint(1, epochs), rng.randint(1, steps))
-    point = f"{name}: {label(spec)}"
+    point = f"{name}: {label(spec)} (IZITORCH_KILL_SEED={seed})"
     path = scenario.manifest("random")
     try:
         killed = cli("run", str(path), cwd=scenario.folder, env=probe(spec))
