@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import izitorch
-from conftest import run_cli
+from conftest import plain_scores, run_cli
 from izitorch import load_manifest
 
 MANIFEST = """\
@@ -120,7 +120,29 @@ def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp
         assert clean_test["accuracy"] > spoiled_test["accuracy"]
 
 
+def load_output(path: Path):
+    if path.suffix == ".json":
+        return read_json(path)
+    if path.suffix == ".pkl":
+        return pickle.loads(path.read_bytes())
+    return torch.load(path, weights_only=True)
+
+
+def structure(value):
+    """What a file holds, values left out: keys, lengths, tensor and array shapes and dtypes, types."""
+    if isinstance(value, dict):
+        return {key: structure(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [structure(item) for item in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return (type(value).__name__, tuple(value.shape), str(value.dtype))
+    return type(value).__name__
+
+
 def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
+    """The same files, each holding the same structure (keys, shapes, dtypes), the same split and
+    conf, and scores that are each fold's own: every fold's confusion matrix counts its own test
+    labels, and its test accuracy is the one its saved weights get, computed independently."""
     parallel = write(tmp_path, "parallel.toml", epochs=8)
     sequential = write(tmp_path, "sequential.toml", epochs=8, parallel="false")
     results = run(parallel)
@@ -128,21 +150,34 @@ def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
     res, ref = tmp_path / "res_parallel", tmp_path / "res_sequential"
     relative = sorted(p.relative_to(res).as_posix() for p in res.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
     assert relative == sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
+    for name in relative:
+        assert structure(load_output(res / name)) == structure(load_output(ref / name)), name
     assert (res / ".izitorch" / "folds.pth.tar").is_file() and not list((res / ".izitorch").glob("fold_*"))
     split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
     assert split == pickle.loads((ref / "Dataset_split.pkl").read_bytes())
+    conf, reference_conf = read_json(res / "conf.json"), read_json(ref / "conf.json")
+    assert conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is True
+    assert reference_conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is False
+    for each in (conf, reference_conf):  # where each run was described and written
+        each["config"].pop("source")
+        each["config"]["run"].pop("res_dir")
+    assert conf["config"] == reference_conf["config"] and conf["splits"] == reference_conf["splits"]
+    assert conf["plugins"] == reference_conf["plugins"] and conf["device"] == reference_conf["device"]
+    labels = izitorch.datasets.digits(limit=300).tensors[1].numpy()
     for model in ("adam", "sgd"):
         assert len(results[model]) == 3
         for fold in (1, 2, 3):
             folder = res / model / f"FOLD_{fold}"
             log = read_json(folder / "trainlog.json")
             assert list(log) == [str(e) for e in range(1, 9)] and {"loss", "accuracy", "test_loss", "test_accuracy"} <= set(log["8"])
+            test = split[fold - 1][1]
             matrix = pickle.loads((folder / "confusion_matrix.pkl").read_bytes())
-            assert matrix.sum() == len(split[fold - 1][1])  # the fold's own test set, every sample once
-            assert read_json(folder / "test_metrics.json")["accuracy"] == pytest.approx(results[model][fold - 1]["accuracy"])
-            state = weights(res, model, fold)  # a plain state_dict of the member alone, loadable into a fresh model
-            fresh = izitorch.models.MLP(hidden=16, dropout=0.1 if model == "sgd" else 0.0)
-            fresh.load_state_dict(state)
+            assert (matrix.sum(axis=1) == np.bincount(labels[test], minlength=10)).all()  # the fold's own test set, every sample once
+            assert (matrix.sum(axis=1) == pickle.loads((ref / model / f"FOLD_{fold}" / "confusion_matrix.pkl").read_bytes()).sum(axis=1)).all()
+            fresh = izitorch.models.MLP(hidden=16, dropout=0.1 if model == "sgd" else 0.0)  # a member's state_dict loads into it
+            expected = plain_scores(fresh, folder / "model.pth.tar", test)
+            assert read_json(folder / "test_metrics.json")["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
+            assert results[model][fold - 1]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
         mean = np.mean([f["accuracy"] for f in results[model]])
         reference_mean = np.mean([f["accuracy"] for f in reference[model]])
         assert mean > 80.0 and abs(mean - reference_mean) < 6.0, (model, mean, reference_mean)
