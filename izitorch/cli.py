@@ -6,12 +6,14 @@ The only argparse of the manifest world. A user's mistake prints one line,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from izitorch.errors import IzitorchError, describe, join_path, located_in, one_line
+from izitorch.streams import say, silence
 
 
 class UsageError(IzitorchError):
@@ -48,18 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = None
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as done:  # --help and --version print, then argparse exits 0
             return done.code if isinstance(done.code, int) else 0
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # an output that went away shows here, not as a failed flush at exit
     except IzitorchError as error:
-        print(f"izitorch: error: {error}", file=sys.stderr)
+        say(f"izitorch: error: {error}", sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("izitorch: aborted by a second interrupt; the epochs finished before the first one are saved (use --resume)", file=sys.stderr)
+        say("izitorch: aborted by a second interrupt; the epochs finished before the first one are saved (use --resume)", sys.stderr)
         return 130
+    except OSError as error:
+        # a listing's output went away (a file's failure names the file); a run's console
+        # silences itself, so an error escaping a run is a failure of the run, never hidden here
+        if (args is not None and args.command == "run") or error.filename is not None or error.errno not in (errno.EPIPE, errno.ENOSPC):
+            raise
+        silence(sys.stdout)
+        if error.errno == errno.EPIPE:
+            return 0  # its reader left (| head -1): what it did not read is dropped
+        say(f"izitorch: error: cannot write the output: {error.strerror}", sys.stderr)
+        return 1
+    return code
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -2,16 +2,19 @@
 ``display_step`` steps, one line of evaluation scores per epoch, and a final comparison table.
 
 The bar is tqdm's (shown only on a terminal); the lines go to stdout, so logs stay readable
-when the output is redirected.
+when the output is redirected. A stream that goes away (``| head -1``, ``/dev/full``, a closed
+terminal) silences that part of the console; the run trains on (see :mod:`izitorch.streams`).
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
 
 from izitorch import hookimpl
+from izitorch.streams import say, silence
 
 COLUMNS = (("loss", "loss", "{:.4f}"), ("accuracy", "acc %", "{:.2f}"), ("IoU", "IoU", "{:.4f}"))
 
@@ -22,14 +25,26 @@ class ConsolePlugin:
         self.bar: tqdm | None = None
         self.bar_fold = 0
         self.announced: set[tuple[int, str]] = set()
+        self.lines_gone = False  # stdout went away: no more lines
+        self.bar_gone = False  # stderr went away: no more bars
 
     def _print(self, text: str) -> None:
-        stream = self.stream or sys.stdout
-        if self.bar is not None:
-            self.bar.clear()
-        print(text, file=stream, flush=True)
-        if self.bar is not None:
-            self.bar.refresh()
+        if self.lines_gone:
+            return
+        self._on_bar(tqdm.clear)
+        self.lines_gone = not say(text, self.stream or sys.stdout)
+        self._on_bar(tqdm.refresh)
+
+    def _on_bar(self, action: Callable[[tqdm], Any]) -> None:
+        """``action(bar)``; when stderr fails, the bar is disabled (it then draws nothing, and
+        its state, such as the shared bar of parallel folds, is kept) and so are later ones."""
+        if self.bar is None:
+            return
+        try:
+            action(self.bar)
+        except (OSError, ValueError):
+            self.bar.disable = self.bar_gone = True
+            silence(sys.stderr)
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
@@ -49,13 +64,19 @@ class ConsolePlugin:
             return
         self.bar_fold = fold.index
         label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
-        self.bar = tqdm(total=len(fold.loaders["train"]), desc=f"{label}epoch {epoch}/{run.config.run.epochs}",
-                        leave=False, file=sys.stderr, disable=None, dynamic_ncols=True)
+        options = {"total": len(fold.loaders["train"]), "desc": f"{label}epoch {epoch}/{run.config.run.epochs}",
+                   "leave": False, "file": sys.stderr, "dynamic_ncols": True}
+        try:
+            self.bar = tqdm(**options, disable=True if self.bar_gone or sys.stderr is None else None)
+        except (OSError, ValueError):  # its first drawing failed: stderr went away
+            self.bar_gone = True
+            silence(sys.stderr)
+            self.bar = tqdm(**options, disable=True)
 
     @hookimpl
     def izitorch_batch_finish(self, run, fold, step, losses) -> None:
-        if self.bar is not None and fold.index == self.bar_fold:
-            self.bar.update(1)
+        if fold.index == self.bar_fold:
+            self._on_bar(lambda bar: bar.update(1))
         if step % run.config.run.display_step == 0:
             text = "  ".join(f"{name} {loss.item():.4f}" for name, loss in losses.items())
             label = f"fold {fold.index + 1} " if fold.count > 1 else ""
@@ -63,9 +84,8 @@ class ConsolePlugin:
 
     @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._on_bar(tqdm.close)
+        self.bar = None
         parts = []
         for name in scores:
             phases = scores[name]

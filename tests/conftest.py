@@ -85,3 +85,30 @@ def replaced_by_thread(monkeypatch) -> list[tuple[str, str]]:
 
     monkeypatch.setattr(izio.os, "replace", replace)
     return seen
+
+
+def plain_scores(model: torch.nn.Module, checkpoint: Path, indices, limit: int = 300) -> dict[str, float]:
+    """The test scores of a checkpoint's weights on ``digits(limit)[indices]``, computed here in
+    plain PyTorch and NumPy (not by izitorch's metrics): accuracy in %, mean cross-entropy loss,
+    and IoU, the mean over the classes present (in the labels or the predictions) of
+    ``tp / (tp + fp + fn)``."""
+    import numpy as np
+
+    from izitorch.datasets import digits
+
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
+    model.eval()
+    inputs, targets = digits(limit=limit).tensors
+    index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    with torch.no_grad():
+        output = model(inputs[index])
+    target = targets[index]
+    predicted = output.argmax(dim=1)
+    truth, guess = target.numpy(), predicted.numpy()
+    ious = []
+    for label in sorted(set(truth) | set(guess)):
+        tp = np.sum((truth == label) & (guess == label))
+        ious.append(tp / np.sum((truth == label) | (guess == label)))
+    return {"accuracy": 100.0 * float((predicted == target).double().mean()),
+            "loss": float(torch.nn.functional.cross_entropy(output, target)),
+            "IoU": float(np.mean(ious))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 
 import izitorch
 from izitorch import hookspecs, loop
+from izitorch.models import MLP
 from izitorch.pluginmanager import DEFAULT_PLUGINS, available_plugins
 
-from conftest import TINY_MANIFEST, run_cli
+from conftest import TINY_MANIFEST, plain_scores, run_cli
 
 BUILTINS = ("holdout", "kfold", "metrics", "checkpoint", "grad_clip", "early_stop", "trainlog", "console")
 DEFAULT_PLUGIN_LINE = "plugins: loop, holdout, metrics, checkpoint, trainlog, console"
@@ -114,7 +116,9 @@ def test_run_writes_results(finished):
     summary = json.loads((res_dir / "results.json").read_text(encoding="utf-8"))
     assert list(summary) == ["mlp"]
     assert summary["mlp"]["folds"] == 1
-    assert 0.0 <= summary["mlp"]["mean"]["accuracy"] <= 100.0
+    (_, test), = pickle.loads((res_dir / "Dataset_split.pkl").read_bytes())
+    expected = plain_scores(MLP(hidden=16), res_dir / "mlp" / "model.pth.tar", test)  # computed independently
+    assert summary["mlp"]["mean"]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
     assert summary["mlp"]["std"]["accuracy"] == 0.0
     trainlog = json.loads((res_dir / "mlp" / "trainlog.json").read_text(encoding="utf-8"))
     assert list(trainlog) == ["1", "2"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import threading
 from pathlib import Path
@@ -405,6 +406,71 @@ def test_a_full_disk_at_epoch_3_exits_1_keeps_epochs_1_2_and_resume_completes(tm
     assert without_times(resumed) == without_times(trainlog(tmp_path / "ref", "mlp"))
 
 
+CUT_WRITE_PLUGIN = '''\
+"""Test plugin: with CUT="<file name>:<n>", the n-th write of that file puts half of its bytes in
+its temporary file, on disk, then SIGKILLs the process: a machine dying in the middle of a write."""
+import os
+import signal
+from io import BytesIO
+
+import izitorch.io as io
+
+_name, _, _nth = os.environ.get("CUT", "").partition(":")
+_real_write_file, _seen = io._write_file, [0]
+
+
+def _write_file(path, write):
+    if path.name == _name:
+        _seen[0] += 1
+        if _seen[0] == int(_nth):
+            def half_then_die(handle):
+                whole = BytesIO()
+                write(whole)
+                data = whole.getvalue()
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _real_write_file(path, half_then_die)
+    return _real_write_file(path, write)
+
+
+if _name:
+    io._write_file = _write_file
+'''
+
+
+def test_a_kill_in_the_middle_of_a_write_keeps_the_previous_file_and_resume_completes(tmp_path, capsys):
+    """Killed while epoch 2's resume state is half written (on the writer thread, while epoch 3
+    trains): epoch 1's state is intact, and --resume ends with the uninterrupted run's results."""
+    target = ".izitorch/fold_1.pth.tar"
+    (tmp_path / "cut_write.py").write_text(CUT_WRITE_PLUGIN, encoding="utf-8")
+    path = write_run(tmp_path, epochs=3, tail='[plugins]\nenable = ["cut_write.py"]\n')
+    res = tmp_path / "res"
+    file = res / target
+    killed = run_cli("run", path.name, cwd=tmp_path, env={**ENV, "CUT": f"{file.name}:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    halves = list(file.parent.glob(f".{file.name}.*.tmp"))
+    assert len(halves) == 1 and halves[0].stat().st_size > 0  # the cut write, left as it was
+    with pytest.raises(Exception):  # noqa: B017 -- whatever torch says of half a file
+        torch.load(halves[0], weights_only=True)
+    assert torch.load(file, weights_only=True)["epoch"] == 1  # the previous version, whole
+
+    resumed = run_cli("run", path.name, "--resume", cwd=tmp_path, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert leftovers(res) == [] and not (res / ".izitorch.lock").exists()
+    reference = write_run(tmp_path, epochs=3, res="ref", name="ref.toml")
+    assert cli(capsys, "run", reference)[0] == 0
+    ref = tmp_path / "ref"
+    assert without_times(trainlog(res, "mlp")) == without_times(trainlog(ref, "mlp"))
+    saved, expected = (torch.load(folder / "mlp" / "model.pth.tar", weights_only=True) for folder in (res, ref))
+    assert saved["epoch"] == expected["epoch"] == 3
+    assert_tensors_equal(saved["state_dict"], expected["state_dict"])
+    assert (json.loads((res / "results.json").read_text())["mlp"]["mean"]["accuracy"]
+            == json.loads((ref / "results.json").read_text())["mlp"]["mean"]["accuracy"])
+
+
 # -- nan_policy -----------------------------------------------------------------------------------
 
 NAN_AT_EPOCH_2_STEP_3 = STEPS + 3
@@ -437,6 +503,25 @@ def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, ca
     assert without_times(mlp_log) == without_times(trainlog(tmp_path / "alone", "mlp"))
     summary = json.loads((res / "results.json").read_text())
     assert set(summary) == {"mlp", "flaky"}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip_batch"])
+def test_the_models_listed_around_a_diverging_one_train_as_if_it_did_not_diverge(tmp_path, capsys, policy):
+    """Stepped one after another, the models before and after the diverging one (listed in the
+    middle) log and save exactly what they do next to the same model that stays finite."""
+    after = MLP_ENTRY.replace('"mlp"', '"after"').replace("hidden = 16", "hidden = 8")
+    run = f'multi_model = "sequential"\nnan_policy = "{policy}"'
+    diverging = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3) + after, run=run)
+    finite = write_run(tmp_path, MLP_ENTRY + flaky() + after, run=run, res="finite", name="finite.toml")
+    assert cli(capsys, "run", diverging)[0] == 0
+    assert cli(capsys, "run", finite)[0] == 0
+    res, ref = tmp_path / "res", tmp_path / "finite"
+    assert any("stopped" in entry or "skipped_batches" in entry for entry in trainlog(res, "flaky").values())  # it diverged
+    for name in ("mlp", "after"):
+        assert without_times(trainlog(res, name)) == without_times(trainlog(ref, name)), name
+        saved, reference = (torch.load(folder / name / "model.pth.tar", weights_only=True) for folder in (res, ref))
+        assert saved["epoch"] == reference["epoch"] == 3
+        assert_tensors_equal(saved["state_dict"], reference["state_dict"])
 
 
 def test_nan_skip_batch_skips_exactly_the_bad_batches_and_keeps_training(tmp_path, capsys):

@@ -15,7 +15,7 @@ import izitorch
 from izitorch.datasets import digits
 from izitorch.models import MLP
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, plain_scores, run_cli
 
 SIZE = 300  # the tiny manifest's dataset
 TRAIN_KEYS = {"loss", "accuracy", "IoU", "train_step_time"}
@@ -138,9 +138,13 @@ def test_trainlog_keys_per_epoch_without_validation(write_manifest):
     assert list(log) == ["1", "2"]
     for entry in log.values():
         assert set(entry) == TRAIN_KEYS | TEST_KEYS
-        assert 0.0 <= entry["accuracy"] <= 100.0 and 0.0 <= entry["test_accuracy"] <= 100.0
-        assert 0.0 <= entry["IoU"] <= 1.0 and 0.0 <= entry["test_IoU"] <= 1.0
+        assert 0.0 <= entry["accuracy"] <= 100.0 and 0.0 <= entry["IoU"] <= 1.0
         assert entry["loss"] > 0 and entry["train_step_time"] > 0 and entry["inference_time"] > 0
+    # the last epoch's test scores are those of the saved (last) weights, computed independently
+    (_, test), = read(res / "Dataset_split.pkl")
+    expected = plain_scores(MLP(hidden=16), res / "mlp" / "model.pth.tar", test)
+    for key in SCORES:
+        assert log["2"][f"test_{key}"] == pytest.approx(expected[key], rel=1e-5), key
 
 
 def test_trainlog_keys_per_epoch_with_validation(write_manifest):
@@ -203,11 +207,16 @@ def test_confusion_matrix_comes_from_the_best_epoch_not_the_last(write_manifest,
 
 
 def test_test_metrics_and_results_json(write_manifest):
+    """run()'s return, test_metrics.json and results.json hold the scores that the saved weights
+    get on the saved test samples, computed independently (``conftest.plain_scores``)."""
     res, results = tiny(write_manifest, "run.epochs=2")
+    (_, test), = read(res / "Dataset_split.pkl")
+    expected = plain_scores(MLP(hidden=16), res / "mlp" / "model.pth.tar", test)
     metrics = read(res / "mlp" / "test_metrics.json")
     final = results["mlp"][0]
     for key in SCORES:
-        assert metrics[key] == pytest.approx(final[key])
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+        assert final[key] == pytest.approx(expected[key], rel=1e-5), key
     assert metrics["epoch"] == 2
     log = read(res / "mlp" / "trainlog.json")
     # policy "last": the final test uses the last epoch's weights, so it repeats the last evaluation
@@ -217,7 +226,7 @@ def test_test_metrics_and_results_json(write_manifest):
     assert list(summary) == ["mlp"]
     assert summary["mlp"]["folds"] == 1
     for key in SCORES:
-        assert summary["mlp"]["mean"][key] == pytest.approx(metrics[key])
+        assert summary["mlp"]["mean"][key] == pytest.approx(expected[key], rel=1e-5)
         assert summary["mlp"]["std"][key] == 0.0
     assert not (res / "mlp" / "overall.json").exists()
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import izitorch
-from conftest import run_cli
+from conftest import plain_scores, run_cli
 from izitorch import load_manifest
 
 MANIFEST = """\
@@ -89,32 +89,60 @@ def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_each_fold_model_never_depends_on_its_own_test_samples(tmp_path):
-    """Garbage in fold 1's test samples leaves fold 1's weights bit for bit as they were, while
-    the folds that train on those samples change: the masked loss gives them an exact zero."""
+def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp_path):
+    """Garbage in fold 1's test and validation samples leaves fold 1's weights bit for bit as they
+    were, while the folds that train on those samples (fold 2 on fold 1's test chunk, fold 3 on its
+    validation chunk) change: the masked loss gives them an exact zero."""
     (tmp_path / "noisy.py").write_text(NOISY, encoding="utf-8")
-    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits")
+    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data_extra="validation = true")
     run(clean)
     split = pickle.loads((tmp_path / "res_clean" / "Dataset_split.pkl").read_bytes())
-    test_of_fold_1 = split[0][1]
-    assert len(test_of_fold_1) == 100
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params="{ noisy = %s }" % json.dumps(test_of_fold_1))
+    _, val_of_fold_1, test_of_fold_1 = split[0]
+    assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
+    assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
+    spoiled_rows = json.dumps(sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1]))
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params=f"{{ noisy = {spoiled_rows} }}",
+                    data_extra="validation = true")
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
     for model in ("adam", "sgd"):
         before, after = weights(tmp_path / "res_clean", model, 1), weights(tmp_path / "res_spoiled", model, 1)
         assert all(torch.equal(before[name], after[name]) for name in before), model
-        for fold in (2, 3):  # they train on fold 1's test samples: their weights must move
+        for fold in (2, 3):  # they train on fold 1's test or validation samples: their weights must move
             before, after = weights(tmp_path / "res_clean", model, fold), weights(tmp_path / "res_spoiled", model, fold)
             assert not all(torch.equal(before[name], after[name]) for name in before), (model, fold)
-        # fold 1's own test scores see the garbage (its test set changed), its training loss does not
+        # fold 1's own validation and test scores see the garbage, its training loss does not
         clean_log = read_json(tmp_path / "res_clean" / model / "FOLD_1" / "trainlog.json")
         spoiled_log = read_json(tmp_path / "res_spoiled" / model / "FOLD_1" / "trainlog.json")
         assert [e["loss"] for e in clean_log.values()] == [e["loss"] for e in spoiled_log.values()]
-        assert clean_log["3"]["test_accuracy"] > spoiled_log["3"]["test_accuracy"]
+        assert clean_log["3"]["val_accuracy"] > spoiled_log["3"]["val_accuracy"]
+        clean_test, spoiled_test = (read_json(tmp_path / res / model / "FOLD_1" / "test_metrics.json") for res in ("res_clean", "res_spoiled"))
+        assert clean_test["accuracy"] > spoiled_test["accuracy"]
+
+
+def load_output(path: Path):
+    if path.suffix == ".json":
+        return read_json(path)
+    if path.suffix == ".pkl":
+        return pickle.loads(path.read_bytes())
+    return torch.load(path, weights_only=True)
+
+
+def structure(value):
+    """What a file holds, values left out: keys, lengths, tensor and array shapes and dtypes, types."""
+    if isinstance(value, dict):
+        return {key: structure(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [structure(item) for item in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return (type(value).__name__, tuple(value.shape), str(value.dtype))
+    return type(value).__name__
 
 
 def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
+    """The same files, each holding the same structure (keys, shapes, dtypes), the same split and
+    conf, and scores that are each fold's own: every fold's confusion matrix counts its own test
+    labels, and its test accuracy is the one its saved weights get, computed independently."""
     parallel = write(tmp_path, "parallel.toml", epochs=8)
     sequential = write(tmp_path, "sequential.toml", epochs=8, parallel="false")
     results = run(parallel)
@@ -122,21 +150,34 @@ def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
     res, ref = tmp_path / "res_parallel", tmp_path / "res_sequential"
     relative = sorted(p.relative_to(res).as_posix() for p in res.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
     assert relative == sorted(p.relative_to(ref).as_posix() for p in ref.rglob("*") if p.is_file() and ".izitorch" not in p.parts)
+    for name in relative:
+        assert structure(load_output(res / name)) == structure(load_output(ref / name)), name
     assert (res / ".izitorch" / "folds.pth.tar").is_file() and not list((res / ".izitorch").glob("fold_*"))
     split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
     assert split == pickle.loads((ref / "Dataset_split.pkl").read_bytes())
+    conf, reference_conf = read_json(res / "conf.json"), read_json(ref / "conf.json")
+    assert conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is True
+    assert reference_conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is False
+    for each in (conf, reference_conf):  # where each run was described and written
+        each["config"].pop("source")
+        each["config"]["run"].pop("res_dir")
+    assert conf["config"] == reference_conf["config"] and conf["splits"] == reference_conf["splits"]
+    assert conf["plugins"] == reference_conf["plugins"] and conf["device"] == reference_conf["device"]
+    labels = izitorch.datasets.digits(limit=300).tensors[1].numpy()
     for model in ("adam", "sgd"):
         assert len(results[model]) == 3
         for fold in (1, 2, 3):
             folder = res / model / f"FOLD_{fold}"
             log = read_json(folder / "trainlog.json")
             assert list(log) == [str(e) for e in range(1, 9)] and {"loss", "accuracy", "test_loss", "test_accuracy"} <= set(log["8"])
+            test = split[fold - 1][1]
             matrix = pickle.loads((folder / "confusion_matrix.pkl").read_bytes())
-            assert matrix.sum() == len(split[fold - 1][1])  # the fold's own test set, every sample once
-            assert read_json(folder / "test_metrics.json")["accuracy"] == pytest.approx(results[model][fold - 1]["accuracy"])
-            state = weights(res, model, fold)  # a plain state_dict of the member alone, loadable into a fresh model
-            fresh = izitorch.models.MLP(hidden=16, dropout=0.1 if model == "sgd" else 0.0)
-            fresh.load_state_dict(state)
+            assert (matrix.sum(axis=1) == np.bincount(labels[test], minlength=10)).all()  # the fold's own test set, every sample once
+            assert (matrix.sum(axis=1) == pickle.loads((ref / model / f"FOLD_{fold}" / "confusion_matrix.pkl").read_bytes()).sum(axis=1)).all()
+            fresh = izitorch.models.MLP(hidden=16, dropout=0.1 if model == "sgd" else 0.0)  # a member's state_dict loads into it
+            expected = plain_scores(fresh, folder / "model.pth.tar", test)
+            assert read_json(folder / "test_metrics.json")["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
+            assert results[model][fold - 1]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
         mean = np.mean([f["accuracy"] for f in results[model]])
         reference_mean = np.mean([f["accuracy"] for f in reference[model]])
         assert mean > 80.0 and abs(mean - reference_mean) < 6.0, (model, mean, reference_mean)
@@ -234,19 +275,34 @@ def test_hooks_see_each_fold_in_turn_with_its_own_plugin_state(tmp_path):
 
 
 def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
-    """checkpoint policy best keeps one best score per fold (swapped state), on each fold's validation set."""
-    path = write(tmp_path, epochs=4, data_extra="validation = true", run_extra="")
-    text = path.read_text() + '[plugins.checkpoint]\npolicy = "best"\nmetric = "loss"\n'
-    path.write_text(text)
-    results = run(path)
-    res = tmp_path / "res_m"
+    """checkpoint policy best keeps one best score per fold (swapped state), on each fold's
+    validation set. Adam's learning rate is too high on purpose: the validation losses go up and
+    down, so the best epoch is not the last one and differs between folds. The kept weights are
+    those the same run saves for that epoch under policy all."""
+    runs = {}
+    for policy in ("best", "all"):
+        path = write(tmp_path, f"{policy}.toml", epochs=4, data_extra="validation = true")
+        path.write_text(path.read_text().replace('"torch.optim:Adam", lr = 1e-2', '"torch.optim:Adam", lr = 0.3')
+                        + f'[plugins.checkpoint]\npolicy = "{policy}"\nmetric = "loss"\n')
+        runs[policy] = run(path)
+    res, every = tmp_path / "res_best", tmp_path / "res_all"
+    best_epochs = []
     for fold in (1, 2, 3):
         log = read_json(res / "adam" / f"FOLD_{fold}" / "trainlog.json")
-        best = read_json(res / "adam" / f"FOLD_{fold}" / "best_epoch.json")
+        same_training = read_json(every / "adam" / f"FOLD_{fold}" / "trainlog.json")  # the policy does not change training
+        assert [entry["val_loss"] for entry in log.values()] == [entry["val_loss"] for entry in same_training.values()]
         losses = {int(epoch): entry["val_loss"] for epoch, entry in log.items()}
+        best = read_json(res / "adam" / f"FOLD_{fold}" / "best_epoch.json")
         assert best["epoch"] == min(losses, key=losses.get) and best["phase"] == "val"
+        assert best["value"] == losses[best["epoch"]]
+        saved = torch.load(res / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)
+        reference = torch.load(every / "adam" / f"FOLD_{fold}" / f"model_epoch{best['epoch']}.pth.tar", weights_only=True)
+        assert saved["epoch"] == best["epoch"]
+        assert all(torch.equal(saved["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
         assert read_json(res / "adam" / f"FOLD_{fold}" / "test_metrics.json")["epoch"] == best["epoch"]
-    assert len(results["adam"]) == 3
+        best_epochs.append(best["epoch"])
+    assert best_epochs != [4, 4, 4] and len(set(best_epochs)) > 1, best_epochs  # the case this test is about
+    assert len(runs["best"]["adam"]) == 3
 
 
 @pytest.mark.parametrize("change, message", [

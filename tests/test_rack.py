@@ -17,9 +17,10 @@ from torch import nn
 import izitorch
 from izitorch import ManifestError
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig
+from izitorch.models import MLP
 from izitorch.trainRack import ModelConfig, Rack
 
-from conftest import run_cli
+from conftest import plain_scores, run_cli
 
 SIZE = 300
 
@@ -422,7 +423,7 @@ def test_train_ratio_sets_the_split_sizes(tmp_path):
 
 def test_kfold_trains_every_fold(tmp_path):
     results = make_rack(tmp_path / "res", "--kfold", "3").launch()
-    assert len(results["mlp"]) == 3 and all(0 <= fold["accuracy"] <= 100 for fold in results["mlp"])
+    assert len(results["mlp"]) == 3
     splits = read(tmp_path / "res" / "Dataset_split.pkl")
     assert len(splits) == 3
     tests = sorted(i for _, test in splits for i in test)
@@ -433,6 +434,8 @@ def test_kfold_trains_every_fold(tmp_path):
         assert list(read(folder / "trainlog.json")) == ["1", "2"]
         assert torch.load(folder / "model.pth.tar", weights_only=True)["epoch"] == 2
         assert read(folder / "confusion_matrix.pkl").sum() == len(test)
+        expected = plain_scores(Model(), folder / "model.pth.tar", test, limit=SIZE)  # the fold's own, independently
+        assert results["mlp"][k - 1]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5), k
     assert not (tmp_path / "res" / "mlp" / "FOLD_4").exists()
     assert read(tmp_path / "res" / "mlp" / "overall.json")["folds"] == 3
 
@@ -530,7 +533,9 @@ def test_from_manifest_launch(write_manifest, tmp_path):
     rack = Rack.from_manifest(write_manifest())
     results = rack.launch()
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
-    assert 0 <= results["mlp"][0]["accuracy"] <= 100
+    (_, test), = read(tmp_path / "res" / "Dataset_split.pkl")
+    expected = plain_scores(MLP(hidden=16), tmp_path / "res" / "mlp" / "model.pth.tar", test)
+    assert results["mlp"][0]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
     assert list(read(tmp_path / "res" / "mlp" / "trainlog.json")) == ["1", "2"]
     assert read(tmp_path / "res" / "conf.json")["config"]["run"]["epochs"] == 2
 
@@ -553,7 +558,9 @@ def test_config_in_python_then_run_matches_the_cli(write_manifest, tmp_path):
     results = izitorch.run(python_config(tmp_path / "py"))
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
     scores = results["mlp"][0]
-    assert 0 <= scores["accuracy"] <= 100 and 0 <= scores["IoU"] <= 1 and scores["loss"] > 0
+    (_, test), = read(tmp_path / "py" / "Dataset_split.pkl")
+    expected = plain_scores(MLP(hidden=16), tmp_path / "py" / "mlp" / "model.pth.tar", test)
+    assert {key: scores[key] for key in expected} == pytest.approx(expected, rel=1e-5)
     proc = run_cli("run", str(write_manifest()))  # the same run described by the tiny manifest
     assert proc.returncode == 0, proc.stderr[-3000:]
     py, cli = tmp_path / "py", tmp_path / "res"

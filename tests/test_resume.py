@@ -10,8 +10,9 @@ refusal and random-kill tests start real ``python -m izitorch`` processes.
 A local plugin (``probe.py``) kills or signals its own process at a chosen point, named by the
 ``IZI_PROBE`` environment variable (JSON): ``{"hook": "batch", "fold": 1, "epoch": 2, "step": 3}``
 (folds and epochs 1-based), or ``{"hook": "replace", "file": "trainlog.json", "nth": 2}`` (killed
-after the temporary file of that write is complete, before ``os.replace`` moves it into place).
-The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
+after the temporary file of that write is complete, before ``os.replace`` moves it into place),
+or ``{"hook": "await_signal", "at": [1, 2, 1], "ready": "<file>"}`` (creates the file at that
+step and holds it until a SIGINT / SIGTERM has arrived). The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REPORT = Path("/tmp/izitorch_resume_report.txt")
 
 PROBE = '''\
-"""Test probe: kill or signal this process at a chosen point; count epochs; slow the steps."""
+"""Test probe: kill or signal this process at a chosen point, or hold a step until a signal comes; count epochs."""
 import json
 import os
 import signal
@@ -89,9 +90,11 @@ def izitorch_epoch_start(run, fold, epoch):
 @hookimpl
 def izitorch_batch_finish(run, fold, step, losses):
     COUNTS["batch"] += 1
-    if SPEC.get("sleep"):
-        time.sleep(SPEC["sleep"])
     _at("batch", fold=fold.index + 1, epoch=fold.epoch, step=step)
+    if SPEC.get("hook") == "await_signal" and [fold.index + 1, fold.epoch, step] == SPEC["at"]:
+        open(SPEC["ready"], "w").close()  # tell the test to send its signal now...
+        while run.stop_flag.signum is None:  # ...and hold this step until the signal has arrived
+            time.sleep(0.01)
 
 
 @hookimpl
@@ -701,15 +704,18 @@ def test_dataloader_workers_draw_the_same_noise_after_a_resume(server, scenarios
 
 
 def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
-    """One random kill point, with ``python -m izitorch`` processes (no fork server)."""
-    rng = random.Random(time.time_ns())
+    """One random kill point, with ``python -m izitorch`` processes (no fork server). The seed is
+    printed (and in every failure message); ``IZITORCH_KILL_SEED=<seed>`` replays that point."""
+    seed = int(os.environ.get("IZITORCH_KILL_SEED") or time.time_ns() % 2**32)
+    print(f"random kill point: IZITORCH_KILL_SEED={seed}")
+    rng = random.Random(seed)
     name = rng.choice(list(SCENARIOS))
     scenario, ref = scenarios[name]
     folds = 3 if name in ("kfold", "parallel") else 1
     epochs = 3 if name in ("kfold", "parallel") else SCENARIOS[name]["epochs"]  # their folds stop at epoch 3
     steps = {"holdout": 6, "kfold": 3, "two": 6, "parallel": 8}[name]
     spec = _batch(rng.randint(1, folds), rng.randint(1, epochs), rng.randint(1, steps))
-    point = f"{name}: {label(spec)}"
+    point = f"{name}: {label(spec)} (IZITORCH_KILL_SEED={seed})"
     path = scenario.manifest("random")
     try:
         killed = cli("run", str(path), cwd=scenario.folder, env=probe(spec))
@@ -881,26 +887,23 @@ def test_a_second_sigint_aborts_at_once_and_the_run_still_resumes(server, scenar
     assert diffs == []
 
 
-def test_sigint_sent_from_outside(server, scenarios):
+def test_sigint_sent_from_outside(server, scenarios, tmp_path):
+    """SIGINT from another process, sent while the run is in epoch 2 (the probe holds step 1 of
+    epoch 2 until the signal has arrived: no sleep decides when it comes)."""
     scenario, ref = scenarios["holdout"]
     path = scenario.manifest("outside")
     res = scenario.res("outside")
-    log = res / "mlp" / "trainlog.json"
+    ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-m", "izitorch", "run", str(path)], cwd=scenario.folder, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **ENV, **probe({"sleep": 0.1})})  # 6 steps: 0.6 s an epoch
+                            env={**os.environ, **ENV, **probe({"hook": "await_signal", "at": [1, 2, 1], "ready": str(ready)})})
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if "1" in json.loads(log.read_text()):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before epoch 1 was seen"
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls for the file; the run waits for the signal meanwhile
+        assert ready.exists(), f"the run never reached epoch 2, step 1 (rc {proc.poll()})"
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -908,12 +911,12 @@ def test_sigint_sent_from_outside(server, scenarios):
     assert proc.returncode == 130, stderr[-2000:]
     line = one_line(stderr)
     assert "interrupted by SIGINT" in line and "--resume" in line, line
-    assert 1 <= saved_epoch(res) < 3
-    assert list(json.loads(log.read_text())) == [str(e) for e in range(1, saved_epoch(res) + 1)]
+    assert saved_epoch(res) == 1  # epoch 2 was abandoned after its step 1
+    assert list(json.loads((res / "mlp" / "trainlog.json").read_text())) == ["1"]
     resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     diffs = compare_runs(ref, res)
-    TALLY.setdefault("signals (real processes)", []).append(("SIGINT from outside", not diffs))
+    TALLY.setdefault("signals (real processes)", []).append(("SIGINT from outside at batch 1,2,1", not diffs))
     assert diffs == []
 
 

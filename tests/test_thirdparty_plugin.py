@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from textwrap import dedent
 
@@ -184,6 +183,12 @@ def test_izitorch_plugins_lists_it_with_version_and_hooks(site):
     assert not any(line.startswith("demo ") for line in check(run_cli("plugins")).stdout.splitlines())
 
 
+def set_mtime(folder: Path, seconds: int) -> None:
+    """Give ``folder`` the modification time ``seconds`` after the epoch: distinct values make a
+    change visible whatever the file system's timestamp granularity, without waiting for the clock."""
+    os.utime(folder, (seconds, seconds))
+
+
 def test_a_plugin_installed_while_the_process_runs_is_found(tmp_path, monkeypatch):
     """The entry points are cached per installation state (sys.path folders and their
     modification times): a distribution that appears later is seen, one that goes is forgotten."""
@@ -199,14 +204,14 @@ def test_a_plugin_installed_while_the_process_runs_is_found(tmp_path, monkeypatc
     monkeypatch.setattr(pluginmanager, "entry_points", lambda **kw: scans.append(kw) or real_entry_points(**kw))
     assert "late" not in available_plugins()
     assert "late" not in available_plugins() and len(scans) == 1  # nothing changed: not scanned again
-    time.sleep(0.05)  # past the file system's timestamp granularity
     dist = site / "izitorch_late-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: izitorch-late\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[izitorch]\nlate = izitorch_late:Plugin\n")
+    set_mtime(site, 1)
     assert available_plugins()["late"].value == "izitorch_late:Plugin" and len(scans) == 2
-    time.sleep(0.05)
     for child in dist.iterdir():
         child.unlink()
     dist.rmdir()
+    set_mtime(site, 2)
     assert "late" not in available_plugins()

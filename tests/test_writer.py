@@ -128,15 +128,28 @@ def test_waiting_bytes_are_bounded_but_one_large_file_is_taken_alone():
     writer.close()
 
 
+def when_closing(writer: BackgroundWriter, then) -> threading.Thread:
+    """Run ``then()`` on another thread once ``writer.close()`` has begun (it is waiting then)."""
+
+    def wait_then():
+        with writer._cond:
+            assert writer._cond.wait_for(lambda: writer._closing, WAIT), "close() was never called"
+        then()
+
+    return in_thread(wait_then)
+
+
 def test_close_writes_what_is_queued():
     recorder = Recorder()
     recorder.hold("a")
     writer = BackgroundWriter(recorder)
     for name in ("a", "b", "c"):
         writer.submit(Path(name), memoryview(name.encode()))
-    threading.Timer(0.1, recorder.release, ("a",)).start()
+    written_when_closing = []
+    when_closing(writer, lambda: (written_when_closing.extend(recorder.names()), recorder.release("a")))
     writer.close()
-    assert recorder.written == [("a", b"a"), ("b", b"b"), ("c", b"c")]
+    assert written_when_closing == []  # close() began with all three files waiting...
+    assert recorder.written == [("a", b"a"), ("b", b"b"), ("c", b"c")]  # ...and wrote them all
 
 
 # -- io.background_writes ------------------------------------------------------------------------
@@ -223,21 +236,32 @@ def test_a_second_ctrl_c_during_close_waits_for_the_queued_files(tmp_path):
     writer = BackgroundWriter(recorder)
     writer.submit(Path("log"), memoryview(b"1"))
     writer.submit(Path("state"), memoryview(b"1"))
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what the run's second SIGINT meets
     interrupted = threading.Event()
+    written_when_interrupted = []
 
-    def second_ctrl_c():
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # wakes the main thread's join
-        interrupted.set()
+    def ctrl_c(signum, frame):  # what the run's second SIGINT meets: a KeyboardInterrupt (once)
+        if not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
 
+    def second_ctrl_c_then_release():
+        # sent again until handled: a signal that lands just before the main thread blocks in its
+        # wait is only handled when that wait ends, and nothing else would end it
+        for _ in range(int(WAIT / 0.05)):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if interrupted.wait(0.05):
+                break
+        written_when_interrupted.extend(recorder.names())
+        recorder.release("state")
+
+    previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
-        threading.Timer(0.1, second_ctrl_c).start()
-        threading.Timer(0.5, recorder.release, ("state",)).start()
+        when_closing(writer, second_ctrl_c_then_release)
         with pytest.raises(KeyboardInterrupt):
             writer.close()
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert interrupted.is_set()
+    assert interrupted.is_set() and "state" not in written_when_interrupted  # it came while the state still waited
     assert recorder.names() == ["log", "state"]
 
 
