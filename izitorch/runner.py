@@ -21,6 +21,7 @@ from izitorch.io import background_writes, owned_by
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Run, Split
+from izitorch.streams import say
 
 
 def run(config: Config) -> dict[str, list[dict]]:
@@ -53,7 +54,7 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):
-            print(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', file=sys.stderr)
+            say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
     hook.izitorch_run_start(run=session)
     results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)
@@ -66,8 +67,8 @@ def report_missing(ledger: ownership.Ledger) -> None:
     missing = ledger.missing()
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        print(f'izitorch: {len(missing)} file(s) of this run in "{ledger.root}" were deleted after it wrote them and cannot be rebuilt '
-              f"from the saved state: {shown}; run again with --overwrite to get them back", file=sys.stderr)
+        say(f'izitorch: {len(missing)} file(s) of this run in "{ledger.root}" were deleted after it wrote them and cannot be rebuilt '
+            f"from the saved state: {shown}; run again with --overwrite to get them back", sys.stderr)
 
 
 def check_res_dir(res_dir: Path, config: Config) -> None:
@@ -153,7 +154,7 @@ def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bo
             leftover.unlink(missing_ok=True)
         return ledger, True
     if config.run.resume:
-        print(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', file=sys.stderr)
+        say(f'izitorch: nothing to resume in "{res_dir}"; starting a new run', sys.stderr)
     ledger.remove_all()  # overwrite, or a resume with nothing finished: only the earlier run's own files
     return ledger, False
 
