@@ -20,7 +20,7 @@ import pluggy
 
 from izitorch import hookspecs
 from izitorch.config import Config
-from izitorch.errors import IzitorchError, ManifestError, did_you_mean
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean
 from izitorch.references import _import_file
 
 GROUP = "izitorch"
@@ -170,6 +170,38 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, source: str = ""
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
         raise IzitorchError(f'plugin "{name}": {error}') from None
+    if name != ESSENTIAL:  # the loop's own failures are reported where they happen
+        for caller in pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _reported(impl.function, name, caller.name)
+
+
+def _reported(function: Any, plugin: str, hook: str) -> Any:
+    """``function`` (a plugin's hook implementation) with whatever it raises turned into one line
+    naming the plugin, the hook and the error: exit 2 while configuring, 1 once the run started.
+
+    Set on pluggy's record of the implementation, so every call of every hook goes through it
+    without a change at the call sites. izitorch's own errors (a plugin's deliberate one-line
+    error, an interrupt) and ``BaseException`` (Ctrl-C, ``sys.exit``) pass through unchanged.
+    """
+    failure = IzitorchError if hook == "izitorch_configure" else TrainingError
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise failure(f'plugin "{plugin}": {hook} raised {type(error).__name__}: {_first_line(error)}') from None
+
+    return call
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _hook_names(plugin: Any) -> set[str]:
