@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, default_collate
 from izitorch.config import Config
 from izitorch.data import Guarded, build_dataset, build_slots, loading_error, to_device
 from izitorch.loop import forward_loss, unpack
+from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Slot
 
 #: Samples in the dry run's batch: enough for a model that needs more than one, and cheap.
@@ -28,12 +29,13 @@ def dry_run(config: Config, device: torch.device) -> tuple[Dataset, list[Slot]]:
     """Build the dataset and every slot, then one forward and loss per model on a few samples.
 
     Whatever would fail at the first training step fails here with the line training would
-    give. Nothing is written and nothing the run depends on moves: the random generators are
-    restored, the models are evaluated without gradients and get their modes back.
+    give (under ``deterministic`` too). Nothing is written and nothing the run depends on moves:
+    the random generators are restored, the models are evaluated without gradients and get
+    their modes back.
     """
     dataset = build_dataset(config)
     slots = build_slots(config, device)
-    with _random_states_kept(device):
+    with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
         for slot in slots:
             with torch.no_grad(), _evaluating(slot.model):
