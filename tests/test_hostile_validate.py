@@ -41,6 +41,9 @@ PREFIX = "izitorch: error: "
 HOSTILE = '''\
 """Models, losses and datasets that misbehave on purpose."""
 import os
+import random
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -110,6 +113,14 @@ class Flagged(Dataset):
         return item
 
 
+class Noisy(Flagged):
+    """Samples augmented with draws from torch's, numpy's and Python's global generators."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.01 * torch.rand(()) + 0.01 * float(np.random.rand()) + 0.01 * random.random(), y
+
+
 class Triples(Flagged):
     def __getitem__(self, i):
         return self.x[i], self.y[i], i
@@ -127,7 +138,10 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 '''
 
 
-def write_run(tmp_path: Path, *, model: str = "", data: str = "", run: str = "", tail: str = "", epochs: int = 2) -> Path:
+DIGITS = 'dataset = "izitorch.datasets:digits"\nparams = { limit = 300 }'
+
+
+def write_run(tmp_path: Path, *, model: str = "", data: str = DIGITS, run: str = "", tail: str = "", epochs: int = 2) -> Path:
     """A manifest (and hostile.py) in tmp_path: 300 digits, holdout 80/20, batch 32, an MLP."""
     (tmp_path / "hostile.py").write_text(HOSTILE, encoding="utf-8")
     path = tmp_path / "m.toml"
@@ -140,10 +154,8 @@ display_step = 1000
 {run}
 
 [data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 300 }}
-num_classes = 10
 {data}
+num_classes = 10
 
 [[models]]
 name = "mlp"
@@ -238,7 +250,8 @@ def test_validate_fails_with_the_line_run_gives_and_writes_nothing(tmp_path, cap
 
 def test_validate_says_ok_to_what_trains_and_its_dry_run_moves_nothing(tmp_path, capfd):
     """The dry run keeps every random generator, each module's mode and every weight and buffer."""
-    path = write_run(tmp_path, model='[[models]]\nname = "cnn"\nmodel = "izitorch.models:SmallCNN"\nparams = { batch_norm = true }\n')
+    path = write_run(tmp_path, data='dataset = "hostile.py:Noisy"\nparams = { bad = "none" }',
+                     model='[[models]]\nname = "cnn"\nmodel = "izitorch.models:SmallCNN"\nparams = { batch_norm = true }\n')
     code, out, err = cli(capfd, "validate", path)
     assert (code, err) == (0, "") and out.startswith(f"{path}: OK (2 model(s): mlp, cnn; ")
     config = load_manifest(path)
