@@ -25,6 +25,7 @@ from izitorch.state import Slot
 #: Samples in the dry run's batch: enough for a model that needs more than one, and cheap.
 DRY_RUN_SAMPLES = 4
 
+
 def dry_run(config: Config, device: torch.device) -> tuple[Dataset, list[Slot]]:
     """Build the dataset and every slot, then one forward and loss per model on a few samples.
 
@@ -60,8 +61,7 @@ def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple
 def _random_states_kept(device: torch.device) -> Iterator[None]:
     """torch's (CPU and ``device``), numpy's and Python's global generators as they were."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             yield
         finally:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from izitorch.config import ComponentSpec, Config, ModelSpec
-from izitorch.errors import IzitorchError, ManifestError, TrainingError
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
 from izitorch.kinds import built_mismatch, class_mismatch
 from izitorch.references import resolve
 from izitorch.state import Run, Slot, Split
@@ -247,7 +247,7 @@ class Guarded(Dataset):
         try:
             return self.dataset[index]
         except Exception as error:
-            raise SampleError(f"sample {index}: {type(error).__name__}: {first_line(error)}") from None
+            raise SampleError(f"sample {index}: {error_text(error)}") from None
 
 
 def loading_error(config: Config, error: Exception, where: str) -> TrainingError:
@@ -261,7 +261,7 @@ def loading_error(config: Config, error: Exception, where: str) -> TrainingError
     elif isinstance(error, SampleError):
         cause = first_line(error)
     else:
-        cause = f"{type(error).__name__}: {first_line(error)}"
+        cause = error_text(error)
     if "equal size" in cause or "resize storage" in cause:  # what stacking items of different shapes says, in a worker too
         cause += "; every sample must have the same shape to be batched"
     elif "IndexError" in cause:
@@ -269,12 +269,6 @@ def loading_error(config: Config, error: Exception, where: str) -> TrainingError
     dataset = config.data.dataset
     name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
     return TrainingError(": ".join(part for part in (config.source, "data.dataset", f"{name} failed loading {where}", cause) if part))
-
-
-def first_line(error: BaseException) -> str:
-    """An error's message reduced to its first line (its type's name when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 class WithRows(Dataset):

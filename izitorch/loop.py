@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from izitorch import resume
-from izitorch.data import first_line, loading_error, make_loaders, to_device
-from izitorch.errors import IzitorchError, TrainingError
+from izitorch.data import loading_error, make_loaders, to_device
+from izitorch.errors import IzitorchError, TrainingError, error_text, first_line
 from izitorch.guard import Interrupted
 from izitorch.pluginmanager import hookimpl
 from izitorch.state import Fold, Run, Scores, Slot
@@ -425,7 +425,7 @@ def _what(error: BaseException) -> str:
     mistake raises (whose messages say enough)."""
     if isinstance(error, (RuntimeError, ValueError, TypeError, IndexError)):
         return first_line(error)
-    return f"{type(error).__name__}: {first_line(error)}"
+    return error_text(error)
 
 
 def _hint(error: BaseException) -> str:

@@ -20,7 +20,7 @@ import pluggy
 
 from izitorch import hookspecs
 from izitorch.config import Config
-from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean, error_text
 from izitorch.references import _import_file
 
 GROUP = "izitorch"
@@ -194,14 +194,9 @@ def _reported(function: Any, plugin: str, hook: str) -> Any:
         except IzitorchError:
             raise
         except Exception as error:
-            raise failure(f'plugin "{plugin}": {hook} raised {type(error).__name__}: {_first_line(error)}') from None
+            raise failure(f'plugin "{plugin}": {hook} raised {error_text(error)}') from None
 
     return call
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _hook_names(plugin: Any) -> set[str]:
