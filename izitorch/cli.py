@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     run = commands.add_parser("run", help="train the models of a manifest")
-    validate = commands.add_parser("validate", help="check a manifest (references, arguments, plugins) without training")
+    validate = commands.add_parser("validate", help="check a manifest without training: build the data, models and plugins, one forward and loss per model")
     for sub in (run, validate):
         sub.add_argument("manifest", help="path to the manifest (.toml)")
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -90,12 +90,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Load the manifest and its plugins, then build what ``run`` builds and take one forward and
+    loss per model on a few samples (:func:`izitorch.checks.dry_run`); nothing is written."""
+    from izitorch.checks import dry_run
+    from izitorch.data import pick_device
     from izitorch.manifest import load_manifest
     from izitorch.pluginmanager import make_plugin_manager
 
     config = load_manifest(args.manifest, args.overrides)
     with located_in(config.source):
         _, versions = make_plugin_manager(config)
+        dry_run(config, pick_device(config.run.device))
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)
     print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins})")

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from izitorch.config import ComponentSpec, Config, ModelSpec
-from izitorch.errors import IzitorchError, ManifestError
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
+from izitorch.kinds import built_mismatch, class_mismatch
 from izitorch.references import resolve
 from izitorch.reproducibility import seed_everything
 from izitorch.state import Run, Slot, Split
@@ -33,15 +34,27 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def _build(target: Any, params: dict, where: str, base_dir: str, *leading: Any) -> Any:
-    """Call a reference (or a class) with its parameters; pass an already built object through."""
+def _build(target: Any, params: dict, where: str, base_dir: str, *leading: Any, kind: str = "") -> Any:
+    """Call a reference (or a class) with its parameters; pass an already built object through.
+
+    With ``kind`` (``"model"``, ``"optimizer"``...), a class of another kind is refused before it
+    is called and what was built (or given) must be of that kind (:mod:`izitorch.kinds`).
+    """
     factory = resolve(target, base_dir) if isinstance(target, str) else target
+    label = f'"{target}"' if isinstance(target, str) else _label(target)
+    why = class_mismatch(kind, factory, label) if kind else None
+    if why:
+        raise ManifestError(why, where)
+    built = factory
     if isinstance(target, str) or inspect.isclass(factory):
         try:
-            return factory(*leading, **params)
+            built = factory(*leading, **params)
         except Exception as error:
             raise IzitorchError(f"{_label(target)}(...) raised {type(error).__name__}: {error}", where) from None
-    return factory
+    why = built_mismatch(kind, built, label) if kind else None
+    if why:
+        raise ManifestError(why, where)
+    return built
 
 
 def _label(target: Any) -> str:
@@ -96,17 +109,15 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
 
 
 def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:
-    """Model on its device, then its criterion, optimizer and scheduler."""
+    """Model on its device, then its criterion, optimizer and scheduler, each of its kind."""
     where = f"models[{index}]"
-    model = _build(spec.model, spec.params, f"{where}.model", base_dir)
-    if not isinstance(model, torch.nn.Module):
-        raise IzitorchError(f"{_label(spec.model)} returned {type(model).__name__}, not a torch.nn.Module", f"{where}.model")
+    model = _build(spec.model, spec.params, f"{where}.model", base_dir, kind="model")
     move_to(model, device)
-    criterion = _component(spec.criterion, f"{where}.criterion", base_dir)
+    criterion = _component(spec.criterion, f"{where}.criterion", base_dir, kind="criterion")
     if isinstance(criterion, torch.nn.Module):
         move_to(criterion, device)
-    optimizer = _component(spec.optimizer, f"{where}.optimizer", base_dir, model.parameters())
-    scheduler = _component(spec.scheduler, f"{where}.scheduler", base_dir, optimizer) if spec.scheduler else None
+    optimizer = _component(spec.optimizer, f"{where}.optimizer", base_dir, model.parameters(), kind="optimizer")
+    scheduler = _component(spec.scheduler, f"{where}.scheduler", base_dir, optimizer, kind="scheduler") if spec.scheduler else None
     slot = Slot(spec.name, spec, model, criterion, optimizer, scheduler)
     slot.snapshot_initial_state()
     return slot
@@ -125,15 +136,18 @@ def move_to(module: torch.nn.Module, device: torch.device) -> None:
         module.to(device)
 
 
-def _component(component: ComponentSpec, where: str, base_dir: str, *leading: Any) -> Any:
-    return _build(component.target, component.params, where, base_dir, *leading)
+def _component(component: ComponentSpec, where: str, base_dir: str, *leading: Any, kind: str = "") -> Any:
+    return _build(component.target, component.params, where, base_dir, *leading, kind=kind)
 
 
 def build_slots(config: Config, device: torch.device) -> list[Slot]:
     """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
     model and optimizer must own its parameters (:func:`check_ownership`)."""
     seed_everything(config.run.rdm_seed)
-    slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    try:
+        slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    except ManifestError as error:
+        raise error.located(config.source) from None
     check_ownership(slots, config.source)
     return slots
 
@@ -252,8 +266,8 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
     # persistent ones would carry their generators from epoch to epoch, where a resumed run's
     # new workers could not pick them up; restarted each epoch, they draw from the loader's
     # generator, whose state the resume state carries, so a resumed run draws the same numbers.
-    dataset = WithRows(run.dataset) if with_rows else run.dataset
-    subset = Subset(dataset, indices.tolist())
+    dataset = Guarded(run.dataset)  # a failing sample is reported with its index, from a worker too
+    subset = Subset(WithRows(dataset) if with_rows else dataset, indices.tolist())
     sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
     generator = torch.Generator().manual_seed(seed)
     tensors = gather_tensors(run.dataset, indices, run.device)
@@ -263,6 +277,51 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
         return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
     return DataLoader(subset, sampler=sampler, generator=generator, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                       pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=False)
+
+
+class SampleError(Exception):
+    """A sample failed to load; the message says which: ``sample 17: ValueError: <message>``.
+
+    A DataLoader worker sends an error back as text (the original traceback, re-raised as the
+    same type), so everything the main process reports is in the message.
+    """
+
+
+class Guarded(Dataset):
+    """``dataset[index]``, with a failure raised as a :class:`SampleError` naming ``index``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as error:
+            raise SampleError(f"sample {index}: {error_text(error)}") from None
+
+
+def loading_error(config: Config, error: Exception, where: str) -> TrainingError:
+    """The one line for a dataset that fails to give a batch (a sample raising, items that do
+    not collate, a ``__len__`` beyond the data): the dataset, ``where``, the sample, the error."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original error is its last line
+        cause = text.splitlines()[-1].strip()
+        kind, _, message = cause.partition(": ")
+        cause = message if kind.endswith(SampleError.__name__) else cause
+    elif isinstance(error, SampleError):
+        cause = first_line(error)
+    else:
+        cause = error_text(error)
+    if "equal size" in cause or "resize storage" in cause:  # what stacking items of different shapes says, in a worker too
+        cause += "; every sample must have the same shape to be batched"
+    elif "IndexError" in cause:
+        cause += "; check that __len__ counts only the samples that exist"
+    dataset = config.data.dataset
+    name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
+    return TrainingError(": ".join(part for part in (config.source, "data.dataset", f"{name} failed loading {where}", cause) if part))
 
 
 class WithRows(Dataset):

@@ -118,3 +118,15 @@ def describe(value: object) -> str:
         return "a list"
     text = repr(value)
     return text if len(text) <= MAX_VALUE_CHARS else f"{text[:MAX_VALUE_CHARS]}... ({len(text):,} characters)"
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message reduced to its first line (its type's name when it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: first line of the message``, or the type's name alone when there is no message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {first_line(error)}" if text else type(error).__name__

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from izitorch import resume
-from izitorch.data import make_loaders, to_device
-from izitorch.errors import TrainingError
+from izitorch.data import loading_error, make_loaders, to_device
+from izitorch.errors import IzitorchError, TrainingError, error_text, first_line
 from izitorch.guard import Interrupted
 from izitorch.pluginmanager import hookimpl
 from izitorch.reproducibility import seed_everything
@@ -135,11 +135,11 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     steps = 0
     start = time.perf_counter()
     with torch.set_grad_enabled(train):
-        for steps, batch in enumerate(fold.loaders[phase], 1):
+        for steps, batch in enumerate(_batches(run, fold, phase), 1):
             if masks is not None:
                 inputs, target, rows = to_device(batch, run.device, non_blocking)
             else:
-                inputs, target = to_device(_unpack(batch), run.device, non_blocking)
+                inputs, target = to_device(unpack(batch), run.device, non_blocking)
             losses: dict[Slot, Any] = {}
             group_step.step, group_step.losses = steps, losses
             for index, (group, group_meter) in enumerate(zip(run.groups, group_meters)):
@@ -147,7 +147,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
             for slot in singles:
                 if train and slot.stopped:
                     continue  # stopped during this epoch by the NaN guard
-                output, loss = _forward(slot, inputs, target, run.config.data.num_classes)
+                output, loss = forward_loss(slot, inputs, target, run.config.data.num_classes)
                 if train:
                     value = loss.item()  # the one per-step sync: nan_policy needs it
                     if not math.isfinite(value):
@@ -211,15 +211,19 @@ class _GroupStep:
             active = None  # evaluation of the whole group: no row is frozen
         try:
             outputs = group.forward(inputs, active)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"{_label(group)}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise TrainingError(f"{_label(group)}: {_what(error)}{_hint(error)}; {GROUP_FAILED}") from None
         classes = self.run.config.data.num_classes
         if _too_few_classes(group.slots[0].criterion, outputs, target, classes, class_dim=2):
             raise TrainingError(f"{_label(group)}: output {_shape(outputs)} has {outputs.shape[2]} classes but num_classes = {classes}; {FIT_CLASSES}")
         try:
             member_losses = group.losses(outputs, target, mask)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise TrainingError(f"{_label(group)}: {_first_line(error)}{_hint(error)}; {GROUP_FAILED}") from None
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise TrainingError(f"{_label(group)}: {_what(error)}{_hint(error)}; {GROUP_FAILED}") from None
         if train:
             self._guard(group, member_losses, active, mask)
             if any(active):
@@ -273,7 +277,7 @@ def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:
             before_step(run=run, slot=slot)
         slot.optimizer.step()
     except RuntimeError as error:
-        raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {_first_line(error)}{_hint(error)}") from None
+        raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {first_line(error)}{_hint(error)}") from None
 
 
 def _non_finite(run: Run, fold: Fold, slot: Slot, value: float, step: int) -> int:
@@ -330,7 +334,27 @@ def _compute_group(meters: list[Any], members: int) -> list[dict[str, Any]]:
     return values
 
 
-def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+def _batches(run: Run, fold: Fold, phase: str) -> Iterator[Any]:
+    """The batches of ``fold.loaders[phase]``; a dataset failing to give one (a sample raising,
+    items that do not collate, ``__len__`` beyond the data, in this process or a worker) is a
+    one-line :class:`TrainingError` naming the dataset, the phase and the sample where known."""
+    iterator = iter(fold.loaders[phase])
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except IzitorchError:
+            raise
+        except Exception as error:
+            where = f"the {phase} set" + (f" (fold {fold.index + 1}, epoch {fold.epoch})" if fold.epoch and not fold.parts else
+                                          f" (epoch {fold.epoch})" if fold.epoch else "")
+            raise loading_error(run.config, error, where) from None
+        yield batch
+
+
+def unpack(batch: Any) -> tuple[Any, torch.Tensor]:
+    """A collated batch as ``(inputs, target)``; anything else is a one-line TrainingError."""
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
     # a collated batch of bare tensors is itself a tensor: its len() is the batch size, not an item's
@@ -338,8 +362,10 @@ def _unpack(batch: Any) -> tuple[Any, torch.Tensor]:
     raise TrainingError(f"the dataset yields {got}; izitorch expects (input, target) pairs from __getitem__")
 
 
-def _forward(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's output and loss; a shape or label mistake becomes a one-line TrainingError."""
+def forward_loss(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output and loss; any failure of the model or the criterion (a shape or label
+    mistake, a bug raising whatever it raises) and a loss that is not a scalar become a one-line
+    TrainingError naming the model. izitorch's own errors and interrupts pass through."""
     try:
         if isinstance(inputs, dict):
             output = slot.model(**inputs)
@@ -347,17 +373,24 @@ def _forward(slot: Slot, inputs: Any, target: torch.Tensor, classes: int | None)
             output = slot.model(*inputs)
         else:
             output = slot.model(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_first_line(error)}{_hint(error)}") from None
+    except IzitorchError:
+        raise
+    except Exception as error:
+        raise TrainingError(f"model {slot.name}: forward failed on input of shape {_shape(inputs)}: {_what(error)}{_hint(error)}") from None
     if _too_few_classes(slot.criterion, output, target, classes, class_dim=1):
         raise TrainingError(f"model {slot.name}: output {_shape(output)} has {output.shape[1]} classes but num_classes = {classes} "
                             f"(target {_shape(target)}); {FIT_CLASSES}")
     try:
         loss = slot.criterion(output, target)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+    except IzitorchError:
+        raise
+    except Exception as error:
         raise TrainingError(
             f"model {slot.name}: the criterion failed on output {_shape(output)} and target {_shape(target)}: "
-            f"{_first_line(error)}; {FIT_CLASSES}") from None
+            f"{_what(error)}; {FIT_CLASSES}") from None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TrainingError(f"model {slot.name}: the criterion returned {_shape(loss)}, not a scalar loss; "
+                            'give it reduction = "mean" or "sum", or make it return one value')
     return output, loss
 
 
@@ -388,9 +421,12 @@ def _shape(value: Any) -> str:
     return type(value).__name__
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+def _what(error: BaseException) -> str:
+    """An error's first line, after its type's name unless it is of the kinds a shape or value
+    mistake raises (whose messages say enough)."""
+    if isinstance(error, (RuntimeError, ValueError, TypeError, IndexError)):
+        return first_line(error)
+    return error_text(error)
 
 
 def _hint(error: BaseException) -> str:

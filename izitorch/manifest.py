@@ -17,6 +17,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 
 from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig
 from izitorch.errors import ManifestError, describe, did_you_mean, join_path
+from izitorch.kinds import NO_REDUCTION, class_mismatch
 from izitorch.references import check_arguments, resolve
 
 if sys.version_info >= (3, 11):
@@ -241,20 +242,26 @@ def check_config_references(config: Config) -> None:
     for index, spec in enumerate(config.models):
         where = f"models[{index}]"
         if isinstance(spec.model, str):
-            _check(spec.model, spec.params, f"{where}.model", f"{where}.params", config.base_dir)
+            _check(spec.model, spec.params, f"{where}.model", f"{where}.params", config.base_dir, kind="model")
         for part, leading in (("criterion", 0), ("optimizer", 1), ("scheduler", 1)):
             component = getattr(spec, part)
             if component is not None and isinstance(component.target, str):
-                _check(component.target, component.params, f"{where}.{part}.class" if component.params or part != "criterion" else f"{where}.{part}", f"{where}.{part}", config.base_dir, leading)
+                _check(component.target, component.params, f"{where}.{part}.class" if component.params or part != "criterion" else f"{where}.{part}", f"{where}.{part}", config.base_dir, leading, part)
+            if part == "criterion" and component is not None and component.params.get("reduction") == "none":
+                raise ManifestError(NO_REDUCTION, f"{where}.criterion.reduction")
 
 
-def _check(ref: str, params: dict, ref_path: str, params_path: str, base_dir: str, leading: int = 0) -> None:
+def _check(ref: str, params: dict, ref_path: str, params_path: str, base_dir: str, leading: int = 0, kind: str = "") -> None:
+    """Import ``ref``, check it is of its ``kind`` (:mod:`izitorch.kinds`), then its arguments."""
     try:
         target = resolve(ref, base_dir)
     except ManifestError as error:
         raise ManifestError(error.message, ref_path) from None
     if not callable(target):
         raise ManifestError(f'"{ref}" is not callable', ref_path)
+    why = class_mismatch(kind, target, f'"{ref}"') if kind else None
+    if why:
+        raise ManifestError(why, ref_path)
     try:
         check_arguments(target, params, leading)
     except ManifestError as error:

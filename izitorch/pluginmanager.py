@@ -20,7 +20,7 @@ import pluggy
 
 from izitorch import hookspecs
 from izitorch.config import Config
-from izitorch.errors import IzitorchError, ManifestError, did_you_mean, one_line
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean, error_text, one_line
 from izitorch.references import _import_file
 
 GROUP = "izitorch"
@@ -188,6 +188,33 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, config: Config |
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as error:
         raise IzitorchError(f'plugin "{name}": {error}', key) from None
+    if name != ESSENTIAL:  # the loop's own failures are reported where they happen
+        for caller in pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _reported(impl.function, name, caller.name)
+
+
+def _reported(function: Any, plugin: str, hook: str) -> Any:
+    """``function`` (a plugin's hook implementation) with whatever it raises turned into one line
+    naming the plugin, the hook and the error: exit 2 while configuring, 1 once the run started.
+
+    Set on pluggy's record of the implementation, so every call of every hook goes through it
+    without a change at the call sites. izitorch's own errors (a plugin's deliberate one-line
+    error, an interrupt) and ``BaseException`` (Ctrl-C, ``sys.exit``) pass through unchanged.
+    """
+    failure = IzitorchError if hook == "izitorch_configure" else TrainingError
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise failure(f'plugin "{plugin}": {hook} raised {error_text(error)}') from None
+
+    return call
 
 
 def _hook_names(plugin: Any) -> set[str]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from izitorch import ensemble, ownership, resume
 from izitorch.config import Config
-from izitorch.data import build_dataset, build_slots, pick_device
+from izitorch.checks import dry_run
+from izitorch.data import pick_device
 from izitorch.errors import IzitorchError, ManifestError
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by
@@ -48,8 +49,7 @@ def run(config: Config) -> dict[str, list[dict]]:
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
     hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
-    session.dataset = build_dataset(config)
-    session.slots = build_slots(config, session.device)
+    session.dataset, session.slots = dry_run(config, session.device)
     session.groups, session.singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split

@@ -419,6 +419,10 @@ README_CASES = {
     "m.toml: models[0].params.hiden:": (2, None, [], ["validate", "m.toml", "--set", "models[0].params.hiden=16"]),
     "m.toml: models[0].scheduler:": (2, None, [], ["validate", "m.toml", "--set",
                                                    'models[0].scheduler="torch.optim.lr_scheduler:StepLR"']),
+    "m.toml: models[0].optimizer.class:": (2, None, [], ["validate", "m.toml", "--set",
+                                                        'models[0].optimizer={class="torch.nn:Linear", lr=0.1}']),
+    "m.toml: models[0].scheduler.class:": (2, None, [], ["validate", "m.toml", "--set",
+                                                        'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"']),
     "m.toml: models[1].name:": (2, README_MANIFEST + '\n[[models]]\nname = "mlp"\nmodel = "izitorch.models:SmallCNN"\n', [],
                                 ["validate", "m.toml"]),
     "m.toml: plugins.enable:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.enable=["kfodl"]']),
@@ -438,9 +442,9 @@ README_CASES = {
     "model mlp: loss is nan": (1, None, [], ["run", "m.toml", "--set", 'run.nan_policy="raise"', "--set", FLAKY_MLP[0],
                                              "--set", "models[0].params.nan_from=23"]),
     "interrupted by SIGINT": (130, None, [], ["run", "m.toml", "--set", FLAKY_MLP[0], "--set", "models[0].params.sigint_at=12"]),
-    "model cnn: output (32, 3) has 3 classes": (1, None, [], ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set",
-                                                              'models[0].model="izitorch.models:SmallCNN"', "--set",
-                                                              "models[0].params={num_classes=3}"]),
+    "model cnn: output (4, 3) has 3 classes": (1, None, [], ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set",
+                                                             'models[0].model="izitorch.models:SmallCNN"', "--set",
+                                                             "models[0].params={num_classes=3}"]),
 }
 
 

@@ -418,7 +418,7 @@ def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
     assert np.mean([f["accuracy"] for f in results["adam"]]) > 60.0
 
 
-def test_a_model_whose_output_does_not_fit_fails_in_one_line_during_training(tmp_path):
+def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp_path):
     (tmp_path / "odd.py").write_text(
         "import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
     path = write(tmp_path)
@@ -426,8 +426,12 @@ def test_a_model_whose_output_does_not_fit_fails_in_one_line_during_training(tmp
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "models adam (vectorized): CrossEntropyLoss cannot take output (32, 10, 2) with target (32,)" in lines[0]
-    assert "check the output size against num_classes" in lines[0]
+    # the dry run before training (validate's too) takes each model on its own, on four samples
+    assert lines == ["izitorch: error: model adam: the criterion failed on output (4, 10, 2) and target (4,): Expected target "
+                     "size [4, 2], got [4]; check that the model's output size matches num_classes and that labels lie in "
+                     "[0, num_classes)"]
+    checked = run_cli("validate", str(path), cwd=tmp_path)
+    assert (checked.returncode, checked.stderr) == (1, done.stderr)
 
 
 def test_a_member_with_no_sample_of_its_own_in_a_batch_does_not_step(tmp_path):

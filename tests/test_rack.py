@@ -16,6 +16,7 @@ from torch import nn
 
 import izitorch
 from izitorch import ManifestError
+from izitorch.checks import DRY_RUN_SAMPLES
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig
 from izitorch.models import MLP
 from izitorch.trainRack import ModelConfig, Rack
@@ -498,9 +499,12 @@ def test_shuffle_controls_the_training_order(tmp_path):
     orders = {}
     for flag in ("0", "1"):
         record: list[int] = []
-        make_rack(tmp_path / flag, "--shuffle", flag, "--epochs", "1", dataset=Digits(record)).launch()
+        dataset = Digits(record)
+        make_rack(tmp_path / flag, "--shuffle", flag, "--epochs", "1", dataset=dataset).launch()
         train = read(tmp_path / flag / "Dataset_split.pkl")[0][0]
-        orders[flag] = (record[: len(train)], train)
+        dry_run = [len(dataset) - 1, *range(DRY_RUN_SAMPLES)]  # before training: the last sample, then the first ones
+        assert record[:len(dry_run)] == dry_run
+        orders[flag] = (record[len(dry_run):len(dry_run) + len(train)], train)
     seen, train = orders["0"]
     assert seen == train  # the split's order, untouched
     seen, train = orders["1"]
