@@ -83,9 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from izitorch.runner import run
 
     overrides = list(args.overrides) + (["run.overwrite=true"] if args.overwrite else []) + (["run.resume=true"] if args.resume else [])
-    config = load_manifest(args.manifest, overrides)
-    with located_in(config.source):
-        run(config)
+    run(load_manifest(args.manifest, overrides))
     return 0
 
 

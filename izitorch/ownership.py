@@ -115,10 +115,6 @@ class Ledger:
                     found.append(child)
         return found
 
-    def states_recorded(self) -> bool:
-        """Whether the run ever wrote a resume state (``.izitorch/*.pth.tar``)."""
-        return any(entry.startswith(f"{STATE_DIR}/") and entry.endswith(".pth.tar") for entry in self.entries)
-
     def missing(self) -> list[str]:
         """Recorded files that are no longer on disk (deleted after the run wrote them)."""
         return sorted(entry for entry in self.entries if not entry.endswith("/") and not (self.root / entry).is_file())
@@ -153,6 +149,12 @@ def read_record(file: Path) -> list[str]:
         raise IzitorchError(f"cannot read {file}: {error.strerror or error}; check the permissions of res_dir") from None
     lines = text.split("\n")[:-1]  # the last piece has no newline: empty, or cut short
     return [line for line in lines if line and not line.startswith("/") and ".." not in line.split("/")]
+
+
+def finished_path(res_dir: Path) -> Path:
+    """``res_dir/.izitorch/finished.json``: written when a run ends, so that a finished run whose
+    resume state was deleted is told apart from one killed before it saved an epoch."""
+    return res_dir / STATE_DIR / "finished.json"
 
 
 def has_record(res_dir: Path) -> bool:

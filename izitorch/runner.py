@@ -8,6 +8,7 @@ last finished epoch (:mod:`izitorch.resume`).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import signal
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ from izitorch import ensemble, ownership, resume
 from izitorch.config import Config
 from izitorch.checks import dry_run
 from izitorch.data import pick_device
-from izitorch.errors import IzitorchError, ManifestError
+from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
-from izitorch.io import background_writes, owned_by
+from izitorch.io import background_writes, owned_by, write_json
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Run, Split
@@ -26,7 +27,13 @@ from izitorch.streams import say
 
 
 def run(config: Config) -> dict[str, list[dict]]:
-    """Train every model of ``config`` on every split; return each model's final test scores per fold."""
+    """Train every model of ``config`` on every split; return each model's final test scores per
+    fold. An error that names a key path is raised naming the manifest file too."""
+    with located_in(config.source):
+        return _run_in_res_dir(config)
+
+
+def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     pm, versions = make_plugin_manager(config)
     device = pick_device(config.run.device)
     res_dir = Path(config.run.res_dir)
@@ -39,6 +46,7 @@ def run(config: Config) -> dict[str, list[dict]]:
         try:
             with owned_by(ledger):
                 results = _run(session, resuming)
+                write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
         except Interrupted as stop:
             raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
     if resuming:  # every file is on disk now
@@ -106,9 +114,9 @@ def _res_dir_problem(res_dir: Path, config: Config) -> str | None:
         return "already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir"
     ledger = ownership.Ledger(res_dir)
     restarting = run.resume and not resume.has_state(res_dir)
-    if restarting and ledger.states_recorded():
-        return ("holds a run whose resume state is gone (.izitorch/*.pth.tar was deleted); nothing to resume: pass --overwrite to "
-                "start over, or choose another res_dir")
+    if restarting and ownership.finished_path(res_dir).is_file():
+        return ("holds a finished run whose resume state is gone (.izitorch/*.pth.tar was deleted); nothing to resume: pass "
+                "--overwrite to start over, or choose another res_dir")
     if run.overwrite or restarting:  # a run killed before its first epoch ended starts again, as --overwrite would
         foreign = sorted(ledger.foreign())
         if foreign:

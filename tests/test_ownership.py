@@ -200,7 +200,7 @@ def test_resume_of_a_run_whose_state_is_gone_is_refused(write_manifest, tmp_path
     before = snapshot(tmp_path / "res")
     code, err = run(capsys, "run", str(manifest), "--resume")
     assert code == 2
-    assert "holds a run whose resume state is gone" in one_error(err)
+    assert "holds a finished run whose resume state is gone" in one_error(err)
     assert snapshot(tmp_path / "res") == before
 
 
