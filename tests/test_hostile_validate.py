@@ -28,7 +28,7 @@ from izitorch import ensemble
 from izitorch.checks import _evaluating, dry_run
 from izitorch.cli import main
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, RunConfig
-from izitorch.data import build_slots
+from izitorch.data import build_dataset, build_slots
 from izitorch.errors import IzitorchError
 from izitorch.loop import forward_loss
 from izitorch.manifest import load_manifest
@@ -255,9 +255,9 @@ def test_validate_says_ok_to_what_trains_and_its_dry_run_moves_nothing(tmp_path,
     code, out, err = cli(capfd, "validate", path)
     assert (code, err) == (0, "") and out.startswith(f"{path}: OK (2 model(s): mlp, cnn; ")
     config = load_manifest(path)
-    build_slots(config, torch.device("cpu"))  # seeds torch with rdm_seed, as the run does before its dry run
-    np.random.seed(5), random.seed(5)
+    build_dataset(config), build_slots(config, torch.device("cpu"))  # seed every generator, as the dry run does first
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    np.random.seed(5), random.seed(5), torch.manual_seed(5)  # what the dry run's own steps must not depend on
     dataset, slots = dry_run(config, torch.device("cpu"))
     after = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
