@@ -165,7 +165,7 @@ def res_dir_error(res_dir: Path, error: OSError) -> IzitorchError:
     """A failure to create, lock or clean ``res_dir`` as one line (exit 1 for a full disk)."""
     where = f'res_dir "{res_dir}"'
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return TrainingError(f"{where}: no space left on the device; free some space and run again")
+        return TrainingError(f"{where}: no space left on the device; free some space and run again", "run.res_dir")
     reasons = {
         errno.ENOTDIR: "is a file, not a folder",
         errno.EEXIST: "is a file, not a folder",
@@ -176,4 +176,4 @@ def res_dir_error(res_dir: Path, error: OSError) -> IzitorchError:
         errno.EISDIR: "is a folder where izitorch needs a file",
     }
     reason = reasons.get(error.errno, f"cannot be used ({error.strerror or error})")
-    return IzitorchError(f"{where}: {error.filename or res_dir} {reason}; choose another res_dir or fix that path")
+    return IzitorchError(f"{where}: {error.filename or res_dir} {reason}; choose another res_dir or fix that path", "run.res_dir")

@@ -313,7 +313,7 @@ def test_resume_removes_only_izitorchs_own_temporary_files(write_manifest, tmp_p
 def test_res_dir_under_a_file_or_too_long_is_one_line(write_manifest, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, err = run(capsys, "run", str(write_manifest(res_dir=(tmp_path / "file" / "res").as_posix())))
-    assert code == 2 and "is a file, not a folder" in one_error(err)
+    assert code == 2 and "m.toml: run.res_dir: " in one_error(err) and "is a file, not a folder" in one_error(err)
     code, err = run(capsys, "run", str(write_manifest(res_dir=(tmp_path / ("x" * 300)).as_posix())))
     assert code == 2 and "has a name that is too long" in one_error(err)
 
