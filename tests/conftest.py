@@ -65,6 +65,28 @@ def write_manifest(tmp_path: Path):
     return write
 
 
+ERROR_PREFIX = "izitorch: error: "
+
+
+def cli(capture, *args) -> tuple[int, str, str]:
+    """``izitorch ARGS`` in this process: (exit code, stdout, stderr), read from pytest's
+    ``capsys`` or ``capfd`` (``capfd`` also sees what worker processes print)."""
+    from izitorch.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capture.readouterr()
+    return code, out, err
+
+
+def error_of(err: str) -> str:
+    """The message of the one ``izitorch: error:`` line that stderr must hold (no traceback)."""
+    assert "Traceback" not in err, err[:2000]
+    lines = err.splitlines()
+    assert len(lines) == 1, err[:2000]
+    assert lines[0].startswith(ERROR_PREFIX), err[:2000]
+    return lines[0][len(ERROR_PREFIX):]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m izitorch ARGS`` in a subprocess; returns the completed process (text)."""
     full_env = {**os.environ, **(env or {})}

@@ -33,16 +33,14 @@ import torch
 import izitorch
 from izitorch import io as izio
 from izitorch import resume
-from izitorch.cli import main
 from izitorch.data import build_slot
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.models import MLP
 from izitorch.state import Fold, Run, Split
 
-from conftest import replaced_by_thread, run_cli
+from conftest import cli, error_of, replaced_by_thread, run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-PREFIX = "izitorch: error: "
 STEPS = 5  # training steps per epoch of the runs below (160 training samples, batch 32)
 
 MODELS = '''\
@@ -160,20 +158,6 @@ num_classes = 10
     return path
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``izitorch ARGS`` in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_of(err: str) -> str:
-    """The message of the one ``izitorch: error:`` line that stderr must hold."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(PREFIX), err
-    return lines[0][len(PREFIX):]
 
 
 def trainlog(res: Path, model: str) -> dict:

@@ -34,24 +34,10 @@ from izitorch.plugins.early_stop import EarlyStopOptions
 from izitorch.plugins.grad_clip import GradClipOptions
 from izitorch.plugins.kfold import KFoldOptions
 
-from conftest import TINY_MANIFEST, run_cli
-
-PREFIX = "izitorch: error: "
+from conftest import TINY_MANIFEST, cli, error_of, run_cli
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
-
-def error_of(err: str) -> str:
-    """The message of the one ``izitorch: error:`` line that stderr must hold."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err[:2000]
-    assert lines[0].startswith(PREFIX), err[:2000]
-    return lines[0][len(PREFIX):]
 
 
 def write(tmp_path: Path, text: str | None = None, name: str = "m.toml", **replace: str) -> Path:

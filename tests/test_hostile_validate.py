@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli, error_of, run_cli
 
 from izitorch import ensemble
 from izitorch.checks import _evaluating, dry_run
-from izitorch.cli import main
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, RunConfig
 from izitorch.data import build_dataset, build_slots
 from izitorch.errors import IzitorchError
@@ -36,7 +35,6 @@ from izitorch.models import MLP
 from izitorch.pluginmanager import _reported
 from izitorch.state import Slot
 
-PREFIX = "izitorch: error: "
 
 HOSTILE = '''\
 """Models, losses and datasets that misbehave on purpose."""
@@ -168,20 +166,6 @@ optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
     return path
 
 
-def cli(capfd, *args) -> tuple[int, str, str]:
-    """``izitorch ARGS`` in this process: (exit code, stdout, stderr), worker processes' output included."""
-    code = main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def error_of(err: str) -> str:
-    """The message of the one ``izitorch: error:`` line that stderr must hold."""
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(PREFIX), err
-    return lines[0][len(PREFIX):]
 
 
 def epochs_on_disk(res: Path) -> tuple[list[str], int]:

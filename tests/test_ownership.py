@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from izitorch import cli
+from conftest import ERROR_PREFIX, cli, error_of
 from izitorch.config import ModelSpec
 from izitorch.errors import IzitorchError
 from izitorch.manifest import config_from_dict
@@ -20,15 +20,13 @@ from izitorch.ownership import Ledger, read_record
 
 def run(capsys, *args: str) -> tuple[int, str]:
     """``izitorch ARGS`` in this process: (exit code, stderr)."""
-    code = cli.main(list(args))
-    return code, capsys.readouterr().err
+    code, _, err = cli(capsys, *args)
+    return code, err
 
 
 def one_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("izitorch: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    """The one error line of stderr, whole."""
+    return ERROR_PREFIX + error_of(err)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
