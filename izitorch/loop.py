@@ -276,8 +276,10 @@ def _step(run: Run, slot: Slot, loss: torch.Tensor, before_step: Any) -> None:
         if before_step is not None:
             before_step(run=run, slot=slot)
         slot.optimizer.step()
-    except RuntimeError as error:
-        raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {first_line(error)}{_hint(error)}") from None
+    except IzitorchError:  # a plugin's before-step hook already said what failed
+        raise
+    except Exception as error:  # a user's optimizer may raise anything
+        raise TrainingError(f"model {slot.name}: the backward pass or optimizer step failed: {_what(error)}{_hint(error)}") from None
 
 
 def _non_finite(run: Run, fold: Fold, slot: Slot, value: float, step: int) -> int:

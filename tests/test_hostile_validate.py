@@ -446,3 +446,30 @@ def test_a_hook_wrapper_lets_interrupts_exits_and_izitorch_errors_through(raised
     with pytest.raises(raised) as caught:
         _reported(hook, "p", "izitorch_epoch_start")(None)
     assert type(caught.value) is raised
+
+
+BAD_OPTIMIZER = '''\
+import torch
+
+
+class Flaky(torch.optim.SGD):
+    """An optimizer whose step fails at its third call with an error of no usual kind."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        Flaky.calls += 1
+        if Flaky.calls == 3:
+            raise KeyError("momentum_buffer")
+        return super().step(closure)
+'''
+
+
+def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(write_manifest, tmp_path, capsys):
+    (tmp_path / "flaky.py").write_text(BAD_OPTIMIZER)
+    path = write_manifest()
+    path.write_text(path.read_text().replace('optimizer = { class = "torch.optim:Adam", lr = 1e-2 }',
+                                             'optimizer = { class = "flaky.py:Flaky", lr = 1e-2 }'))
+    code, _, err = cli(capsys, "run", path)
+    assert code == 1
+    assert error_of(err) == "model mlp: the backward pass or optimizer step failed: KeyError: 'momentum_buffer'"
