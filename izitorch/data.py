@@ -321,7 +321,7 @@ def loading_error(config: Config, error: Exception, where: str) -> TrainingError
         cause += "; check that __len__ counts only the samples that exist"
     dataset = config.data.dataset
     name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
-    return TrainingError(": ".join(part for part in (config.source, "data.dataset", f"{name} failed loading {where}", cause) if part))
+    return TrainingError(f"{name} failed loading {where}: {cause}", "data.dataset", config.source)
 
 
 class WithRows(Dataset):

@@ -29,6 +29,9 @@ class IzitorchError(Exception):
     """
 
     exit_code = 2
+    #: Whether :func:`located_in` puts the manifest file in front (an interruption is no mistake
+    #: in the manifest, and its message already says how to continue it).
+    locatable = True
 
     def __init__(self, message: str = "", path: str = "", source: str = "") -> None:
         self.message, self.path, self.source = str(message), path, source
@@ -73,13 +76,13 @@ class TrainingError(IzitorchError):
 
 @contextlib.contextmanager
 def located_in(source: str) -> Iterator[None]:
-    """Put ``source`` (the manifest file) into every error raised in the block that names a key
-    path but no file: the builders, plugins and checks that run after the manifest is read
-    know the key at fault, not the file."""
+    """Put ``source`` (the manifest file) in front of every error raised in the block that names
+    no file: the builders, plugins, checks and the loop that run after the manifest is read know
+    the key (or the model) at fault, not the file."""
     try:
         yield
     except IzitorchError as error:
-        if not source or error.source or not error.path:
+        if not source or error.source or not error.locatable:
             raise
         raise error.located(source) from None
 

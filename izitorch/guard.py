@@ -26,6 +26,8 @@ from izitorch.ownership import LOCK_NAME, res_dir_error
 class Interrupted(IzitorchError):
     """The run stopped on a signal after finishing its current step."""
 
+    locatable = False
+
     def __init__(self, signum: int, message: str) -> None:
         self.signum = signum
         self.exit_code = 128 + signum

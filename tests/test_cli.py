@@ -157,7 +157,7 @@ def test_training_failure_exits_1_naming_the_model(tmp_path):
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("izitorch: error: model mlp: "), lines[0]
+    assert lines[0].startswith(f"izitorch: error: {path}: model mlp: "), lines[0]
     assert "num_classes" in lines[0]
 
 

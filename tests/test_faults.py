@@ -315,7 +315,7 @@ def test_a_checkpoint_rewrite_failing_in_a_run_keeps_the_last_one(tmp_path, monk
     monkeypatch.setattr(izio, "atomic_write", full_for_checkpoints)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
     assert code == 1
-    assert error_of(err) == (f"no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+    assert error_of(err) == (f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
                              "the previous version is intact: free some space, then continue with --resume")
     after = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
     assert after["epoch"] == 2
@@ -370,7 +370,7 @@ def test_a_full_disk_at_epoch_3_exits_1_keeps_epochs_1_2_and_resume_completes(tm
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1, done.stderr
     log_file = res / "mlp" / "trainlog.json"  # the first write of epoch 3
-    assert error_of(done.stderr) == (f"no space left on the device while writing {log_file}; "
+    assert error_of(done.stderr) == (f"m.toml: no space left on the device while writing {log_file}; "
                                      "the previous version is intact: free some space, then continue with --resume")
     assert_finished_epochs_on_disk(res, ["mlp"], 2)
     assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
@@ -529,7 +529,7 @@ def test_nan_raise_exits_1_naming_the_model_and_keeps_epoch_1(tmp_path):
     path = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3), run='nan_policy = "raise"')
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
-    assert error_of(done.stderr) == ('model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, '
+    assert error_of(done.stderr) == ('m.toml: model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, '
                                      'clip gradients, or set nan_policy = "stop" / "skip_batch"')
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
 
@@ -559,7 +559,7 @@ def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
     path = write_run(tmp_path, MLP_ENTRY + flaky(oom_at=STEPS + 2))
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
-    assert error_of(done.stderr) == ("model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
+    assert error_of(done.stderr) == ("m.toml: model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
                                      "Tried to allocate 2.00 GiB; out of memory: lower batch_size, or train fewer or "
                                      "smaller models at once")
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
@@ -571,7 +571,7 @@ def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_cl
     path = write_run(tmp_path, MLP_ENTRY + flaky(narrow_at=2 * STEPS + 1))  # 3 classes from epoch 3 on
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err) == ("model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
+    assert error_of(err) == (f"{path}: model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
                              "model's output size matches num_classes and that labels lie in [0, num_classes)")
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 2)
 
@@ -581,12 +581,12 @@ def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_crite
     path = write_run(tmp_path, narrow + narrow.replace('name = "mlp"', 'name = "mlp2"'), run='multi_model = "vectorized"')
     code, _, err = cli(capsys, "run", path)
     assert code == 1  # the dry run before training finds it first, model by model
-    assert error_of(err) == ("model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
+    assert error_of(err) == (f"{path}: model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
                              "the model's output size matches num_classes and that labels lie in [0, num_classes)")
     monkeypatch.setattr("izitorch.checks.forward_loss", lambda *args: None)  # an output that narrows during training
     code, _, err = cli(capsys, "run", path, "--overwrite")
     assert code == 1
-    assert error_of(err) == ("models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but num_classes = 10; check that "
+    assert error_of(err) == (f"{path}: models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but num_classes = 10; check that "
                              "the model's output size matches num_classes and that labels lie in [0, num_classes)")
 
 
@@ -595,7 +595,7 @@ def test_a_criterion_that_fails_on_the_output_is_named_with_both_shapes(tmp_path
     path = write_run(tmp_path, mse)
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err).startswith("model mlp: the criterion failed on output (4, 10) and target (4,): ")  # in the dry run
+    assert error_of(err).startswith(f"{path}: model mlp: the criterion failed on output (4, 10) and target (4,): ")  # in the dry run
     assert error_of(err).endswith("; check that the model's output size matches num_classes and that labels lie in [0, num_classes)")
 
 
@@ -625,9 +625,9 @@ def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys
     (["data.train_ratio=1"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
     (['models[0].model="models.py:Boom"'], 2, "{path}: models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
     (['data.dataset="models.py:Triples"', "data.params={}"], 1,
-     "the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
+     "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
     (['data.dataset="models.py:Bare"', "data.params={}"], 1,
-     "the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__"),
+     "{path}: the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__"),
 ])
 def test_one_line_errors_before_or_at_the_first_step(tmp_path, capsys, sets, code, expected):
     path = write_run(tmp_path, epochs=1)
@@ -706,7 +706,7 @@ def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys
     (tmp_path / "models.py").write_text(wider.replace("nn.Linear(hidden, num_classes)", "nn.Linear(2 * hidden, num_classes)"))
     done = run_cli("run", path.name, "--resume", "--set", "run.epochs=3", cwd=tmp_path, env=ENV)
     assert done.returncode == 2
-    assert error_of(done.stderr) == ("model net: the saved state does not fit the model (size mismatch for net.0.weight: "
+    assert error_of(done.stderr) == ("m.toml: model net: the saved state does not fit the model (size mismatch for net.0.weight: "
                                      "copying a param with shape torch.Size([16, 64]) from checkpoint, the shape in current "
                                      "model is torch.Size([32, 64])); the architecture changed since the interrupted run: "
                                      "start over with --overwrite")
@@ -746,7 +746,7 @@ def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it
     monkeypatch.setattr(izio.os, "replace", replace)
     code, _, err = cli(capsys, "run", path)
     assert code == 1 and failed_on == ["izitorch-writer"]
-    assert error_of(err) == (f"no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+    assert error_of(err) == (f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
                              "the previous version is intact: free some space, then continue with --resume")
     assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
     assert saved_state(res)["epoch"] == 2

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import izitorch
 from izitorch import resume
 from izitorch.cli import main
+from izitorch.guard import Interrupted
 from izitorch.errors import MAX_MESSAGE_CHARS, IzitorchError, ManifestError, TrainingError, describe, located_in
 from izitorch.manifest import MAX_DEPTH, load_manifest
 from izitorch.options import declared_options
@@ -200,7 +201,7 @@ def test_an_unavailable_device_names_the_file_and_key(tmp_path, capsys):
     assert error_of(err) == f'{path}: run.device: device "cuda" requested but CUDA is not available; use device = "auto" or "cpu"'
 
 
-def test_located_in_adds_the_file_only_to_errors_with_a_key_and_no_file():
+def test_located_in_adds_the_file_to_errors_that_name_none():
     def raised(error: IzitorchError) -> str:
         with pytest.raises(type(error)) as info, located_in("m.toml"):
             raise error
@@ -210,7 +211,8 @@ def test_located_in_adds_the_file_only_to_errors_with_a_key_and_no_file():
     assert raised(IzitorchError("bad", "data.dataset")) == "m.toml: data.dataset: bad"
     assert raised(TrainingError("bad", "models[0]")) == "m.toml: models[0]: bad"
     assert raised(IzitorchError("bad", "k", "other.json")) == "other.json: k: bad"
-    assert raised(TrainingError("model mlp: bad")) == "model mlp: bad"
+    assert raised(TrainingError("model mlp: bad")) == "m.toml: model mlp: bad"
+    assert raised(Interrupted(2, "interrupted by SIGINT")) == "interrupted by SIGINT"  # it says how to continue instead
 
 
 def fingerprint_of(tmp_path: Path, *overrides: str) -> dict[str, str]:

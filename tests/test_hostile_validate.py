@@ -190,14 +190,14 @@ SAME_LINE = [
      ('{path}: models[0].model: "torch.nn:Sequential" built a model with no parameters: there is nothing to train; '
       "check its class and params")),
     ("model-keyerror", ['models[0].model="hostile.py:KeyNet"', "models[0].params={}"], 1,
-     "model mlp: forward failed on input of shape (4, 64): KeyError: 'features'"),
+     "{path}: model mlp: forward failed on input of shape (4, 64): KeyError: 'features'"),
     ("criterion-keyerror", ['models[0].criterion="hostile.py:LookupLoss"'], 1,
-     ("model mlp: the criterion failed on output (4, 10) and target (4,): KeyError: 'weights'; check that the model's output "
+     ("{path}: model mlp: the criterion failed on output (4, 10) and target (4,): KeyError: 'weights'; check that the model's output "
       "size matches num_classes and that labels lie in [0, num_classes)")),
     ("criterion-not-scalar", ['models[0].criterion="hostile.py:PerSample"'], 1,
-     'model mlp: the criterion returned (4,), not a scalar loss; give it reduction = "mean" or "sum", or make it return one value'),
+     '{path}: model mlp: the criterion returned (4,), not a scalar loss; give it reduction = "mean" or "sum", or make it return one value'),
     ("output-too-narrow", ["models[0].params.num_classes=3"], 1,
-     ("model mlp: output (4, 3) has 3 classes but num_classes = 10 (target (4,)); check that the model's output size matches "
+     ("{path}: model mlp: output (4, 3) has 3 classes but num_classes = 10 (target (4,)); check that the model's output size matches "
       "num_classes and that labels lie in [0, num_classes)")),
     ("sample-raises", ['data.dataset="hostile.py:Flagged"', "data.params={}"], 1,
      ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 299: ValueError: '
@@ -209,7 +209,7 @@ SAME_LINE = [
      ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 304: IndexError: '
       "index 304 is out of bounds for dimension 0 with size 300; check that __len__ counts only the samples that exist")),
     ("not-pairs", ['data.dataset="hostile.py:Triples"', "data.params={}"], 1,
-     "the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
+     "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
     ("scheduler-factory-plateau", ['models[0].scheduler="hostile.py:plateau"'], 2,
      ("{path}: models[0].scheduler: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without "
       'a metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"')),
@@ -321,7 +321,7 @@ def test_a_model_raising_keyerror_in_epoch_2_is_one_line_naming_it_and_epoch_1_i
     path = write_run(tmp_path)
     sets = ["--set", 'models[0].model="hostile.py:KeyNet"', "--set", "models[0].params={fail_at=10}"]  # 8 steps per epoch
     code, _, err = cli(capfd, "run", path, *sets)
-    assert (code, error_of(err)) == (1, "model mlp: forward failed on input of shape (32, 64): KeyError: 'features'")
+    assert (code, error_of(err)) == (1, f"{path}: model mlp: forward failed on input of shape (32, 64): KeyError: 'features'")
     assert_epoch_1_kept(tmp_path / "res")
 
 
@@ -340,7 +340,7 @@ def test_a_vectorized_group_raising_keyerror_is_one_line_naming_its_models(tmp_p
     path = write_run(tmp_path, run='multi_model = "vectorized"', tail=second)
     code, _, err = cli(capfd, "run", path)
     assert code == 1
-    assert error_of(err).startswith("models mlp, mlp2 (vectorized): KeyError: 'stacked'; ")
+    assert error_of(err).startswith(f"{path}: models mlp, mlp2 (vectorized): KeyError: 'stacked'; ")
     assert_epoch_1_kept(tmp_path / "res")
 
 
@@ -408,7 +408,7 @@ def test_a_plugin_raising_in_any_hook_is_one_line_naming_plugin_hook_and_error(t
     (tmp_path / "boom.py").write_text(boom_plugin(hook), encoding="utf-8")
     path = write_run(tmp_path, epochs=1, tail='[plugins]\nenable = ["boom.py"]\n')
     code, _, err = cli(capfd, "run", path, "--set", "data.params.limit=100")
-    assert (code, error_of(err)) == (1, f'plugin "boom.py": {hook} raised ValueError: boom')
+    assert (code, error_of(err)) == (1, f'{path}: plugin "boom.py": {hook} raised ValueError: boom')
     assert not (tmp_path / "res" / ".izitorch.lock").exists()
 
 
@@ -418,7 +418,7 @@ def test_a_plugin_raising_at_epoch_2_keeps_epoch_1_through_the_real_entry_point(
     path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
     done = run_cli("run", path.name, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 1
-    assert error_of(done.stderr) == 'plugin "boom.py": izitorch_epoch_finish raised ValueError: no score for epoch 2'
+    assert error_of(done.stderr) == 'm.toml: plugin "boom.py": izitorch_epoch_finish raised ValueError: no score for epoch 2'
     assert_epoch_1_kept(tmp_path / "res")
 
 
@@ -427,7 +427,7 @@ def test_a_plugin_raising_while_configured_fails_validate_with_exit_2(tmp_path, 
                                       "    raise RuntimeError('no table\\nsecond line')\n", encoding="utf-8")
     path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
     code, _, err = cli(capfd, "validate", path)
-    assert (code, error_of(err)) == (2, 'plugin "boom.py": izitorch_configure raised RuntimeError: no table')
+    assert (code, error_of(err)) == (2, f'{path}: plugin "boom.py": izitorch_configure raised RuntimeError: no table')
 
 
 def test_a_plugins_own_izitorch_error_passes_unchanged(tmp_path, capfd):
@@ -435,7 +435,7 @@ def test_a_plugins_own_izitorch_error_passes_unchanged(tmp_path, capfd):
     (tmp_path / "boom.py").write_text(plugin.replace("from izitorch import hookimpl", "from izitorch import IzitorchError, hookimpl"))
     path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
     code, _, err = cli(capfd, "run", path)
-    assert (code, error_of(err)) == (2, "boom.py wants [plugins.boom] seed = 1")
+    assert (code, error_of(err)) == (2, f"{path}: boom.py wants [plugins.boom] seed = 1")  # located in the manifest, not wrapped
 
 
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit, IzitorchError])
@@ -472,4 +472,4 @@ def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(write_manif
                                              'optimizer = { class = "flaky.py:Flaky", lr = 1e-2 }'))
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err) == "model mlp: the backward pass or optimizer step failed: KeyError: 'momentum_buffer'"
+    assert error_of(err) == f"{path}: model mlp: the backward pass or optimizer step failed: KeyError: 'momentum_buffer'"

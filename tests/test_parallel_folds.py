@@ -427,7 +427,7 @@ def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     # the dry run before training (validate's too) takes each model on its own, on four samples
-    assert lines == ["izitorch: error: model adam: the criterion failed on output (4, 10, 2) and target (4,): Expected target "
+    assert lines == [f"izitorch: error: {path}: model adam: the criterion failed on output (4, 10, 2) and target (4,): Expected target "
                      "size [4, 2], got [4]; check that the model's output size matches num_classes and that labels lie in "
                      "[0, num_classes)"]
     checked = run_cli("validate", str(path), cwd=tmp_path)

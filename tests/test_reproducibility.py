@@ -78,7 +78,7 @@ def test_an_operation_without_a_deterministic_algorithm_fails_in_one_line_naming
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith("izitorch: error: model mlp: forward failed on input of shape (4, 64): put_ does not have a deterministic")
+    assert lines[0].startswith(f"izitorch: error: {path}: model mlp: forward failed on input of shape (4, 64): put_ does not have a deterministic")
     assert lines[0].endswith("this operation has no deterministic algorithm: set deterministic = false in [run]")
     checked = run_cli("validate", str(path), cwd=tmp_path)  # validate's dry run meets it with the same line
     assert (checked.returncode, checked.stderr) == (1, done.stderr)
