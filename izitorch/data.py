@@ -144,15 +144,12 @@ def build_slots(config: Config, device: torch.device) -> list[Slot]:
     """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
     model and optimizer must own its parameters (:func:`check_ownership`)."""
     seed_everything(config.run.rdm_seed)
-    try:
-        slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
-    except ManifestError as error:
-        raise error.located(config.source) from None
-    check_ownership(slots, config.source)
+    slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    check_ownership(slots)
     return slots
 
 
-def check_ownership(slots: list[Slot], source: str = "") -> None:
+def check_ownership(slots: list[Slot]) -> None:
     """Refuse models that share parameters and optimizers that update what is not their model's.
 
     Objects given from Python (a ``Rack``'s ``ModelConfig``) can be wired wrongly: one module in
@@ -169,7 +166,7 @@ def check_ownership(slots: list[Slot], source: str = "") -> None:
                 same = "is the same nn.Module object as" if slot.model is slots[first].model else "shares parameters with"
                 raise ManifestError(f'model "{slot.name}" {same} model "{slots[first].name}", so both would train one set of weights; '
                                     "give each model its own module (build another, or copy.deepcopy it) and its optimizer on "
-                                    "that module's parameters", f"models[{index}].model", source)
+                                    "that module's parameters", f"models[{index}].model")
     for index, slot in enumerate(slots):
         foreign = [p for group in getattr(slot.optimizer, "param_groups", ()) for p in group["params"] if owner.get(id(p)) != index]
         if not foreign:
@@ -181,7 +178,7 @@ def check_ownership(slots: list[Slot], source: str = "") -> None:
         else:
             what = f"{len(foreign)} tensor(s) that are not parameters of its model (izitorch resets, saves and restores a model's parameters only)"
         raise ManifestError(f'the optimizer of model "{slot.name}" updates {what}; build each optimizer on its own model\'s '
-                            "parameters: optimizer(model.parameters())", f"models[{index}].optimizer", source)
+                            "parameters: optimizer(model.parameters())", f"models[{index}].optimizer")
 
 
 class TensorBatchLoader:
@@ -321,7 +318,7 @@ def loading_error(config: Config, error: Exception, where: str) -> TrainingError
         cause += "; check that __len__ counts only the samples that exist"
     dataset = config.data.dataset
     name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
-    return TrainingError(f"{name} failed loading {where}: {cause}", "data.dataset", config.source)
+    return TrainingError(f"{name} failed loading {where}: {cause}", "data.dataset")
 
 
 class WithRows(Dataset):

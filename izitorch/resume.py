@@ -25,7 +25,7 @@ import torch
 
 from izitorch.config import Config
 from izitorch.data import dataset_labels
-from izitorch.errors import IzitorchError, ManifestError, describe, join_path
+from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.io import commit, save_torch
 from izitorch.ownership import STATE_DIR
 from izitorch.state import Fold, Run, deep_equal, standalone
@@ -127,10 +127,9 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
 def _load_failure(error: Exception) -> str:
     """What went wrong in ``torch.load``, without torch's advice to load with ``weights_only=False``
     (a state izitorch wrote never needs it: anything else is not our file)."""
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error) or not first:
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error) or not str(error).strip():
         return f"{type(error).__name__}: it is damaged or not a file izitorch wrote"
-    return f"{type(error).__name__}: {first}"
+    return error_text(error)
 
 
 # -- the structure of a saved state: checked once, where it is loaded ---------------------------
