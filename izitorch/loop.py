@@ -18,6 +18,7 @@ from izitorch import resume
 from izitorch.data import loading_error, make_loaders, to_device
 from izitorch.errors import IzitorchError, TrainingError, error_text, first_line
 from izitorch.guard import Interrupted
+from izitorch.metrics import compute_all, meters_for
 from izitorch.pluginmanager import hookimpl
 from izitorch.reproducibility import seed_everything
 from izitorch.state import Fold, Run, Scores, Slot
@@ -118,8 +119,9 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     train = phase == "train"
     members = set(fold.slots)
     singles = [slot for slot in run.singles if slot in members and not (train and slot.stopped)]
-    meters = {slot: _new_meters(run) for slot in singles}
-    group_meters = [_new_group_meters(run, len(group)) for group in run.groups]
+    classes = run.config.data.num_classes
+    meters = {slot: meters_for(run.metric_factories, classes, 1) for slot in singles}
+    group_meters = [meters_for(run.metric_factories, classes, len(group)) for group in run.groups]
     skipped = dict.fromkeys(fold.slots, 0)
     for group in run.groups:  # every member, those of folds that stopped too: a group runs in its first member's mode
         group.train(train)
@@ -156,7 +158,7 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
                     _step(run, slot, loss, before_step)
                 output, loss = output.detach(), loss.detach()
                 for meter in meters[slot]:
-                    meter.update(output, target, loss)
+                    meter.update(output.unsqueeze(0), target, loss.reshape(1))
                 losses[slot] = loss
             if batch_finish is not None:
                 for part in fold.parts or [fold]:
@@ -166,9 +168,9 @@ def epoch_pass(run: Run, fold: Fold, phase: str) -> dict[Slot, dict[str, Any]]:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     per_step = (time.perf_counter() - start) / max(steps, 1)
-    values = {slot: _compute(slot_meters) for slot, slot_meters in meters.items()}
+    values = {slot: compute_all(slot_meters, 1)[0] for slot, slot_meters in meters.items()}
     for group, group_meter in zip(run.groups, group_meters):
-        for slot, member in zip(group.slots, _compute_group(group_meter, len(group))):
+        for slot, member in zip(group.slots, compute_all(group_meter, len(group))):
             if slot in members and not (train and slot.stopped and not member):
                 values[slot] = member
     time_key = "train_step_time" if train else "inference_time"
@@ -235,12 +237,11 @@ class _GroupStep:
                             self.before_step(run=self.run, slot=slot)
                 group.step(active)
         outputs, member_losses = outputs.detach(), member_losses.detach()
-        counted = None if active is None or all(active) else active  # None: no per-batch flag tensor
+        if active is not None and not all(active):  # frozen members count nothing
+            flags = torch.tensor(active, device=outputs.device).reshape(-1, 1)
+            mask = flags.expand(len(active), target.shape[0]) if mask is None else mask & flags
         for meter in group_meter:
-            if mask is None:
-                meter.update(outputs, target, member_losses, counted)
-            elif getattr(meter, "accepts_mask", False):
-                meter.update(outputs, target, member_losses, counted, mask=mask)
+            meter.update(outputs, target, member_losses, mask)
         if self.wants_losses:  # one view per member: only for izitorch_batch_finish
             for k, slot in enumerate(group.slots):
                 if active is None or active[k]:
@@ -292,48 +293,6 @@ def _non_finite(run: Run, fold: Fold, slot: Slot, value: float, step: int) -> in
         slot.stopped = f'{where} (nan_policy = "stop")'  # the console adds "<model> stopped: "
         return 0
     return 1
-
-
-def _new_meters(run: Run) -> list[Any]:
-    num_classes = run.config.data.num_classes
-    return [factory(num_classes) for factory in run.metric_factories.values()]
-
-
-def _new_group_meters(run: Run, members: int) -> list[Any]:
-    """Per metric, one accumulator for the whole group when the metric offers ``stacked``."""
-    num_classes = run.config.data.num_classes
-    return [factory.stacked(num_classes, members) if hasattr(factory, "stacked") else _PerMember(factory, num_classes, members)
-            for factory in run.metric_factories.values()]
-
-
-class _PerMember:
-    """Fallback for metrics without a ``stacked`` form: one accumulator per member."""
-
-    def __init__(self, factory: Any, num_classes: int | None, members: int) -> None:
-        self.meters = [factory(num_classes) for _ in range(members)]
-
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None) -> None:
-        for k, meter in enumerate(self.meters):
-            if active is None or active[k]:
-                meter.update(outputs[k], target, losses[k])
-
-    def compute(self) -> list[dict[str, Any]]:
-        return [meter.compute() for meter in self.meters]
-
-
-def _compute(meters: list[Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for meter in meters:
-        values.update(meter.compute())
-    return values
-
-
-def _compute_group(meters: list[Any], members: int) -> list[dict[str, Any]]:
-    values: list[dict[str, Any]] = [{} for _ in range(members)]
-    for meter in meters:
-        for k, member in enumerate(meter.compute()):
-            values[k].update(member)
-    return values
 
 
 def _batches(run: Run, fold: Fold, phase: str) -> Iterator[Any]:
