@@ -18,7 +18,8 @@ from torch.utils.data import Dataset, default_collate
 
 from izitorch.config import Config
 from izitorch.data import Guarded, build_dataset, build_slots, loading_error, to_device
-from izitorch.loop import forward_loss, unpack
+from izitorch.cohort import unpack
+from izitorch.stacks import forward_loss
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.state import Slot
 

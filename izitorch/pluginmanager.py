@@ -19,6 +19,7 @@ import attrs
 import pluggy
 
 from izitorch import hookspecs
+from izitorch.hookspecs import hookimpl  # noqa: F401 - izitorch.pluginmanager.hookimpl, as plugins imported it
 from izitorch.config import Config
 from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean, error_text, one_line
 from izitorch.references import _import_file
@@ -27,7 +28,6 @@ GROUP = "izitorch"
 ESSENTIAL = "loop"
 DEFAULT_PLUGINS = ("holdout", "metrics", "checkpoint", "trainlog", "console")
 
-hookimpl = pluggy.HookimplMarker("izitorch")
 
 
 @attrs.frozen

@@ -1,9 +1,11 @@
-"""Exact resume: the state of a fold, written atomically after every epoch.
+"""Exact resume: the state of a cohort of folds, written atomically after every epoch.
 
-``res_dir/.izitorch/fold_<k>.pth.tar`` holds, for the last finished epoch of fold k: every
-model's weights, optimizer, scheduler, kept (best) weights and stop reason; every plugin's
-``izitorch_state_dict``; the RNG states (torch, CUDA, numpy, python, and the loaders'
-generators); and, once the fold is done, its final test scores. It is written whatever the
+One writer for both fold schedules: ``res_dir/.izitorch/fold_<k>.pth.tar`` for fold k trained
+on its own, ``folds.pth.tar`` for parallel folds. A state holds, for the last finished epoch,
+per fold (``folds``): every model's optimizer, scheduler, kept (best) weights, stop reason and
+weights (those of a vectorized member come with its stack's entry in ``groups``), and every
+plugin's ``izitorch_state_dict``; the RNG states (torch, CUDA, numpy, python, and the loaders'
+generators); and, once the folds are done, their final test scores. It is written whatever the
 checkpoint policy, holds only tensors and plain containers (``torch.load(weights_only=True)``),
 and carries a fingerprint of the configuration so that a resume with a manifest that changed
 what the state depends on is refused, naming the difference.
@@ -28,10 +30,10 @@ from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.io import commit, save_torch
 from izitorch.ownership import STATE_DIR
-from izitorch.state import Fold, Run, deep_equal, standalone
+from izitorch.state import Run, deep_equal, standalone
 
-FORMAT = 4  # 3: plugin tables fingerprinted as plugins.<name>; parallel folds. 4: fingerprint and trainlog as JSON text
-READABLE = (3, 4)  # formats this version resumes
+FORMAT = 5  # 3: plugin tables fingerprinted as plugins.<name>; 4: fingerprint and trainlog as JSON text; 5: one layout for every cohort
+READABLE = (3, 4, 5)  # formats this version resumes
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
@@ -41,6 +43,7 @@ TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers",
 
 
 def state_path(res_dir: Path, fold_index: int) -> Path:
+    """A fold trained on its own: ``res_dir/.izitorch/fold_<k>.pth.tar`` (1-based)."""
     return res_dir / STATE_DIR / f"fold_{fold_index + 1}.pth.tar"
 
 
@@ -53,22 +56,28 @@ def has_state(res_dir: Path) -> bool:
     return any((res_dir / STATE_DIR).glob("*.pth.tar"))
 
 
-def save(run: Run, fold: Fold, epoch: int, final: bool = False) -> None:
-    """Write the fold's state after ``epoch`` (``final``: the fold is done, scores included)."""
-    grouped = {name for group in run.groups for name in group.names}
+def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
+    """Write the state of a cohort of folds after ``epoch`` (``final``: its folds are done,
+    their final scores included), to ``cohort.state_path``."""
+    vectorized = {slot for stack in cohort.stacks if stack.vectorized for slot in stack.members}
     state = {
         "format": FORMAT,
         "fingerprint": saved_fingerprint(run),
-        "fold": fold.index,
+        "parallel": len(cohort.folds),
         "epoch": epoch,
-        "stop_reason": fold.stop_reason,
-        "final_scores": tensorise(fold.final_scores) if final else None,
-        "slots": {slot.name: slot_state(slot, grouped=slot.name in grouped) for slot in fold.slots},
-        "groups": [group.state_dict() for group in run.groups],
-        "plugins": plugin_states(run),
-        "rng": rng_state(fold),
+        "final": final,
+        "folds": [{
+            "index": fold.index,
+            "epoch": fold.epoch,
+            "stop_reason": fold.stop_reason,
+            "final_scores": tensorise(fold.final_scores) if final else None,
+            "slots": {slot.name: slot_state(slot, grouped=slot in vectorized) for slot in fold.slots},
+            "plugins": cohort.plugin_state(run, fold),
+        } for fold in cohort.folds],
+        "groups": [state for state in (stack.state_dict() for stack in cohort.stacks) if state is not None],
+        "rng": rng_state(cohort.loaders),
     }
-    save_torch(state_path(run.res_dir, fold.index), state)
+    save_torch(cohort.state_path, state)
     commit()  # the state is the epoch's last file
 
 
@@ -87,7 +96,7 @@ def check(run: Run, folds: int) -> bool:
     epochs = run.config.run.epochs
     done = [not needs_training(load(run, index, device="cpu"), epochs) for index in range(folds)]
     parallel = load_file(run, parallel_state_path(run.res_dir), device="cpu")
-    return not parallel_needs_training(parallel, epochs) if parallel is not None else all(done)
+    return not needs_training(parallel, epochs) if parallel is not None else all(done)
 
 
 def load(run: Run, fold_index: int, device: Any = None) -> dict | None:
@@ -113,6 +122,7 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
     problem = structure_problem(state)
     if problem:
         raise IzitorchError(f"the resume state is not one izitorch wrote ({problem}); start over with --overwrite", source=str(path))
+    state = _one_layout(state)
     saved = state["fingerprint"]
     saved = json.loads(saved) if isinstance(saved, str) else saved
     current = {**fingerprint(run.config), **dataset_fingerprint(run.dataset)}
@@ -194,28 +204,36 @@ def _try_rng(rng: dict) -> None:
         raise _Malformed(f"rng: not a generator state ({type(error).__name__})") from None
 
 
+def _one_layout(state: dict) -> dict:
+    """A state of format 3 or 4 written for one sequential fold, in the layout of today's
+    (its fold as the one entry of ``folds``): what the rest of this module reads."""
+    if "parallel" in state:
+        return state
+    fold = {key: state[key] for key in ("epoch", "stop_reason", "final_scores", "slots", "plugins")}
+    return {key: state[key] for key in ("format", "fingerprint", "epoch", "groups", "rng")} | {
+        "parallel": 1, "final": state["final_scores"] is not None, "folds": [{"index": state["fold"], **fold}]}
+
+
 def needs_training(state: dict | None, epochs: int) -> bool:
-    """A fold must (re)train unless it finished and either stopped early or reached ``epochs``."""
-    if state is None or state["final_scores"] is None:
-        return True
-    return state["stop_reason"] is None and state["epoch"] < epochs
-
-
-def parallel_needs_training(state: dict | None, epochs: int) -> bool:
-    """Parallel folds must (re)train unless they finished and none can be extended to ``epochs``."""
+    """Folds must (re)train unless they finished and none can be extended to ``epochs`` (a fold
+    that stopped early is done)."""
     if state is None or not state["final"]:
         return True
     return state["epoch"] < epochs and any(fold["stop_reason"] is None for fold in state["folds"])
 
 
-def restore(run: Run, fold: Fold, state: dict) -> int:
-    """Put a fold back where ``state`` left it; return the first epoch still to train."""
-    for slot in fold.slots:
-        restore_slot(run, slot, state["slots"].get(slot.name))
-    restore_groups(run, state.get("groups", []))
-    run.hook.izitorch_load_state_dict(run=run, state=state["plugins"])
-    set_rng_state(fold, state["rng"])
-    fold.epoch, fold.stop_reason = state["epoch"], state["stop_reason"]
+def restore(run: Run, cohort: Any, state: dict) -> int:
+    """Put a cohort's folds back where ``state`` left them; return the first epoch still to train."""
+    if state["parallel"] != len(cohort.folds):
+        raise IzitorchError(f"cannot resume: the saved state holds {state['parallel']} folds trained together, this run "
+                            f"{len(cohort.folds)}; start over with --overwrite")
+    for fold, entry in zip(cohort.folds, state["folds"]):
+        for slot in fold.slots:
+            restore_slot(run, slot, entry["slots"].get(slot.name))
+        fold.epoch, fold.stop_reason = entry["epoch"], entry["stop_reason"]
+        cohort.put_plugin_state(run, fold, entry["plugins"])
+    restore_stacks(cohort.stacks, state["groups"])
+    set_rng_state(cohort.loaders, state["rng"])
     return state["epoch"] + 1
 
 
@@ -239,15 +257,18 @@ def restore_slot(run: Run, slot: Any, saved: dict | None) -> None:
     slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
 
 
-def restore_groups(run: Run, saved_groups: list[dict]) -> None:
-    if [g["names"] for g in saved_groups] != [group.names for group in run.groups]:
+def restore_stacks(stacks: list[Any], saved_groups: list[dict]) -> None:
+    """The stacked state of each vector stack, which must group the models as the saved run did."""
+    vectorized = [stack for stack in stacks if stack.vectorized]
+    if [g["names"] for g in saved_groups] != [[slot.name for slot in stack.members] for stack in vectorized]:
         raise IzitorchError("cannot resume: the models were grouped differently when the state was saved; start over with --overwrite")
-    for group, saved in zip(run.groups, saved_groups):
-        group.load_state_dict(saved)
+    for stack, saved in zip(vectorized, saved_groups):
+        stack.load_state_dict(saved)
 
 
 def final_scores(state: dict) -> dict[str, dict]:
-    """A finished fold's final scores, as the loop returned them (numpy confusion matrices)."""
+    """A finished fold's final scores (an entry of a state's ``folds``), as the loop returned
+    them (numpy confusion matrices)."""
     return {name: {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()}
             for name, scores in state["final_scores"].items()}
 
@@ -391,7 +412,7 @@ def tensorise(scores: dict[str, dict]) -> dict[str, dict]:
             for name, values in scores.items()}
 
 
-def rng_state(fold: Fold) -> dict:
+def rng_state(loaders: dict[str, Any]) -> dict:
     np_state = np.random.get_state()
     python_state = random.getstate()
     state = {
@@ -401,7 +422,7 @@ def rng_state(fold: Fold) -> dict:
         "python": [python_state[0], torch.tensor(python_state[1], dtype=torch.int64), python_state[2]],
         "loaders": {},
     }
-    for phase, loader in fold.loaders.items():
+    for phase, loader in loaders.items():
         generators = {}
         if getattr(loader, "generator", None) is not None:
             generators["loader"] = loader.generator.get_state()
@@ -411,7 +432,7 @@ def rng_state(fold: Fold) -> dict:
     return state
 
 
-def set_rng_state(fold: Fold, state: dict) -> None:
+def set_rng_state(loaders: dict[str, Any], state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -420,7 +441,7 @@ def set_rng_state(fold: Fold, state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))
     for phase, generators in state["loaders"].items():
-        loader = fold.loaders.get(phase)
+        loader = loaders.get(phase)
         if loader is None:
             continue
         if "loader" in generators and getattr(loader, "generator", None) is not None:

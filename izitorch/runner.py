@@ -22,6 +22,7 @@ from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
+from izitorch.stacks import build_stacks
 from izitorch.state import Run, Split
 from izitorch.streams import say
 
@@ -58,7 +59,8 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
     hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset, session.slots = dry_run(config, session.device)
-    session.groups, session.singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
+    groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
+    session.stacks = build_stacks(groups, singles, config.data.num_classes)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):

@@ -126,11 +126,8 @@ class Fold:
     epoch: int = 0
     stop_reason: str | None = None
     final_scores: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-    resume_state: dict | None = attrs.field(default=None, repr=False)
-    #: Parallel folds: the folds trained together in this pass (hooks see those, never this one)
-    parts: list["Fold"] = attrs.field(factory=list, repr=False)
-    #: Parallel folds: which samples each member trains on (``izitorch.parallel.SampleMasks``)
-    masks: Any = attrs.field(default=None, repr=False)
+    #: The folds trained together with this one (``izitorch.cohort.Cohort``)
+    cohort: Any = attrs.field(default=None, repr=False)
 
     @property
     def eval_phase(self) -> str:
@@ -153,8 +150,7 @@ class Run:
     slots: list[Slot] = attrs.field(factory=list)
     plugin_versions: dict[str, str] = attrs.field(factory=dict)
     stop_flag: Any = None  # izitorch.guard.StopFlag: set by SIGINT/SIGTERM, read after every step
-    groups: list = attrs.field(factory=list)  # izitorch.ensemble.VectorGroup: slots stepped as one
-    singles: list[Slot] = attrs.field(factory=list)  # slots stepped one by one
+    stacks: list = attrs.field(factory=list)  # izitorch.stacks.Stack: the models as the loop steps them
     grouping: list[str] = attrs.field(factory=list)  # why models were (not) grouped, for the console
 
     @property

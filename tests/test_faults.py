@@ -31,6 +31,8 @@ import pytest
 import torch
 
 import izitorch
+from izitorch.cohort import Cohort
+from izitorch.stacks import LoneStack
 from izitorch import io as izio
 from izitorch import resume
 from izitorch.data import build_slot
@@ -172,6 +174,11 @@ def saved_state(res: Path, fold: int = 1) -> dict:
     return torch.load(res / ".izitorch" / f"fold_{fold}.pth.tar", weights_only=True)
 
 
+def saved_fold(res: Path, fold: int = 1) -> dict:
+    """The entry of fold ``fold`` (1-based) in its resume state: its models, plugins, scores."""
+    return saved_state(res, fold)["folds"][0]
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
 
@@ -186,7 +193,7 @@ def assert_finished_epochs_on_disk(res: Path, models: list[str], epochs: int) ->
     """Epochs 1..epochs are in every trainlog and in the resume state; the lock is released."""
     for name in models:
         assert list(trainlog(res, name)) == [str(e) for e in range(1, epochs + 1)], name
-    state = saved_state(res)
+    state = saved_fold(res)
     assert state["epoch"] == epochs and state["final_scores"] is None
     assert set(state["slots"]) == set(models)
     for name in models:
@@ -478,7 +485,7 @@ def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, ca
     checkpoint = torch.load(res / "flaky" / "model.pth.tar", weights_only=True)
     assert checkpoint["epoch"] == 2  # not rewritten once stopped
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-    assert saved_state(res)["slots"]["flaky"]["stopped"] == STOPPED
+    assert saved_fold(res)["slots"]["flaky"]["stopped"] == STOPPED
 
     mlp_log = trainlog(res, "mlp")
     assert list(mlp_log) == ["1", "2", "3"] and not any("stopped" in e for e in mlp_log.values())
@@ -548,7 +555,7 @@ def test_when_every_model_stops_the_fold_ends_early(tmp_path, capsys):
     for name in ("a", "b"):
         assert list(trainlog(res, name)) == ["1", "2", "3"]
         assert "stopped" in json.loads((res / name / "test_metrics.json").read_text())
-    state = saved_state(res)
+    state = saved_fold(res)
     assert state["stop_reason"] == "every model stopped (epoch 3)" and state["final_scores"] is not None
     assert set(json.loads((res / "results.json").read_text())) == {"a", "b"}
 
@@ -661,8 +668,10 @@ def test_a_state_of_the_previous_format_still_resumes_and_an_unknown_one_is_refu
     assert cli(capsys, "run", path)[0] == 0
     state_file = res / ".izitorch" / "fold_1.pth.tar"
     state = saved_state(res)
-    assert state["format"] == 4 and isinstance(state["fingerprint"], str)
-    state["format"], state["fingerprint"] = 3, json.loads(state["fingerprint"])
+    assert state["format"] == 5 and isinstance(state["fingerprint"], str)
+    fold = state["folds"][0]  # formats 3 and 4 kept a sequential fold's entries at the top
+    state = {"format": 3, "fingerprint": json.loads(state["fingerprint"]), "fold": 0, "groups": state["groups"], "rng": state["rng"],
+             **{key: fold[key] for key in ("epoch", "stop_reason", "final_scores", "slots", "plugins")}}
     state["plugins"]["trainlog"] = {"logs": {name: json.loads(text) for name, text in state["plugins"]["trainlog"]["texts"].items()}}
     torch.save(state, state_file)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
@@ -687,8 +696,9 @@ def test_restoring_a_state_from_another_architecture_names_the_model(tmp_path, c
     slot = build_slot(config.models[0], 0, torch.device("cpu"), config.base_dir)
     run = Run(config, pm=None, device=torch.device("cpu"), res_dir=tmp_path / "res")
     fold = Fold(0, 1, Split(train=list(range(8)), test=[8, 9]), {}, [slot])
+    cohort = Cohort([fold], [LoneStack(slot, None)], {}, tmp_path / "state.pth.tar")
     with pytest.raises(IzitorchError) as info:
-        resume.restore(run, fold, state)
+        resume.restore(run, cohort, state)
     message = str(info.value)
     assert "\n" not in message
     assert message == ("model mlp: the saved state does not fit the model (size mismatch for net.0.weight: copying a param "
@@ -725,7 +735,7 @@ def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, cap
     for name in ("conf.json", "trainlog.json", "model.pth.tar", "fold_1.pth.tar", "test_metrics.json", "results.json"):
         assert threads[name] == {thread}, (name, threads[name])
     assert list(trainlog(tmp_path / "res", "mlp")) == ["1", "2", "3"]  # every file is there when run() returns
-    assert saved_state(tmp_path / "res")["final_scores"] is not None
+    assert saved_fold(tmp_path / "res")["final_scores"] is not None
     assert leftovers(tmp_path / "res") == []
 
 

@@ -324,9 +324,9 @@ def edited(change):
 STATE_CASES = {
     "a list": (lambda f: torch.save([1, 2, 3], f), "the resume state is not one izitorch wrote (it holds a list, not a table)"),
     "missing rng": (edited(lambda s: s.pop("rng")), "the resume state is not one izitorch wrote (rng: missing)"),
-    "missing slots": (edited(lambda s: s.pop("slots")), "the resume state is not one izitorch wrote (slots: missing)"),
-    "slot not a table": (edited(lambda s: s["slots"].update(mlp=[1])),
-                         "the resume state is not one izitorch wrote (slots.mlp: expected a table, found a list)"),
+    "missing slots": (edited(lambda s: s["folds"][0].pop("slots")), "the resume state is not one izitorch wrote (folds[0].slots: missing)"),
+    "slot not a table": (edited(lambda s: s["folds"][0]["slots"].update(mlp=[1])),
+                         "the resume state is not one izitorch wrote (folds[0].slots.mlp: expected a table, found a list)"),
     "epoch a string": (edited(lambda s: s.update(epoch="1")), "the resume state is not one izitorch wrote (epoch: unexpected str)"),
     "torch rng too short": (edited(lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
                             "the resume state is not one izitorch wrote (rng: not a generator state (RuntimeError))"),

@@ -29,7 +29,7 @@ from izitorch.checks import _evaluating, dry_run
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, RunConfig
 from izitorch.data import build_dataset, build_slots
 from izitorch.errors import IzitorchError
-from izitorch.loop import forward_loss
+from izitorch.stacks import forward_loss
 from izitorch.manifest import load_manifest
 from izitorch.models import MLP
 from izitorch.pluginmanager import _reported

@@ -517,12 +517,8 @@ def resume_state_view(path: Path) -> dict:
     states (trainlog timings aside), scores, the torch, numpy and python RNG states and the
     loaders' generators."""
     state = torch.load(path, weights_only=True)
-    if "parallel" in state:  # folds.pth.tar: the folds of a parallel run, saved together
-        view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
-        view["folds"] = [{**{k: fold[k] for k in ("epoch", "stop_reason", "slots")}, **fold_view(fold)} for fold in state["folds"]]
-    else:
-        view = {k: state[k] for k in ("fold", "epoch", "stop_reason", "slots", "fingerprint", "groups")}
-        view.update(fold_view(state))
+    view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
+    view["folds"] = [{**{k: fold[k] for k in ("index", "epoch", "stop_reason", "slots")}, **fold_view(fold)} for fold in state["folds"]]
     view["rng"] = {key: state["rng"][key] for key in ("torch", "numpy", "python", "loaders")}
     return view
 
@@ -631,7 +627,7 @@ def test_references_are_what_the_scenarios_claim(scenarios):
         summary = json.loads((kfold / "mlp" / f"FOLD_{fold}" / "test_metrics.json").read_text())
         assert summary["stopped"].startswith("early stop at epoch 3")
         state = torch.load(kfold / ".izitorch" / f"fold_{fold}.pth.tar", weights_only=True)
-        assert state["epoch"] == 3 and state["stop_reason"] == "every model stopped early (epoch 3)"
+        assert state["epoch"] == 3 and state["folds"][0]["stop_reason"] == "every model stopped early (epoch 3)"
     _, two = scenarios["two"]
     for model in ("mlp", "cnn"):
         log = json.loads((two / model / "trainlog.json").read_text())
@@ -645,7 +641,7 @@ def test_references_are_what_the_scenarios_claim(scenarios):
     state = torch.load(parallel / ".izitorch" / "folds.pth.tar", weights_only=True)
     assert state["final"] and [f["stop_reason"] for f in state["folds"]] == ["every model stopped early (epoch 3)"] * 3
     assert not list((parallel / ".izitorch").glob("fold_*.pth.tar"))
-    state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)
+    state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)["folds"][0]
     assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7 ** 4)]
     assert state["slots"]["mlp"]["optimizer"]["state"]  # momentum buffers are part of the state
     _, noisy = scenarios["noisy"]  # its dataset drew from numpy's and python's generators since the fold's seeding

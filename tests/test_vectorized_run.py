@@ -118,7 +118,7 @@ def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
     assert run_cli("run", str(reference), cwd=tmp_path).returncode == 0
     # a member's entry keeps only the hyper-parameters that moved (a's scheduled lr); its group
     # entry holds the weights and moments
-    saved = torch.load(tmp_path / "ref" / ".izitorch" / "fold_2.pth.tar", weights_only=True)["slots"]
+    saved = torch.load(tmp_path / "ref" / ".izitorch" / "fold_2.pth.tar", weights_only=True)["folds"][0]["slots"]
     assert saved["a"]["optimizer"]["param_groups"] == [{"lr": pytest.approx(1e-2 * 0.7 ** 3)}]
     assert saved["b"]["optimizer"]["param_groups"] == [{}] and saved["b"]["model"] is None
     done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "2,2,3"})

@@ -1,0 +1,140 @@
+"""The step, written once for every stack: what one batch does to K members.
+
+A :class:`StackPass` is one stack's share of one pass over the data (a training epoch, an
+evaluation). Its batch function is chosen once, when the pass starts (train or evaluate, as
+Ignite's engines choose their step), so the loop calls the same method for every stack and
+never asks which kind it holds.
+
+A training batch: forward and loss of the active members, then the NaN policy on the losses
+(one device synchronisation for the whole stack), then backward, ``izitorch_before_optimizer_step``
+per member that steps, and the optimizer step of those members. Members that are frozen (a
+stopped model, another fold's member in an evaluation of parallel folds, a member without a
+sample of its own in the batch) neither move nor count in the metrics.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from izitorch.diagnose import hint, what
+from izitorch.errors import IzitorchError, TrainingError
+from izitorch.metrics import compute_all, meters_for
+from izitorch.stacks import Stack
+from izitorch.state import Fold, Run, Slot
+
+
+class StackPass:
+    """One stack's part of a pass: its step, its metrics, its skipped batches.
+
+    ``fold_of`` maps each member taking part in the pass to its fold (the NaN policy names
+    it); the other members of the stack are frozen.
+    """
+
+    def __init__(self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None) -> None:
+        self.run, self.stack, self.phase, self.fold_of, self.before_step = run, stack, phase, fold_of, before_step
+        train = phase == "train"
+        self.active = [slot in fold_of and not (train and slot.stopped) for slot in stack.members]
+        self.whole = all(self.active)  # no member frozen: no flags to pass on
+        self.skipped = [0] * len(stack.members)
+        self.meters = meters_for(run.metric_factories, run.config.data.num_classes, len(stack.members))
+        self.losses: torch.Tensor | None = None  # the last batch's per-member losses
+        self.counted: list[bool] = []  # the members that batch counted
+        self.batch = self._train if train else self._evaluate
+        self.step = 0
+
+    def _train(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
+        self.step += 1
+        active = self.active
+        if not any(active):
+            self.losses = None
+            return
+        stack = self.stack
+        mask = stack.batch_mask(self.phase, rows)
+        outputs = stack.forward(inputs, None if self.whole else active)
+        losses = stack.losses(outputs, target, mask)
+        stepping = self._guard(losses, mask)
+        if any(stepping):
+            try:
+                stack.zero_grad()
+                stack.backward(losses)
+                if self.before_step is not None:
+                    for slot, steps in zip(stack.members, stepping):
+                        if steps:
+                            self.before_step(run=self.run, slot=slot)
+                stack.step(stepping)
+            except IzitorchError:  # a plugin's before-step hook already said what failed
+                raise
+            except Exception as error:  # a user's optimizer may raise anything
+                raise TrainingError(f"{stack.label}: the backward pass or optimizer step failed: {what(error)}{hint(error)}") from None
+        self._count(outputs.detach(), target, losses.detach(), mask, stepping)
+
+    def _evaluate(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
+        self.step += 1
+        if not any(self.active):
+            return
+        mask = self.stack.batch_mask(self.phase, rows)
+        outputs = self.stack.forward(inputs, None if self.whole else self.active)
+        losses = self.stack.losses(outputs, target, mask)
+        self._count(outputs, target, losses, mask, self.active)
+
+    def _guard(self, losses: torch.Tensor, mask: torch.Tensor | None) -> list[bool]:
+        """Which members step on this batch: active ones with a finite loss (``nan_policy``)
+        and, with sample masks, at least one sample of their own in the batch."""
+        if mask is None:
+            values, counts = losses.tolist(), None  # the one per-step synchronisation
+        else:  # both read back in one transfer
+            values, counts = torch.stack([losses.detach().double(), mask.sum(1).double()]).tolist()
+        stepping = list(self.active)
+        for k, value in enumerate(values):
+            if not stepping[k]:
+                continue
+            if counts is not None and counts[k] == 0:
+                stepping[k] = False
+            elif not math.isfinite(value):
+                stepping[k] = False
+                self.skipped[k] += self._non_finite(self.stack.members[k], value)
+                if self.stack.members[k].stopped:
+                    self.active[k] = self.whole = False
+        return stepping
+
+    def _non_finite(self, slot: Slot, value: float) -> int:
+        """Apply ``nan_policy`` to a non-finite loss; return 1 when the batch is skipped."""
+        fold = self.fold_of[slot]
+        where = f"loss is {value} at fold {fold.index + 1}, epoch {fold.epoch}, step {self.step}"
+        policy = self.run.config.run.nan_policy
+        if policy == "raise":
+            raise TrainingError(f'model {slot.name}: {where}; lower the learning rate, clip gradients, or set nan_policy = "stop" / "skip_batch"')
+        if policy == "stop":
+            slot.stopped = f'{where} (nan_policy = "stop")'  # the console adds "<model> stopped: "
+            return 0
+        return 1
+
+    def _count(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None,
+               counted: list[bool]) -> None:
+        """Add the batch to every metric, for the members in ``counted`` only."""
+        self.losses, self.counted = losses, counted
+        if not all(counted):  # frozen members count nothing
+            flags = torch.tensor(counted, device=losses.device).reshape(-1, 1)
+            mask = flags.expand(len(counted), target.shape[0]) if mask is None else mask & flags
+        for meter in self.meters:
+            meter.update(outputs, target, losses, mask)
+
+    def member_losses(self) -> dict[Slot, torch.Tensor]:
+        """The last batch's loss of each member taking part (``izitorch_batch_finish``)."""
+        if self.losses is None:
+            return {}
+        return {slot: self.losses[k] for k, slot in enumerate(self.stack.members) if self.counted[k]}
+
+    def results(self, time_key: str, per_step: float) -> dict[Slot, dict[str, Any]]:
+        """Each member's metrics for the pass, with the time per step and any skipped batches."""
+        train = self.phase == "train"
+        results = {}
+        for k, (slot, values) in enumerate(zip(self.stack.members, compute_all(self.meters, len(self.stack.members)))):
+            if slot not in self.fold_of or (train and slot.stopped and not values):
+                continue
+            results[slot] = {**values, time_key: per_step}
+            if self.skipped[k]:
+                results[slot]["skipped_batches"] = self.skipped[k]
+        return results
