@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from izitorch import precision
 from izitorch.config import Config
 from izitorch.data import Guarded, build_dataset, build_slots, loading_error, to_device
 from izitorch.cohort import unpack
@@ -35,12 +36,13 @@ def dry_run(config: Config, device: torch.device) -> tuple[Dataset, list[Slot]]:
     the random generators are restored, the models are evaluated without gradients and get
     their modes back.
     """
+    precision.check(config.run.precision, device)
     dataset = build_dataset(config)
     slots = build_slots(config, device)
     with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
         for slot in slots:
-            with torch.no_grad(), _evaluating(slot.model):
+            with torch.no_grad(), _evaluating(slot.model), precision.autocast(config.run.precision, device):
                 forward_loss(slot, inputs, target, config.data.num_classes)
     return dataset, slots
 

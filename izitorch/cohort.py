@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import attrs
 import torch
 
-from izitorch import resume
+from izitorch import precision, resume
 from izitorch.data import loading_error, make_loaders, to_device
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.reproducibility import seed_everything
@@ -45,8 +45,11 @@ class Cohort:
     saved: dict | None = attrs.field(default=None, repr=False)
     plugin_states: dict[int, dict] = attrs.field(factory=dict, repr=False)
     fold_of: dict[Slot, Fold] = attrs.field(factory=dict, repr=False)
+    #: Per stack, its fp16 loss scaler (``[run] precision = "fp16"``), else None
+    scalers: list[Any] = attrs.field(factory=list, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        self.scalers = self.scalers or [None] * len(self.stacks)
         self.fold_of = {slot: fold for fold in self.folds for slot in fold.slots}
         for fold in self.folds:
             fold.cohort = self
@@ -92,7 +95,12 @@ def sequential(run: Run, index: int, saved: dict | None) -> Cohort:
     split = run.splits[index]
     loaders = make_loaders(run, split, index)
     fold = Fold(index, len(run.splits), split, loaders, run.slots)
-    return Cohort([fold], run.stacks, loaders, resume.state_path(run.res_dir, index), saved=saved)
+    return Cohort([fold], run.stacks, loaders, resume.state_path(run.res_dir, index), saved=saved, scalers=new_scalers(run, run.stacks))
+
+
+def new_scalers(run: Run, stacks: list[Stack]) -> list[Any]:
+    """A fresh fp16 loss scaler per stack (None each under another precision)."""
+    return [precision.new_scaler(run.config.run.precision, run.device) for _ in stacks]
 
 
 def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor | None]]:

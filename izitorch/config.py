@@ -19,6 +19,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 MULTI_MODEL_MODES = ("auto", "sequential", "vectorized")
 NAN_POLICIES = ("stop", "skip_batch", "raise")
+PRECISIONS = ("32", "bf16", "fp16")
 
 
 class FieldError(ValueError):
@@ -99,6 +100,9 @@ class RunConfig:
     multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
     deterministic: bool = attrs.field(default=False, metadata=doc("deterministic algorithms only: the same bits on a GPU too"))
     background_writes: bool = attrs.field(default=True, metadata=doc("write files on a background thread, at most one epoch behind"))
+    precision: str = attrs.field(default="32", validator=one_of(*PRECISIONS), metadata=doc('"32", or autocast to "bf16" / "fp16" (with a loss scaler)'))
+    accumulate: int = attrs.field(default=1, validator=at_least(1), metadata=doc("batches whose gradients add up before one optimizer step"))
+    compile: bool = attrs.field(default=False, metadata=doc("torch.compile each stack's forward (uncompiled, with a warning, where it cannot)"))
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from izitorch import precision
 from izitorch.diagnose import hint, what
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.metrics import compute_all, meters_for
@@ -29,10 +30,13 @@ class StackPass:
     """One stack's part of a pass: its step, its metrics, its skipped batches.
 
     ``fold_of`` maps each member taking part in the pass to its fold (the NaN policy names
-    it); the other members of the stack are frozen.
+    it); the other members of the stack are frozen. ``scaler`` is the stack's fp16 loss scaler
+    (or None); ``batches`` how many batches the pass has (accumulation closes its last window
+    on the last one).
     """
 
-    def __init__(self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None) -> None:
+    def __init__(self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None,
+                 scaler: Any = None, batches: int = 0) -> None:
         self.run, self.stack, self.phase, self.fold_of, self.before_step = run, stack, phase, fold_of, before_step
         train = phase == "train"
         self.active = [slot in fold_of and not (train and slot.stopped) for slot in stack.members]
@@ -41,6 +45,10 @@ class StackPass:
         self.meters = meters_for(run.metric_factories, run.config.data.num_classes, len(stack.members))
         self.losses: torch.Tensor | None = None  # the last batch's per-member losses
         self.counted: list[bool] = []  # the members that batch counted
+        self.autocast = precision.autocast(run.config.run.precision, run.device)
+        self.scaler, self.scaled = scaler, precision.ScaledStep(stack) if scaler is not None else None
+        self.accumulate, self.batches = run.config.run.accumulate, batches
+        self.window_left, self.window_ok, self.factor = 0, [], None
         self.batch = self._train if train else self._evaluate
         self.step = 0
 
@@ -51,32 +59,63 @@ class StackPass:
             self.losses = None
             return
         stack = self.stack
+        if not self.window_left:
+            self._open_window()
         mask = stack.batch_mask(self.phase, rows)
-        outputs = stack.forward(inputs, None if self.whole else active)
-        losses = stack.losses(outputs, target, mask)
+        with self.autocast:
+            outputs = stack.forward(inputs, None if self.whole else active)
+            losses = stack.losses(outputs, target, mask)
         stepping = self._guard(losses, mask)
-        if any(stepping):
-            try:
-                stack.zero_grad()
-                stack.backward(losses)
-                if self.before_step is not None:
-                    for slot, steps in zip(stack.members, stepping):
-                        if steps:
-                            self.before_step(run=self.run, slot=slot)
-                stack.step(stepping)
-            except IzitorchError:  # a plugin's before-step hook already said what failed
-                raise
-            except Exception as error:  # a user's optimizer may raise anything
-                raise TrainingError(f"{stack.label}: the backward pass or optimizer step failed: {what(error)}{hint(error)}") from None
+        self.window_ok = [ok and steps for ok, steps in zip(self.window_ok, stepping)]
+        self.window_left -= 1
+        try:
+            if any(stepping):
+                stack.backward(losses, self.factor)
+            if not self.window_left and any(self.window_ok):
+                self._optimizer_step(self.window_ok)
+        except IzitorchError:  # a plugin's before-step hook already said what failed
+            raise
+        except Exception as error:  # a user's optimizer may raise anything
+            raise TrainingError(f"{stack.label}: the backward pass or optimizer step failed: {what(error)}{hint(error)}") from None
         self._count(outputs.detach(), target, losses.detach(), mask, stepping)
+
+    def _open_window(self) -> None:
+        """Gradients start from zero for the next ``accumulate`` batches (fewer at the end of
+        the pass); each batch's loss counts for its share of the window."""
+        self.stack.zero_grad()
+        size = min(self.accumulate, self.batches - self.step + 1) if self.batches else self.accumulate
+        self.window_left, self.window_ok = size, list(self.active)
+        share = 1.0 / size if size > 1 else None
+        if self.scaler is None:
+            self.factor = share
+        else:  # the scale as a tensor: reading it back would synchronise the device
+            scale = self.scaler.scale(torch.ones((), device=self.run.device))
+            self.factor = scale if share is None else scale * share
+
+    def _optimizer_step(self, stepping: list[bool]) -> None:
+        """``izitorch_before_optimizer_step`` for each member that steps, then the update (fp16:
+        on unscaled gradients, skipped when they overflowed, as ``GradScaler.step`` does)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.scaled)
+        if self.before_step is not None:
+            for slot, steps in zip(self.stack.members, stepping):
+                if steps:
+                    self.before_step(run=self.run, slot=slot)
+        if self.scaler is None:
+            self.stack.step(stepping)
+            return
+        self.scaled.stepping = stepping
+        self.scaler.step(self.scaled)
+        self.scaler.update()
 
     def _evaluate(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
         self.step += 1
         if not any(self.active):
             return
         mask = self.stack.batch_mask(self.phase, rows)
-        outputs = self.stack.forward(inputs, None if self.whole else self.active)
-        losses = self.stack.losses(outputs, target, mask)
+        with self.autocast:
+            outputs = self.stack.forward(inputs, None if self.whole else self.active)
+            losses = self.stack.losses(outputs, target, mask)
         self._count(outputs, target, losses, mask, self.active)
 
     def _guard(self, losses: torch.Tensor, mask: torch.Tensor | None) -> list[bool]:

@@ -415,6 +415,12 @@ class VectorGroup:
         """One optimizer update of all members; members with ``active[k]`` False are left as is."""
         self.optimizer.step(active)
 
+    def compile(self, wrap: Any) -> None:
+        """Run the stacked forward through ``wrap(forward)`` (``torch.compile`` with a fallback)."""
+        self._vforward = wrap(self._vforward)
+        if self._plain is not None:
+            self._plain = wrap(self._plain)
+
     def sync_from_members(self) -> None:
         """Take the members' current weights, buffers and optimizer states into the group.
 

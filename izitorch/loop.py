@@ -121,7 +121,8 @@ def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold]) 
     fold_of = {slot: fold for fold in folds for slot in fold.slots}
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
-    stacks = [StackPass(run, stack, phase, fold_of, before_step) for stack in cohort.stacks]
+    batches = len(cohort.loaders[phase])
+    stacks = [StackPass(run, stack, phase, fold_of, before_step, scaler, batches) for stack, scaler in zip(cohort.stacks, cohort.scalers)]
     for stack in cohort.stacks:
         stack.train(train)
     stop_flag, steps = run.stop_flag, 0

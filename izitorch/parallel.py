@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from izitorch import ensemble, resume
-from izitorch.cohort import Cohort
+from izitorch.cohort import Cohort, new_scalers
 from izitorch.data import make_loader
 from izitorch.errors import IzitorchError
 from izitorch.loop import train
@@ -82,7 +82,10 @@ def _prepare(run: Run, saved: dict | None) -> Cohort:
               for group in groups]
     # each fold's loaders are the shared ones (a fold's own samples: fold.split)
     folds = [Fold(index, count, split, loaders, slots) for index, (split, slots) in enumerate(zip(run.splits, members))]
-    return Cohort(folds, stacks, loaders, resume.parallel_state_path(run.res_dir), with_rows=True, saved=saved)
+    if run.config.run.compile:
+        for stack in stacks:
+            stack.compile()
+    return Cohort(folds, stacks, loaders, resume.parallel_state_path(run.res_dir), with_rows=True, saved=saved, scalers=new_scalers(run, stacks))
 
 
 def check(run: Run) -> None:

@@ -38,7 +38,7 @@ READABLE = (3, 4, 5)  # formats this version resumes
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
 TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory", "run.deterministic",
-             "run.device", "run.overwrite", "run.resume", "run.background_writes", "args.epochs", "args.display_step",
+             "run.device", "run.overwrite", "run.resume", "run.background_writes", "run.compile", "args.epochs", "args.display_step",
              "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite", "args.res_dir"}
 
 
@@ -75,6 +75,7 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
             "plugins": cohort.plugin_state(run, fold),
         } for fold in cohort.folds],
         "groups": [state for state in (stack.state_dict() for stack in cohort.stacks) if state is not None],
+        "scalers": [scaler.state_dict() if scaler is not None else None for scaler in cohort.scalers],
         "rng": rng_state(cohort.loaders),
     }
     save_torch(cohort.state_path, state)
@@ -233,6 +234,9 @@ def restore(run: Run, cohort: Any, state: dict) -> int:
         fold.epoch, fold.stop_reason = entry["epoch"], entry["stop_reason"]
         cohort.put_plugin_state(run, fold, entry["plugins"])
     restore_stacks(cohort.stacks, state["groups"])
+    for scaler, saved in zip(cohort.scalers, state.get("scalers") or []):
+        if scaler is not None and saved:
+            scaler.load_state_dict(saved)
     set_rng_state(cohort.loaders, state["rng"])
     return state["epoch"] + 1
 
@@ -319,9 +323,14 @@ def saved_fingerprint(run: Run) -> str:
     return _last_fingerprint[2]
 
 
+#: Keys added to the fingerprint since format 4, with the value that behaves as a state without
+#: them was trained: such a state resumes as long as the manifest keeps that value.
+ADDED_DEFAULTS = {"run.precision": "32", "run.accumulate": "1"}
+
+
 def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:
     for key in sorted(set(saved) | set(current)):
-        before, after = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        before, after = saved.get(key, ADDED_DEFAULTS.get(key, "(absent)")), current.get(key, "(absent)")
         if before != after:
             return f"{manifest_key(key, set(saved) | set(current))} changed ({describe_text(before)} -> {describe_text(after)})"
     return None

@@ -60,7 +60,7 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset, session.slots = dry_run(config, session.device)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
-    session.stacks = build_stacks(groups, singles, config.data.num_classes)
+    session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):

@@ -19,6 +19,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from izitorch.compiling import compiled
 from izitorch.diagnose import FIT_CLASSES, GROUP_FAILED, hint, shape, too_few_classes, what
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.state import Slot
@@ -40,15 +41,19 @@ class Stack(Protocol):
         """Each member's loss ``[K]``; with ``mask`` ``[K, B]``, over the member's own samples."""
 
     def backward(self, losses: torch.Tensor, factor: Any = None) -> None:
-        """Gradients of every member's loss (times ``factor``: accumulation, loss scaling)."""
+        """Add the gradients of every member's loss (times ``factor``, a number or a scalar
+        tensor: accumulation's share, fp16's loss scale) to the members' gradients."""
 
     def zero_grad(self) -> None: ...
 
     def step(self, active: Sequence[bool]) -> None:
         """One optimizer update of the members with ``active[k]``."""
 
-    def optimizers(self) -> list[Any]:
-        """The optimizers to unscale for mixed precision (``param_groups`` of the gradients)."""
+    def scaled_params(self) -> list[torch.Tensor]:
+        """The tensors whose ``.grad`` fp16's loss scaler unscales before a step."""
+
+    def compile(self) -> None:
+        """Run the forward through ``torch.compile`` from now on (``[run] compile``)."""
 
     def batch_mask(self, phase: str, rows: torch.Tensor | None) -> torch.Tensor | None:
         """``[K, B]``: which samples of the batch (dataset ``rows``) each member counts, or None."""
@@ -62,15 +67,17 @@ class Stack(Protocol):
         """Take back the members' weights after they were reset or restored one by one."""
 
 
-def call_model(slot: Slot, inputs: Any) -> Any:
-    """``slot.model`` on a batch's inputs (a tensor, a tuple of positional ones, or a dict of
-    keyword ones); a failure is one line naming the model and the input's shape."""
+def call_model(slot: Slot, inputs: Any, module: Any = None) -> Any:
+    """``slot.model`` (or ``module``, the model compiled) on a batch's inputs (a tensor, a tuple
+    of positional ones, or a dict of keyword ones); a failure is one line naming the model and
+    the input's shape."""
+    model = slot.model if module is None else module
     try:
         if isinstance(inputs, dict):
-            return slot.model(**inputs)
+            return model(**inputs)
         if isinstance(inputs, (list, tuple)):
-            return slot.model(*inputs)
-        return slot.model(inputs)
+            return model(*inputs)
+        return model(inputs)
     except IzitorchError:
         raise
     except Exception as error:
@@ -113,12 +120,13 @@ class LoneStack:
         self.label = f"model {slot.name}"
         self.output: Any = None
         self.loss: torch.Tensor | None = None
+        self.module: Any = slot.model  # what the forward calls: the model, or it compiled
 
     def train(self, mode: bool) -> None:
         self.slot.model.train(mode)
 
     def forward(self, inputs: Any, active: Sequence[bool] | None = None) -> Any:
-        self.output = call_model(self.slot, inputs)
+        self.output = call_model(self.slot, inputs, self.module)
         return self.output.unsqueeze(0) if isinstance(self.output, torch.Tensor) else self.output
 
     def losses(self, outputs: Any, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,8 +142,11 @@ class LoneStack:
     def step(self, active: Sequence[bool]) -> None:
         self.slot.optimizer.step()
 
-    def optimizers(self) -> list[Any]:
-        return [self.slot.optimizer]
+    def scaled_params(self) -> list[torch.Tensor]:
+        return [param for group in self.slot.optimizer.param_groups for param in group["params"]]
+
+    def compile(self) -> None:
+        self.module = compiled(self.slot.model, self.label)
 
     def batch_mask(self, phase: str, rows: torch.Tensor | None) -> None:
         return None
@@ -196,8 +207,11 @@ class VectorStack:
     def step(self, active: Sequence[bool]) -> None:
         self.group.step(active)
 
-    def optimizers(self) -> list[Any]:
-        return [self.group.optimizer]
+    def scaled_params(self) -> list[torch.Tensor]:
+        return list(self.group.params.values())
+
+    def compile(self) -> None:
+        self.group.compile(lambda forward: compiled(forward, self.label))
 
     def batch_mask(self, phase: str, rows: torch.Tensor | None) -> torch.Tensor | None:
         masks = self.sample_masks.get(phase)
@@ -213,7 +227,11 @@ class VectorStack:
         self.group.sync_from_members()
 
 
-def build_stacks(groups: Sequence[Any], singles: Sequence[Slot], classes: int | None) -> list[Stack]:
+def build_stacks(groups: Sequence[Any], singles: Sequence[Slot], classes: int | None, compile: bool = False) -> list[Stack]:
     """The run's stacks: its vectorized groups first, then each model stepped on its own (the
-    order in which the members of a batch have always stepped)."""
-    return [VectorStack(group, classes) for group in groups] + [LoneStack(slot, classes) for slot in singles]
+    order in which the members of a batch have always stepped); compiled with ``compile``."""
+    stacks: list[Stack] = [VectorStack(group, classes) for group in groups] + [LoneStack(slot, classes) for slot in singles]
+    if compile:
+        for stack in stacks:
+            stack.compile()
+    return stacks
