@@ -48,7 +48,9 @@ class StackPass:
         self.autocast = precision.autocast(run.config.run.precision, run.device)
         self.scaler, self.scaled = scaler, precision.ScaledStep(stack) if scaler is not None else None
         self.accumulate, self.batches = run.config.run.accumulate, batches
-        self.window_left, self.window_ok, self.factor = 0, [], None
+        # a mean-reduced loss counts for its samples in a window: one step on the window's samples
+        self.by_count = self.accumulate > 1 and getattr(stack.members[0].criterion, "reduction", "mean") != "sum"
+        self.window_left, self.window_ok, self.window_samples, self.scale = 0, [], 0, None
         self.batch = self._train if train else self._evaluate
         self.step = 0
 
@@ -68,9 +70,14 @@ class StackPass:
         stepping = self._guard(losses, mask)
         self.window_ok = [ok and steps for ok, steps in zip(self.window_ok, stepping)]
         self.window_left -= 1
+        factor = self.scale
+        if self.by_count:
+            samples = target.shape[0] if mask is None else mask.sum(1)
+            self.window_samples = self.window_samples + samples
+            factor = samples if factor is None else factor * samples
         try:
             if any(stepping):
-                stack.backward(losses, self.factor)
+                stack.backward(losses, factor)
             if not self.window_left and any(self.window_ok):
                 self._optimizer_step(self.window_ok)
         except IzitorchError:  # a plugin's before-step hook already said what failed
@@ -81,22 +88,23 @@ class StackPass:
 
     def _open_window(self) -> None:
         """Gradients start from zero for the next ``accumulate`` batches (fewer at the end of
-        the pass); each batch's loss counts for its share of the window."""
+        the pass). A mean-reduced loss is weighted by its batch's samples (a member's own, with
+        sample masks) and the gradients divided by the window's before the step: the step is
+        the one the window's samples would give as one batch."""
         self.stack.zero_grad()
         size = min(self.accumulate, self.batches - self.step + 1) if self.batches else self.accumulate
-        self.window_left, self.window_ok = size, list(self.active)
-        share = 1.0 / size if size > 1 else None
-        if self.scaler is None:
-            self.factor = share
-        else:  # the scale as a tensor: reading it back would synchronise the device
-            scale = self.scaler.scale(torch.ones((), device=self.run.device))
-            self.factor = scale if share is None else scale * share
+        self.window_left, self.window_ok, self.window_samples = size, list(self.active), 0
+        if self.scaler is not None:  # the scale as a tensor: reading it back would synchronise the device
+            self.scale = self.scaler.scale(torch.ones((), device=self.run.device))
 
     def _optimizer_step(self, stepping: list[bool]) -> None:
         """``izitorch_before_optimizer_step`` for each member that steps, then the update (fp16:
         on unscaled gradients, skipped when they overflowed, as ``GradScaler.step`` does)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.scaled)
+        if self.by_count:
+            samples = self.window_samples
+            self.stack.scale_grads(1.0 / samples if isinstance(samples, int) else 1.0 / samples.clamp(min=1))
         if self.before_step is not None:
             for slot, steps in zip(self.stack.members, stepping):
                 if steps:

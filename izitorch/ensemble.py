@@ -340,12 +340,17 @@ class VectorGroup:
             outputs = self._plain(self.params, args[0], self.size)
             if outputs is not None:
                 return outputs
+        params = self.params
+        dtype = autocast_dtype(self.flat.device.type)
+        if dtype is not None:  # autocast does not reach inside vmap: cast weights and inputs as it would
+            params = {name: param.to(dtype) for name, param in params.items()}
+            args = tuple(arg.to(dtype) if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg for arg in args)
         frozen = _inactive_rows(active, self.size)
         if not frozen or not self.buffers or not self._base.training:  # only training updates buffers
-            return self._vforward(self.params, self.buffers, args, kwargs)
+            return self._vforward(params, self.buffers, args, kwargs)
         saved = {name: buffer[frozen].clone() for name, buffer in self.buffers.items()}
         try:
-            return self._vforward(self.params, self.buffers, args, kwargs)
+            return self._vforward(params, self.buffers, args, kwargs)
         finally:
             with torch.no_grad():
                 for name, rows in saved.items():
@@ -414,6 +419,11 @@ class VectorGroup:
     def step(self, active: torch.Tensor | Sequence[bool] | None = None) -> None:
         """One optimizer update of all members; members with ``active[k]`` False are left as is."""
         self.optimizer.step(active)
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float | torch.Tensor) -> None:
+        """Multiply every member's gradients by ``factor`` (a number, or ``[K]``: one per member)."""
+        self.flat_grad.mul_(factor.reshape(-1, 1) if isinstance(factor, torch.Tensor) else factor)
 
     def compile(self, wrap: Any) -> None:
         """Run the stacked forward through ``wrap(forward)`` (``torch.compile`` with a fallback)."""
@@ -973,6 +983,15 @@ def _has_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type`` now, or None outside autocast."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot], list[str]]:

@@ -52,6 +52,9 @@ class Stack(Protocol):
     def scaled_params(self) -> list[torch.Tensor]:
         """The tensors whose ``.grad`` fp16's loss scaler unscales before a step."""
 
+    def scale_grads(self, factor: float | torch.Tensor) -> None:
+        """Multiply the members' gradients by ``factor`` (a number, or ``[K]``: one per member)."""
+
     def compile(self) -> None:
         """Run the forward through ``torch.compile`` from now on (``[run] compile``)."""
 
@@ -145,6 +148,11 @@ class LoneStack:
     def scaled_params(self) -> list[torch.Tensor]:
         return [param for group in self.slot.optimizer.param_groups for param in group["params"]]
 
+    def scale_grads(self, factor: float | torch.Tensor) -> None:
+        grads = [param.grad for param in self.scaled_params() if param.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, float(factor) if isinstance(factor, torch.Tensor) else factor)
+
     def compile(self) -> None:
         self.module = compiled(self.slot.model, self.label)
 
@@ -209,6 +217,9 @@ class VectorStack:
 
     def scaled_params(self) -> list[torch.Tensor]:
         return list(self.group.params.values())
+
+    def scale_grads(self, factor: float | torch.Tensor) -> None:
+        self.group.scale_grads(factor)
 
     def compile(self) -> None:
         self.group.compile(lambda forward: compiled(forward, self.label))
