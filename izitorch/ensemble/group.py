@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from izitorch.ensemble.grouping import _Signature, why_not_vectorizable
-from izitorch.ensemble.kernels import PlainStack, _batched_loss, _inactive_rows, masked_loss, supports_masked_loss
+from izitorch.ensemble.grouping import check_groupable
+from izitorch.ensemble.kernels import PlainStack, batched_loss, inactive_rows, masked_loss, supports_masked_loss
 from izitorch.ensemble.optimizer import StackedOptimizer
 from izitorch.errors import IzitorchError
 from izitorch.state import Slot
@@ -62,15 +62,7 @@ class VectorGroup:
         if len(slots) < 2:
             raise IzitorchError("a vectorized group needs at least two models")
         if not checked:
-            for slot in slots:
-                why = why_not_vectorizable(slot)
-                if why:
-                    raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
-            first = _Signature.of(slots[0])
-            for slot in slots[1:]:
-                if not _Signature.of(slot).matches(first):
-                    raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
-                                        "their architectures, optimizer kinds or criteria differ")
+            check_groupable(slots)
         self.slots = slots
         self.size = len(slots)
         models = [slot.model for slot in slots]
@@ -175,7 +167,7 @@ class VectorGroup:
             outputs = self._plain(self.params, args[0], self.size)
             if outputs is not None:
                 return outputs
-        frozen = _inactive_rows(active, self.size)
+        frozen = inactive_rows(active, self.size)
         if not frozen or not self.buffers or not self._base.training:  # only training updates buffers
             return self._vforward(self.params, self.buffers, args, kwargs)
         saved = {name: buffer[frozen].clone() for name, buffer in self.buffers.items()}
@@ -209,7 +201,7 @@ class VectorGroup:
             raise IzitorchError(f"{type(criterion).__name__} cannot be restricted to each member's samples; "
                                 "parallel folds support CrossEntropyLoss, MSELoss and L1Loss")
         if isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor):
-            loss = _batched_loss(self.slots[0].criterion, outputs, target)
+            loss = batched_loss(self.slots[0].criterion, outputs, target)
             if loss is not None:
                 return loss
         return self._vcriterion(outputs, target)
@@ -237,6 +229,16 @@ class VectorGroup:
             if params[0].grad is not self._grad_views[k][0]:
                 for param, grad in zip(params, self._grad_views[k]):
                     param.grad = grad
+
+    def member_params(self, k: int) -> list[nn.Parameter]:
+        """Member ``k``'s own parameters, in the order of :attr:`param_names` (the keys of its
+        optimizer's ``state``)."""
+        return list(self._member_params[k])
+
+    def member_rows(self, stacked: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Views of member ``k``'s row of ``stacked``, a ``[K, N]`` tensor laid out as
+        :attr:`flat` (the stacked optimizer's state): one per parameter, shaped like it."""
+        return [self._row(stacked, k, span) for span in self._spans]
 
     def member_grads(self, k: int) -> list[torch.Tensor]:
         """Member ``k``'s gradients, as views of the stacked ones (in-place clipping works).

@@ -70,6 +70,20 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
     return groups, sequential, [reasons[slot.name] for slot in sequential]
 
 
+def check_groupable(slots: Sequence[Slot]) -> None:
+    """Raise an :class:`IzitorchError` naming the first of ``slots`` that cannot share one
+    vectorized group with the others."""
+    for slot in slots:
+        why = why_not_vectorizable(slot)
+        if why:
+            raise IzitorchError(f"model {slot.name} cannot be vectorized: {why}")
+    first = _Signature.of(slots[0])
+    for slot in slots[1:]:
+        if not _Signature.of(slot).matches(first):
+            raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
+                                "their architectures, optimizer kinds or criteria differ")
+
+
 def why_not_vectorizable(slot: Slot) -> str | None:
     """Why this slot can never be part of a group (whatever the others are), or None."""
     model, optimizer = slot.model, slot.optimizer

@@ -114,7 +114,7 @@ def _class_indices(outputs: torch.Tensor, target: torch.Tensor) -> bool:
     return outputs.ndim == 3 and target.ndim == 1 and not target.is_floating_point() and outputs.shape[1] == target.shape[0]
 
 
-def _batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+def batched_loss(criterion: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """``[K]`` losses of ``criterion`` without vmap, for the criteria it knows, else None."""
     kind = type(criterion)
     if kind is nn.CrossEntropyLoss:
@@ -165,7 +165,7 @@ def supports_masked_loss(criterion: Any) -> bool:
     return type(criterion) in (nn.CrossEntropyLoss, nn.MSELoss, nn.L1Loss) and criterion.reduction in ("mean", "sum")
 
 
-def _inactive_rows(active: torch.Tensor | Sequence[bool] | None, size: int) -> list[int]:
+def inactive_rows(active: torch.Tensor | Sequence[bool] | None, size: int) -> list[int]:
     if active is None:
         return []
     flags = active.tolist() if isinstance(active, torch.Tensor) else list(active)

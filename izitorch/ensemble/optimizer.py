@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from izitorch.data import host_to_device
-from izitorch.ensemble.kernels import _inactive_rows
+from izitorch.ensemble.kernels import inactive_rows
 
 if TYPE_CHECKING:
     from izitorch.ensemble.group import VectorGroup
@@ -111,7 +111,7 @@ class StackedOptimizer:
         state are saved before the update and written back after it, so even a NaN gradient in
         an inactive row cannot leak (rows never mix).
         """
-        frozen = _inactive_rows(active, self.group.size)
+        frozen = inactive_rows(active, self.group.size)
         if len(frozen) == self.group.size:
             return
         self._refresh()
@@ -217,15 +217,15 @@ class StackedOptimizer:
     def _install(self, k: int) -> None:
         """Put views of member ``k``'s rows into its own optimizer's ``state``."""
         group, optimizer = self.group, self.group.slots[k].optimizer
-        for j, (param, span) in enumerate(zip(group._member_params[k], group._spans)):
+        if self.kind == "sgd" and not self.momentum_mask[k]:
+            self._installed[k] = True  # torch keeps no state for momentum 0
+            return
+        rows = {key: group.member_rows(stacked, k) for key, stacked in self.state.items()}
+        for j, param in enumerate(group.member_params(k)):
             if self.kind == "sgd":
-                if not self.momentum_mask[k]:
-                    continue  # torch keeps no state for momentum 0
-                entry = {"momentum_buffer": group._row(self.state["momentum_buffer"], k, span)}
+                entry = {"momentum_buffer": rows["momentum_buffer"][j]}
             else:
-                entry = {"step": self.steps[k, j],
-                         "exp_avg": group._row(self.state["exp_avg"], k, span),
-                         "exp_avg_sq": group._row(self.state["exp_avg_sq"], k, span)}
+                entry = {"step": self.steps[k, j], "exp_avg": rows["exp_avg"][j], "exp_avg_sq": rows["exp_avg_sq"][j]}
             optimizer.state[param] = entry
         self._installed[k] = True
 
@@ -260,11 +260,12 @@ class StackedOptimizer:
             self.started, self._installed = [False] * group.size, [False] * group.size
             return
         for k, slot in enumerate(group.slots):
-            states = [slot.optimizer.state.get(param) or {} for param in group._member_params[k]]
+            states = [slot.optimizer.state.get(param) or {} for param in group.member_params(k)]
             started = any(states)
-            for j, (state, span) in enumerate(zip(states, group._spans)):
-                for key, stacked in self.state.items():
-                    row = group._row(stacked, k, span)
+            rows = {key: group.member_rows(stacked, k) for key, stacked in self.state.items()}
+            for j, state in enumerate(states):
+                for key in self.state:
+                    row = rows[key][j]
                     value = state.get(key)
                     if value is None:
                         row.zero_()
