@@ -9,7 +9,7 @@ from izitorch.ensemble.group import VectorGroup
 from izitorch.ensemble.grouping import VECTORIZED_OPTIMIZERS, group_slots, plan, why_not_vectorizable
 from izitorch.ensemble.kernels import PlainStack, masked_loss, supports_masked_loss
 from izitorch.ensemble.optimizer import StackedOptimizer
-from izitorch.state import standalone  # in __all__ for the code that imported it from here
+from izitorch.state import standalone  # a member as a lone model, part of this package's public names
 
 __all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone", "why_not_vectorizable", "masked_loss", "supports_masked_loss",
            "plan", "PlainStack", "VECTORIZED_OPTIMIZERS"]

@@ -6,8 +6,8 @@ tiny kernels, each dominated by Python and dispatch overhead. When the models sh
 architecture, :mod:`torch.func` can run them as one batched model: their parameters are stacked
 into ``[K, ...]`` tensors and ``vmap(functional_call(...))`` evaluates all members at once.
 
-Each member keeps its own identity (DESIGN §7): its ``nn.Module`` parameters and buffers are
-re-pointed to views of row ``k`` of the stacked tensors, so ``slot.model.state_dict()`` always
+Each member keeps its own identity: its ``nn.Module`` parameters and buffers are re-pointed
+to views of row ``k`` of the stacked tensors, so ``slot.model.state_dict()`` always
 shows the member's current weights and ``slot.model.load_state_dict`` writes into the group; its
 own torch optimizer keeps its ``param_groups`` (read at every step, so each member's scheduler
 keeps working) and its ``state`` holds views of the member's rows of the stacked optimizer state,
@@ -184,8 +184,8 @@ class VectorGroup:
         """Each member's criterion value on its own outputs: ``[K]`` (one shared target).
 
         Common criteria (cross-entropy on class indices, MSE, L1) are computed directly on the
-        flattened ``[K*B, ...]`` outputs, which costs half of ``vmap`` over the criterion; any
-        other criterion goes through ``vmap``. With ``mask`` (``[K, B]`` bool, parallel folds),
+        flattened ``[K*B, ...]`` outputs, with fewer kernels than ``vmap`` over the criterion;
+        any other criterion goes through ``vmap``. With ``mask`` (``[K, B]`` bool, parallel folds),
         member ``k``'s loss is the criterion's reduction over the samples ``mask[k]`` selects
         only (the others contribute an exact zero to its value and gradient).
         """
@@ -217,7 +217,7 @@ class VectorGroup:
             with _relaxed_grad_layout(False):
                 total.backward()
             return
-        with warnings.catch_warnings():  # older torch: no policy switch, only the warning to silence
+        with warnings.catch_warnings():  # a torch without the policy switch: only the warning to silence
             warnings.filterwarnings("ignore", message=_LAYOUT_WARNING, category=UserWarning)
             total.backward()
 
@@ -264,8 +264,8 @@ class VectorGroup:
     def state_dict(self) -> dict:
         """The stacked weights, buffers and optimizer state, once for all members (copies).
 
-        A resume state saves this instead of K per-member state dicts: pickling thousands of
-        small tensors cost ~55 ms an epoch for 64 small models, a few stacked ones almost nothing.
+        A resume state saves this instead of K per-member state dicts: a few stacked tensors
+        pickle much faster than thousands of small ones.
         """
         return {
             "names": self.names,
@@ -289,10 +289,10 @@ class VectorGroup:
         """Set every member's (and the group's) train/eval mode, as ``model.train(mode)`` on
         each member does.
 
-        Where no module class of the members overrides ``train``, the flags are set directly:
-        ``Module.train`` recurses through ``__setattr__``, ~0.7 ms a pass for 64 small models
-        against ~0.03 ms. The module list is the members' at grouping: the group runs that
-        structure and no other (a module attached to a member later is not switched).
+        Where no module class of the members overrides ``train``, the flags are set directly,
+        which is what ``Module.train`` does, without its recursion through ``__setattr__`` for
+        every module of every member. The module list is the members' at grouping: the group
+        runs that structure and no other (a module attached to a member later is not switched).
         """
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")  # as Module.train

@@ -13,7 +13,7 @@ class PlainStack:
     """The forward of a model that is a stack of ``Linear`` layers, elementwise activations,
     ``Dropout`` and ``Flatten``, run for K members with batched matrix products.
 
-    ``vmap(functional_call(...))`` costs a fixed ~0.3 ms of Python and dispatch per call, which
+    ``vmap(functional_call(...))`` costs a fixed amount of Python and dispatch per call, which
     dominates for small models; ``torch.baddbmm`` on the stacked ``[K, out, in]`` weights
     computes the same thing in one kernel per layer. Applies to an ``nn.Sequential`` (nested
     ones are flattened) and to a model that says what its forward is by a method
@@ -94,10 +94,9 @@ def _flat_layers(stack: nn.Sequential) -> list[nn.Module] | None:
 def _per_sample_cross_entropy(criterion: nn.CrossEntropyLoss, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[K, B]``: each member's cross-entropy on each sample (``reduction="none"``).
 
-    On the CPU torch's ``log_softmax`` kernel is slow for few classes (for 10 classes, ~0.13 us
-    a row, 4x ``logsumexp``) and a group computes K*B rows; without class weights or label
-    smoothing the loss is ``logsumexp(x) - x[target]`` instead (the same value up to float
-    rounding, ~1e-7), which takes forward and backward from 0.23 to 0.09 ms for 16 x 64 rows.
+    On the CPU torch's ``log_softmax`` kernel is slower than ``logsumexp`` for few classes, and
+    a group computes K*B rows; without class weights or label smoothing the loss is
+    ``logsumexp(x) - x[target]`` instead (the same value up to float rounding).
     """
     size = outputs.shape[0]
     if criterion.weight is None and criterion.label_smoothing == 0.0:

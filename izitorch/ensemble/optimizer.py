@@ -167,7 +167,7 @@ class StackedOptimizer:
         else:
             self.steps += 1
         # torch: bias corrections from the Python float step, in double precision; K numbers, so
-        # numpy (a microsecond an operation) rather than a dozen tiny torch kernels
+        # numpy rather than a dozen tiny torch kernels
         step = self.steps[:, 0].numpy().astype(np.float64)
         bias1 = 1 - self._beta1_64 ** step
         bias2_sqrt = np.sqrt(1 - self._beta2_64 ** step)
@@ -187,12 +187,12 @@ class StackedOptimizer:
         param.addcmul_(exp_avg / denom, neg_step_size)
 
     def _fused_step(self, is_first_step: bool) -> None:
-        """:meth:`_sgd` / :meth:`_adam` as one call of torch's fused kernel (CPU; Adam at K = 16:
-        ~12 us against ~200 us for a dozen elementwise operations): every member is one row,
-        with its own Adam step count. Members that differ only in learning rate (a sweep) share
-        the kernel: it writes each member's unscaled update (lr = 1) into a zeroed scratch
-        tensor, which one ``addcmul_`` scales by each member's lr. ``is_first_step``: no member
-        has stepped yet (SGD's momentum buffer then starts as the gradient)."""
+        """:meth:`_sgd` / :meth:`_adam` as one call of torch's fused kernel (CPU), in place of a
+        dozen elementwise operations: every member is one row, with its own Adam step count.
+        Members that differ only in learning rate (a sweep) share the kernel: it writes each
+        member's unscaled update (lr = 1) into a zeroed scratch tensor, which one ``addcmul_``
+        scales by each member's lr. ``is_first_step``: no member has stepped yet (SGD's momentum
+        buffer then starts as the gradient)."""
         fused, c = self._fused, self._columns
         param = self.group.flat
         if fused.lr is None:
@@ -254,7 +254,7 @@ class StackedOptimizer:
         self._hyper_values = None
         self._refresh()
         if not any(slot.optimizer.state for slot in group.slots):  # every member fresh (a fold's start)
-            for stacked in self.state.values():  # what the loop below does row by row (~4 ms at K = 64)
+            for stacked in self.state.values():  # what the loop below does row by row, in one operation each
                 stacked.zero_()
             self.steps.zero_()
             self.started, self._installed = [False] * group.size, [False] * group.size
