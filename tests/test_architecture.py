@@ -1,5 +1,5 @@
-"""The shape of the code base: every module imports on its own, and the modules of
-``izitorch.ensemble`` talk to each other through public names only.
+"""The shape of the code base: every module imports, every subpackage is packaged, and the
+modules of ``izitorch.ensemble`` talk to each other through public names only.
 
 A class's private fields (one leading underscore) are its own business: another class that reads
 or writes them ties itself to how the owner is built, so a change inside one module breaks
@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import izitorch
 import izitorch.ensemble
@@ -127,3 +132,12 @@ def test_the_torch_exemptions_name_no_field_of_izitorch() -> None:
 ])
 def test_the_checker_sees_what_it_forbids(source: str, expected: list[str]) -> None:
     assert [what for _, what in private_uses(ast.parse(source))] == expected
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """A wheel holds the packages ``pyproject.toml`` lists, and no other: a subpackage left out
+    works from a checkout and is missing once installed."""
+    root = Path(izitorch.__file__).parent
+    listed = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {".".join(("izitorch", *init.parent.relative_to(root).parts)) for init in root.rglob("__init__.py")}
+    assert found - set(listed) == set()
