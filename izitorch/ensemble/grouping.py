@@ -26,10 +26,6 @@ _MODULE_INTERNALS = frozenset({
 })
 
 
-# --------------------------------------------------------------------------------------------
-# Grouping
-
-
 def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot], list[str]]:
     """Split ``slots`` into vectorized groups and slots trained one by one.
 
@@ -56,7 +52,7 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
                 break
         else:
             buckets.append([(slot, signature)])
-    from izitorch.ensemble.group import VectorGroup  # group.py checks its members with this module's rules
+    from izitorch.ensemble.group import VectorGroup  # here, not above: group.py imports this module's rules
 
     groups = []
     for bucket in buckets:
