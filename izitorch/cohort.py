@@ -111,7 +111,9 @@ def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.T
     :class:`TrainingError` naming the dataset, the phase and the sample where known.
     """
     device, non_blocking = run.device, run.device.type == "cuda"
-    iterator = iter(cohort.loaders[phase])
+    loader = cohort.loaders[phase]
+    move = not getattr(loader, "on_device", False)
+    iterator = iter(loader)
     while True:
         try:
             batch = next(iterator)
@@ -121,10 +123,12 @@ def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.T
             raise
         except Exception as error:
             raise loading_error(run.config, error, f"the {phase} set{_where(cohort)}") from None
+        if move:
+            batch = to_device(batch, device, non_blocking)
         if cohort.with_rows:
-            yield to_device(batch, device, non_blocking)
+            yield batch
         else:
-            inputs, target = to_device(unpack(batch), device, non_blocking)
+            inputs, target = unpack(batch)
             yield inputs, target, None
 
 

@@ -199,6 +199,7 @@ class TensorBatchLoader:
         self.generator = generator
         self.device = device
         self.size = len(tensors[0])
+        self.on_device = all(t.device == device for t in tensors)  # its batches need no move
 
     def __len__(self) -> int:
         return (self.size + self.batch_size - 1) // self.batch_size

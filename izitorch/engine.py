@@ -14,7 +14,8 @@ sample of its own in the batch) neither move nor count in the metrics.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -168,11 +169,13 @@ class StackPass:
         for meter in self.meters:
             meter.update(outputs, target, losses, mask)
 
-    def member_losses(self) -> dict[Slot, torch.Tensor]:
-        """The last batch's loss of each member taking part (``izitorch_batch_finish``)."""
-        if self.losses is None:
-            return {}
-        return {slot: self.losses[k] for k, slot in enumerate(self.stack.members) if self.counted[k]}
+    def member_losses(self, into: dict[str, int]) -> None:
+        """Where the last batch's loss of each member that counted it is: ``into[slot] = (self, k)``."""
+        if self.losses is not None:
+            for k, slot in enumerate(self.stack.members):
+                if self.counted[k]:
+                    into[slot] = (self, k)
+
 
     def results(self, time_key: str, per_step: float) -> dict[Slot, dict[str, Any]]:
         """Each member's metrics for the pass, with the time per step and any skipped batches."""
@@ -185,3 +188,21 @@ class StackPass:
             if self.skipped[k]:
                 results[slot]["skipped_batches"] = self.skipped[k]
         return results
+
+
+class BatchLosses(Mapping):
+    """``izitorch_batch_finish``'s ``losses``: each model's loss tensor of the batch, by name.
+    A member's tensor (a view of its stack's losses) is made only when a plugin reads it."""
+
+    def __init__(self, where: dict[str, tuple[StackPass, int]]) -> None:
+        self.where = where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stack, k = self.where[name]
+        return stack.losses[k]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)

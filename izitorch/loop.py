@@ -15,7 +15,7 @@ import torch
 
 from izitorch import cohort as cohorts
 from izitorch import resume
-from izitorch.engine import StackPass
+from izitorch.engine import BatchLosses, StackPass
 from izitorch.guard import Interrupted
 from izitorch.hookspecs import hookimpl
 from izitorch.state import Fold, Run, Scores, Slot
@@ -132,9 +132,12 @@ def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold]) 
             for stack in stacks:
                 stack.batch(inputs, target, rows)
             if batch_finish is not None:
-                losses = {slot: loss for stack in stacks for slot, loss in stack.member_losses().items()}
+                where: dict = {}
+                for stack in stacks:
+                    stack.member_losses(where)
                 for fold in folds:
-                    batch_finish(run=run, fold=fold, step=steps, losses={s.name: losses[s] for s in fold.slots if s in losses})
+                    losses = BatchLosses({slot.name: where[slot] for slot in fold.slots if slot in where})
+                    batch_finish(run=run, fold=fold, step=steps, losses=losses)
             if stop_flag is not None and stop_flag.signum is not None:
                 raise Interrupted(stop_flag.signum, "interrupted")
     if run.device.type == "cuda":
