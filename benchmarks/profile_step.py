@@ -318,6 +318,14 @@ class Stub:
         pass
 
 
+def attempt(measure: Callable[[], float]) -> float:
+    """``measure()``, or NaN ("n/a") when this version of izitorch lacks what it times."""
+    try:
+        return measure()
+    except AttributeError:
+        return float("nan")
+
+
 def per_call(fn: Callable[[], Any], calls: int, repeats: int) -> float:
     """Microseconds per call of ``fn``: the best of ``repeats`` runs of ``calls`` calls."""
     best = math.inf
@@ -380,24 +388,25 @@ def component_costs(path: str, repeats: int) -> list[list]:
 
         with quiet():
             rows = [
-                ["batch assembly, izitorch's loader", per_epoch(lambda: drain(loader), steps, 3 * repeats)
+                ["batch assembly, izitorch's loader", lambda: per_epoch(lambda: drain(loader), steps, 3 * repeats)
                  - per_epoch(lambda: drain(hand), steps, 3 * repeats)],
-                ["_batches (the loader's errors in one line)", per_epoch(lambda: drain(loop._batches(run, fold, "train")), steps, 3 * repeats)
+                ["_batches (the loader's errors in one line)", lambda: per_epoch(lambda: drain(loop._batches(run, fold, "train")), steps, 3 * repeats)
                  - per_epoch(lambda: drain(loader), steps, 3 * repeats)],
-                ["to_device(unpack(batch))", per_call(lambda: loop.to_device(loop.unpack(batch), run.device, False), calls, repeats)],
-                ["forward_loss: failure wrapping, class-count check", per_call(lambda: loop.forward_loss(stub_slot, inputs, target, 10), calls, repeats)
+                ["to_device(unpack(batch))", lambda: per_call(lambda: loop.to_device(loop.unpack(batch), run.device, False), calls, repeats)],
+                ["forward_loss: failure wrapping, class-count check", lambda: per_call(lambda: loop.forward_loss(stub_slot, inputs, target, 10), calls, repeats)
                  - per_call(lambda: plain_forward_loss(stub_slot, inputs, target, 10), calls, repeats)],
-                ["_step: failure wrapping", per_call(lambda: loop._step(run, stub_slot, stub_loss, None), calls, repeats)
+                ["_step: failure wrapping", lambda: per_call(lambda: loop._step(run, stub_slot, stub_loss, None), calls, repeats)
                  - per_call(lambda: plain_step(run, stub_slot, stub_loss, None), calls, repeats)],
-                ["loss.item() + math.isfinite (nan_policy)", per_call(lambda: math.isfinite(loss.item()), calls, repeats)],
-                ["output.detach(), loss.detach()", per_call(lambda: (output.detach(), loss.detach()), calls, repeats)],
-                ["meters: update (loss sum, argmax for the confusion counts)", per_epoch(meters_updates, steps, repeats)],
-                ["meters: compute once per pass (counting, confusion matrix, scores)", per_epoch(meters_epoch, steps, repeats)
+                ["loss.item() + math.isfinite (nan_policy)", lambda: per_call(lambda: math.isfinite(loss.item()), calls, repeats)],
+                ["output.detach(), loss.detach()", lambda: per_call(lambda: (output.detach(), loss.detach()), calls, repeats)],
+                ["meters: update (loss sum, argmax for the confusion counts)", lambda: per_epoch(meters_updates, steps, repeats)],
+                ["meters: compute once per pass (counting, confusion matrix, scores)", lambda: per_epoch(meters_epoch, steps, repeats)
                  - per_epoch(meters_updates, steps, repeats)],
-                ["izitorch_batch_finish: the console's own work", per_call(lambda: console.izitorch_batch_finish(run, fold, 1, {"mlp": loss}), calls, repeats)],
-                ["izitorch_batch_finish: pluggy dispatch, wrapper, losses dict", per_call(dispatch, calls, repeats)
+                ["izitorch_batch_finish: the console's own work", lambda: per_call(lambda: console.izitorch_batch_finish(run, fold, 1, {"mlp": loss}), calls, repeats)],
+                ["izitorch_batch_finish: pluggy dispatch, wrapper, losses dict", lambda: per_call(dispatch, calls, repeats)
                  - per_call(lambda: console.izitorch_batch_finish(run, fold, 1, {"mlp": loss}), calls, repeats)],
             ]
+            rows = [[label, attempt(measure)] for label, measure in rows]
     return rows
 
 
@@ -553,7 +562,7 @@ def main() -> None:
               f"{best['izitorch']:.3f} s: izitorch adds {overhead:.0f} us per step\n", flush=True)
         passes = step_costs(path, args.repeats * 3, ablation=args.ablation)
         alone = component_costs(path, args.repeats)
-        summed = sum(row[1] for row in alone)
+        summed = sum(row[1] for row in alone if not math.isnan(row[1]))
         alone.append(["sum of the components alone", summed])
         alone.append(["izitorch's training pass beyond the hand-written pass, measured whole", passes[0][2]])
         print(table("per training step, each component alone (us)", ["component", "us/step"], alone), "\n", flush=True)
