@@ -56,8 +56,8 @@ def izitorch_run(models: list[ModelSpec], epochs: int, device: str, multi_model:
     """Seconds for a whole izitorch run (set-up included) and its results.
 
     ``dataset`` (a callable building a Dataset, called inside the timed run) replaces the
-    bundled digits; a model spec whose ``model`` is callable without arguments and not a class
-    (see :func:`built_mlp`) is built inside the timed run too.
+    bundled digits; a model spec whose ``model`` is a :class:`BuildModel` has its model built
+    inside the timed run too (and kept, for the weights check).
     """
     with tempfile.TemporaryDirectory() as res_dir:
         disable = ("console",) if quiet else ()
