@@ -4,7 +4,12 @@
     python benchmarks/run.py --quick    # fewer epochs, for a smoke test
     python benchmarks/run.py --device cuda
 
-Case 1: one MLP on digits: izitorch vs a hand-written loop (time per step, ratio).
+Case 1: one MLP on digits, batch 32, on both of izitorch's data paths, against two hand-written
+        loops: a DataLoader over a per-sample dataset, and batches gathered by indexing in-memory
+        tensors (the fastest way to write it by hand). izitorch runs on the in-memory
+        TensorDataset (its tensor-indexing path) and on the per-sample dataset (its DataLoader
+        path); "over ref" is its time per step beyond the hand loop of the same data path. Every
+        runner draws the same batches, so the weights after the run are compared bit for bit.
 Case 2: K small models (64-16-10) on one data stream: izitorch sequential / vectorized, K
         hand-written loops one after another, and a hand-batched reference (weights stacked
         [K, in, out], torch.baddbmm, one Adam) that stands for the practical limit.
@@ -12,7 +17,8 @@ Case 3: 5-fold cross-validation: sequential folds, parallel folds, one single fo
 Every row also reports the final test accuracy, so a speed-up never hides a wrong result.
 Cases 2 and 3 run izitorch without its output plugins (trainlog, checkpoint), as the hand-written
 loops write no files; the per-epoch resume state is still written.
-Timings are wall-clock; the first repetition warms up and is dropped.
+Timings are wall-clock (``--clock cpu``: the process's CPU time, which does not count the time
+other processes hold the cores); the first repetition warms up and is dropped.
 """
 from __future__ import annotations
 
@@ -22,10 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,26 +41,51 @@ from izitorch import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig
 from izitorch.datasets import digits  # noqa: E402
 from izitorch.models import MLP  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # --clock cpu: this process's CPU time, for a machine that other processes share
 BATCH = 64
+CASE1_BATCH = 32  # small batches: the per-step overhead weighs most
 SEED = 1
 
 
 # -- izitorch ---------------------------------------------------------------------------------
 
 def izitorch_run(models: list[ModelSpec], epochs: int, device: str, multi_model: str = "auto",
-                 plugins: PluginsConfig | None = None, quiet: bool = True) -> tuple[float, dict]:
-    """Seconds for a whole izitorch run (set-up included) and its results."""
+                 plugins: PluginsConfig | None = None, quiet: bool = True, batch: int = BATCH,
+                 dataset=None) -> tuple[float, dict]:
+    """Seconds for a whole izitorch run (set-up included) and its results.
+
+    ``dataset`` (a callable building a Dataset, called inside the timed run) replaces the
+    bundled digits; a model spec whose ``model`` is a :class:`BuildModel` has its model built
+    inside the timed run too (and kept, for the weights check).
+    """
     with tempfile.TemporaryDirectory() as res_dir:
         disable = ("console",) if quiet else ()
         plugins = plugins or PluginsConfig()
         plugins = PluginsConfig(enable=plugins.enable, disable=plugins.disable + disable, tables=plugins.tables)
-        config = Config(run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=BATCH, rdm_seed=SEED, device=device,
+        start = clock()
+        models = [attrs.evolve(spec, model=spec.model()) if isinstance(spec.model, BuildModel) else spec for spec in models]
+        config = Config(run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=batch, rdm_seed=SEED, device=device,
                                       multi_model=multi_model),
-                        data=DataConfig(dataset="izitorch.datasets:digits", num_classes=10),
+                        data=DataConfig(dataset=dataset() if dataset else "izitorch.datasets:digits", num_classes=10),
                         models=tuple(models), plugins=plugins)
-        start = time.perf_counter()
         results = izitorch.run(config)
-        return time.perf_counter() - start, results
+        return clock() - start, results
+
+
+class BuildModel:
+    """A model built by the benchmark (seeded as the hand-written loops seed theirs) and kept, so
+    that its weights can be compared with theirs after the run."""
+
+    def __init__(self, hidden: int = 64, layers: int = 1) -> None:
+        self.hidden, self.layers = hidden, layers
+        self.built: list[nn.Module] = []
+
+    def __call__(self) -> nn.Module:
+        torch.manual_seed(SEED)
+        model = MLP(hidden=self.hidden, layers=self.layers)
+        self.built.append(model)
+        return model
 
 
 def mlp_spec(name: str, hidden: int = 64, layers: int = 1, lr: float = 1e-3) -> ModelSpec:
@@ -69,22 +101,39 @@ def holdout(size: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:cut], order[cut:]
 
 
+class Samples(Dataset):
+    """The digits as a per-sample dataset (not a ``TensorDataset``): every sample goes through
+    ``__getitem__`` and the DataLoader's collation, as with images read from files."""
+
+    def __init__(self) -> None:
+        self.inputs, self.targets = digits().tensors
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
 def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3,
-              seed: int = SEED) -> tuple[float, float]:
+              seed: int = SEED, batch: int = BATCH) -> tuple[float, float, dict]:
     """The loop a user writes by hand: DataLoader, forward, loss, backward, Adam, test each epoch.
 
-    Timed from loading the data, as izitorch's runs are (set-up included on both sides).
+    Timed from loading the data, as izitorch's runs are (set-up included on both sides). The
+    sampler has its own seeded generator, as izitorch's has: the same batches as izitorch's.
+    Returns the seconds, the test accuracy and the final weights.
     """
-    start = time.perf_counter()
-    data = digits()
+    start = clock()
+    data = Samples()
     train, test = holdout(len(data))
     torch.manual_seed(seed)
     model = MLP(hidden=hidden, layers=layers).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = nn.CrossEntropyLoss()
-    train_loader = DataLoader(Subset(data, train.tolist()), batch_size=BATCH, shuffle=True,
+    train_set = Subset(data, train.tolist())
+    train_loader = DataLoader(train_set, batch_size=batch, sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)),
                               generator=torch.Generator().manual_seed(seed))
-    test_loader = DataLoader(Subset(data, test.tolist()), batch_size=BATCH)
+    test_loader = DataLoader(Subset(data, test.tolist()), batch_size=batch)
     for _ in range(epochs):
         model.train()
         for x, y in train_loader:
@@ -98,12 +147,55 @@ def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int =
         with torch.no_grad():
             for x, y in test_loader:
                 correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
-    return time.perf_counter() - start, 100.0 * correct / len(test)
+    return clock() - start, 100.0 * correct / len(test), model.state_dict()
+
+
+def hand_tensor_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3,
+                     seed: int = SEED, batch: int = BATCH) -> tuple[float, float, dict]:
+    """The fastest loop by hand for in-memory data: a permutation per epoch, batches gathered by
+    indexing the tensors (``x[rows]``), the same model, optimizer and test as :func:`hand_loop`.
+
+    ``RandomSampler`` draws a second (empty) permutation at the end of each epoch from its
+    generator; drawing it too gives the batches of izitorch and of :func:`hand_loop`.
+    """
+    start = clock()
+    inputs, targets = digits().tensors
+    train, test = holdout(len(targets))
+    train_x, train_y = inputs[train].to(device), targets[train].to(device)
+    test_x, test_y = inputs[test].to(device), targets[test].to(device)
+    torch.manual_seed(seed)
+    model = MLP(hidden=hidden, layers=layers).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    size = len(train)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(size, generator=generator).to(device)
+        torch.randperm(size, generator=generator)  # what RandomSampler draws and drops
+        for begin in range(0, size, batch):
+            rows = order[begin:begin + batch]
+            loss = criterion(model(train_x[rows]), train_y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        correct = 0
+        model.eval()
+        with torch.no_grad():
+            for begin in range(0, len(test), batch):
+                correct += (model(test_x[begin:begin + batch]).argmax(1) == test_y[begin:begin + batch]).sum().item()
+    return clock() - start, 100.0 * correct / len(test), model.state_dict()
+
+
+def same_weights(state: dict, reference: dict) -> str:
+    """``identical`` when every tensor is bit-identical, else the largest absolute difference."""
+    gap = max(float((state[k].cpu() - reference[k].cpu()).abs().max()) for k in reference)
+    return "identical" if all(torch.equal(state[k].cpu(), reference[k].cpu()) for k in reference) else f"differ:{gap:.1e}"
 
 
 def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) -> tuple[float, float]:
     """K MLPs 64-hidden-10 as stacked weights [K, in, out], torch.baddbmm, one Adam: the limit."""
-    start = time.perf_counter()
+    start = clock()
     data = digits()
     x_all, y_all = data.tensors[0].to(device), data.tensors[1].to(device)
     train, test = holdout(len(data))
@@ -132,7 +224,7 @@ def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) ->
             optimizer.step()
         with torch.no_grad():
             accuracy = (forward(test_x).argmax(-1) == test_y).float().mean(1) * 100
-    return time.perf_counter() - start, float(accuracy.mean())
+    return clock() - start, float(accuracy.mean())
 
 
 # -- cases -------------------------------------------------------------------------------------
@@ -149,18 +241,36 @@ def accuracy_of(results: dict) -> float:
 def case1(epochs: int, device: str, repeats: int) -> list[list]:
     """Runners take turns (hand, default, no outputs, hand, ...): a drift of the machine's speed
     during the case then weighs on every runner alike instead of on whichever ran last."""
-    steps = epochs * int(np.ceil(0.8 * 1797 / BATCH))
+    steps = epochs * int(np.ceil(0.8 * 1797 / CASE1_BATCH))
+    torch_device = torch.device(device if device != "auto" else "cpu")
+    builders = {label: BuildModel() for label in ("default", "no outputs", "per-sample")}
+
+    def izitorch_case1(label: str, **options):
+        return lambda: izitorch_run([attrs.evolve(mlp_spec("mlp"), model=builders[label])], epochs, device,
+                                    batch=CASE1_BATCH, **options)
+
+    by_loader, by_tensors = ("hand-written, DataLoader", "per-sample"), ("hand-written, tensor indexing", "in-memory")
+    # (label, data path): (run, the hand-written loop on the same data, the model kept by an izitorch run)
     runners = {
-        "hand-written loop": lambda: hand_loop(epochs, torch.device(device if device != "auto" else "cpu")),
-        "izitorch, default plugins": lambda: izitorch_run([mlp_spec("mlp")], epochs, device),
-        "izitorch, no output plugins": lambda: izitorch_run([mlp_spec("mlp")], epochs, device, plugins=NO_OUTPUTS),
+        by_loader: (lambda: hand_loop(epochs, torch_device, batch=CASE1_BATCH), None, None),
+        by_tensors: (lambda: hand_tensor_loop(epochs, torch_device, batch=CASE1_BATCH), None, None),
+        ("izitorch, default plugins", "in-memory"): (izitorch_case1("default"), by_tensors, builders["default"]),
+        ("izitorch, no output plugins", "in-memory"): (izitorch_case1("no outputs", plugins=NO_OUTPUTS), by_tensors, builders["no outputs"]),
+        ("izitorch, default plugins", "per-sample"): (izitorch_case1("per-sample", dataset=Samples), by_loader, builders["per-sample"]),
     }
-    best = best_in_turns(repeats, runners)
-    hand_s, hand_acc = best["hand-written loop"]
-    rows = [["hand-written loop", hand_s, hand_s / steps * 1e3, 1.0, hand_acc]]
-    for label in list(runners)[1:]:
-        seconds, results = best[label]
-        rows.append([label, seconds, seconds / steps * 1e3, seconds / hand_s, accuracy_of(results)])
+    best = best_in_turns(repeats, {key: run for key, (run, _, _) in runners.items()})
+    reference_weights = best[by_tensors][2]
+    rows = []
+    for (label, path), (_, reference, built) in runners.items():
+        seconds, outcome = best[(label, path)][:2]
+        if reference is None:  # a hand-written loop
+            accuracy, weights, over = outcome, best[(label, path)][2], float("nan")
+        else:
+            accuracy, weights = accuracy_of(outcome), built.built[-1].state_dict()
+            over = (seconds - best[reference][0]) / steps * 1e6
+        check = "reference" if (label, path) == by_tensors else same_weights(weights, reference_weights)
+        rows.append([label, path, seconds, seconds / steps * 1e3, over, seconds / best[by_loader][0], seconds / best[by_tensors][0],
+                     accuracy, check])
     return rows
 
 
@@ -235,18 +345,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--cases", default="1,2,3", help="which cases to run, e.g. 1,2")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall (default) or cpu: this process's CPU time, all its threads (robust on a shared machine)")
     parser.add_argument("--ks", default="1,4,16,64", help="model counts for case 2")
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else 2
     case1_repeats = 1 if args.quick else 5  # the tightest target (1.05x): more turns, each short
     cases = set(args.cases.split(","))
-    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} thread(s)\n")
+    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
+          f"{args.clock} time\n")
     if "1" in cases:
         epochs = 5 if args.quick else 30
-        print(table(f"case 1: one MLP 64-64-10 on digits, {epochs} epochs (ratio = time / hand-written loop)",
-                    ["runner", "seconds", "ms/step", "ratio", "test acc %"], case1(epochs, args.device, case1_repeats)),
-              "\n", flush=True)
+        print(table(f"case 1: one MLP 64-64-10 on digits, batch {CASE1_BATCH}, {epochs} epochs (ratios = time / a hand-written "
+                    "loop's; us over ref = per step, beyond the hand-written loop of the same data; weights against the "
+                    "tensor-indexing loop's)",
+                    ["runner", "data", "seconds", "ms/step", "us over ref", "/ DataLoader", "/ tensors", "test acc %", "weights"],
+                    case1(epochs, args.device, case1_repeats)), "\n", flush=True)
     if "2" in cases:
         epochs = 2 if args.quick else 5
         ks = [int(k) for k in args.ks.split(",")]

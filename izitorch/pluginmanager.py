@@ -64,7 +64,8 @@ def _installation_stamp() -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _entry_points(_stamp: tuple) -> tuple[tuple[str, EntryPoint], ...]:
-    """Scanning every installed distribution costs ~3 ms a call: once per installation state."""
+    """The plugins' entry points, scanned once per installation state: a scan reads the metadata
+    of every installed distribution."""
     return tuple((ep.name, ep) for ep in entry_points(group=GROUP))
 
 
@@ -168,7 +169,7 @@ def _key_of(name: str, config: Config) -> str:
 @functools.lru_cache(maxsize=None)
 def _version(distribution: Any) -> str:
     """A plugin distribution's version, read once per distribution object: reading it parses the
-    whole METADATA file (~0.3 ms), and the built-in plugins all share izitorch's. The entry
+    whole METADATA file, and the built-in plugins all share izitorch's. The entry
     points are cached until the installation changes (:func:`available_plugins`), their
     distribution objects with them."""
     return distribution.version if distribution is not None else "?"

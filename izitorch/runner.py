@@ -1,9 +1,9 @@
 """``izitorch.run(config)``: build what the configuration names and drive the hooks.
 
-This is the outer sequence of DESIGN §2; the per-fold loop lives in :mod:`izitorch.loop`. The
-run holds ``res_dir``'s lock and turns SIGINT/SIGTERM into a clean stop; with ``resume``,
-finished folds are taken from their saved state and an interrupted fold continues from its
-last finished epoch (:mod:`izitorch.resume`).
+This is the run's outer sequence (``docs/architecture.md``, "The run, as data flows"); the
+per-fold loop lives in :mod:`izitorch.loop`. The run holds ``res_dir``'s lock and turns
+SIGINT/SIGTERM into a clean stop; with ``resume``, finished folds are taken from their saved
+state and an interrupted fold continues from its last finished epoch (:mod:`izitorch.resume`).
 """
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ class EpochLog:
     """One model's ``trainlog.json``: its entries by epoch, each encoded once.
 
     The file is rewritten after every epoch and the log is part of the resume state, so encoding
-    or pickling the whole log each time costs O(epochs) per epoch, O(epochs^2) a run (64 models,
-    50 epochs: ~4.5 s of a 9.5 s run). Here an epoch's entry is encoded once, with json's C
+    or pickling the whole log each time would cost O(epochs) per epoch, O(epochs^2) a run, most of
+    a long sweep's time. Here an epoch's entry is encoded once, with json's C
     encoder, into one line of the file; the file and the saved state are those lines joined (one
     string per model, not thousands of objects to pickle).
     """

@@ -1,4 +1,4 @@
-"""The hook protocol (DESIGN §3): the exact sequence of a k-fold run, every hook's contract
+"""The hook protocol (``izitorch/hookspecs.py``): the exact sequence of a k-fold run, every hook's contract
 exercised by a small local plugin, plugin loading errors, and the meta-tests that keep every
 hook tested and documented and every built-in plugin declared."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The output files of DESIGN §6: their presence, their names and what they contain."""
+"""The output files (README, "Outputs"): their presence, their names and what they contain."""
 from __future__ import annotations
 
 import json

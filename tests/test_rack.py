@@ -1,4 +1,4 @@
-"""The original izitorch API (seed README): ``Rack``, ``ModelConfig``, its argparse menu, and
+"""The original izitorch API (its README's): ``Rack``, ``ModelConfig``, its argparse menu, and
 the programmatic ways in (``Rack.from_manifest``, ``izitorch.run(Config(...))``)."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from conftest import plain_scores, run_cli
 SIZE = 300
 
 # ---------------------------------------------------------------------------------------------
-# 1. the seed README's "Getting started" example, verbatim, with the user's own modules
+# 1. the original izitorch README's "Getting started" example, verbatim, with the user's own modules
 
 README_SCRIPT = """\
 import torch
