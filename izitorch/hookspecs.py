@@ -67,9 +67,11 @@ def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | N
 
     The schedule of the folds. The default (``izitorch.loop``) takes them one after another:
     per split, slots reset to their initial weights, torch, numpy and ``random`` seeded with
-    ``rdm_seed + fold`` (``izitorch.reproducibility.seed_everything``), loaders made, then ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are
-    read from their saved state instead. ``[plugins.kfold] parallel = true`` answers it by
-    training all folds at once (``izitorch.parallel``), calling the per-fold hooks in fold order.
+    ``rdm_seed + fold`` (``izitorch.reproducibility.seed_everything``), loaders made, then
+    ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are read from their saved
+    state instead. ``[plugins.kfold] parallel = true`` answers it by training all folds at once
+    as one cohort (``izitorch.parallel``) with the same fold protocol (``izitorch.loop.train``),
+    which calls the per-fold hooks below in fold order.
     """
 
 
@@ -83,8 +85,10 @@ def izitorch_run_fold(run: "Run", fold: "Fold") -> "dict[str, dict] | None":
         [resume: slots, izitorch_load_state_dict(run, state) and RNG states restored]
         for epoch in first..epochs:
             izitorch_epoch_start(run, fold, epoch)
-            train pass: per batch, per slot: forward, loss, finiteness check (nan_policy),
-                        backward, izitorch_before_optimizer_step(run, slot), optimizer step;
+            train pass: per batch, per stack of models (one model, or a vectorized group):
+                        forward, losses, finiteness check (nan_policy), backward; at the end of
+                        each accumulation window (every batch by default), per model that steps
+                        izitorch_before_optimizer_step(run, slot), then the optimizer step;
                         then izitorch_batch_finish(run, fold, step, losses)
             schedulers step (once per epoch, after the optimizer)
             evaluation pass on val or test (every test_epoch epochs and at the last epoch)
