@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from izitorch.errors import IzitorchError, ManifestError, describe
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text
 
 DIRECTIONS = ("higher", "lower")
 #: Other spellings a user may write for a value name (``metric = "acc"``).
@@ -114,7 +114,7 @@ def better(direction: str, new: float, best: float | None, min_delta: float = 0.
 
 def meters_for(factories: dict[str, Any], num_classes: int | None, members: int) -> list[Any]:
     """A fresh accumulator of every registered metric for a stack of ``members``."""
-    return [_meter(factory, num_classes, members) for factory in factories.values()]
+    return [_Reported(name, _meter(name, factory, num_classes, members), members) for name, factory in factories.items()]
 
 
 def compute_all(meters: list[Any], members: int) -> list[dict[str, Any]]:
@@ -126,10 +126,45 @@ def compute_all(meters: list[Any], members: int) -> list[dict[str, Any]]:
     return values
 
 
-def _meter(factory: Any, num_classes: int | None, members: int) -> Any:
-    if hasattr(factory, "names"):
-        return factory(num_classes, members)
-    return legacy_meter(factory)(num_classes, members)
+def _meter(name: str, factory: Any, num_classes: int | None, members: int) -> Any:
+    try:
+        if hasattr(factory, "names"):
+            return factory(num_classes, members)
+        return legacy_meter(factory)(num_classes, members)
+    except IzitorchError:
+        raise
+    except Exception as error:  # a plugin's metric may raise anything
+        raise TrainingError(f'metric "{name}": creating its accumulator raised {error_text(error)}') from None
+
+
+class _Reported:
+    """A metric's accumulator whose failures (a plugin's bug) become one line naming the metric,
+    and whose ``compute`` is checked to give one dict per member."""
+
+    __slots__ = ("name", "meter", "members")
+
+    def __init__(self, name: str, meter: Any, members: int) -> None:
+        self.name, self.meter, self.members = name, meter, members
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        try:
+            self.meter.update(outputs, target, losses, mask)
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise TrainingError(f'metric "{self.name}": update raised {error_text(error)}') from None
+
+    def compute(self) -> list[dict[str, Any]]:
+        try:
+            values = self.meter.compute()
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise TrainingError(f'metric "{self.name}": compute raised {error_text(error)}') from None
+        if not isinstance(values, (list, tuple)) or len(values) != self.members or not all(isinstance(v, dict) for v in values):
+            raise TrainingError(f'metric "{self.name}": compute() returned {describe(values)}; it must return one dict per member '
+                                f'(here {self.members}), such as [{{"mae": 0.31}}]')
+        return list(values)
 
 
 def legacy_meter(factory: Callable[..., Any]) -> Callable[[int | None, int], "LegacyMeters"]:

@@ -217,6 +217,41 @@ def test_a_legacy_metric_counts_what_the_new_protocol_counts(tmp_path, capsys, l
     assert "legacy_mae" in out.split("final test scores:")[1].splitlines()[1].split()  # shown, without a direction
 
 
+BROKEN = '''\
+from izitorch import hookimpl
+
+
+class Broken:
+    names = {"broken": "lower"}
+
+    def __init__(self, num_classes, members):
+        pass
+
+    def update(self, outputs, target, losses, mask=None):
+        UPDATE
+
+    def compute(self):
+        return {"broken": 1.0}  # a dict, not one dict per member
+
+
+@hookimpl
+def izitorch_register_metrics(register):
+    register("broken", Broken)
+'''
+
+
+@pytest.mark.parametrize("update, expected", [
+    ('raise KeyError("pred")', 'metric "broken": update raised KeyError: \'pred\''),
+    ("pass", 'metric "broken": compute() returned a table; it must return one dict per member (here 1), such as [{"mae": 0.31}]'),
+])
+def test_a_failing_metric_is_one_line_exit_1(tmp_path, capsys, update, expected):
+    path = regression_manifest(tmp_path, plugins='"broken.py"')
+    (tmp_path / "broken.py").write_text(BROKEN.replace("UPDATE", update), encoding="utf-8")
+    code, out, err = cli(capsys, "run", path)
+    assert code == 1
+    assert error_of(err) == f"{path}: {expected}"
+
+
 # -- units: masks, directions, names ----------------------------------------------------------------
 
 def mae_factory():
@@ -267,7 +302,7 @@ def test_the_legacy_adapter_feeds_each_member_its_own_samples():
     meter.update(OUTPUTS, TARGET, torch.zeros(2), MASK)
     assert meter.compute() == [{"legacy_mae": pytest.approx((0.5 + 2.0) / 2)}, {}]  # member 1 counted nothing
     both = meters_for({"legacy": LegacyMAE, "loss": LossMeter}, None, 1)
-    assert isinstance(both[0], LegacyMeters) and isinstance(both[1], LossMeter)
+    assert [type(meter.meter) for meter in both] == [LegacyMeters, LossMeter]
 
 
 FACTORIES = {"loss": LossMeter, "classification": ConfusionMeter, "mae": mae_factory()}
