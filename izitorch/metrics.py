@@ -62,6 +62,11 @@ def registered(hook: Any) -> dict[str, Any]:
                                   or not all(isinstance(k, str) and v in DIRECTIONS for k, v in names.items())):
             raise IzitorchError(f'metric "{name}": names must map each value it computes to "higher" or "lower" '
                                 f'(e.g. names = {{"mae": "lower"}}), found {describe(names)}', "plugins")
+        for other, earlier in factories.items():
+            shared = sorted(set(names or ()) & set(getattr(earlier, "names", None) or ()))
+            if shared and other != name:
+                raise IzitorchError(f'metrics "{other}" and "{name}" both compute "{shared[0]}"; a value needs one metric: '
+                                    "rename it in one of them, or disable one plugin", "plugins")
         factories[name] = factory
 
     hook.izitorch_register_metrics(register=register)
@@ -106,8 +111,11 @@ def resolve(name: str, factories: dict[str, Any], path: str = "") -> str:
 
 
 def better(direction: str, new: float, best: float | None, min_delta: float = 0.0) -> bool:
-    """Whether ``new`` beats ``best`` by more than ``min_delta`` in ``direction``."""
-    if best is None:
+    """Whether ``new`` beats ``best`` by more than ``min_delta`` in ``direction`` (a NaN never
+    does, and anything beats a NaN)."""
+    if new != new:  # NaN: never an improvement
+        return False
+    if best is None or best != best:
         return True
     return new < best - min_delta if direction == "lower" else new > best + min_delta
 

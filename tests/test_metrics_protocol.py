@@ -319,10 +319,13 @@ def test_directions_and_names_come_from_the_registered_metrics():
                                "register it with izitorch_register_metrics or fix the name")
     assert better("lower", 0.1, 0.2) and not better("lower", 0.2, 0.1) and better("higher", 0.2, 0.1)
     assert not better("lower", 0.15, 0.2, min_delta=0.1) and better("higher", 1.0, None)
+    nan = float("nan")
+    assert not better("lower", nan, 0.2) and not better("higher", nan, None) and better("lower", 5.0, nan)
 
 
 @pytest.mark.parametrize("names", [{"mae": "down"}, ["mae"], {}, {1: "lower"}])
 def test_a_metric_declaring_no_direction_is_refused_in_one_line(names):
+    """The registry refuses it, before anything is built."""
     class Hook:
         @staticmethod
         def izitorch_register_metrics(register):
@@ -336,3 +339,16 @@ def test_a_metric_declaring_no_direction_is_refused_in_one_line(names):
 
 def test_meters_that_counted_nothing_give_empty_scores():
     assert [meter.compute() for meter in meters_for(FACTORIES, None, 3)] == [[{}, {}, {}]] * 3
+
+
+def test_two_metrics_computing_the_same_value_are_refused():
+    class Hook:
+        @staticmethod
+        def izitorch_register_metrics(register):
+            register("loss", LossMeter)
+            register("my_loss", type("MyLoss", (), {"names": {"loss": "higher"}}))
+
+    with pytest.raises(IzitorchError) as info:
+        registered(Hook)
+    assert str(info.value) == ('plugins: metrics "loss" and "my_loss" both compute "loss"; a value needs one metric: '
+                               "rename it in one of them, or disable one plugin")
