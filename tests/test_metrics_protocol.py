@@ -352,3 +352,24 @@ def test_two_metrics_computing_the_same_value_are_refused():
         registered(Hook)
     assert str(info.value) == ('plugins: metrics "loss" and "my_loss" both compute "loss"; a value needs one metric: '
                                "rename it in one of them, or disable one plugin")
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"directions": {"mae": "lower"}}, ["mlp", "-", "1", "0.5000", "0.2000"]),  # sorted on mae, lower first
+    ({"directions": {"mae": "sideways"}}, 'mlp.directions: expected a table of "higher" / "lower", found a table;'),
+    ({"mean": {"loss": 0.5, "mae": "low"}}, 'mlp.mean.mae: expected a number, found "low";'),
+])
+def test_report_reads_the_directions_results_json_holds(tmp_path, capsys, entry, expected):
+    res = tmp_path / "res"
+    res.mkdir()
+    summary = {"mlp": {"folds": 1, "mean": {"loss": 0.5, "mae": 0.2}, **entry},
+               "cnn": {"folds": 1, "mean": {"loss": 0.4, "mae": 0.3}, "directions": {"mae": "lower"}}}
+    (res / "results.json").write_text(json.dumps(summary), encoding="utf-8")
+    code, out, err = cli(capsys, "report", res)
+    if isinstance(expected, list):
+        assert (code, err) == (0, "")
+        assert out.splitlines()[1].split() == ["model", "params", "folds", "loss", "mae↓"]
+        assert [line.split() for line in out.splitlines()[3:]] == [expected, ["cnn", "-", "1", "0.4000", "0.3000"]]
+    else:
+        assert (code, out) == (2, "")
+        assert error_of(err).startswith(f"{res / 'results.json'}: {expected}")
