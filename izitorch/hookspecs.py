@@ -32,7 +32,9 @@ def izitorch_configure(config: "Config") -> None:
 
 @hookspec
 def izitorch_register_metrics(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """Call ``register(name, factory)`` for each metric this plugin provides.
+    """Call ``register(name, factory)`` for each metric this plugin provides. Called once per run,
+    after ``izitorch_configure`` (also by ``izitorch validate``, which checks the plugins'
+    metric options against what is registered).
 
     The metric protocol (:class:`izitorch.metrics.Metric`), one for a lone model (K = 1), a
     vectorized group and parallel folds alike. The factory (usually a class) declares
