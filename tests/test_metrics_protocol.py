@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli, error_of
+from conftest import ROOT, TINY_MANIFEST, cli, error_of
 from sklearn.metrics import mean_absolute_error
 
 from izitorch.errors import IzitorchError, ManifestError
@@ -373,3 +373,30 @@ def test_report_reads_the_directions_results_json_holds(tmp_path, capsys, entry,
     else:
         assert (code, out) == (2, "")
         assert error_of(err).startswith(f"{res / 'results.json'}: {expected}")
+
+
+TINY_MANIFEST_HEAD = TINY_MANIFEST.format(res_dir="res")
+
+
+def test_a_third_party_option_declared_with_metric_option_is_checked(write_manifest):
+    """Checked when written, or when the plugin says it uses it; named by its key path."""
+    import attrs
+
+    from izitorch.manifest import load_manifest
+    from izitorch.options import check_metric_options, metric_option
+
+    @attrs.frozen
+    class WatchOptions:
+        on: bool = False
+        watch: str = metric_option("f1", "what to watch", used=lambda options: options.on)
+
+    plugin = type("Watch", (), {"izitorch_options": WatchOptions})
+    for table, refused in (("", False), ("[plugins.watch]\non = true\n", True), ('[plugins.watch]\nwatch = "f1"\n', True),
+                           ('[plugins.watch]\nwatch = "acc"\non = true\n', False)):
+        config = load_manifest(write_manifest(TINY_MANIFEST_HEAD + table))
+        if not refused:
+            check_metric_options([("watch", plugin)], config, FACTORIES)
+            continue
+        with pytest.raises(ManifestError) as info:
+            check_metric_options([("watch", plugin)], config, FACTORIES)
+        assert str(info.value).startswith(f'{config.source}: plugins.watch.watch: "f1" is not a registered metric (known: ')
