@@ -94,10 +94,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.data import pick_device
     from izitorch.manifest import load_manifest
     from izitorch.pluginmanager import make_plugin_manager
+    from izitorch.runner import registered_metrics
 
     config = load_manifest(args.manifest, args.overrides)
     with located_in(config.source):
-        _, versions = make_plugin_manager(config)
+        pm, versions = make_plugin_manager(config)
+        registered_metrics(pm, config)
         dry_run(config, pick_device(config.run.device))
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)
@@ -124,14 +126,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary_file = res_dir / "results.json"
     if not summary_file.is_file():
         raise IzitorchError(f'{summary_file} not found: "{res_dir}" holds no finished run (results.json is written at the end of a run)')
-    print(comparison_table(read_summary(summary_file)))
+    summary = load_summary(summary_file)
+    directions = {key: value for entry in summary.values() for key, value in entry.get("directions", {}).items()}
+    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions))
     return 0
 
 
 def read_summary(path: Path) -> dict[str, list[dict]]:
     """``results.json`` as the comparison table takes it (each model's mean scores), refused in one
     line when it is not what a run writes: truncated, not JSON, or of another structure."""
-    from izitorch.plugins.console import COLUMNS
+    return {name: [entry["mean"]] for name, entry in load_summary(path).items()}
+
+
+def load_summary(path: Path) -> dict[str, dict]:
+    """``results.json``: each model's ``mean`` (a number for every metric) and, when written,
+    ``directions`` (value name -> "higher" / "lower"); refused in one line otherwise."""
+    from izitorch.plugins.console import is_metric
 
     try:
         summary = json.loads(path.read_bytes().decode("utf-8"))
@@ -147,11 +157,15 @@ def read_summary(path: Path) -> dict[str, list[dict]]:
         if not isinstance(mean, dict):
             raise IzitorchError(f"expected the model's scores with a \"mean\" table, found {describe(entry)}; "
                                 "run the manifest again (--overwrite) to rewrite it", join_path(name, "mean"), str(path))
-        for key in [key for key, _, _ in COLUMNS if key in mean]:
-            if isinstance(mean[key], bool) or not isinstance(mean[key], (int, float)):
-                raise IzitorchError(f"expected a number, found {describe(mean[key])}; run the manifest again (--overwrite) to rewrite it",
+        for key, value in mean.items():
+            if is_metric(key, 0.0) and not is_metric(key, value):  # a metric's key, holding no number
+                raise IzitorchError(f"expected a number, found {describe(value)}; run the manifest again (--overwrite) to rewrite it",
                                     join_path(join_path(name, "mean"), key), str(path))
-    return {name: [entry["mean"]] for name, entry in summary.items()}
+        directions = entry.get("directions", {})
+        if not isinstance(directions, dict) or not all(value in ("higher", "lower") for value in directions.values()):
+            raise IzitorchError(f'expected a table of "higher" / "lower", found {describe(directions)}; run the manifest again '
+                                "(--overwrite) to rewrite it", join_path(name, "directions"), str(path))
+    return summary
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "report": cmd_report}

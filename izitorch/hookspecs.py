@@ -33,11 +33,29 @@ def izitorch_configure(config: "Config") -> None:
 
 @hookspec
 def izitorch_register_metrics(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """Call ``register(name, factory)`` for each metric this plugin provides.
+    """Call ``register(name, factory)`` for each metric this plugin provides. Called once per run,
+    after ``izitorch_configure`` (also by ``izitorch validate``, which checks the plugins'
+    metric options against what is registered).
 
-    ``factory(num_classes)`` returns a fresh accumulator with ``update(output, target, loss)``
-    (called per batch, must not synchronise the device) and ``compute() -> dict`` (called once
-    per phase and epoch; returns named values such as ``{"accuracy": 97.2}``).
+    The metric protocol (:class:`izitorch.metrics.Metric`), one for a lone model (K = 1), a
+    vectorized group and parallel folds alike. The factory (usually a class) declares
+    ``names = {"mae": "lower"}``: every scalar value it computes, with the direction that is
+    better (``"higher"`` or ``"lower"``). ``factory(num_classes, members)`` returns a fresh
+    accumulator for a stack of K = ``members`` models, per phase and epoch:
+
+    - ``update(outputs, target, losses, mask=None)`` per batch: ``outputs`` ``[K, B, ...]``,
+      ``target`` ``[B, ...]`` (shared), ``losses`` ``[K]`` (each member's mean-reduced loss,
+      detached), ``mask`` ``[K, B]`` bool or None (member k counts only the samples where
+      ``mask[k]`` is True: its own fold's, none when frozen). Must not synchronise the device
+      (no ``.item()``, ``.tolist()`` or boolean indexing).
+    - ``compute() -> list[dict]`` once per phase: one dict per member (``{}`` when it counted
+      nothing), such as ``{"mae": 0.31}``; unnamed non-scalar extras are allowed.
+
+    A declared value is logged (``trainlog.json``, ``test_metrics.json``, ``results.json``),
+    shown by the console and ``izitorch report``, and ``[plugins.checkpoint] metric`` /
+    ``[plugins.early_stop] metric`` accept it. A factory without ``names`` (the previous
+    protocol: ``factory(num_classes)``, ``update(output, target, loss)``, ``compute() -> dict``)
+    still works, one accumulator per member, but cannot pick a best epoch.
     """
 
 

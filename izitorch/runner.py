@@ -12,14 +12,18 @@ import datetime
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from izitorch import ensemble, ownership, resume
+import pluggy
+
+from izitorch import ensemble, metrics, ownership, resume
 from izitorch.config import Config
 from izitorch.checks import dry_run
 from izitorch.data import pick_device
 from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
+from izitorch.options import check_metric_options
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.stacks import build_stacks
@@ -36,6 +40,7 @@ def run(config: Config) -> dict[str, list[dict]]:
 
 def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     pm, versions = make_plugin_manager(config)
+    factories = registered_metrics(pm, config)
     device = pick_device(config.run.device)
     res_dir = Path(config.run.res_dir)
     check_res_dir(res_dir, config)
@@ -43,7 +48,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     with (res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic),
           background_writes(config.run.background_writes)):
         ledger, resuming = prepare_res_dir(res_dir, config)
-        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag)
+        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories)
         try:
             with owned_by(ledger):
                 results = _run(session, resuming)
@@ -57,7 +62,6 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
-    hook.izitorch_register_metrics(register=session.metric_factories.__setitem__)
     session.dataset, session.slots = dry_run(config, session.device)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
@@ -69,6 +73,14 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)
     return results
+
+
+def registered_metrics(pm: pluggy.PluginManager, config: Config) -> dict[str, Any]:
+    """The metric factories the plugins register (``izitorch_register_metrics``), once every
+    plugin option that names a metric is checked against them (``run`` and ``validate``)."""
+    factories = metrics.registered(pm.hook)
+    check_metric_options(pm.list_name_plugin(), config, factories)
+    return factories
 
 
 def report_missing(ledger: ownership.Ledger) -> None:

@@ -33,7 +33,7 @@ DEFAULT_PARAMETERS: dict[str, tuple[type, Any, str]] = {
     "save_last": (int, 1, "1 to save only the last epoch's weights"),
     "save_all": (int, 0, "1 to save the weights of every epoch"),
     "save_best": (int, 0, "1 to save only the best epoch's weights (see metric_best)"),
-    "metric_best": (str, "loss", "metric that picks the best epoch: loss, acc or IoU"),
+    "metric_best": (str, "loss", "metric that picks the best epoch: loss, acc, IoU or any registered metric"),
     "epochs": (int, 10, "number of training epochs"),
     "batch_size": (int, 128, "batch size"),
     "lr": (float, 1e-3, "learning rate (read it from rack.args.lr when building your optimizer)"),

@@ -3,8 +3,9 @@
 - ``last`` (the original ``save_last``): ``model.pth.tar`` rewritten every epoch;
 - ``all`` (``save_all``): ``model_epoch{E}.pth.tar`` for every epoch;
 - ``best`` (``save_best``): ``model.pth.tar`` and ``best_epoch.json`` whenever the evaluation
-  ``metric`` (``metric_best``: loss, acc or IoU) improves, on the validation set when there is
-  one. The best weights are also the ones the fold's final test uses.
+  ``metric`` (``metric_best``: any registered metric, such as loss, acc, IoU) improves in its
+  declared direction, on the validation set when there is one. The best weights are also the
+  ones the fold's final test uses.
 
 A checkpoint is ``{"epoch", "state_dict", "optimizer", "scheduler"}``, written atomically, with
 CPU tensors: a model trained on a GPU loads with a plain ``torch.load`` on any machine.
@@ -16,7 +17,8 @@ import attrs
 from izitorch import hookimpl
 from izitorch.config import doc, one_of
 from izitorch.io import save_torch, write_json
-from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
+from izitorch.metrics import metric_directions, resolve
+from izitorch.options import better, metric_option, plugin_options
 from izitorch.state import standalone
 
 POLICIES = ("last", "all", "best")
@@ -26,7 +28,8 @@ POLICIES = ("last", "all", "best")
 class CheckpointOptions:
     policy: str = attrs.field(default="last", validator=one_of(*POLICIES),
                               metadata=doc('model.pth.tar rewritten every epoch ("last"), one file per epoch ("all"), or when metric improves ("best")'))
-    metric: str = attrs.field(default="loss", validator=one_of(*METRIC_ALIASES), metadata=doc('what "best" compares: loss, acc or IoU'))
+    metric: str = metric_option("loss", 'what "best" compares: a registered metric (loss, acc, IoU, ...)',
+                                used=lambda options: options.policy == "best")
 
 
 class CheckpointPlugin:
@@ -35,10 +38,17 @@ class CheckpointPlugin:
     def __init__(self) -> None:
         self.options = CheckpointOptions()
         self.best: dict[str, float] = {}
+        self.key, self.direction = "loss", "lower"  # the metric's value key and direction
 
     @hookimpl
     def izitorch_configure(self, config) -> None:
         self.options = plugin_options(config, "checkpoint", CheckpointOptions)
+
+    @hookimpl
+    def izitorch_run_start(self, run) -> None:
+        if self.options.policy == "best":
+            self.key = resolve(self.options.metric, run.metric_factories, "plugins.checkpoint.metric")
+            self.direction = metric_directions(run)[self.key]
 
     @hookimpl
     def izitorch_fold_start(self, run, fold) -> None:
@@ -58,9 +68,9 @@ class CheckpointPlugin:
                 self._save_if_best(run, fold, slot, epoch, scores)
 
     def _save_if_best(self, run, fold, slot, epoch, scores) -> None:
-        key = score_key(self.options.metric)
+        key = self.key
         evaluated = scores[slot.name].get(fold.eval_phase, {})
-        if key not in evaluated or not improved(self.options.metric, evaluated[key], self.best.get(slot.name)):
+        if key not in evaluated or not better(self.direction, evaluated[key], self.best.get(slot.name)):
             return
         self.best[slot.name] = evaluated[key]
         slot.keep_weights(epoch)

@@ -1,7 +1,8 @@
 """Loss, accuracy (%), IoU (fraction) and the confusion matrix, from accumulated counts.
 
-Accumulators stay on the model's device and never call ``.item()`` per batch; values are read
-once per phase. Accuracy and IoU come from the epoch's confusion matrix, not from averaging
+The built-in metrics, written to the metric protocol of :mod:`izitorch.metrics` (K members,
+optional sample mask; a lone model is K = 1). Accumulators stay on the model's device and never
+call ``.item()`` per batch; values are read once per phase. Accuracy and IoU come from the epoch's confusion matrix, not from averaging
 per-batch means, so they are exact whatever the batch sizes.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from izitorch.data import host_to_device
 
 
 #: Predictions (or losses) kept before they are counted in bulk: bounds the memory a phase
-#: holds (8 MB of int64 predictions) while counting ~2 times a phase for classification data.
+#: holds (8 MB of int64 predictions) while counting only a few times a phase.
 FLUSH_ELEMENTS = 1 << 20
 FLUSH_BATCHES = 1024
 
@@ -24,10 +25,10 @@ FLUSH_BATCHES = 1024
 class _WeightedSums:
     """Per-member sums of ``value * weight`` and of ``weight``, added up in bulk.
 
-    Adding a batch's losses to running totals costs a few small tensor operations per batch
-    (~30 us on a CPU), more than a small model's forward pass; here a batch is appended to a
-    list and the sums take one ``stack`` per ``FLUSH_BATCHES`` batches. A weight of 0 (a member
-    that did not train on the batch) leaves out its value, even a NaN.
+    Adding a batch's losses to running totals takes a few small tensor operations per batch,
+    as much as a small model's forward pass; here a batch is appended to a list and the sums
+    take one ``stack`` per ``FLUSH_BATCHES`` batches. A weight of 0 (a member that did not
+    count the batch) leaves out its value, even a NaN.
     """
 
     def __init__(self) -> None:
@@ -67,9 +68,9 @@ class _WeightedSums:
 class _CellCounts:
     """Confusion counts of K members' predictions against one truth, counted in bulk.
 
-    Counting a batch as it comes costs ~8 small tensor operations (~90 us at K = 16 on a CPU,
-    as much as the optimizer step); here a batch costs the ``argmax`` done by the caller and a
-    list append, and the counting runs once per ``FLUSH_ELEMENTS`` predictions, at the latest
+    Counting a batch as it comes takes several small tensor operations, as much as a vectorized
+    group's optimizer step; here a batch costs the ``argmax`` done by the caller and a list
+    append, and the counting runs once per ``FLUSH_ELEMENTS`` predictions, at the latest
     when the phase's values are read. Out-of-range targets (an ``ignore_index``) and samples
     that ``keep`` leaves out go to one extra cell per member that is dropped: no boolean
     indexing, so no data-dependent shape and no device synchronisation.
@@ -118,101 +119,54 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
     """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
-    for all K at once (a 64-model group: one numpy operation each instead of 64)."""
+    for all K at once (one numpy operation each, not one per member)."""
     return [{"accuracy": acc, "IoU": iou, "confusion_matrix": matrix}
             for acc, iou, matrix in zip(accuracies(matrices).tolist(), mean_ious(matrices).tolist(), matrices)]
 
 
 class LossMeter:
-    """The sample-weighted mean of the criterion's (mean-reduced) batch losses."""
+    """The sample-weighted mean of each member's criterion (mean-reduced) batch losses.
 
-    @classmethod
-    def stacked(cls, num_classes: int | None, members: int) -> "StackedLossMeter":
-        return StackedLossMeter(members)
-
-    def __init__(self, num_classes: int | None = None) -> None:
-        self.sums = _WeightedSums()
-
-    def update(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
-        self.sums.add(loss.detach(), target.shape[0] if target.ndim else 1)
-
-    def compute(self) -> dict[str, Any]:
-        means = self.sums.means()
-        return {} if means is None else {"loss": means[0]}
-
-
-class ConfusionMeter:
-    """Confusion matrix (rows true, columns predicted) for class scores ``(N, C, ...)``.
-
-    Integer targets only; other targets (regression) produce no classification metrics.
-    ``num_classes`` defaults to the output's class dimension. Targets outside ``[0, C)`` (an
-    ``ignore_index``) are left out.
+    A batch weighs its size; with ``mask``, member ``k``'s batch weighs the samples it counts,
+    ``mask[k].sum()``, and a member with none (frozen in this batch) leaves out its loss, even
+    a NaN.
     """
 
-    @classmethod
-    def stacked(cls, num_classes: int | None, members: int) -> "StackedConfusionMeter":
-        return StackedConfusionMeter(num_classes, members)
+    names = {"loss": "lower"}
 
-    def __init__(self, num_classes: int | None = None) -> None:
-        self.num_classes = num_classes
-        self.cells: _CellCounts | None = None
-        self.applies = True
-
-    def update(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
-        if not self.applies:
-            return
-        if target.is_floating_point() or output.ndim < 2 or output.shape[0] != target.shape[0]:
-            self.applies = False
-            return
-        if self.cells is None:
-            self.cells = _CellCounts(1, self.num_classes or output.shape[1])
-        self.cells.add(output.argmax(dim=1).reshape(1, -1), target.reshape(-1))
-
-    def compute(self) -> dict[str, Any]:
-        matrices = self.cells.matrices() if self.applies and self.cells is not None else None
-        return {} if matrices is None else _scores(matrices)[0]
-
-
-class StackedLossMeter:
-    """:class:`LossMeter` for the K members of a vectorized group at once (losses ``[K]``).
-
-    With ``mask`` (``[K, B]`` bool, parallel folds), member ``k``'s batch counts for the
-    samples it trained on, ``mask[k].sum()``, not for the whole batch.
-    """
-
-    accepts_mask = True
-
-    def __init__(self, members: int) -> None:
+    def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
+        self.members = members
         self.sums = _WeightedSums()
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
-               mask: torch.Tensor | None = None) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         weight = mask.sum(1) if mask is not None else target.shape[0] if target.ndim else 1
-        if active is not None:
-            weight = weight * host_to_device(torch.tensor(active, dtype=torch.float32), losses.device)
         self.sums.add(losses.detach(), weight)
 
     def compute(self) -> list[dict[str, Any]]:
         means = self.sums.means()
-        return [] if means is None else [{} if mean is None else {"loss": mean} for mean in means]
+        if means is None:
+            return [{} for _ in range(self.members)]
+        return [{} if mean is None else {"loss": mean} for mean in means]
 
 
-class StackedConfusionMeter:
-    """:class:`ConfusionMeter` for K members at once (outputs ``[K, B, C, ...]``).
+class ConfusionMeter:
+    """Each member's confusion matrix (rows true, columns predicted) for class scores
+    ``[K, B, C, ...]``, with accuracy (%) and mean IoU (fraction) from it.
 
-    With ``mask`` (``[K, B]`` bool, parallel folds), member ``k`` counts only its own samples.
+    Integer targets only; other targets (regression) produce no classification metrics.
+    ``num_classes`` defaults to the output's class dimension. Targets outside ``[0, C)`` (an
+    ``ignore_index``) are left out; with ``mask``, member ``k`` counts only its own samples.
     """
 
-    accepts_mask = True
+    names = {"accuracy": "higher", "IoU": "higher"}
 
-    def __init__(self, num_classes: int | None, members: int) -> None:
+    def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
         self.num_classes = num_classes
         self.members = members
         self.cells: _CellCounts | None = None
         self.applies = True
 
-    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, active: list[bool] | None = None,
-               mask: torch.Tensor | None = None) -> None:
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         if not self.applies:
             return
         if target.is_floating_point() or outputs.ndim < 3 or outputs.shape[1] != target.shape[0]:
@@ -226,9 +180,6 @@ class StackedConfusionMeter:
         if mask is not None:
             per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
             keep = mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
-        if active is not None:
-            flags = host_to_device(torch.tensor(active), predicted.device).reshape(members, 1).expand_as(predicted)
-            keep = flags if keep is None else keep & flags
         self.cells.add(predicted, target.reshape(-1), keep)
 
     def compute(self) -> list[dict[str, Any]]:
@@ -242,8 +193,9 @@ def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
     """``torch.bincount(pairs, minlength=cells)`` for indices known to lie in ``[0, cells)``.
 
     On CUDA, ``bincount`` reads the indices' range back to the host to size its result: a
-    device synchronisation per call (per flush of :class:`_CellCounts`). The size is known here, so an ``index_add_`` into a
-    zeroed vector counts the same without one (integer sums: exact in any order).
+    device synchronisation per call (per flush of :class:`_CellCounts`). The size is known
+    here, so an ``index_add_`` into a zeroed vector counts the same without one (integer sums:
+    exact in any order).
     """
     if pairs.is_cuda:
         return torch.zeros(cells, dtype=torch.int64, device=pairs.device).index_add_(0, pairs, torch.ones_like(pairs))

@@ -4,7 +4,9 @@
 ``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch),
 ``<model>/confusion_matrix.pkl`` and ``<model>/test_metrics.json`` (final test with the kept
 weights), per fold under ``FOLD_<k>`` with k-fold, where ``<model>/overall.json`` then holds the
-mean and standard deviation over folds; ``res_dir/results.json`` summarises every model.
+mean and standard deviation over folds; ``res_dir/results.json`` summarises every model: the
+mean and standard deviation of every scalar value of the final tests (every registered metric)
+and the direction of each declared metric.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 
 from izitorch import __version__, hookimpl
 from izitorch.io import write_json, write_pickle, write_text
+from izitorch.metrics import metric_directions
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
@@ -127,8 +130,11 @@ class TrainlogPlugin:
     @hookimpl
     def izitorch_run_finish(self, run, results) -> None:
         summary = {}
+        directions = metric_directions(run)
         for name, folds in results.items():
             summary[name] = aggregate([scalars(f) for f in folds])
+            # which way is better, for `izitorch report` (declared metrics only)
+            summary[name]["directions"] = {key: directions[key] for key in summary[name]["mean"] if key in directions}
             if len(folds) > 1:
                 write_json(run.res_dir / name / "overall.json", summary[name])
         write_json(run.res_dir / "results.json", summary)

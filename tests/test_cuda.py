@@ -271,7 +271,7 @@ def test_the_per_step_metric_and_optimizer_work_never_waits_for_the_gpu():
     """Meters and the stacked optimizer queue their work: no host-device synchronisation
     (``bincount``, pageable host-to-device copies) inside a training step."""
     from izitorch.ensemble import VectorGroup
-    from izitorch.plugins.metrics import ConfusionMeter, StackedConfusionMeter, StackedLossMeter, count_cells
+    from izitorch.plugins.metrics import ConfusionMeter, LossMeter, count_cells
 
     pairs = torch.randint(0, 12, (500,), device="cuda")
     assert torch.equal(count_cells(pairs, 13).cpu(), torch.bincount(pairs.cpu(), minlength=13))
@@ -280,8 +280,9 @@ def test_the_per_step_metric_and_optimizer_work_never_waits_for_the_gpu():
                                       i, torch.device("cuda"), ".") for i in range(3)]
     group = VectorGroup(slots)
     x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    meters = [StackedLossMeter(3), StackedConfusionMeter(10, 3)]
-    single = ConfusionMeter(10)
+    meters = [LossMeter(10, 3), ConfusionMeter(10, 3)]
+    single = ConfusionMeter(10)  # a lone model: K = 1
+    frozen_row = torch.tensor([[True], [False], [True]], device="cuda").expand(3, 32)  # member 1 frozen
     frozen = [p.detach().clone() for p in slots[1].model.parameters()]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -293,10 +294,10 @@ def test_the_per_step_metric_and_optimizer_work_never_waits_for_the_gpu():
             group.backward(losses)
             group.step([True, False, True])
             for meter in meters:
-                meter.update(outputs.detach(), y, losses.detach(), [True, False, True])
-            single.update(outputs[0].detach(), y, losses[0].detach())
+                meter.update(outputs.detach(), y, losses.detach(), frozen_row)
+            single.update(outputs[:1].detach(), y, losses[:1].detach())
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert [m["confusion_matrix"].sum() for m in meters[1].compute()] == [96, 0, 96]
-    assert meters[0].compute()[1] == {} and single.compute()["confusion_matrix"].sum() == 96
+    assert meters[0].compute()[1] == {} and single.compute()[0]["confusion_matrix"].sum() == 96
     assert all(torch.equal(a, b) for a, b in zip(frozen, slots[1].model.parameters()))  # the inactive member

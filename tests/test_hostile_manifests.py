@@ -427,6 +427,7 @@ README_CASES = {
                                 ["validate", "m.toml"]),
     "m.toml: plugins.enable:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.enable=["kfodl"]']),
     "m.toml: plugins.kfold.k:": (2, None, [], ["validate", "m.toml", "--set", "plugins.kfold.k=1"]),
+    "m.toml: plugins.checkpoint.metric:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.checkpoint.metric="f1"']),
     'm.toml: run.res_dir: res_dir "results/digits" already': (2, None, [["run", "m.toml", "--set", "run.epochs=1"]], ["run", "m.toml"]),
     'm.toml: run.res_dir: res_dir "." is': (2, None, [], ["run", "m.toml", "--set", 'run.res_dir="."']),
     'm.toml: run.res_dir: res_dir "results/digits" holds': (2, None, ["foreign"], ["run", "m.toml"]),

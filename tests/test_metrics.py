@@ -1,4 +1,7 @@
-"""The metric accumulators of plugins/metrics.py against scikit-learn, batch by batch."""
+"""The metric accumulators of plugins/metrics.py against scikit-learn, batch by batch.
+
+The meters follow the metric protocol (izitorch/metrics.py): outputs ``[K, B, ...]``, losses
+``[K]``, an optional ``[K, B]`` mask, one dict per member; a lone model is K = 1."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +10,8 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from izitorch.plugins import metrics
-from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, StackedConfusionMeter, StackedLossMeter, _CellCounts,
-                                      accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious)
+from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, _CellCounts, accuracies, accuracy, izitorch_register_metrics,
+                                      mean_iou, mean_ious)
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
 
@@ -25,9 +28,12 @@ def sk_iou(truth: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def accumulate(meter, outputs, targets, losses=None):
+    """Feed a lone model's batches (K = 1) and return its values."""
     for i, (output, target) in enumerate(zip(outputs, targets)):
-        meter.update(output, target, losses[i] if losses is not None else torch.tensor(0.0))
-    return meter.compute()
+        meter.update(output.unsqueeze(0), target, (losses[i] if losses is not None else torch.tensor(0.0)).reshape(1))
+    values = meter.compute()
+    assert len(values) == 1
+    return values[0]
 
 
 @pytest.fixture
@@ -52,8 +58,8 @@ def test_classification_against_sklearn_over_uneven_batches(generator, num_class
     assert values["accuracy"] == pytest.approx(accuracy_score(truth, predicted) * 100)
     assert values["IoU"] == pytest.approx(sk_iou(truth, predicted))
     once = ConfusionMeter(num_classes)
-    once.update(logits, targets, torch.tensor(0.0))
-    at_once = once.compute()
+    once.update(logits.unsqueeze(0), targets, torch.zeros(1))
+    at_once, = once.compute()
     assert (at_once["confusion_matrix"] == values["confusion_matrix"]).all()
     assert at_once["accuracy"] == pytest.approx(values["accuracy"])
     assert at_once["IoU"] == pytest.approx(values["IoU"])
@@ -119,10 +125,10 @@ def test_float_targets_produce_only_the_loss(generator):
     meters = [LossMeter(None), ConfusionMeter(None)]
     for output, target in batches:
         for meter in meters:
-            meter.update(output, target, loss_fn(output, target))
+            meter.update(output.unsqueeze(0), target, loss_fn(output, target).reshape(1))
     values = {}
     for meter in meters:
-        values.update(meter.compute())
+        values.update(meter.compute()[0])
     assert set(values) == {"loss"}
     assert values["loss"] == pytest.approx(loss_fn(outputs, targets).item(), rel=1e-5)
 
@@ -141,8 +147,10 @@ def test_loss_meter_is_sample_weighted(generator):
 
 
 def test_meters_without_updates_report_nothing():
-    assert LossMeter(3).compute() == {}
-    assert ConfusionMeter(3).compute() == {}
+    assert LossMeter(3).compute() == [{}]
+    assert ConfusionMeter(3).compute() == [{}]
+    assert LossMeter(3, members=2).compute() == [{}, {}]
+    assert ConfusionMeter(3, members=2).compute() == [{}, {}]
 
 
 def test_accuracy_and_iou_helpers():
@@ -167,7 +175,7 @@ def test_scores_of_a_stack_equal_each_matrix_on_its_own():
         union = matrix.sum(0) + matrix.sum(1) - tp
         # the same up to the order of the additions (absent classes are zeros in the sum)
         assert iou == pytest.approx((tp[union > 0] / union[union > 0]).mean() if (union > 0).any() else 0.0, rel=1e-14)
-    stacked = StackedConfusionMeter(4, 7)
+    stacked = ConfusionMeter(4, 7)
     stacked.cells = _CellCounts(7, 4)
     stacked.cells.counts = torch.from_numpy(np.concatenate([matrices.reshape(7, -1), np.zeros((7, 1), dtype=np.int64)], 1).reshape(-1))
     for k, scores in enumerate(stacked.compute()):
@@ -179,11 +187,12 @@ def test_register_metrics_registers_loss_and_classification():
     registered = {}
     izitorch_register_metrics(register=registered.__setitem__)
     assert registered == {"loss": LossMeter, "classification": ConfusionMeter}
+    assert LossMeter.names == {"loss": "lower"} and ConfusionMeter.names == {"accuracy": "higher", "IoU": "higher"}
 
 
 def stacked_batches(generator, members=3, classes=5, sizes=BATCHES):
     """Uneven batches of K members' outputs ``[K, B, C]``, shared targets, per-member losses,
-    parallel-fold masks and, on some batches, members left out (``active``)."""
+    parallel-fold masks and, on some batches, members left out (``active``: frozen)."""
     batches = []
     for i, size in enumerate(sizes):
         outputs = torch.randn(members, size, classes, generator=generator)
@@ -204,11 +213,15 @@ def test_stacked_meters_equal_one_meter_per_member(generator, monkeypatch, flush
         monkeypatch.setattr(metrics, "FLUSH_ELEMENTS", 40)
         monkeypatch.setattr(metrics, "FLUSH_BATCHES", 2)
     batches = stacked_batches(generator)
-    stacked = [StackedLossMeter(3), StackedConfusionMeter(5, 3)]
+    stacked = [LossMeter(5, 3), ConfusionMeter(5, 3)]
     alone = [[LossMeter(5), ConfusionMeter(5)] for _ in range(3)]
     for outputs, target, losses, mask, active in batches:
+        given = mask if masked else None
+        if active is not None:  # frozen members count nothing: an all-False row, as the engine passes
+            rows = torch.tensor(active).reshape(-1, 1).expand(3, target.shape[0])
+            given = rows if given is None else given & rows
         for meter in stacked:
-            meter.update(outputs, target, losses, active, mask=mask if masked else None)
+            meter.update(outputs, target, losses, given)
         for k in range(3):
             if active is not None and not active[k]:
                 continue
@@ -216,10 +229,10 @@ def test_stacked_meters_equal_one_meter_per_member(generator, monkeypatch, flush
             if masked and not rows.any():
                 continue
             for meter in alone[k]:
-                meter.update(outputs[k][rows], target[rows], losses[k])
+                meter.update(outputs[k][rows].unsqueeze(0), target[rows], losses[k].reshape(1))
     merged = [{**loss, **confusion} for loss, confusion in zip(*(meter.compute() for meter in stacked))]
     for k in range(3):
-        expected = {**alone[k][0].compute(), **alone[k][1].compute()}
+        expected = {**alone[k][0].compute()[0], **alone[k][1].compute()[0]}
         assert merged[k]["loss"] == pytest.approx(expected["loss"], rel=1e-6)
         assert (merged[k]["confusion_matrix"] == expected["confusion_matrix"]).all()
         assert merged[k]["accuracy"] == pytest.approx(expected["accuracy"])
@@ -227,9 +240,10 @@ def test_stacked_meters_equal_one_meter_per_member(generator, monkeypatch, flush
 
 
 def test_a_member_left_out_of_a_batch_keeps_its_nan_loss_out(generator):
-    meter = StackedLossMeter(2)
+    meter = LossMeter(None, 2)
     meter.update(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.tensor([1.0, 2.0]))
-    meter.update(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.tensor([float("nan"), 4.0]), [False, True])
+    frozen = torch.tensor([[False] * 4, [True] * 4])
+    meter.update(torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), torch.tensor([float("nan"), 4.0]), frozen)
     assert [m["loss"] for m in meter.compute()] == [1.0, 3.0]
 
 
