@@ -58,7 +58,7 @@ def registered(hook: Any) -> dict[str, Any]:
 
     def register(name: str, factory: Callable[..., Any]) -> None:
         names = getattr(factory, "names", None)
-        if names is not None and (not isinstance(names, dict) or not names
+        if names is not None and (not isinstance(names, dict)  # empty: a metric with no scalar value (a confusion matrix only)
                                   or not all(isinstance(k, str) and v in DIRECTIONS for k, v in names.items())):
             raise IzitorchError(f'metric "{name}": names must map each value it computes to "higher" or "lower" '
                                 f'(e.g. names = {{"mae": "lower"}}), found {describe(names)}', "plugins")
