@@ -28,7 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from izitorch import __version__
+    from izitorch.version import __version__
 
     parser = ArgumentParser(prog="izitorch", description="Train and compare PyTorch models described by a TOML manifest.")
     parser.add_argument("--version", action="version", version=f"izitorch {__version__}")
@@ -118,7 +118,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from izitorch.plugins.console import comparison_table
+    from izitorch.table import comparison_table
 
     res_dir = Path(args.res_dir)
     summary_file = res_dir / "results.json"
@@ -131,7 +131,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def read_summary(path: Path) -> dict[str, list[dict]]:
     """``results.json`` as the comparison table takes it (each model's mean scores), refused in one
     line when it is not what a run writes: truncated, not JSON, or of another structure."""
-    from izitorch.plugins.console import COLUMNS
+    from izitorch.table import COLUMNS
 
     try:
         summary = json.loads(path.read_bytes().decode("utf-8"))

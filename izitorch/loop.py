@@ -19,7 +19,7 @@ from izitorch.data import loading_error, make_loaders, to_device
 from izitorch.errors import IzitorchError, TrainingError, error_text, first_line
 from izitorch.guard import Interrupted
 from izitorch.metrics import compute_all, meters_for
-from izitorch.pluginmanager import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.reproducibility import seed_everything
 from izitorch.state import Fold, Run, Scores, Slot
 

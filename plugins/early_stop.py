@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import attrs
 
-from izitorch import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.config import at_least, doc, one_of
 from izitorch.options import METRIC_ALIASES, improved, plugin_options, score_key
 

@@ -18,7 +18,8 @@ import attrs
 import numpy as np
 import torch
 
-from izitorch import __version__, hookimpl
+from izitorch.hookspecs import hookimpl
+from izitorch.version import __version__
 from izitorch.io import write_json, write_pickle, write_text
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
