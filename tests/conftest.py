@@ -49,36 +49,44 @@ MLP = {"name": "mlp", "model": "izitorch.models:MLP", "params": {"hidden": 16}, 
 
 def merged(base: dict, overrides: dict) -> dict:
     """A copy of ``base`` with ``overrides`` laid over it: a dotted key (``"run.epochs"``) or a
-    nested dict reaches into tables, a dict merges into a table, any other value replaces, and
-    ``None`` removes the key."""
+    nested dict reaches into tables, a dict merges into a table, any other value replaces.
+    ``None`` marks a key to leave out: it stays a ``None`` through later merges (so it can be laid
+    over a default afterwards) and :func:`make_manifest` drops it."""
     result = copy.deepcopy(base)
     for key, value in overrides.items():
         *tables, last = key.split(".")
         table = result
         for name in tables:
             table = table.setdefault(name, {})
-        if value is None:
-            table.pop(last, None)
-        elif isinstance(value, dict) and isinstance(table.get(last), dict):
+        if isinstance(value, dict) and isinstance(table.get(last), dict):
             table[last] = merged(table[last], value)
         else:
             table[last] = copy.deepcopy(value)
     return result
 
 
+def _without_none(value):
+    """``value`` with every ``None`` left out of its tables, at any depth (TOML has no null)."""
+    if isinstance(value, dict):
+        return {key: _without_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_none(item) for item in value]
+    return value
+
+
 def make_manifest(folder: Path, overrides: dict | None = None, *, name: str = "m.toml", models: list[dict] | None = None, **tables) -> Path:
     """Write a manifest into ``folder`` and return its path: the tiny run (300 digits, 2 epochs,
     batch 32, one MLP of 16 hidden units named "mlp", Adam lr 1e-2, results in folder/res) with
     ``overrides`` (dotted keys) and ``tables`` (``run={"epochs": 3}``, ``plugins={...}``) laid
-    over it as :func:`merged` does. ``models`` lists the models, each laid over the MLP above
-    (``models=[{"name": "a"}, {"name": "b", "params": {"hidden": 8}}]``).
+    over it as :func:`merged` does (``None`` leaves a key out). ``models`` lists the models, each
+    laid over the MLP above (``models=[{"name": "a"}, {"name": "b", "params": {"hidden": 8}}]``).
     """
     data = merged(TINY, {"run.res_dir": (folder / "res").as_posix()})
     data["models"] = [merged(MLP, model) for model in (models if models is not None else [{}])]
     data = merged(merged(data, tables), overrides or {})
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    path.write_text(tomli_w.dumps(_without_none(data)), encoding="utf-8")
     return path
 
 

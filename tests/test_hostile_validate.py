@@ -465,11 +465,9 @@ class Flaky(torch.optim.SGD):
 '''
 
 
-def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(write_manifest, tmp_path, capsys):
+def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(manifest, tmp_path, capsys):
     (tmp_path / "flaky.py").write_text(BAD_OPTIMIZER)
-    path = write_manifest()
-    path.write_text(path.read_text().replace('optimizer = { class = "torch.optim:Adam", lr = 1e-2 }',
-                                             'optimizer = { class = "flaky.py:Flaky", lr = 1e-2 }'))
+    path = manifest(models=[{"optimizer": {"class": "flaky.py:Flaky"}}])
     code, _, err = cli(capsys, "run", path)
     assert code == 1
     assert error_of(err) == f"{path}: model mlp: the backward pass or optimizer step failed: KeyError: 'momentum_buffer'"

@@ -32,7 +32,7 @@ def manifest(tmp_path: Path, name: str, mode: str = "auto", nan_policy: str = "s
     """tmp_path/NAME.toml, results in tmp_path/NAME: the MEMBERS, each with ``members[name]``
     laid over it (``None`` leaves it out), 240 digits, 3 epochs."""
     models = [{"name": member, "model": model, "params": {"hidden": 16, "dropout": dropout}, **entry}
-              for member, entry in merged(MEMBERS, members or {}).items()]
+              for member, entry in merged(MEMBERS, members or {}).items() if entry is not None]
     return make_manifest(tmp_path, name=f"{name}.toml", models=models,
                          run={"res_dir": (tmp_path / name).as_posix(), "device": "cpu", "epochs": 3, "display_step": None,
                               "multi_model": mode, "nan_policy": nan_policy},
