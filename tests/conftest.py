@@ -111,9 +111,11 @@ def izitorch_batch_finish(run, fold, step, losses):
 
 @pytest.fixture
 def write_manifest(tmp_path: Path):
-    """``write_manifest(text=None, name="m.toml", **fmt)``: a manifest file in tmp_path.
+    """``write_manifest(text=None, name="m.toml", **fmt)``: a manifest file in tmp_path, for a
+    test whose subject is the text itself (broken syntax, odd quoting, README examples).
 
-    Without ``text``, a tiny one-model digits run (300 samples, 2 epochs) into tmp_path/res.
+    Without ``text``, TINY_MANIFEST's tiny run into tmp_path/res. A test that only varies the
+    run builds it as data with the ``manifest`` fixture instead.
     """
 
     def write(text: str | None = None, name: str = "m.toml", **fmt: str) -> Path:
