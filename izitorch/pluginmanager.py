@@ -99,7 +99,7 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
     """
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
-    versions = {ESSENTIAL: _izitorch_version()}
+    versions = {ESSENTIAL: __version__}
     _register(pm, loop, ESSENTIAL)
     known = available_plugins()
     for name in enabled_plugin_names(config):
@@ -120,7 +120,7 @@ def describe_plugins() -> list[PluginInfo]:
     implements and the options of its ``[plugins.<name>]`` table (for the CLI)."""
     from izitorch.options import declared_options
 
-    infos = [PluginInfo(ESSENTIAL, _izitorch_version(), True, tuple(sorted(_hook_names(loop))), loop.__name__, essential=True)]
+    infos = [PluginInfo(ESSENTIAL, __version__, True, tuple(sorted(_hook_names(loop))), loop.__name__, essential=True)]
     for name, ep in sorted(available_plugins().items()):
         options: tuple = ()
         try:
@@ -229,7 +229,3 @@ def _unknown_hook_message(error: pluggy.PluginValidationError) -> str:
         if word.startswith("izitorch_") and word not in specs:
             return f"implements unknown hook {word}{did_you_mean(word, specs)}"
     return text
-
-
-def _izitorch_version() -> str:
-    return __version__
