@@ -469,7 +469,7 @@ def test_the_models_listed_around_a_diverging_one_train_as_if_it_did_not_diverge
     """Stepped one after another, the models before and after the diverging one (listed in the
     middle) log and save exactly what they do next to the same model that stays finite."""
     after = {"name": "after", "params": {"hidden": 8}}
-    run = f'multi_model = "sequential"\nnan_policy = "{policy}"'
+    run = {"multi_model": "sequential", "nan_policy": policy}
     diverging = write_run(tmp_path, [{}, flaky(nan_from=NAN_AT_EPOCH_2_STEP_3), after], run=run)
     finite = write_run(tmp_path, [{}, flaky(), after], run=run, res="finite", name="finite.toml")
     assert cli(capsys, "run", diverging)[0] == 0
