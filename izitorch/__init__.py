@@ -5,7 +5,7 @@ API), :func:`load_manifest` and :func:`run`.
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+from izitorch.version import __version__
 
 
 def _plugins_of_a_source_checkout() -> None:
@@ -35,7 +35,7 @@ _plugins_of_a_source_checkout()
 from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig
 from izitorch.errors import IzitorchError, ManifestError, TrainingError
 from izitorch.manifest import load_manifest
-from izitorch.pluginmanager import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.runner import run
 from izitorch.state import Fold, Run, Scores, Slot, Split, Stash, StashKey
 from izitorch.trainRack import ModelConfig, Rack

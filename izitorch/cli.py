@@ -28,7 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from izitorch import __version__
+    from izitorch.version import __version__
 
     parser = ArgumentParser(prog="izitorch", description="Train and compare PyTorch models described by a TOML manifest.")
     parser.add_argument("--version", action="version", version=f"izitorch {__version__}")
@@ -120,7 +120,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from izitorch.plugins.console import comparison_table
+    from izitorch.table import comparison_table
 
     res_dir = Path(args.res_dir)
     summary_file = res_dir / "results.json"
@@ -141,7 +141,7 @@ def read_summary(path: Path) -> dict[str, list[dict]]:
 def load_summary(path: Path) -> dict[str, dict]:
     """``results.json``: each model's ``mean`` (a number for every metric) and, when written,
     ``directions`` (value name -> "higher" / "lower"); refused in one line otherwise."""
-    from izitorch.plugins.console import is_metric
+    from izitorch.table import is_metric
 
     try:
         summary = json.loads(path.read_bytes().decode("utf-8"))

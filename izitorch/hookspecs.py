@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from izitorch.state import Fold, Run, Scores, Slot, Split
 
 hookspec = pluggy.HookspecMarker("izitorch")
-hookimpl = pluggy.HookimplMarker("izitorch")
+hookimpl = pluggy.HookimplMarker("izitorch")  # what plugins mark their hooks with; izitorch.hookimpl
 
 
 # -- set-up -----------------------------------------------------------------------------------

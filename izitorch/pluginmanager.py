@@ -18,16 +18,16 @@ from typing import Any
 import attrs
 import pluggy
 
-from izitorch import hookspecs
-from izitorch.hookspecs import hookimpl  # noqa: F401 - izitorch.pluginmanager.hookimpl, as plugins imported it
+from izitorch import hookspecs, loop
 from izitorch.config import Config
 from izitorch.errors import IzitorchError, ManifestError, TrainingError, did_you_mean, error_text, one_line
+from izitorch.hookspecs import hookimpl as hookimpl  # re-exported: older plugins import it from here
 from izitorch.references import _import_file
+from izitorch.version import __version__
 
 GROUP = "izitorch"
 ESSENTIAL = "loop"
 DEFAULT_PLUGINS = ("holdout", "metrics", "checkpoint", "trainlog", "console")
-
 
 
 @attrs.frozen
@@ -98,11 +98,9 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
 
     Returns the manager and ``{plugin name: version}`` for the run's ``conf.json``.
     """
-    from izitorch import loop  # the essential plugin
-
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
-    versions = {ESSENTIAL: _izitorch_version()}
+    versions = {ESSENTIAL: __version__}
     _register(pm, loop, ESSENTIAL)
     known = available_plugins()
     for name in enabled_plugin_names(config):
@@ -121,10 +119,9 @@ def make_plugin_manager(config: Config) -> tuple[pluggy.PluginManager, dict[str,
 def describe_plugins() -> list[PluginInfo]:
     """The essential loop, then every installed plugin, with its version, the hooks it
     implements and the options of its ``[plugins.<name>]`` table (for the CLI)."""
-    from izitorch import loop
     from izitorch.options import declared_options
 
-    infos = [PluginInfo(ESSENTIAL, _izitorch_version(), True, tuple(sorted(_hook_names(loop))), loop.__name__, essential=True)]
+    infos = [PluginInfo(ESSENTIAL, __version__, True, tuple(sorted(_hook_names(loop))), loop.__name__, essential=True)]
     for name, ep in sorted(available_plugins().items()):
         options: tuple = ()
         try:
@@ -233,9 +230,3 @@ def _unknown_hook_message(error: pluggy.PluginValidationError) -> str:
         if word.startswith("izitorch_") and word not in specs:
             return f"implements unknown hook {word}{did_you_mean(word, specs)}"
     return text
-
-
-def _izitorch_version() -> str:
-    from izitorch import __version__
-
-    return __version__

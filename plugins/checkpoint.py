@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import attrs
 
-from izitorch import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.config import doc, one_of
 from izitorch.io import save_torch, write_json
 from izitorch.metrics import metric_directions, resolve

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import attrs
 
-from izitorch import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.config import at_least, doc
 from izitorch.metrics import metric_directions, resolve
 from izitorch.options import better, metric_option, plugin_options

@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from izitorch import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.config import FieldError, doc
 from izitorch.errors import ManifestError
 from izitorch.options import plugin_options

@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from izitorch import Run, Split, hookimpl
+from izitorch.hookspecs import hookimpl
+from izitorch.state import Run, Split
 from izitorch.errors import IzitorchError
 
 

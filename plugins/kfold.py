@@ -13,7 +13,8 @@ import attrs
 import numpy as np
 from sklearn.model_selection import KFold
 
-from izitorch import Run, Split, hookimpl
+from izitorch.hookspecs import hookimpl
+from izitorch.state import Run, Split
 from izitorch.config import at_least, doc
 from izitorch.errors import IzitorchError
 from izitorch.options import plugin_options

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from izitorch import hookimpl
+from izitorch.hookspecs import hookimpl
 from izitorch.data import host_to_device
 
 

@@ -20,7 +20,8 @@ import attrs
 import numpy as np
 import torch
 
-from izitorch import __version__, hookimpl
+from izitorch.hookspecs import hookimpl
+from izitorch.version import __version__
 from izitorch.io import write_json, write_pickle, write_text
 from izitorch.metrics import metric_directions
 

@@ -1,6 +1,8 @@
 """Shared helpers: tiny manifests on the bundled digits data, and a CLI runner."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+import tomli_w
 import torch
 
 # Two cores for the whole suite: one thread per process keeps parallel subprocesses from thrashing.
@@ -36,6 +39,64 @@ params = {{ hidden = 16 }}
 optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
 """
 
+# The tiny run as data: what make_manifest writes unless told otherwise (TINY_MANIFEST's values).
+TINY = {
+    "run": {"epochs": 2, "batch_size": 32, "display_step": 1000},
+    "data": {"dataset": "izitorch.datasets:digits", "params": {"limit": 300}, "num_classes": 10},
+}
+MLP = {"name": "mlp", "model": "izitorch.models:MLP", "params": {"hidden": 16}, "optimizer": {"class": "torch.optim:Adam", "lr": 1e-2}}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """A copy of ``base`` with ``overrides`` laid over it: a dotted key (``"run.epochs"``) or a
+    nested dict reaches into tables, a dict merges into a table, any other value replaces.
+    ``None`` marks a key to leave out: it stays a ``None`` through later merges (so it can be laid
+    over a default afterwards) and :func:`make_manifest` drops it."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        *tables, last = key.split(".")
+        table = result
+        for name in tables:
+            table = table.setdefault(name, {})
+        if isinstance(value, dict) and isinstance(table.get(last), dict):
+            table[last] = merged(table[last], value)
+        else:
+            table[last] = copy.deepcopy(value)
+    return result
+
+
+def _without_none(value):
+    """``value`` with every ``None`` left out of its tables, at any depth (TOML has no null)."""
+    if isinstance(value, dict):
+        return {key: _without_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_none(item) for item in value]
+    return value
+
+
+def make_manifest(folder: Path, overrides: dict | None = None, *, name: str = "m.toml", models: list[dict] | None = None, **tables) -> Path:
+    """Write a manifest into ``folder`` and return its path: the tiny run (300 digits, 2 epochs,
+    batch 32, one MLP of 16 hidden units named "mlp", Adam lr 1e-2, results in folder/res) with
+    ``overrides`` (dotted keys) and ``tables`` (``run={"epochs": 3}``, ``plugins={...}``) laid
+    over it as :func:`merged` does (``None`` leaves a key out). ``models`` lists the models, each
+    laid over the MLP above (``models=[{"name": "a"}, {"name": "b", "params": {"hidden": 8}}]``).
+    """
+    data = merged(TINY, {"run.res_dir": (folder / "res").as_posix()})
+    data["models"] = [merged(MLP, model) for model in (models if models is not None else [{}])]
+    data = merged(merged(data, tables), overrides or {})
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(_without_none(data)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def manifest(tmp_path: Path):
+    """``manifest(overrides=None, *, name="m.toml", models=None, **tables)``: :func:`make_manifest`
+    in tmp_path."""
+    return functools.partial(make_manifest, tmp_path)
+
+
 # A plugin file that SIGKILLs the run at the batch named by KILL_AT="fold,epoch,step".
 KILLER = """\
 import os, signal
@@ -50,9 +111,11 @@ def izitorch_batch_finish(run, fold, step, losses):
 
 @pytest.fixture
 def write_manifest(tmp_path: Path):
-    """``write_manifest(text=None, name="m.toml", **fmt)``: a manifest file in tmp_path.
+    """``write_manifest(text=None, name="m.toml", **fmt)``: a manifest file in tmp_path, for a
+    test whose subject is the text itself (broken syntax, odd quoting, README examples).
 
-    Without ``text``, a tiny one-model digits run (300 samples, 2 epochs) into tmp_path/res.
+    Without ``text``, TINY_MANIFEST's tiny run into tmp_path/res. A test that only varies the
+    run builds it as data with the ``manifest`` fixture instead.
     """
 
     def write(text: str | None = None, name: str = "m.toml", **fmt: str) -> Path:

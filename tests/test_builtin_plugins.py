@@ -24,42 +24,16 @@ from conftest import run_cli
 
 SIZE = 300
 
-TWO_MODELS = """\
-[run]
-res_dir = "{res_dir}"
-epochs = {epochs}
-batch_size = 32
-display_step = {display_step}
-
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 300 }}
-num_classes = 10
-
-[[models]]
-name = "{first}"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16 }}
-optimizer = {first_optimizer}
-
-[[models]]
-name = "{second}"
-model = "izitorch.models:MLP"
-params = {{ hidden = 24 }}
-optimizer = {second_optimizer}
-
-{extra}
-"""
-
-ADAM = '{ class = "torch.optim:Adam", lr = 1e-2 }'
-FROZEN = '{ class = "torch.optim:SGD", lr = 0.0 }'
+ADAM = {"class": "torch.optim:Adam", "lr": 1e-2}
+FROZEN = {"class": "torch.optim:SGD", "lr": 0.0}
 
 
-def two_models(tmp_path: Path, *, epochs=2, display_step=1000, first="a", second="b",
-               first_optimizer=ADAM, second_optimizer=ADAM, extra="") -> str:
-    return TWO_MODELS.format(res_dir=(tmp_path / "res").as_posix(), epochs=epochs, display_step=display_step,
-                             first=first, second=second, first_optimizer=first_optimizer,
-                             second_optimizer=second_optimizer, extra=extra)
+def two_models(manifest, *, epochs=2, display_step=1000, first="a", second="b",
+               first_optimizer=ADAM, second_optimizer=ADAM, second_model=None, plugins=None) -> Path:
+    """The tiny run with two MLPs (16 and 24 hidden units); ``second_model`` adds keys to the second."""
+    models = [{"name": first, "optimizer": first_optimizer},
+              {"name": second, "params": {"hidden": 24}, "optimizer": second_optimizer, **(second_model or {})}]
+    return manifest(run={"epochs": epochs, "display_step": display_step}, models=models, **({"plugins": plugins} if plugins else {}))
 
 
 def run_manifest(path: Path, *sets: str):
@@ -160,12 +134,12 @@ def izitorch_run_finish(run, results):
 """
 
 
-def run_with_grad_recorder(write_manifest, tmp_path: Path, clip: str):
+def run_with_grad_recorder(manifest, tmp_path: Path, clip: dict | None):
     plugin = tmp_path / "grad_recorder.py"
     plugin.write_text(GRAD_RECORDER.format(out=str(tmp_path / "grads.pkl")), encoding="utf-8")
-    extra = f'[plugins]\nenable = ["{plugin.as_posix()}"]\n{clip}'
-    high = '{ class = "torch.optim:SGD", lr = 0.5 }'
-    path = write_manifest(two_models(tmp_path, epochs=1, first_optimizer=high, second_optimizer=high, extra=extra))
+    plugins = {"enable": [plugin.as_posix()], **({"grad_clip": clip} if clip else {})}
+    high = {"class": "torch.optim:SGD", "lr": 0.5}
+    path = two_models(manifest, epochs=1, first_optimizer=high, second_optimizer=high, plugins=plugins)
     run_manifest(path)
     records = read(tmp_path / "grads.pkl")
     assert {name for name, _, _ in records} == {"a", "b"}
@@ -173,8 +147,8 @@ def run_with_grad_recorder(write_manifest, tmp_path: Path, clip: str):
     return records
 
 
-def test_grad_clip_by_value_end_to_end(write_manifest, tmp_path):
-    records = run_with_grad_recorder(write_manifest, tmp_path, "[plugins.grad_clip]\nvalue = 0.0078125\n")
+def test_grad_clip_by_value_end_to_end(manifest, tmp_path):
+    records = run_with_grad_recorder(manifest, tmp_path, {"value": 0.0078125})
     clipped = 0
     for _, before, after in records:
         for old, new in zip(before, after):
@@ -184,8 +158,8 @@ def test_grad_clip_by_value_end_to_end(write_manifest, tmp_path):
     assert clipped > 0  # the raw gradients did exceed the bound
 
 
-def test_grad_clip_by_norm_end_to_end_is_per_model(write_manifest, tmp_path):
-    records = run_with_grad_recorder(write_manifest, tmp_path, "[plugins.grad_clip]\nmax_norm = 0.2\n")
+def test_grad_clip_by_norm_end_to_end_is_per_model(manifest, tmp_path):
+    records = run_with_grad_recorder(manifest, tmp_path, {"max_norm": 0.2})
     clipped = 0
     for _, before, after in records:
         raw, now = total_norm(before), total_norm(after)
@@ -198,19 +172,19 @@ def test_grad_clip_by_norm_end_to_end_is_per_model(write_manifest, tmp_path):
     assert clipped > 0
 
 
-def test_without_grad_clip_gradients_are_untouched(write_manifest, tmp_path):
-    records = run_with_grad_recorder(write_manifest, tmp_path, "")
+def test_without_grad_clip_gradients_are_untouched(manifest, tmp_path):
+    records = run_with_grad_recorder(manifest, tmp_path, None)
     assert all(all(torch.equal(o, n) for o, n in zip(before, after)) for _, before, after in records)
     assert max(g.abs().max().item() for _, before, _ in records for g in before) > 0.01
 
 
 @pytest.mark.parametrize("table,message", [
-    ("value = 1.0\nmax_norm = 1.0", "set exactly one of value"),
-    ("norm_type = 2.0", "set exactly one of value"),
-    ("value = -1.0", "plugins.grad_clip.value: expected a number > 0"),
+    ({"value": 1.0, "max_norm": 1.0}, "set exactly one of value"),
+    ({"norm_type": 2.0}, "set exactly one of value"),
+    ({"value": -1.0}, "plugins.grad_clip.value: expected a number > 0"),
 ])
-def test_grad_clip_options_are_checked(write_manifest, tmp_path, table, message):
-    path = write_manifest(two_models(tmp_path, extra=f"[plugins.grad_clip]\n{table}\n"))
+def test_grad_clip_options_are_checked(manifest, tmp_path, table, message):
+    path = two_models(manifest, plugins={"grad_clip": table})
     with pytest.raises(ManifestError) as caught:
         run_manifest(path)
     assert message in str(caught.value)
@@ -221,10 +195,10 @@ def test_grad_clip_options_are_checked(write_manifest, tmp_path, table, message)
 # -- early_stop -----------------------------------------------------------------------------------
 
 
-def test_early_stop_is_per_model(write_manifest, tmp_path):
-    extra = '[plugins.early_stop]\npatience = 2\nmetric = "loss"\n'
-    path = write_manifest(two_models(tmp_path, epochs=5, first="frozen", second="learner",
-                                     first_optimizer=FROZEN, second_optimizer=ADAM, extra=extra))
+def test_early_stop_is_per_model(manifest, tmp_path):
+    plugins = {"early_stop": {"patience": 2, "metric": "loss"}}
+    path = two_models(manifest, epochs=5, first="frozen", second="learner",
+                      first_optimizer=FROZEN, second_optimizer=ADAM, plugins=plugins)
     res, results = run_manifest(path)
     frozen, learner = read(res / "frozen" / "trainlog.json"), read(res / "learner" / "trainlog.json")
     # the learner trains and is evaluated every epoch
@@ -244,9 +218,9 @@ def test_early_stop_is_per_model(write_manifest, tmp_path):
     assert set(results) == {"frozen", "learner"}
 
 
-def test_fold_ends_when_every_model_stopped(write_manifest, tmp_path, capsys):
-    extra = "[plugins.early_stop]\npatience = 1\n"
-    path = write_manifest(two_models(tmp_path, epochs=5, first_optimizer=FROZEN, second_optimizer=FROZEN, extra=extra))
+def test_fold_ends_when_every_model_stopped(manifest, tmp_path, capsys):
+    plugins = {"early_stop": {"patience": 1}}
+    path = two_models(manifest, epochs=5, first_optimizer=FROZEN, second_optimizer=FROZEN, plugins=plugins)
     res, _ = run_manifest(path)
     for name in ("a", "b"):
         log = read(res / name / "trainlog.json")
@@ -256,10 +230,10 @@ def test_fold_ends_when_every_model_stopped(write_manifest, tmp_path, capsys):
     assert "every model stopped early" in capsys.readouterr().out
 
 
-def test_early_stop_uses_validation_and_min_delta(write_manifest, tmp_path):
+def test_early_stop_uses_validation_and_min_delta(manifest, tmp_path):
     # a learner whose improvements are all below min_delta counts as not improving
-    extra = '[plugins.early_stop]\npatience = 1\nmetric = "acc"\nmin_delta = 1000.0\n'
-    path = write_manifest(two_models(tmp_path, epochs=4, extra=extra))
+    plugins = {"early_stop": {"patience": 1, "metric": "acc", "min_delta": 1000.0}}
+    path = two_models(manifest, epochs=4, plugins=plugins)
     res, _ = run_manifest(path, "data.validation=true")
     for name in ("a", "b"):
         log = read(res / name / "trainlog.json")
@@ -270,10 +244,10 @@ def test_early_stop_uses_validation_and_min_delta(write_manifest, tmp_path):
 # -- scheduler ------------------------------------------------------------------------------------
 
 
-def test_scheduler_steps_once_per_epoch_after_the_optimizer(write_manifest, tmp_path):
-    scheduler = '\nscheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }'
-    extra = '[plugins.checkpoint]\npolicy = "all"\n[plugins.kfold]\nk = 2\n'
-    path = write_manifest(two_models(tmp_path, epochs=3, second_optimizer=ADAM + scheduler, extra=extra))
+def test_scheduler_steps_once_per_epoch_after_the_optimizer(manifest, tmp_path):
+    scheduler = {"scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.5}}
+    plugins = {"checkpoint": {"policy": "all"}, "kfold": {"k": 2}}
+    path = two_models(manifest, epochs=3, second_model=scheduler, plugins=plugins)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res, _ = run_manifest(path)
@@ -301,8 +275,8 @@ def test_scheduler_before_optimizer_would_be_detected():
 # -- console --------------------------------------------------------------------------------------
 
 
-def test_console_epoch_step_lines_and_final_table(write_manifest, tmp_path, capsys):
-    path = write_manifest(two_models(tmp_path, epochs=3, display_step=3, first="alpha", second="beta"))
+def test_console_epoch_step_lines_and_final_table(manifest, capsys):
+    path = two_models(manifest, epochs=3, display_step=3, first="alpha", second="beta")
     _, results = run_manifest(path)
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -320,8 +294,8 @@ def test_console_epoch_step_lines_and_final_table(write_manifest, tmp_path, caps
         assert f"{results[name][0]['loss']:.4f}" in row
 
 
-def test_console_display_step_larger_than_an_epoch_prints_no_step_lines(write_manifest, tmp_path, capsys):
-    run_manifest(write_manifest(two_models(tmp_path, epochs=1, display_step=1000)))
+def test_console_display_step_larger_than_an_epoch_prints_no_step_lines(manifest, capsys):
+    run_manifest(two_models(manifest, epochs=1, display_step=1000))
     out = capsys.readouterr().out
     assert not re.search(r"^\s*step ", out, re.M)
     assert re.search(r"^epoch 1/1: ", out, re.M)
@@ -354,15 +328,14 @@ class RecordingBar:
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_console_shows_one_bar_per_pass_over_the_training_data(write_manifest, tmp_path, monkeypatch, parallel):
+def test_console_shows_one_bar_per_pass_over_the_training_data(manifest, monkeypatch, parallel):
     """Sequential folds: a bar per fold and epoch. Parallel folds share one pass: one bar an
     epoch, filled once per batch of that pass (not once per fold), and closed."""
     from izitorch.plugins import console
 
     RecordingBar.made = []
     monkeypatch.setattr(console, "tqdm", RecordingBar)
-    kfold = f"[plugins]\nenable = [\"kfold\"]\n[plugins.kfold]\nk = 3\nparallel = {str(parallel).lower()}\n"
-    run_manifest(write_manifest(two_models(tmp_path, epochs=2, extra=kfold)))
+    run_manifest(two_models(manifest, epochs=2, plugins={"enable": ["kfold"], "kfold": {"k": 3, "parallel": parallel}}))
     bars = RecordingBar.made
     # parallel: the pass goes over all 300 samples (each a training sample of two folds); sequential: 200
     batches = -(-300 // 32) if parallel else -(-200 // 32)
@@ -431,8 +404,8 @@ def test_kfold_with_validation_needs_k_at_least_3():
     assert len(splits) == 2 and all(s.val is None for s in splits)
 
 
-def test_kfold_with_validation_and_k_2_fails_on_the_cli(write_manifest, tmp_path):
-    path = write_manifest()
+def test_kfold_with_validation_and_k_2_fails_on_the_cli(manifest, tmp_path):
+    path = manifest()
     done = run_cli("run", str(path), "--set", "plugins.kfold.k=2", "--set", "data.validation=true", cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -441,30 +414,14 @@ def test_kfold_with_validation_and_k_2_fails_on_the_cli(write_manifest, tmp_path
     assert not (tmp_path / "res" / "mlp" / "trainlog.json").exists()
 
 
-def test_kfold_k_below_2_is_a_manifest_error(write_manifest):
+def test_kfold_k_below_2_is_a_manifest_error(manifest):
     with pytest.raises(ManifestError, match=r"plugins\.kfold\.k: expected an integer >= 2, got 1"):
-        run_manifest(write_manifest(), "plugins.kfold.k=1")
+        run_manifest(manifest(), "plugins.kfold.k=1")
 
 
-def test_the_epoch_at_which_a_model_stops_early_says_so_in_its_trainlog(write_manifest, tmp_path):
-    path = write_manifest(
-        f"""
-        [run]
-        res_dir = "{(tmp_path / 'res').as_posix()}"
-        epochs = 6
-        batch_size = 32
-        [data]
-        dataset = "izitorch.datasets:digits"
-        params = {{ limit = 200 }}
-        num_classes = 10
-        [[models]]
-        name = "frozen"
-        model = "izitorch.models:MLP"
-        optimizer = {{ class = "torch.optim:SGD", lr = 0.0 }}
-        [plugins.early_stop]
-        patience = 2
-        """
-    )
+def test_the_epoch_at_which_a_model_stops_early_says_so_in_its_trainlog(manifest, tmp_path):
+    path = manifest(run={"epochs": 6, "display_step": None}, data={"params": {"limit": 200}},
+                    models=[{"name": "frozen", "params": None, "optimizer": FROZEN}], plugins={"early_stop": {"patience": 2}})
     izitorch.run(izitorch.load_manifest(path))
     log = json.loads((tmp_path / "res" / "frozen" / "trainlog.json").read_text())
     assert list(log) == ["1", "2", "3"]  # lr = 0: no improvement after epoch 1, patience 2

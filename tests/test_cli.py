@@ -21,16 +21,10 @@ from izitorch import hookspecs, loop
 from izitorch.models import MLP
 from izitorch.pluginmanager import DEFAULT_PLUGINS, available_plugins
 
-from conftest import TINY_MANIFEST, plain_scores, run_cli
+from conftest import make_manifest, plain_scores, run_cli
 
 BUILTINS = ("holdout", "kfold", "metrics", "checkpoint", "grad_clip", "early_stop", "trainlog", "console")
 DEFAULT_PLUGIN_LINE = "plugins: loop, holdout, metrics, checkpoint, trainlog, console"
-
-
-def write_tiny(folder: Path, res_dir: Path, name: str = "m.toml", text: str = TINY_MANIFEST) -> Path:
-    path = folder / name
-    path.write_text(text.format(res_dir=res_dir.as_posix()), encoding="utf-8")
-    return path
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, code: int, expected: str) -> None:
@@ -46,15 +40,15 @@ def finished(tmp_path_factory):
     """One tiny run through the CLI, shared by the tests that only read its outputs."""
     folder = tmp_path_factory.mktemp("finished")
     res_dir = folder / "res"
-    manifest = write_tiny(folder, res_dir)
+    manifest = make_manifest(folder)
     done = run_cli("run", str(manifest), cwd=folder)
     return manifest, res_dir, done
 
 
 # -- validate -----------------------------------------------------------------------------------
 
-def test_validate_good_manifest(write_manifest, tmp_path):
-    path = write_manifest()
+def test_validate_good_manifest(manifest, tmp_path):
+    path = manifest()
     done = run_cli("validate", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
@@ -62,21 +56,21 @@ def test_validate_good_manifest(write_manifest, tmp_path):
     assert not (tmp_path / "res").exists()  # validating trains nothing and writes nothing
 
 
-def test_validate_with_overrides_lists_the_enabled_plugins(write_manifest, tmp_path):
-    path = write_manifest()
+def test_validate_with_overrides_lists_the_enabled_plugins(manifest, tmp_path):
+    path = manifest()
     done = run_cli("validate", str(path), "--set", "plugins.kfold.k=3", "--set", "plugins.grad_clip.value=1.0", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}, kfold, grad_clip)\n"
 
 
 BAD = [
-    # (id, command, replace in the tiny manifest (old, new), extra CLI args, expected message after "<file>: ")
-    ("epochs-0", "validate", ("epochs = 2", "epochs = 0"), [], "run.epochs: expected an integer >= 1, got 0"),
-    ("lr-fast", "validate", ("lr = 1e-2", 'lr = "fast"'), [], 'models[0].optimizer.lr: expected a number, got "fast"'),
-    ("plugin-table", "validate", ("[run]", "[plugins.kfold]\nk = 1\n\n[run]"), [], "plugins.kfold.k: expected an integer >= 2, got 1"),
-    ("set-syntax", "validate", None, ["--set", "run.epochs"], '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
-    ("set-type", "run", None, ["--set", "run.batch_size=big"], 'run.batch_size: expected an integer, got "big"'),
-    ("run-unknown-plugin", "run", ("[run]", '[plugins]\nenable = ["kfld"]\n\n[run]'), [],
+    # (id, command, the tiny manifest's change (make_manifest's arguments), extra CLI args, expected message after "<file>: ")
+    ("epochs-0", "validate", {"run": {"epochs": 0}}, [], "run.epochs: expected an integer >= 1, got 0"),
+    ("lr-fast", "validate", {"models": [{"optimizer": {"lr": "fast"}}]}, [], 'models[0].optimizer.lr: expected a number, got "fast"'),
+    ("plugin-table", "validate", {"plugins": {"kfold": {"k": 1}}}, [], "plugins.kfold.k: expected an integer >= 2, got 1"),
+    ("set-syntax", "validate", {}, ["--set", "run.epochs"], '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
+    ("set-type", "run", {}, ["--set", "run.batch_size=big"], 'run.batch_size: expected an integer, got "big"'),
+    ("run-unknown-plugin", "run", {"plugins": {"enable": ["kfld"]}}, [],
      'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones'),
 ]
 
@@ -84,8 +78,7 @@ BAD = [
 @pytest.mark.parametrize("command, change, extra, expected", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
 def test_bad_manifest_exits_2_with_one_line(tmp_path, command, change, extra, expected):
     res_dir = tmp_path / "res"
-    text = TINY_MANIFEST if change is None else TINY_MANIFEST.replace(*change)
-    path = write_tiny(tmp_path, res_dir, text=text)
+    path = make_manifest(tmp_path, **change)
     done = run_cli(command, str(path), *extra, cwd=tmp_path)
     assert_one_error_line(done, 2, f"{path}: {expected}")
     assert not res_dir.exists()  # nothing is written for a manifest that does not load
@@ -131,7 +124,7 @@ def test_run_refuses_an_existing_res_dir_then_overwrite_replaces_it(finished, tm
     assert first.returncode == 0, first.stderr
     copy = tmp_path / "res"
     shutil.copytree(res_dir, copy)
-    path = write_tiny(tmp_path, copy)
+    path = make_manifest(tmp_path)  # its res_dir is the copy
     before = (copy / "results.json").read_bytes()
 
     refused = run_cli("run", str(path), cwd=tmp_path)
@@ -149,9 +142,7 @@ def test_run_refuses_an_existing_res_dir_then_overwrite_replaces_it(finished, tm
 
 
 def test_training_failure_exits_1_naming_the_model(tmp_path):
-    text = TINY_MANIFEST.replace("params = {{ hidden = 16 }}", "params = {{ hidden = 16, num_classes = 3 }}")
-    assert text != TINY_MANIFEST
-    path = write_tiny(tmp_path, tmp_path / "res", text=text)
+    path = make_manifest(tmp_path, models=[{"params": {"num_classes": 3}}])
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
@@ -254,12 +245,12 @@ SCRIPT = Path(sys.executable).parent / ("izitorch.exe" if os.name == "nt" else "
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="the izitorch console script is not installed next to this Python")
-def test_console_script_works_like_python_m(write_manifest, tmp_path):
-    good = write_manifest()
+def test_console_script_works_like_python_m(manifest, tmp_path):
+    good = manifest()
     done = subprocess.run([str(SCRIPT), "validate", str(good)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{good}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
 
-    bad = write_manifest(TINY_MANIFEST.format(res_dir="res").replace("epochs = 2", "epochs = 0"), name="bad.toml")
+    bad = manifest(run={"res_dir": "res", "epochs": 0}, name="bad.toml")
     done = subprocess.run([str(SCRIPT), "validate", str(bad)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert_one_error_line(done, 2, f"{bad}: run.epochs: expected an integer >= 1, got 0")

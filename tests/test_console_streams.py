@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MANIFEST
+from conftest import make_manifest
 
 from izitorch.cli import main
 
@@ -42,10 +42,9 @@ def assert_same_run(res: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The same run as ``write_manifest()``'s, in this process with a working console."""
+    """The same run as ``manifest()``'s, in this process with a working console."""
     folder = tmp_path_factory.mktemp("reference")
-    path = folder / "ref.toml"
-    path.write_text(TINY_MANIFEST.format(res_dir=(folder / "ref").as_posix()), encoding="utf-8")
+    path = make_manifest(folder, {"run.res_dir": (folder / "ref").as_posix()}, name="ref.toml")
     assert main(["run", str(path)]) == 0
     return folder / "ref"
 
@@ -68,10 +67,9 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 
 
 @pytest.mark.parametrize("where", ["stdout to a closed pipe", "stdout and stderr to a closed pipe", "stdout to /dev/full"])
-def test_a_run_whose_console_goes_away_trains_to_the_end_and_exits_0(write_manifest, tmp_path, reference, where):
+def test_a_run_whose_console_goes_away_trains_to_the_end_and_exits_0(manifest, tmp_path, reference, where):
     (tmp_path / "chatty.py").write_text(CHATTY, encoding="utf-8")
-    text = write_manifest().read_text().replace("display_step = 1000", "display_step = 1")
-    path = write_manifest(text=text + '\n[plugins]\nenable = ["chatty.py"]\n')
+    path = manifest(run={"display_step": 1}, plugins={"enable": ["chatty.py"]})
     if where.endswith("/dev/full"):
         if not Path("/dev/full").exists():
             pytest.skip("no /dev/full here")
@@ -113,11 +111,11 @@ class BreakingTerminal:
 
 
 @pytest.mark.parametrize("lines", [0, 3])
-def test_a_progress_bar_whose_terminal_breaks_does_not_stop_the_run(write_manifest, tmp_path, reference, monkeypatch, capsys, lines):
+def test_a_progress_bar_whose_terminal_breaks_does_not_stop_the_run(manifest, tmp_path, reference, monkeypatch, capsys, lines):
     """0: the bar's first drawing fails; 3: it fails mid-epoch, after drawing."""
     terminal = BreakingTerminal(lines, BrokenPipeError(32, "Broken pipe"))
     monkeypatch.setattr(sys, "stderr", terminal)
-    assert main(["run", str(write_manifest())]) == 0
+    assert main(["run", str(manifest())]) == 0
     monkeypatch.undo()
     assert len(terminal.written) == lines and any("epoch 1/2" in text for text in terminal.written) == (lines > 0)
     assert "final test scores:" in capsys.readouterr().out  # stdout still works: its lines all came

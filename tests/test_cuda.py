@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import izitorch
-from conftest import KILLER, run_cli
+from conftest import KILLER, make_manifest, merged, run_cli
 from izitorch.data import TensorBatchLoader, make_loaders
 from izitorch.datasets import digits
 from izitorch.models import MLP, SmallCNN
@@ -22,68 +22,16 @@ from izitorch.state import Split
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-MANIFEST = """\
-[run]
-res_dir = "{res}"
-device = "cuda"
-epochs = {epochs}
-batch_size = 32
-rdm_seed = 5
-display_step = 1000
-multi_model = "{mode}"
-pin_memory = true
-deterministic = {deterministic}
-
-[data]
-dataset = "{dataset}"
-params = {{ limit = 600 }}
-num_classes = 10
-
-{models}
-[plugins]
-enable = [{enable}]
-{extra}
-"""
-
 # Two members per optimizer class, each pair with its own hyper-parameters: three vectorized groups.
-SIX_MODELS = """\
-[[models]]
-name = "sgd"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9, nesterov = true }
-
-[[models]]
-name = "sgd2"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:SGD", lr = 0.02, momentum = 0.5, nesterov = true, weight_decay = 1e-3 }
-
-[[models]]
-name = "adam"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:Adam", lr = 3e-3, betas = [0.8, 0.99] }
-
-[[models]]
-name = "adam2"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-
-[[models]]
-name = "adamw"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:AdamW", lr = 1e-2, weight_decay = 0.05 }
-scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.8 }
-
-[[models]]
-name = "adamw2"
-model = "izitorch.models:MLP"
-params = { hidden = 32 }
-optimizer = { class = "torch.optim:AdamW", lr = 3e-3, weight_decay = 0.2 }
-"""
+SIX_MODELS = [{"name": name, "params": {"hidden": 32}, **entry} for name, entry in {
+    "sgd": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True}},
+    "sgd2": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.02, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-3}},
+    "adam": {"optimizer": {"class": "torch.optim:Adam", "lr": 3e-3, "betas": [0.8, 0.99]}},
+    "adam2": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2}},
+    "adamw": {"optimizer": {"class": "torch.optim:AdamW", "lr": 1e-2, "weight_decay": 0.05},
+              "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.8}},
+    "adamw2": {"optimizer": {"class": "torch.optim:AdamW", "lr": 3e-3, "weight_decay": 0.2}},
+}.items()]
 NAMES = ("sgd", "sgd2", "adam", "adam2", "adamw", "adamw2")
 
 DEVICES = """\
@@ -99,13 +47,14 @@ def izitorch_batch_finish(run, fold, step, losses):
 """
 
 
-def write(folder: Path, name: str, *, models: str, epochs: int = 3, mode: str = "auto", enable: str = "",
-          extra: str = "", dataset: str = "izitorch.datasets:digits", deterministic: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.toml"
-    path.write_text(MANIFEST.format(res=(folder / name).as_posix(), epochs=epochs, mode=mode, models=models, enable=enable,
-                                    extra=extra, dataset=dataset, deterministic=str(deterministic).lower()), encoding="utf-8")
-    return path
+def write(folder: Path, name: str, *, models: list[dict], epochs: int = 3, mode: str = "auto", enable: tuple[str, ...] = (),
+          plugins: dict | None = None, dataset: str = "izitorch.datasets:digits", deterministic: bool = False) -> Path:
+    """folder/NAME.toml, results in folder/NAME: ``models`` (laid over the tiny MLP) on 600 digits
+    on the GPU, pinned memory, with the plugins ``enable`` and the plugin tables ``plugins``."""
+    return make_manifest(folder, name=f"{name}.toml", models=models,
+                         run={"res_dir": (folder / name).as_posix(), "device": "cuda", "epochs": epochs, "rdm_seed": 5, "multi_model": mode,
+                              "pin_memory": True, "deterministic": deterministic},
+                         data={"dataset": dataset, "params": {"limit": 600}}, plugins={"enable": list(enable), **(plugins or {})})
 
 
 def run(path: Path) -> dict:
@@ -129,18 +78,9 @@ def tensors_of(state) -> list[torch.Tensor]:
 
 def test_models_train_on_the_gpu_and_their_checkpoints_load_on_a_cpu_machine(tmp_path):
     (tmp_path / "devices.py").write_text(DEVICES)
-    models = """\
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-optimizer = { class = "torch.optim:Adam", lr = 3e-3 }
-
-[[models]]
-name = "cnn"
-model = "izitorch.models:SmallCNN"
-optimizer = { class = "torch.optim:Adam", lr = 3e-3 }
-"""
-    results = run(write(tmp_path, "gpu", models=models, epochs=8, enable='"devices.py"'))
+    models = [{"name": "mlp", "params": None, "optimizer": {"lr": 3e-3}},
+              {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": None, "optimizer": {"lr": 3e-3}}]
+    results = run(write(tmp_path, "gpu", models=models, epochs=8, enable=("devices.py",)))
     res = tmp_path / "gpu"
     devices = json.loads((res / "devices.json").read_text())
     assert devices == {"mlp": "cuda:0", "cnn": "cuda:0", "param:mlp": "cuda:0", "param:cnn": "cuda:0"}
@@ -223,15 +163,15 @@ def noisy_digits(limit=600):
 
 
 def test_parallel_folds_on_the_gpu_never_depend_on_their_own_test_samples(tmp_path):
-    models = SIX_MODELS.replace("hidden = 32 }", "hidden = 32, dropout = 0.1 }")
-    kfold = "[plugins.kfold]\nk = 3\nparallel = true\n"
+    models = [merged(model, {"params": {"dropout": 0.1}}) for model in SIX_MODELS]
+    kfold = {"kfold": {"k": 3, "parallel": True}}
     (tmp_path / "clean").mkdir()
     (tmp_path / "clean" / "noisy.py").write_text(NOISY)
-    run(write(tmp_path / "clean", "res", models=models, enable='"kfold"', extra=kfold, dataset="noisy.py:noisy_digits"))
+    run(write(tmp_path / "clean", "res", models=models, enable=("kfold",), plugins=kfold, dataset="noisy.py:noisy_digits"))
     split = pickle.loads((tmp_path / "clean" / "res" / "Dataset_split.pkl").read_bytes())
     (tmp_path / "spoiled").mkdir()
     (tmp_path / "spoiled" / "noisy.py").write_text(NOISY.replace("ROWS = []", f"ROWS = {json.dumps(split[0][1])}"))
-    run(write(tmp_path / "spoiled", "res", models=models, enable='"kfold"', extra=kfold, dataset="noisy.py:noisy_digits"))
+    run(write(tmp_path / "spoiled", "res", models=models, enable=("kfold",), plugins=kfold, dataset="noisy.py:noisy_digits"))
     for name in NAMES:
         before, after = checkpoint(tmp_path / "clean" / "res", name, 1), checkpoint(tmp_path / "spoiled" / "res", name, 1)
         assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"]), name
@@ -243,14 +183,13 @@ def test_parallel_folds_on_the_gpu_never_depend_on_their_own_test_samples(tmp_pa
 def test_a_killed_gpu_run_with_dropout_resumes_bit_for_bit(tmp_path, deterministic):
     """MLPs resume bit for bit as they are; convolutions need ``deterministic = true``."""
     (tmp_path / "killer.py").write_text(KILLER)
-    models = SIX_MODELS.replace("hidden = 32 }", "hidden = 32, dropout = 0.2 }") + SIX_MODELS.replace(
-        'name = "', 'name = "solo_').replace('model = "izitorch.models:MLP"', 'model = "izitorch.models:SmallCNN"').replace(
-        "params = { hidden = 32 }", "params = { channels = 8 }")
-    kfold = "[plugins.kfold]\nk = 2\n"
-    if not deterministic:
-        models = models.split('[[models]]\nname = "solo_')[0]  # the MLPs alone
-    reference = write(tmp_path, "ref", models=models, enable='"killer.py", "kfold"', extra=kfold, deterministic=deterministic)
-    killed = write(tmp_path, "killed", models=models, enable='"killer.py", "kfold"', extra=kfold, deterministic=deterministic)
+    models = [merged(model, {"params": {"dropout": 0.2}}) for model in SIX_MODELS]
+    if deterministic:  # the MLPs and as many CNNs
+        models += [merged(model, {"name": f"solo_{model['name']}", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 8}})
+                   for model in SIX_MODELS]
+    kfold = {"kfold": {"k": 2}}
+    reference = write(tmp_path, "ref", models=models, enable=("killer.py", "kfold"), plugins=kfold, deterministic=deterministic)
+    killed = write(tmp_path, "killed", models=models, enable=("killer.py", "kfold"), plugins=kfold, deterministic=deterministic)
     assert run_cli("run", str(reference), cwd=tmp_path).returncode == 0
     # killed in fold 2: fold 1's saved final scores are reused on resume
     done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "2,2,5"})

@@ -40,7 +40,7 @@ from izitorch.errors import IzitorchError, TrainingError
 from izitorch.models import MLP
 from izitorch.state import Fold, Run, Split
 
-from conftest import cli, error_of, replaced_by_thread, run_cli
+from conftest import cli, error_of, make_manifest, replaced_by_thread, run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STEPS = 5  # training steps per epoch of the runs below (160 training samples, batch 32)
@@ -120,44 +120,19 @@ def broken(limit: int = 1):
     raise FileNotFoundError("data/train.csv")
 '''
 
-MLP_ENTRY = '''\
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = { hidden = 16 }
-optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-'''
+def flaky(name: str = "flaky", **params) -> dict:
+    """A ``[[models]]`` entry for ``models.py:Flaky`` with the given parameters (only those)."""
+    return {"name": name, "model": "models.py:Flaky", "params": {"hidden": None, **params}}
 
 
-def flaky(name: str = "flaky", **params) -> str:
-    """A ``[[models]]`` entry for ``models.py:Flaky`` with the given parameters."""
-    table = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
-    return (f'[[models]]\nname = "{name}"\nmodel = "models.py:Flaky"\nparams = {{ {table} }}\n'
-            'optimizer = { class = "torch.optim:Adam", lr = 1e-2 }\n')
-
-
-def write_run(tmp_path: Path, models: str = MLP_ENTRY, *, epochs: int = 3, limit: int = 200, run: str = "",
-              tail: str = "", res: str = "res", name: str = "m.toml") -> Path:
-    """A manifest (and ``models.py``) in tmp_path: digits[:limit], holdout 80/20, batch 32."""
+def write_run(tmp_path: Path, models: list[dict] | None = None, *, epochs: int = 3, limit: int = 200, run: dict | None = None,
+              plugins: dict | None = None, res: str = "res", name: str = "m.toml") -> Path:
+    """A manifest (and ``models.py``) in tmp_path: digits[:limit], holdout 80/20, batch 32;
+    ``models`` laid over the tiny run's MLP (default: that MLP alone)."""
     (tmp_path / "models.py").write_text(MODELS, encoding="utf-8")
-    path = tmp_path / name
-    path.write_text(f'''\
-[run]
-res_dir = "{(tmp_path / res).as_posix()}"
-epochs = {epochs}
-batch_size = 32
-display_step = 1000
-{run}
-
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = {limit} }}
-num_classes = 10
-
-{models}
-{tail}
-''', encoding="utf-8")
-    return path
+    tables = {"plugins": plugins} if plugins else {}
+    return make_manifest(tmp_path, name=name, models=models or [{}], data={"params": {"limit": limit}},
+                         run={"res_dir": (tmp_path / res).as_posix(), "epochs": epochs, **(run or {})}, **tables)
 
 
 
@@ -371,8 +346,8 @@ def izitorch_epoch_start(run, fold, epoch):
 def test_a_full_disk_at_epoch_3_exits_1_keeps_epochs_1_2_and_resume_completes(tmp_path, capsys):
     (tmp_path / "full_disk.py").write_text(FULL_DISK_PLUGIN, encoding="utf-8")
     (tmp_path / "disk_full").touch()
-    plugins = '[plugins]\nenable = ["full_disk.py"]\n'
-    path = write_run(tmp_path, epochs=4, tail=plugins)
+    plugins = {"enable": ["full_disk.py"]}
+    path = write_run(tmp_path, epochs=4, plugins=plugins)
     res = tmp_path / "res"
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1, done.stderr
@@ -436,7 +411,7 @@ def test_a_kill_in_the_middle_of_a_write_keeps_the_previous_file_and_resume_comp
     trains): epoch 1's state is intact, and --resume ends with the uninterrupted run's results."""
     target = ".izitorch/fold_1.pth.tar"
     (tmp_path / "cut_write.py").write_text(CUT_WRITE_PLUGIN, encoding="utf-8")
-    path = write_run(tmp_path, epochs=3, tail='[plugins]\nenable = ["cut_write.py"]\n')
+    path = write_run(tmp_path, epochs=3, plugins={"enable": ["cut_write.py"]})
     res = tmp_path / "res"
     file = res / target
     killed = run_cli("run", path.name, cwd=tmp_path, env={**ENV, "CUT": f"{file.name}:2"})
@@ -469,7 +444,7 @@ STOPPED = 'loss is nan at fold 1, epoch 2, step 3 (nan_policy = "stop")'
 
 
 def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, capsys):
-    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3))
+    path = write_run(tmp_path, [{}, flaky(nan_from=NAN_AT_EPOCH_2_STEP_3)])
     res = tmp_path / "res"
     code, out, err = cli(capsys, "run", path)
     assert code == 0, err
@@ -500,10 +475,10 @@ def test_nan_stop_stops_that_model_and_the_other_trains_as_if_alone(tmp_path, ca
 def test_the_models_listed_around_a_diverging_one_train_as_if_it_did_not_diverge(tmp_path, capsys, policy):
     """Stepped one after another, the models before and after the diverging one (listed in the
     middle) log and save exactly what they do next to the same model that stays finite."""
-    after = MLP_ENTRY.replace('"mlp"', '"after"').replace("hidden = 16", "hidden = 8")
-    run = f'multi_model = "sequential"\nnan_policy = "{policy}"'
-    diverging = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3) + after, run=run)
-    finite = write_run(tmp_path, MLP_ENTRY + flaky() + after, run=run, res="finite", name="finite.toml")
+    after = {"name": "after", "params": {"hidden": 8}}
+    run = {"multi_model": "sequential", "nan_policy": policy}
+    diverging = write_run(tmp_path, [{}, flaky(nan_from=NAN_AT_EPOCH_2_STEP_3), after], run=run)
+    finite = write_run(tmp_path, [{}, flaky(), after], run=run, res="finite", name="finite.toml")
     assert cli(capsys, "run", diverging)[0] == 0
     assert cli(capsys, "run", finite)[0] == 0
     res, ref = tmp_path / "res", tmp_path / "finite"
@@ -517,7 +492,7 @@ def test_the_models_listed_around_a_diverging_one_train_as_if_it_did_not_diverge
 
 def test_nan_skip_batch_skips_exactly_the_bad_batches_and_keeps_training(tmp_path, capsys):
     bad = [3, STEPS + 2, STEPS + 4]  # epoch 1 step 3, epoch 2 steps 2 and 4
-    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_at=bad), run='nan_policy = "skip_batch"')
+    path = write_run(tmp_path, [{}, flaky(nan_at=bad)], run={"nan_policy": "skip_batch"})
     res = tmp_path / "res"
     code, out, err = cli(capsys, "run", path)
     assert code == 0, err
@@ -533,7 +508,7 @@ def test_nan_skip_batch_skips_exactly_the_bad_batches_and_keeps_training(tmp_pat
 
 
 def test_nan_raise_exits_1_naming_the_model_and_keeps_epoch_1(tmp_path):
-    path = write_run(tmp_path, MLP_ENTRY + flaky(nan_from=NAN_AT_EPOCH_2_STEP_3), run='nan_policy = "raise"')
+    path = write_run(tmp_path, [{}, flaky(nan_from=NAN_AT_EPOCH_2_STEP_3)], run={"nan_policy": "raise"})
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
     assert error_of(done.stderr) == ('m.toml: model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, '
@@ -542,7 +517,7 @@ def test_nan_raise_exits_1_naming_the_model_and_keeps_epoch_1(tmp_path):
 
 
 def test_when_every_model_stops_the_fold_ends_early(tmp_path, capsys):
-    models = flaky("a", nan_from=NAN_AT_EPOCH_2_STEP_3) + flaky("b", hidden=8, nan_from=2 * STEPS + 2)
+    models = [flaky("a", nan_from=NAN_AT_EPOCH_2_STEP_3), flaky("b", hidden=8, nan_from=2 * STEPS + 2)]
     path = write_run(tmp_path, models, epochs=5)
     res = tmp_path / "res"
     code, out, err = cli(capsys, "run", path)
@@ -563,7 +538,7 @@ def test_when_every_model_stops_the_fold_ends_early(tmp_path, capsys):
 # -- one line, the right exit code, finished epochs kept ------------------------------------------
 
 def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
-    path = write_run(tmp_path, MLP_ENTRY + flaky(oom_at=STEPS + 2))
+    path = write_run(tmp_path, [{}, flaky(oom_at=STEPS + 2)])
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
     assert error_of(done.stderr) == ("m.toml: model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
@@ -575,7 +550,7 @@ def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
 def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_classes(tmp_path, capsys):
     """Decided from shapes before the criterion runs: on CUDA the criterion itself would hit a
     device-side assert (a traceback and a lost CUDA context) instead of raising."""
-    path = write_run(tmp_path, MLP_ENTRY + flaky(narrow_at=2 * STEPS + 1))  # 3 classes from epoch 3 on
+    path = write_run(tmp_path, [{}, flaky(narrow_at=2 * STEPS + 1)])  # 3 classes from epoch 3 on
     code, _, err = cli(capsys, "run", path)
     assert code == 1
     assert error_of(err) == (f"{path}: model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
@@ -584,8 +559,8 @@ def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_cl
 
 
 def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_criterion_runs(tmp_path, capsys, monkeypatch):
-    narrow = MLP_ENTRY.replace("hidden = 16", "hidden = 16, num_classes = 4")
-    path = write_run(tmp_path, narrow + narrow.replace('name = "mlp"', 'name = "mlp2"'), run='multi_model = "vectorized"')
+    narrow = {"params": {"num_classes": 4}}
+    path = write_run(tmp_path, [narrow, {**narrow, "name": "mlp2"}], run={"multi_model": "vectorized"})
     code, _, err = cli(capsys, "run", path)
     assert code == 1  # the dry run before training finds it first, model by model
     assert error_of(err) == (f"{path}: model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
@@ -598,7 +573,7 @@ def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_crite
 
 
 def test_a_criterion_that_fails_on_the_output_is_named_with_both_shapes(tmp_path, capsys):
-    mse = MLP_ENTRY + 'criterion = "torch.nn:MSELoss"\n'
+    mse = [{"criterion": "torch.nn:MSELoss"}]
     path = write_run(tmp_path, mse)
     code, _, err = cli(capsys, "run", path)
     assert code == 1
@@ -708,7 +683,7 @@ def test_restoring_a_state_from_another_architecture_names_the_model(tmp_path, c
 
 def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys):
     """Same manifest, but the model's code now builds another architecture: the state does not fit."""
-    path = write_run(tmp_path, flaky("net"), epochs=2)
+    path = write_run(tmp_path, [flaky("net")], epochs=2)
     res = tmp_path / "res"
     assert cli(capsys, "run", path)[0] == 0
     log = trainlog(res, "net")
@@ -728,7 +703,7 @@ def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys
 @pytest.mark.parametrize("background, thread", [(True, "izitorch-writer"), (False, "MainThread")])
 def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, capsys, monkeypatch, background, thread):
     seen = replaced_by_thread(monkeypatch)
-    path = write_run(tmp_path, run=f"background_writes = {str(background).lower()}")
+    path = write_run(tmp_path, run={"background_writes": background})
     code, _, err = cli(capsys, "run", path)
     assert code == 0, err
     threads = {name: {t for n, t in seen if n == name} for name, _ in seen}

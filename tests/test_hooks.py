@@ -27,60 +27,25 @@ from izitorch.pluginmanager import DEFAULT_PLUGINS, describe_plugins, make_plugi
 from izitorch.plugins.checkpoint import CheckpointPlugin
 from izitorch.plugins.early_stop import EarlyStopPlugin
 
+from conftest import make_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 HOOKSPECS = ROOT / "izitorch" / "hookspecs.py"
 
 SIZE = 200
 BATCH = 32
 
-MANIFEST = """\
-[run]
-res_dir = "{res_dir}"
-device = "cpu"
-epochs = {epochs}
-batch_size = 32
-test_epoch = {test_epoch}
-display_step = 1000
 
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 200 }}
-num_classes = 10
-
-[[models]]
-name = "{first}"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-{second_model}
-[plugins]
-{plugins}
-"""
-
-SECOND_MODEL = """
-[[models]]
-name = "{second}"
-model = "izitorch.models:MLP"
-params = {{ hidden = 8 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-"""
-
-
-def manifest_text(res_dir: Path, plugins: str = "", epochs: int = 2, two_models: bool = True,
-                  first: str = "mlp_a", second: str = "mlp_b", test_epoch: int = 1) -> str:
-    second_model = SECOND_MODEL.format(second=second) if two_models else ""
-    return MANIFEST.format(res_dir=res_dir.as_posix(), epochs=epochs, test_epoch=test_epoch, first=first,
-                           second_model=second_model, plugins=dedent(plugins).strip())
-
-
-def setup_run(folder: Path, plugin_files: dict[str, str], plugins: str, **options) -> Path:
-    """Write the plugin files and a manifest into ``folder``; return the manifest path."""
+def setup_run(folder: Path, plugin_files: dict[str, str], plugins: dict, *, epochs: int = 2, two_models: bool = True,
+              first: str = "mlp_a", second: str = "mlp_b", test_epoch: int = 1) -> Path:
+    """Write the plugin files and a manifest into ``folder`` (200 digits, on the CPU, one or two
+    MLPs, its ``[plugins]`` table ``plugins``); return the manifest path."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, source in plugin_files.items():
         (folder / name).write_text(dedent(source), encoding="utf-8")
-    path = folder / "m.toml"
-    path.write_text(manifest_text(folder / "res", plugins, **options), encoding="utf-8")
-    return path
+    models = [{"name": first}] + ([{"name": second, "params": {"hidden": 8}}] if two_models else [])
+    return make_manifest(folder, run={"device": "cpu", "epochs": epochs, "test_epoch": test_epoch}, data={"params": {"limit": 200}},
+                         models=models, plugins=plugins)
 
 
 def run_manifest(path: Path) -> dict:
@@ -185,7 +150,7 @@ def izitorch_load_state_dict(run, state):
 
 
 def test_hook_sequence_of_a_two_fold_two_epoch_two_model_run(tmp_path):
-    path = setup_run(tmp_path, {"recorder.py": RECORDER}, 'enable = ["kfold", "recorder.py"]\n[plugins.kfold]\nk = 2')
+    path = setup_run(tmp_path, {"recorder.py": RECORDER}, {"enable": ["kfold", "recorder.py"], "kfold": {"k": 2}})
     results = run_manifest(path)
     assert sorted(results) == ["mlp_a", "mlp_b"] and all(len(folds) == 2 for folds in results.values())
 
@@ -235,7 +200,7 @@ def izitorch_should_stop(run, fold, epoch, scores):
 
 
 def test_should_stop_reason_ends_only_that_fold_early(tmp_path, capsys):
-    path = setup_run(tmp_path, {"stopper.py": STOPPER}, 'enable = ["stopper.py"]\n[plugins.kfold]\nk = 2',
+    path = setup_run(tmp_path, {"stopper.py": STOPPER}, {"enable": ["stopper.py"], "kfold": {"k": 2}},
                      epochs=3, two_models=False)
     run_manifest(path)
     model = tmp_path / "res" / "mlp_a"
@@ -267,7 +232,7 @@ def izitorch_make_splits(run, dataset):
 
 
 def test_make_splits_from_a_plugin_replaces_holdout(tmp_path):
-    path = setup_run(tmp_path, {"splitter.py": SPLITTER}, 'enable = ["splitter.py"]', epochs=1, two_models=False)
+    path = setup_run(tmp_path, {"splitter.py": SPLITTER}, {"enable": ["splitter.py"]}, epochs=1, two_models=False)
     results = run_manifest(path)
     res = tmp_path / "res"
     saved = pickle.loads((res / "Dataset_split.pkl").read_bytes())
@@ -295,7 +260,7 @@ def izitorch_run_folds(run, resuming):
 
 
 def test_run_folds_from_a_plugin_replaces_the_fold_schedule(tmp_path):
-    path = setup_run(tmp_path, {"folds_runner.py": FOLDS_RUNNER}, 'enable = ["folds_runner.py"]\n[plugins.kfold]\nk = 2')
+    path = setup_run(tmp_path, {"folds_runner.py": FOLDS_RUNNER}, {"enable": ["folds_runner.py"], "kfold": {"k": 2}})
     results = run_manifest(path)
     assert [f["order"] for f in results["mlp_a"]] == [0, 1]
     summary = read_json(tmp_path / "res" / "results.json")["mlp_a"]
@@ -320,7 +285,7 @@ def izitorch_run_fold(run, fold):
 
 
 def test_run_fold_from_a_plugin_replaces_the_default_protocol(tmp_path):
-    path = setup_run(tmp_path, {"fold_runner.py": FOLD_RUNNER}, 'enable = ["fold_runner.py"]\n[plugins.kfold]\nk = 2')
+    path = setup_run(tmp_path, {"fold_runner.py": FOLD_RUNNER}, {"enable": ["fold_runner.py"], "kfold": {"k": 2}})
     results = run_manifest(path)
     model = tmp_path / "res" / "mlp_a"
     for name in ("mlp_a", "mlp_b"):
@@ -364,7 +329,7 @@ def izitorch_register_metrics(register):
 
 
 def test_register_metrics_adds_a_custom_metric_to_the_logs(tmp_path):
-    path = setup_run(tmp_path, {"top2.py": TOP2}, 'enable = ["top2.py"]', two_models=False)
+    path = setup_run(tmp_path, {"top2.py": TOP2}, {"enable": ["top2.py"]}, two_models=False)
     run_manifest(path)
     model = tmp_path / "res" / "mlp_a"
     log = read_json(model / "trainlog.json")
@@ -423,7 +388,7 @@ def izitorch_run_finish(run, results):
 
 
 def test_before_optimizer_step_sees_gradients_and_can_zero_them(tmp_path):
-    path = setup_run(tmp_path, {"freezer.py": FREEZER}, 'enable = ["freezer.py"]', first="frozen", second="free")
+    path = setup_run(tmp_path, {"freezer.py": FREEZER}, {"enable": ["freezer.py"]}, first="frozen", second="free")
     run_manifest(path)
     res = tmp_path / "res"
     n_train = len(pickle.loads((res / "Dataset_split.pkl").read_bytes())[0][0])
@@ -496,7 +461,7 @@ def izitorch_run_finish(run, results):
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("observed")
-    path = setup_run(folder, {"observer.py": OBSERVER}, 'enable = ["observer.py"]', epochs=3, test_epoch=2)
+    path = setup_run(folder, {"observer.py": OBSERVER}, {"enable": ["observer.py"]}, epochs=3, test_epoch=2)
     run_manifest(path)
     res = folder / "res"
     n_train = len(pickle.loads((res / "Dataset_split.pkl").read_bytes())[0][0])
@@ -508,7 +473,7 @@ def test_configure_receives_the_config(observed):
 
 
 def test_configure_is_historic(tmp_path):
-    path = setup_run(tmp_path, {}, '[plugins.kfold]\nk = 3', two_models=False)
+    path = setup_run(tmp_path, {}, {"kfold": {"k": 3}}, two_models=False)
     config = load_manifest(str(path))
     pm, versions = make_plugin_manager(config)
     assert pm.hook.izitorch_configure.is_historic()
@@ -591,7 +556,7 @@ def test_builtin_plugins_round_trip_their_state():
 
 
 def test_state_dict_hooks_collect_every_plugins_state_through_the_manager(tmp_path):
-    path = setup_run(tmp_path, {}, 'enable = ["early_stop"]', two_models=False)
+    path = setup_run(tmp_path, {}, {"enable": ["early_stop"]}, two_models=False)
     pm, _ = make_plugin_manager(load_manifest(str(path)))
     pm.get_plugin("checkpoint").best = {"mlp_a": 1.5}
     pm.get_plugin("early_stop").waited = {"mlp_a": 2}
@@ -700,7 +665,7 @@ def izitorch_epoch_finsh(run, fold, epoch, scores):
 
 
 def test_a_misspelled_hook_fails_the_run_with_a_did_you_mean(tmp_path, capsys):
-    path = setup_run(tmp_path, {"typo.py": MISSPELLED}, 'enable = ["typo.py"]', two_models=False)
+    path = setup_run(tmp_path, {"typo.py": MISSPELLED}, {"enable": ["typo.py"]}, two_models=False)
     with pytest.raises(IzitorchError) as caught:
         run_manifest(path)
     message = str(caught.value)
@@ -715,7 +680,7 @@ def test_a_misspelled_hook_fails_the_run_with_a_did_you_mean(tmp_path, capsys):
 
 
 def test_an_unknown_plugin_name_is_one_line_with_did_you_mean(tmp_path, capsys):
-    path = setup_run(tmp_path, {}, 'enable = ["kfod"]', two_models=False)
+    path = setup_run(tmp_path, {}, {"enable": ["kfod"]}, two_models=False)
     assert cli_main(["run", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -725,12 +690,12 @@ def test_an_unknown_plugin_name_is_one_line_with_did_you_mean(tmp_path, capsys):
 
 
 def test_disable_console_silences_the_run(tmp_path, capsys):
-    loud = setup_run(tmp_path / "loud", {}, "", epochs=1, two_models=False)
+    loud = setup_run(tmp_path / "loud", {}, {}, epochs=1, two_models=False)
     assert cli_main(["run", str(loud)]) == 0
     out = capsys.readouterr().out
     assert "final test scores:" in out and "epoch 1/1" in out
 
-    quiet = setup_run(tmp_path / "quiet", {}, 'disable = ["console"]', epochs=1, two_models=False)
+    quiet = setup_run(tmp_path / "quiet", {}, {"disable": ["console"]}, epochs=1, two_models=False)
     assert cli_main(["run", str(quiet)]) == 0
     assert capsys.readouterr().out == ""
     plugins = read_json(tmp_path / "quiet" / "res" / "conf.json")["plugins"]
@@ -739,7 +704,7 @@ def test_disable_console_silences_the_run(tmp_path, capsys):
 
 
 def test_no_prefix_blocks_trainlog(tmp_path):
-    path = setup_run(tmp_path, {}, 'enable = ["no:trainlog"]', two_models=False)
+    path = setup_run(tmp_path, {}, {"enable": ["no:trainlog"]}, two_models=False)
     results = run_manifest(path)
     res = tmp_path / "res"
     assert len(results["mlp_a"]) == 1 and results["mlp_a"][0]["accuracy"] > 0

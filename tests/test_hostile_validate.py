@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli, error_of, run_cli
+from conftest import cli, error_of, make_manifest, run_cli
 
 from izitorch import ensemble
 from izitorch.checks import _evaluating, dry_run
@@ -136,36 +136,13 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 '''
 
 
-DIGITS = 'dataset = "izitorch.datasets:digits"\nparams = { limit = 300 }'
-
-
-def write_run(tmp_path: Path, *, model: str = "", data: str = DIGITS, run: str = "", tail: str = "", epochs: int = 2) -> Path:
-    """A manifest (and hostile.py) in tmp_path: 300 digits, holdout 80/20, batch 32, an MLP."""
+def write_run(tmp_path: Path, *, models: list[dict] = (), data: dict | None = None, run: dict | None = None,
+              plugins: dict | None = None, epochs: int = 2) -> Path:
+    """A manifest (and hostile.py) in tmp_path: 300 digits, holdout 80/20, batch 32, an MLP and
+    ``models``; ``data``, ``run`` and ``plugins`` laid over those tables."""
     (tmp_path / "hostile.py").write_text(HOSTILE, encoding="utf-8")
-    path = tmp_path / "m.toml"
-    path.write_text(f'''\
-[run]
-res_dir = "{(tmp_path / 'res').as_posix()}"
-epochs = {epochs}
-batch_size = 32
-display_step = 1000
-{run}
-
-[data]
-{data}
-num_classes = 10
-
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-{model}
-{tail}
-''', encoding="utf-8")
-    return path
-
-
+    tables = {"plugins": plugins} if plugins else {}
+    return make_manifest(tmp_path, models=[{}, *models], run={"epochs": epochs, **(run or {})}, data=data or {}, **tables)
 
 
 def epochs_on_disk(res: Path) -> tuple[list[str], int]:
@@ -234,8 +211,8 @@ def test_validate_fails_with_the_line_run_gives_and_writes_nothing(tmp_path, cap
 
 def test_validate_says_ok_to_what_trains_and_its_dry_run_moves_nothing(tmp_path, capfd):
     """The dry run keeps every random generator, each module's mode and every weight and buffer."""
-    path = write_run(tmp_path, data='dataset = "hostile.py:Noisy"\nparams = { bad = "none" }',
-                     model='[[models]]\nname = "cnn"\nmodel = "izitorch.models:SmallCNN"\nparams = { batch_norm = true }\n')
+    path = write_run(tmp_path, data={"dataset": "hostile.py:Noisy", "params": {"limit": None, "bad": "none"}},
+                     models=[{"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "batch_norm": True}, "optimizer": None}])
     code, out, err = cli(capfd, "validate", path)
     assert (code, err) == (0, "") and out.startswith(f"{path}: OK (2 model(s): mlp, cnn; ")
     config = load_manifest(path)
@@ -336,8 +313,7 @@ def test_a_vectorized_group_raising_keyerror_is_one_line_naming_its_models(tmp_p
         return real(self, inputs, active)
 
     monkeypatch.setattr(ensemble.VectorGroup, "forward", forward)
-    second = '[[models]]\nname = "mlp2"\nmodel = "izitorch.models:MLP"\nparams = { hidden = 16 }\noptimizer = { class = "torch.optim:Adam", lr = 1e-2 }\n'
-    path = write_run(tmp_path, run='multi_model = "vectorized"', tail=second)
+    path = write_run(tmp_path, run={"multi_model": "vectorized"}, models=[{"name": "mlp2"}])
     code, _, err = cli(capfd, "run", path)
     assert code == 1
     assert error_of(err).startswith(f"{path}: models mlp, mlp2 (vectorized): KeyError: 'stacked'; ")
@@ -371,7 +347,7 @@ def test_an_interrupt_or_exit_in_a_forward_is_not_turned_into_an_error_line(rais
 def test_a_dataset_failing_in_epoch_2_is_one_line_naming_dataset_phase_and_sample(tmp_path, capfd, bad, cause, workers):
     (tmp_path / "flag.py").write_text(FLAG_PLUGIN, encoding="utf-8")
     flag = (tmp_path / "flag").as_posix()
-    path = write_run(tmp_path, run=f"num_workers = {workers}", tail='[plugins]\nenable = ["flag.py"]\n')
+    path = write_run(tmp_path, run={"num_workers": workers}, plugins={"enable": ["flag.py"]})
     sets = ["--set", 'data.dataset="hostile.py:Flagged"', "--set", f'data.params={{bad="{bad}", flag="{flag}"}}']
     code, _, err = cli(capfd, "run", path, *sets)
     assert code == 1
@@ -406,7 +382,7 @@ def boom_plugin(hook: str, raise_: str = 'ValueError("boom")', when: str = "True
 @pytest.mark.parametrize("hook", sorted(HOOK_CALLS))
 def test_a_plugin_raising_in_any_hook_is_one_line_naming_plugin_hook_and_error(tmp_path, capfd, hook):
     (tmp_path / "boom.py").write_text(boom_plugin(hook), encoding="utf-8")
-    path = write_run(tmp_path, epochs=1, tail='[plugins]\nenable = ["boom.py"]\n')
+    path = write_run(tmp_path, epochs=1, plugins={"enable": ["boom.py"]})
     code, _, err = cli(capfd, "run", path, "--set", "data.params.limit=100")
     assert (code, error_of(err)) == (1, f'{path}: plugin "boom.py": {hook} raised ValueError: boom')
     assert not (tmp_path / "res" / ".izitorch.lock").exists()
@@ -415,7 +391,7 @@ def test_a_plugin_raising_in_any_hook_is_one_line_naming_plugin_hook_and_error(t
 def test_a_plugin_raising_at_epoch_2_keeps_epoch_1_through_the_real_entry_point(tmp_path):
     plugin = boom_plugin("izitorch_epoch_finish", 'ValueError("no score for epoch 2")', "epoch == 2")
     (tmp_path / "boom.py").write_text(plugin, encoding="utf-8")
-    path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
+    path = write_run(tmp_path, plugins={"enable": ["boom.py"]})
     done = run_cli("run", path.name, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 1
     assert error_of(done.stderr) == 'm.toml: plugin "boom.py": izitorch_epoch_finish raised ValueError: no score for epoch 2'
@@ -425,7 +401,7 @@ def test_a_plugin_raising_at_epoch_2_keeps_epoch_1_through_the_real_entry_point(
 def test_a_plugin_raising_while_configured_fails_validate_with_exit_2(tmp_path, capfd):
     (tmp_path / "boom.py").write_text("from izitorch import hookimpl\n\n@hookimpl\ndef izitorch_configure(config):\n"
                                       "    raise RuntimeError('no table\\nsecond line')\n", encoding="utf-8")
-    path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
+    path = write_run(tmp_path, plugins={"enable": ["boom.py"]})
     code, _, err = cli(capfd, "validate", path)
     assert (code, error_of(err)) == (2, f'{path}: plugin "boom.py": izitorch_configure raised RuntimeError: no table')
 
@@ -433,7 +409,7 @@ def test_a_plugin_raising_while_configured_fails_validate_with_exit_2(tmp_path, 
 def test_a_plugins_own_izitorch_error_passes_unchanged(tmp_path, capfd):
     plugin = boom_plugin("izitorch_epoch_start", 'IzitorchError("boom.py wants [plugins.boom] seed = 1")')
     (tmp_path / "boom.py").write_text(plugin.replace("from izitorch import hookimpl", "from izitorch import IzitorchError, hookimpl"))
-    path = write_run(tmp_path, tail='[plugins]\nenable = ["boom.py"]\n')
+    path = write_run(tmp_path, plugins={"enable": ["boom.py"]})
     code, _, err = cli(capfd, "run", path)
     assert (code, error_of(err)) == (2, f"{path}: boom.py wants [plugins.boom] seed = 1")  # located in the manifest, not wrapped
 
@@ -465,11 +441,9 @@ class Flaky(torch.optim.SGD):
 '''
 
 
-def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(write_manifest, tmp_path, capsys):
+def test_an_optimizer_raising_any_error_is_one_line_naming_the_model(manifest, tmp_path, capsys):
     (tmp_path / "flaky.py").write_text(BAD_OPTIMIZER)
-    path = write_manifest()
-    path.write_text(path.read_text().replace('optimizer = { class = "torch.optim:Adam", lr = 1e-2 }',
-                                             'optimizer = { class = "flaky.py:Flaky", lr = 1e-2 }'))
+    path = manifest(models=[{"optimizer": {"class": "flaky.py:Flaky"}}])
     code, _, err = cli(capsys, "run", path)
     assert code == 1
     assert error_of(err) == f"{path}: model mlp: the backward pass or optimizer step failed: KeyError: 'momentum_buffer'"

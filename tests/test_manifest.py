@@ -20,6 +20,8 @@ from izitorch.manifest import config_from_dict, load_manifest
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.references import resolve
 
+from conftest import TINY_MANIFEST
+
 DATASET = 'dataset = "izitorch.datasets:digits"\n'
 MLP = '[[models]]\nname = "mlp"\nmodel = "izitorch.models:MLP"\n'
 
@@ -642,3 +644,31 @@ def test_random_tree_examples_that_matter():
     with pytest.raises(ManifestError) as info:
         config_from_dict({**base, "run": {"device": "cpu\r\n"}}, source="x.toml")
     assert str(info.value) == 'x.toml: run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "cpu\\r\\n"'
+
+
+# -- the tests' manifest factory ----------------------------------------------------------------
+
+
+def test_the_manifest_factory_and_the_tiny_manifest_text_are_one_run(manifest, tmp_path):
+    """conftest's two descriptions of the tiny run cannot drift apart: the factory's default
+    (what most tests use) parses to exactly the data of TINY_MANIFEST's text (what the hostile
+    tests edit as text)."""
+    from izitorch.manifest import tomllib
+
+    text = TINY_MANIFEST.format(res_dir=(tmp_path / "res").as_posix())
+    assert tomllib.loads(manifest().read_text(encoding="utf-8")) == tomllib.loads(text)
+
+
+def test_the_manifest_factory_lays_changes_over_the_tiny_run(manifest):
+    """Dotted keys and nested tables merge, a model entry is laid over the tiny MLP, and None
+    leaves a key out, also a key of the default laid under it later."""
+    from izitorch.manifest import tomllib
+
+    path = manifest({"run.epochs": 5, "data.params": None}, name="x.toml", run={"seed_note": "kept"},
+                    models=[{"params": None}, {"name": "b", "optimizer": {"lr": 0.5}}])
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert path.name == "x.toml" and data["run"]["epochs"] == 5 and data["run"]["batch_size"] == 32 and data["run"]["seed_note"] == "kept"
+    assert "params" not in data["data"] and data["data"]["num_classes"] == 10
+    assert [m["name"] for m in data["models"]] == ["mlp", "b"] and "params" not in data["models"][0]
+    assert data["models"][1]["params"] == {"hidden": 16}
+    assert data["models"][1]["optimizer"] == {"class": "torch.optim:Adam", "lr": 0.5}

@@ -25,9 +25,10 @@ SCORES = ("loss", "accuracy", "IoU")
 NOISY_SGD = 'models[0].optimizer={ class = "torch.optim:SGD", lr = 0.5 }'
 
 
-def tiny(write_manifest, *sets: str, text: str | None = None):
-    """Run the tiny digits manifest (with ``--set``-style overrides) in-process; return (res_dir, results)."""
-    path = write_manifest(text) if text is not None else write_manifest()
+def tiny(manifest, *sets: str, **changes):
+    """Run the tiny digits manifest (``manifest(**changes)``, with ``--set``-style overrides)
+    in-process; return (res_dir, results)."""
+    path = manifest(**changes)
     config = izitorch.load_manifest(path, sets)
     results = izitorch.run(config)
     return Path(config.run.res_dir), results
@@ -61,8 +62,8 @@ def eval_prefix(validation: bool) -> str:
 # -- res_dir/conf.json, Dataset_split.pkl, <model>/conf.json ------------------------------------
 
 
-def test_run_conf_json_records_config_plugins_and_versions(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=1")
+def test_run_conf_json_records_config_plugins_and_versions(manifest):
+    res, _ = tiny(manifest, "run.epochs=1")
     conf = read(res / "conf.json")
     config = conf["config"]
     assert config["run"]["epochs"] == 1
@@ -81,14 +82,14 @@ def test_run_conf_json_records_config_plugins_and_versions(write_manifest):
     assert conf["versions"]["izitorch"] == izitorch.__version__
 
 
-def test_conf_json_lists_enabled_optional_plugins(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=1", "plugins.kfold.k=2")
+def test_conf_json_lists_enabled_optional_plugins(manifest):
+    res, _ = tiny(manifest, "run.epochs=1", "plugins.kfold.k=2")
     assert "kfold" in read(res / "conf.json")["plugins"]
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.7, 0.8])
-def test_holdout_split_follows_train_ratio_and_covers_the_dataset(write_manifest, ratio):
-    res, _ = tiny(write_manifest, "run.epochs=1", f"data.train_ratio={ratio}")
+def test_holdout_split_follows_train_ratio_and_covers_the_dataset(manifest, ratio):
+    res, _ = tiny(manifest, "run.epochs=1", f"data.train_ratio={ratio}")
     splits = read(res / "Dataset_split.pkl")
     assert isinstance(splits, list) and len(splits) == 1
     train, test = splits[0]
@@ -100,8 +101,8 @@ def test_holdout_split_follows_train_ratio_and_covers_the_dataset(write_manifest
     assert read(res / "conf.json")["splits"] == [{"train": len(train), "test": len(test)}]
 
 
-def test_holdout_split_with_validation_has_three_disjoint_parts(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=1", "data.validation=true", "data.train_ratio=0.7")
+def test_holdout_split_with_validation_has_three_disjoint_parts(manifest):
+    res, _ = tiny(manifest, "run.epochs=1", "data.validation=true", "data.train_ratio=0.7")
     (train, val, test), = read(res / "Dataset_split.pkl")
     assert len(train) == 210
     assert len(val) + len(test) == 90 and abs(len(val) - len(test)) <= 1
@@ -109,8 +110,8 @@ def test_holdout_split_with_validation_has_three_disjoint_parts(write_manifest):
     assert sorted(train + val + test) == list(range(SIZE))
 
 
-def test_model_conf_json_has_repr_and_parameter_count(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=1")
+def test_model_conf_json_has_repr_and_parameter_count(manifest):
+    res, _ = tiny(manifest, "run.epochs=1")
     conf = read(res / "mlp" / "conf.json")
     model = MLP(hidden=16)
     assert conf["name"] == "mlp"
@@ -121,10 +122,10 @@ def test_model_conf_json_has_repr_and_parameter_count(write_manifest):
     assert conf["scheduler"] is None
 
 
-def test_model_conf_json_describes_the_scheduler_the_same_way_every_run(write_manifest):
+def test_model_conf_json_describes_the_scheduler_the_same_way_every_run(manifest):
     """Its class and settings, not its repr (``<... object at 0x...>``, another address each run)."""
     step = 'models[0].scheduler={class="torch.optim.lr_scheduler:StepLR", step_size=2, gamma=0.5}'
-    res, _ = tiny(write_manifest, "run.epochs=1", step)
+    res, _ = tiny(manifest, "run.epochs=1", step)
     assert read(res / "mlp" / "conf.json")["scheduler"] == (
         "torch.optim.lr_scheduler.StepLR(base_lrs=[0.01], gamma=0.5, last_epoch=0, step_size=2)")
 
@@ -132,8 +133,8 @@ def test_model_conf_json_describes_the_scheduler_the_same_way_every_run(write_ma
 # -- trainlog.json --------------------------------------------------------------------------------
 
 
-def test_trainlog_keys_per_epoch_without_validation(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=2")
+def test_trainlog_keys_per_epoch_without_validation(manifest):
+    res, _ = tiny(manifest, "run.epochs=2")
     log = read(res / "mlp" / "trainlog.json")
     assert list(log) == ["1", "2"]
     for entry in log.values():
@@ -147,8 +148,8 @@ def test_trainlog_keys_per_epoch_without_validation(write_manifest):
         assert log["2"][f"test_{key}"] == pytest.approx(expected[key], rel=1e-5), key
 
 
-def test_trainlog_keys_per_epoch_with_validation(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=2", "data.validation=true")
+def test_trainlog_keys_per_epoch_with_validation(manifest):
+    res, _ = tiny(manifest, "run.epochs=2", "data.validation=true")
     log = read(res / "mlp" / "trainlog.json")
     assert list(log) == ["1", "2"]
     for entry in log.values():
@@ -156,8 +157,8 @@ def test_trainlog_keys_per_epoch_with_validation(write_manifest):
 
 
 @pytest.mark.parametrize("epochs,test_epoch,evaluated", [(3, 2, {2, 3}), (4, 2, {2, 4}), (3, 5, {3})])
-def test_test_epoch_cadence_and_last_epoch_always_evaluated(write_manifest, epochs, test_epoch, evaluated):
-    res, _ = tiny(write_manifest, f"run.epochs={epochs}", f"run.test_epoch={test_epoch}")
+def test_test_epoch_cadence_and_last_epoch_always_evaluated(manifest, epochs, test_epoch, evaluated):
+    res, _ = tiny(manifest, f"run.epochs={epochs}", f"run.test_epoch={test_epoch}")
     log = read(res / "mlp" / "trainlog.json")
     assert list(log) == [str(e) for e in range(1, epochs + 1)]
     for epoch, entry in log.items():
@@ -170,8 +171,8 @@ def test_test_epoch_cadence_and_last_epoch_always_evaluated(write_manifest, epoc
 # -- confusion_matrix.pkl, test_metrics.json, results.json ----------------------------------------
 
 
-def test_confusion_matrix_matches_the_checkpointed_weights(write_manifest):
-    res, results = tiny(write_manifest, "run.epochs=2")
+def test_confusion_matrix_matches_the_checkpointed_weights(manifest):
+    res, results = tiny(manifest, "run.epochs=2")
     (_, test), = read(res / "Dataset_split.pkl")
     matrix = read(res / "mlp" / "confusion_matrix.pkl")
     assert isinstance(matrix, np.ndarray) and matrix.dtype == np.int64 and matrix.shape == (10, 10)
@@ -182,9 +183,9 @@ def test_confusion_matrix_matches_the_checkpointed_weights(write_manifest):
 
 
 @pytest.mark.parametrize("validation", [False, True], ids=["test", "val"])
-def test_confusion_matrix_comes_from_the_best_epoch_not_the_last(write_manifest, validation):
+def test_confusion_matrix_comes_from_the_best_epoch_not_the_last(manifest, validation):
     # SGD with a large step makes the accuracy peak before the last epoch on this tiny set.
-    res, results = tiny(write_manifest, "run.epochs=4", f"data.validation={str(validation).lower()}", NOISY_SGD,
+    res, results = tiny(manifest, "run.epochs=4", f"data.validation={str(validation).lower()}", NOISY_SGD,
                         'plugins.checkpoint.policy="best"', 'plugins.checkpoint.metric="acc"')
     test = read(res / "Dataset_split.pkl")[0][-1]
     log = read(res / "mlp" / "trainlog.json")
@@ -206,10 +207,10 @@ def test_confusion_matrix_comes_from_the_best_epoch_not_the_last(write_manifest,
         assert metrics["accuracy"] != pytest.approx(log["4"]["test_accuracy"])
 
 
-def test_test_metrics_and_results_json(write_manifest):
+def test_test_metrics_and_results_json(manifest):
     """run()'s return, test_metrics.json and results.json hold the scores that the saved weights
     get on the saved test samples, computed independently (``conftest.plain_scores``)."""
-    res, results = tiny(write_manifest, "run.epochs=2")
+    res, results = tiny(manifest, "run.epochs=2")
     (_, test), = read(res / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), res / "mlp" / "model.pth.tar", test)
     metrics = read(res / "mlp" / "test_metrics.json")
@@ -234,37 +235,13 @@ def test_test_metrics_and_results_json(write_manifest):
 # -- k-fold ---------------------------------------------------------------------------------------
 
 
-TWO_MODELS = """\
-[run]
-res_dir = "{res_dir}"
-epochs = 2
-batch_size = 32
-display_step = 1000
-
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 300 }}
-num_classes = 10
-
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-scheduler = {{ class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }}
-
-[[models]]
-name = "wide"
-model = "izitorch.models:MLP"
-params = {{ hidden = 24 }}
-optimizer = {{ class = "torch.optim:SGD", lr = 0.1, momentum = 0.9 }}
-{extra}
-"""
+# The tiny run's MLP with a scheduler, and a wider one trained by SGD with momentum.
+TWO_MODELS = [{"scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.5}},
+              {"name": "wide", "params": {"hidden": 24}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9}}]
 
 
-def test_kfold_writes_one_folder_per_fold_and_partitions_the_data(write_manifest, tmp_path):
-    text = TWO_MODELS.format(res_dir=(tmp_path / "res").as_posix(), extra="[plugins.kfold]\nk = 3\n")
-    res, results = tiny(write_manifest, text=text)
+def test_kfold_writes_one_folder_per_fold_and_partitions_the_data(manifest, tmp_path):
+    res, results = tiny(manifest, models=TWO_MODELS, plugins={"kfold": {"k": 3}})
     splits = read(res / "Dataset_split.pkl")
     assert len(splits) == 3 and all(len(s) == 2 for s in splits)
     tests = [set(test) for _, test in splits]
@@ -293,8 +270,8 @@ def test_kfold_writes_one_folder_per_fold_and_partitions_the_data(write_manifest
     assert (fold_matrix == predict_confusion(res / "mlp" / "FOLD_2" / "model.pth.tar", splits[1][1])).all()
 
 
-def test_kfold_with_validation_has_disjoint_val_sets(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=1", "plugins.kfold.k=3", "data.validation=true")
+def test_kfold_with_validation_has_disjoint_val_sets(manifest):
+    res, _ = tiny(manifest, "run.epochs=1", "plugins.kfold.k=3", "data.validation=true")
     splits = read(res / "Dataset_split.pkl")
     assert len(splits) == 3 and all(len(s) == 3 for s in splits)
     assert set().union(*(set(s[2]) for s in splits)) == set(range(SIZE))
@@ -347,12 +324,10 @@ def izitorch_run_finish(run, results):
 """
 
 
-def test_every_fold_starts_from_the_initial_weights_and_a_fresh_optimizer(write_manifest, tmp_path):
+def test_every_fold_starts_from_the_initial_weights_and_a_fresh_optimizer(manifest, tmp_path):
     plugin = tmp_path / "recorder.py"
     plugin.write_text(RECORDER.format(out=str(tmp_path / "record.pkl")), encoding="utf-8")
-    extra = f'[plugins]\nenable = ["{plugin.as_posix()}"]\n[plugins.kfold]\nk = 3\n'
-    text = TWO_MODELS.format(res_dir=(tmp_path / "res").as_posix(), extra=extra)
-    tiny(write_manifest, text=text)
+    tiny(manifest, models=TWO_MODELS, plugins={"enable": [plugin.as_posix()], "kfold": {"k": 3}})
     records = read(tmp_path / "record.pkl")
     assert len(records["start"]) == len(records["finish"]) == 3
     for name, initial in records["initial"].items():
@@ -372,8 +347,8 @@ def test_every_fold_starts_from_the_initial_weights_and_a_fresh_optimizer(write_
 # -- checkpoint policies --------------------------------------------------------------------------
 
 
-def test_checkpoint_policy_last(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=3", 'plugins.checkpoint.policy="last"')
+def test_checkpoint_policy_last(manifest):
+    res, _ = tiny(manifest, "run.epochs=3", 'plugins.checkpoint.policy="last"')
     checkpoint = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
     assert set(checkpoint) == {"epoch", "state_dict", "optimizer"}
     assert checkpoint["epoch"] == 3
@@ -383,8 +358,8 @@ def test_checkpoint_policy_last(write_manifest):
     assert not (res / "mlp" / "best_epoch.json").exists()
 
 
-def test_checkpoint_policy_all_with_scheduler(write_manifest):
-    res, _ = tiny(write_manifest, "run.epochs=3", 'plugins.checkpoint.policy="all"',
+def test_checkpoint_policy_all_with_scheduler(manifest):
+    res, _ = tiny(manifest, "run.epochs=3", 'plugins.checkpoint.policy="all"',
                   'models[0].scheduler={ class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }')
     files = sorted(p.name for p in (res / "mlp").glob("model_epoch*.pth.tar"))
     assert files == ["model_epoch1.pth.tar", "model_epoch2.pth.tar", "model_epoch3.pth.tar"]
@@ -401,9 +376,9 @@ def test_checkpoint_policy_all_with_scheduler(write_manifest):
 
 @pytest.mark.parametrize("validation", [False, True], ids=["test", "val"])
 @pytest.mark.parametrize("metric,key,pick", [("loss", "loss", np.argmin), ("acc", "accuracy", np.argmax), ("IoU", "IoU", np.argmax)])
-def test_checkpoint_policy_best_picks_the_right_epoch(write_manifest, metric, key, pick, validation):
+def test_checkpoint_policy_best_picks_the_right_epoch(manifest, metric, key, pick, validation):
     epochs = 4
-    res, _ = tiny(write_manifest, f"run.epochs={epochs}", f"data.validation={str(validation).lower()}",
+    res, _ = tiny(manifest, f"run.epochs={epochs}", f"data.validation={str(validation).lower()}",
                   NOISY_SGD, 'plugins.checkpoint.policy="best"', f'plugins.checkpoint.metric="{metric}"')
     log = read(res / "mlp" / "trainlog.json")
     column = eval_prefix(validation) + key
@@ -426,10 +401,10 @@ def _losses(res: Path) -> dict:
     return {e: {k: v for k, v in entry.items() if not k.endswith("_time")} for e, entry in log.items()}
 
 
-def test_same_seed_same_run_other_seed_other_split(write_manifest, tmp_path):
-    first, _ = tiny(write_manifest, "run.epochs=2", "run.rdm_seed=7", f"run.res_dir={(tmp_path / 'a').as_posix()}")
-    second, _ = tiny(write_manifest, "run.epochs=2", "run.rdm_seed=7", f"run.res_dir={(tmp_path / 'b').as_posix()}")
-    other, _ = tiny(write_manifest, "run.epochs=2", "run.rdm_seed=8", f"run.res_dir={(tmp_path / 'c').as_posix()}")
+def test_same_seed_same_run_other_seed_other_split(manifest, tmp_path):
+    first, _ = tiny(manifest, "run.epochs=2", "run.rdm_seed=7", f"run.res_dir={(tmp_path / 'a').as_posix()}")
+    second, _ = tiny(manifest, "run.epochs=2", "run.rdm_seed=7", f"run.res_dir={(tmp_path / 'b').as_posix()}")
+    other, _ = tiny(manifest, "run.epochs=2", "run.rdm_seed=8", f"run.res_dir={(tmp_path / 'c').as_posix()}")
     assert read(first / "Dataset_split.pkl") == read(second / "Dataset_split.pkl")
     assert _losses(first) == _losses(second)
     assert read(first / "Dataset_split.pkl") != read(other / "Dataset_split.pkl")

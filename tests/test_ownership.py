@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ERROR_PREFIX, cli, error_of
+from conftest import ERROR_PREFIX, cli, error_of, make_manifest
 from izitorch.config import ModelSpec
 from izitorch.errors import IzitorchError
 from izitorch.manifest import config_from_dict
@@ -83,18 +83,18 @@ def test_foreign_entries_and_own_temporary_files(tmp_path):
 
 # -- a new run, --overwrite, forbidden folders --------------------------------------------------
 
-def test_a_new_run_refuses_a_folder_holding_other_files(write_manifest, tmp_path, capsys):
+def test_a_new_run_refuses_a_folder_holding_other_files(tmp_path, capsys):
     res_dir = tmp_path / "res"
     res_dir.mkdir()
     (res_dir / "raw.csv").write_text("a,b\n1,2\n")
-    code, err = run(capsys, "run", str(write_manifest()))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)))
     assert code == 2
     assert "holds files that are not an izitorch run; choose a new or empty folder" in one_error(err)
     assert snapshot(res_dir) == {"raw.csv": b"a,b\n1,2\n"} and sorted(os.listdir(res_dir)) == ["raw.csv"]
 
 
-def test_overwrite_deletes_only_the_runs_own_files_and_refuses_when_others_joined(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_overwrite_deletes_only_the_runs_own_files_and_refuses_when_others_joined(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     res_dir = tmp_path / "res"
     assert run(capsys, "run", str(manifest))[0] == 0
     first = snapshot(res_dir)
@@ -117,8 +117,8 @@ def test_overwrite_deletes_only_the_runs_own_files_and_refuses_when_others_joine
     assert read_record(res_dir / ".izitorch" / "owned.txt").count("conf.json") == 1  # a new record, not appended to the old one
 
 
-def test_overwrite_of_a_run_with_only_its_own_files_leaves_no_old_file(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_overwrite_of_a_run_with_only_its_own_files_leaves_no_old_file(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     res_dir = tmp_path / "res"
     assert run(capsys, "run", str(manifest), "--set", "plugins.checkpoint.policy=\"all\"")[0] == 0
     assert (res_dir / "mlp" / "model_epoch2.pth.tar").is_file()
@@ -134,7 +134,7 @@ def test_overwrite_of_a_run_with_only_its_own_files_leaves_no_old_file(write_man
     ("MANIFEST_DIR", "a folder that holds the manifest"),
     ("MANIFEST_PARENT", "a folder that holds the manifest"),
 ])
-def test_shared_folders_are_refused_as_res_dir(write_manifest, tmp_path, capsys, monkeypatch, res_dir, what):
+def test_shared_folders_are_refused_as_res_dir(tmp_path, capsys, monkeypatch, res_dir, what):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -143,8 +143,7 @@ def test_shared_folders_are_refused_as_res_dir(write_manifest, tmp_path, capsys,
     manifest_dir = tmp_path / "project" / "manifests"
     manifest_dir.mkdir(parents=True)
     folder = {"HOME": str(tmp_path / "home"), "MANIFEST_DIR": str(manifest_dir), "MANIFEST_PARENT": str(manifest_dir.parent)}.get(res_dir, res_dir)
-    manifest = manifest_dir / "m.toml"
-    manifest.write_text(write_manifest(res_dir=folder).read_text())
+    manifest = make_manifest(manifest_dir, {"run.res_dir": folder})
     before = snapshot(tmp_path)
     for extra in ([], ["--overwrite"]):
         code, err = run(capsys, "run", str(manifest), *extra)
@@ -154,8 +153,8 @@ def test_shared_folders_are_refused_as_res_dir(write_manifest, tmp_path, capsys,
     assert snapshot(tmp_path) == before
 
 
-def test_resume_and_overwrite_together_are_refused(write_manifest, capsys):
-    code, err = run(capsys, "run", str(write_manifest()), "--resume", "--overwrite")
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)), "--resume", "--overwrite")
     assert code == 2
     assert "run.resume: --resume and --overwrite cannot go together" in one_error(err)
 
@@ -173,8 +172,8 @@ def test_model_names_that_leave_res_dir_or_replace_a_run_file_are_refused(name):
 
 # -- --resume -----------------------------------------------------------------------------------
 
-def test_resume_of_a_copy_without_its_saved_state_is_refused(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_resume_of_a_copy_without_its_saved_state_is_refused(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     assert run(capsys, "run", str(manifest))[0] == 0
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -182,8 +181,7 @@ def test_resume_of_a_copy_without_its_saved_state_is_refused(write_manifest, tmp
         if not entry.name.startswith("."):
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, copy / entry.name)
     before = snapshot(copy)
-    changed = write_manifest(res_dir=copy.as_posix(), name="m2.toml")
-    changed.write_text(changed.read_text().replace("hidden = 16", "hidden = 8"))
+    changed = make_manifest(tmp_path, {"run.res_dir": copy.as_posix()}, name="m2.toml", models=[{"params": {"hidden": 8}}])
     for extra in (["--resume"], [], ["--overwrite"]):
         code, err = run(capsys, "run", str(changed), *extra)
         assert code == 2
@@ -191,8 +189,8 @@ def test_resume_of_a_copy_without_its_saved_state_is_refused(write_manifest, tmp
     assert snapshot(copy) == before
 
 
-def test_resume_of_a_run_whose_state_is_gone_is_refused(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_resume_of_a_run_whose_state_is_gone_is_refused(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     assert run(capsys, "run", str(manifest))[0] == 0
     (tmp_path / "res" / ".izitorch" / "fold_1.pth.tar").unlink()
     before = snapshot(tmp_path / "res")
@@ -202,7 +200,7 @@ def test_resume_of_a_run_whose_state_is_gone_is_refused(write_manifest, tmp_path
     assert snapshot(tmp_path / "res") == before
 
 
-def test_resume_of_a_run_killed_before_its_first_epoch_ended_starts_again(write_manifest, tmp_path, capsys):
+def test_resume_of_a_run_killed_before_its_first_epoch_ended_starts_again(tmp_path, capsys):
     from izitorch.io import owned_by, write_json
 
     res_dir = tmp_path / "res"
@@ -211,16 +209,16 @@ def test_resume_of_a_run_killed_before_its_first_epoch_ended_starts_again(write_
         write_json(res_dir / "conf.json", {"stale": True})
         write_json(res_dir / "old_model" / "conf.json", {"stale": True})
     (res_dir / "raw.csv").write_text("mine")
-    code, err = run(capsys, "run", str(write_manifest()), "--resume")
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)), "--resume")
     assert code == 2 and "holds files that are not an izitorch run (raw.csv)" in one_error(err)
     (res_dir / "raw.csv").unlink()
-    code, err = run(capsys, "run", str(write_manifest()), "--resume")
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)), "--resume")
     assert code == 0 and "nothing to resume" in err
     assert not (res_dir / "old_model").exists() and "stale" not in (res_dir / "conf.json").read_text()
 
 
-def test_a_run_that_fails_before_writing_leaves_no_record_and_can_run_again(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_a_run_that_fails_before_writing_leaves_no_record_and_can_run_again(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     code, err = run(capsys, "run", str(manifest), "--set", "data.params.limit=0")
     assert code == 2
     assert sorted(os.listdir(tmp_path / "res")) == []
@@ -236,11 +234,10 @@ def make():
 """
 
 
-def test_resume_over_a_dataset_that_changed_is_refused(write_manifest, tmp_path, capsys):
+def test_resume_over_a_dataset_that_changed_is_refused(tmp_path, capsys):
     (tmp_path / "data.py").write_text(DATASET)
     (tmp_path / "size.txt").write_text("300")
-    manifest = write_manifest()
-    manifest.write_text(manifest.read_text().replace('dataset = "izitorch.datasets:digits"\nparams = { limit = 300 }', 'dataset = "data.py:make"'))
+    manifest = make_manifest(tmp_path, {"data.dataset": "data.py:make", "data.params": None})
     assert run(capsys, "run", str(manifest))[0] == 0
     before = snapshot(tmp_path / "res")
     (tmp_path / "size.txt").write_text("200")
@@ -277,8 +274,8 @@ def test_the_dataset_digest_sees_a_changed_label(tmp_path):
     assert dataset_fingerprint(NoLabels()) == {DATASET_KEY: "7 samples"}
 
 
-def test_resume_of_a_complete_run_says_so_and_names_deleted_files(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_resume_of_a_complete_run_says_so_and_names_deleted_files(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     assert run(capsys, "run", str(manifest))[0] == 0
     model = tmp_path / "res" / "mlp" / "model.pth.tar"
     kept = model.read_bytes()
@@ -291,8 +288,8 @@ def test_resume_of_a_complete_run_says_so_and_names_deleted_files(write_manifest
     assert not model.exists() and kept
 
 
-def test_resume_removes_only_izitorchs_own_temporary_files(write_manifest, tmp_path, capsys):
-    manifest = write_manifest()
+def test_resume_removes_only_izitorchs_own_temporary_files(tmp_path, capsys):
+    manifest = make_manifest(tmp_path)
     assert run(capsys, "run", str(manifest))[0] == 0
     res_dir = tmp_path / "res"
     own = res_dir / "mlp" / ".trainlog.json.4242-0.tmp"
@@ -308,23 +305,23 @@ def test_resume_removes_only_izitorchs_own_temporary_files(write_manifest, tmp_p
 
 # -- creating and locking res_dir ---------------------------------------------------------------
 
-def test_res_dir_under_a_file_or_too_long_is_one_line(write_manifest, tmp_path, capsys):
+def test_res_dir_under_a_file_or_too_long_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    code, err = run(capsys, "run", str(write_manifest(res_dir=(tmp_path / "file" / "res").as_posix())))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path, {"run.res_dir": (tmp_path / "file" / "res").as_posix()})))
     assert code == 2 and "m.toml: run.res_dir: " in one_error(err) and "is a file, not a folder" in one_error(err)
-    code, err = run(capsys, "run", str(write_manifest(res_dir=(tmp_path / ("x" * 300)).as_posix())))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path, {"run.res_dir": (tmp_path / ("x" * 300)).as_posix()})))
     assert code == 2 and "has a name that is too long" in one_error(err)
 
 
-def test_a_lock_path_that_is_a_folder_is_one_line_and_kept(write_manifest, tmp_path, capsys):
+def test_a_lock_path_that_is_a_folder_is_one_line_and_kept(tmp_path, capsys):
     lock = tmp_path / "res" / ".izitorch.lock"
     lock.mkdir(parents=True)
-    code, err = run(capsys, "run", str(write_manifest()))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)))
     assert code == 2 and "is a folder where izitorch needs a file" in one_error(err)
     assert lock.is_dir()
 
 
-def test_a_read_only_folder_is_one_line(write_manifest, tmp_path, capsys, monkeypatch):
+def test_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
     import errno
 
     real_mkdir = Path.mkdir
@@ -335,12 +332,12 @@ def test_a_read_only_folder_is_one_line(write_manifest, tmp_path, capsys, monkey
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    code, err = run(capsys, "run", str(write_manifest()))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)))
     assert code == 2 and "cannot be written (permission denied)" in one_error(err)
     assert not (tmp_path / "res").exists()
 
 
-def test_a_full_disk_while_locking_exits_1_and_leaves_no_lock(write_manifest, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_while_locking_exits_1_and_leaves_no_lock(tmp_path, capsys, monkeypatch):
     import errno
 
     from izitorch import guard
@@ -361,6 +358,6 @@ def test_a_full_disk_while_locking_exits_1_and_leaves_no_lock(write_manifest, tm
             self.handle.close()
 
     monkeypatch.setattr(guard.os, "fdopen", Full)
-    code, err = run(capsys, "run", str(write_manifest()))
+    code, err = run(capsys, "run", str(make_manifest(tmp_path)))
     assert code == 1 and "no space left on the device" in one_error(err)
     assert not (tmp_path / "res" / ".izitorch.lock").exists()

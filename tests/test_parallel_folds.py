@@ -13,40 +13,13 @@ import pytest
 import torch
 
 import izitorch
-from conftest import plain_scores, run_cli
+from conftest import make_manifest, merged, plain_scores, run_cli
 from izitorch import load_manifest
 
-MANIFEST = """\
-[run]
-res_dir = "{res}"
-epochs = {epochs}
-batch_size = 32
-rdm_seed = 3
-display_step = 1000
-{run_extra}
-[data]
-dataset = "{dataset}"
-params = {params}
-num_classes = 10
-{data_extra}
-[[models]]
-name = "adam"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16{model_extra} }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-{criterion}
-[[models]]
-name = "sgd"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16, dropout = 0.1 }}
-optimizer = {{ class = "torch.optim:SGD", lr = 0.1, momentum = 0.9, nesterov = true }}
+# Two MLPs ("adam", and "sgd" with dropout and Nesterov momentum) over k parallel folds.
+MODELS = [{"name": "adam"},
+          {"name": "sgd", "params": {"dropout": 0.1}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True}}]
 
-[plugins]
-enable = [{enable}]
-[plugins.kfold]
-k = {k}
-parallel = {parallel}
-"""
 
 # A digits dataset whose chosen samples are garbage: noise inputs and shifted labels.
 NOISY = '''\
@@ -66,15 +39,17 @@ def noisy_digits(limit=300, noisy=()):
 '''
 
 
-def write(folder: Path, name: str = "m.toml", *, epochs: int = 3, k: int = 3, parallel: str = "true", dataset: str = "izitorch.datasets:digits",
-          params: str = "{ limit = 300 }", run_extra: str = "", data_extra: str = "", model_extra: str = "", criterion: str = "",
-          enable: str = '"kfold"') -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(MANIFEST.format(res=(folder / f"res_{path.stem}").as_posix(), epochs=epochs, k=k, parallel=parallel, dataset=dataset,
-                                    params=params, run_extra=run_extra, data_extra=data_extra, model_extra=model_extra,
-                                    criterion=criterion, enable=enable), encoding="utf-8")
-    return path
+def write(folder: Path, name: str = "m.toml", *, epochs: int = 3, k: int = 3, parallel: object = True, dataset: str = "izitorch.datasets:digits",
+          params: dict | None = None, run: dict | None = None, data: dict | None = None, adam: dict | None = None, sgd: dict | None = None,
+          enable: tuple[str, ...] = ("kfold",), plugins: dict | None = None) -> Path:
+    """folder/NAME, results in folder/res_<stem>: MODELS (``adam`` and ``sgd`` laid over them)
+    over ``k`` folds of the dataset (``params``: 300 digits), with ``run``, ``data`` and
+    ``plugins`` laid over those tables."""
+    return make_manifest(folder, name=name, models=[merged(MODELS[0], adam or {}), merged(MODELS[1], sgd or {})],
+                         run={"res_dir": (folder / f"res_{Path(name).stem}").as_posix(), "epochs": epochs, "rdm_seed": 3, **(run or {})},
+                         data={"dataset": dataset, "params": None, **(data or {})},
+                         plugins={"enable": list(enable), "kfold": {"k": k, "parallel": parallel}, **(plugins or {})},
+                         overrides={"data.params": params if params is not None else {"limit": 300}})
 
 
 def run(path: Path, *overrides: str) -> dict:
@@ -94,15 +69,15 @@ def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp
     were, while the folds that train on those samples (fold 2 on fold 1's test chunk, fold 3 on its
     validation chunk) change: the masked loss gives them an exact zero."""
     (tmp_path / "noisy.py").write_text(NOISY, encoding="utf-8")
-    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data_extra="validation = true")
+    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data={"validation": True})
     run(clean)
     split = pickle.loads((tmp_path / "res_clean" / "Dataset_split.pkl").read_bytes())
     _, val_of_fold_1, test_of_fold_1 = split[0]
     assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
     assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
-    spoiled_rows = json.dumps(sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1]))
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params=f"{{ noisy = {spoiled_rows} }}",
-                    data_extra="validation = true")
+    spoiled_rows = sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1])
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params={"noisy": spoiled_rows},
+                    data={"validation": True})
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
     for model in ("adam", "sgd"):
@@ -144,7 +119,7 @@ def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
     conf, and scores that are each fold's own: every fold's confusion matrix counts its own test
     labels, and its test accuracy is the one its saved weights get, computed independently."""
     parallel = write(tmp_path, "parallel.toml", epochs=8)
-    sequential = write(tmp_path, "sequential.toml", epochs=8, parallel="false")
+    sequential = write(tmp_path, "sequential.toml", epochs=8, parallel=False)
     results = run(parallel)
     reference = run(sequential)
     res, ref = tmp_path / "res_parallel", tmp_path / "res_sequential"
@@ -262,7 +237,7 @@ def izitorch_run_finish(run, results):
 
 def test_hooks_see_each_fold_in_turn_with_its_own_plugin_state(tmp_path):
     (tmp_path / "stateful.py").write_text(STATEFUL, encoding="utf-8")
-    path = write(tmp_path, epochs=3, enable='"kfold", "stateful.py"')
+    path = write(tmp_path, epochs=3, enable=("kfold", "stateful.py"))
     run(path)
     order = [tuple(entry) for entry in read_json(tmp_path / "res_m" / "order.json")]
     expected = [("fold_start", f, None) for f in (1, 2, 3)]
@@ -281,9 +256,8 @@ def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
     those the same run saves for that epoch under policy all."""
     runs = {}
     for policy in ("best", "all"):
-        path = write(tmp_path, f"{policy}.toml", epochs=4, data_extra="validation = true")
-        path.write_text(path.read_text().replace('"torch.optim:Adam", lr = 1e-2', '"torch.optim:Adam", lr = 0.3')
-                        + f'[plugins.checkpoint]\npolicy = "{policy}"\nmetric = "loss"\n')
+        path = write(tmp_path, f"{policy}.toml", epochs=4, data={"validation": True}, adam={"optimizer": {"lr": 0.3}},
+                     plugins={"checkpoint": {"policy": policy, "metric": "loss"}})
         runs[policy] = run(path)
     res, every = tmp_path / "res_best", tmp_path / "res_all"
     best_epochs = []
@@ -306,26 +280,24 @@ def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ('model_extra=", batchnorm = true"', None),
+    ("batchnorm", None),
     ("criterion", "needs a CrossEntropyLoss, MSELoss or L1Loss criterion"),
     ("multi_model", 'cannot run with multi_model = "sequential"'),
     ("optimizer", "trains every model as a vectorized group, but adam: optimizer RMSprop is not vectorized"),
 ])
 def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, message):
-    if change.startswith("model_extra"):
+    if change == "batchnorm":
         (tmp_path / "bn.py").write_text(
             "import torch\n\ndef mlp_bn(hidden=16, batchnorm=True):\n"
             "    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))\n")
-        path = write(tmp_path)
-        path.write_text(path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "bn.py:mlp_bn"'))
+        path = write(tmp_path, adam={"model": "bn.py:mlp_bn", "params": None})
         message = "model adam: module '1' is a BatchNorm, whose batch statistics would mix each fold's test samples into its training"
     elif change == "criterion":
-        path = write(tmp_path, criterion='criterion = "torch.nn:NLLLoss"')
+        path = write(tmp_path, adam={"criterion": "torch.nn:NLLLoss"})
     elif change == "multi_model":
-        path = write(tmp_path, run_extra='multi_model = "sequential"')
+        path = write(tmp_path, run={"multi_model": "sequential"})
     else:
-        path = write(tmp_path)
-        path.write_text(path.read_text().replace('"torch.optim:Adam", lr = 1e-2', '"torch.optim:RMSprop", lr = 1e-2'))
+        path = write(tmp_path, adam={"optimizer": {"class": "torch.optim:RMSprop"}})
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -335,7 +307,7 @@ def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, 
 
 
 def test_parallel_must_be_a_boolean(tmp_path):
-    path = write(tmp_path, parallel='"yes"')
+    path = write(tmp_path, parallel="yes")
     done = run_cli("validate", str(path), cwd=tmp_path)
     assert done.returncode == 2 and "plugins.kfold.parallel" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -392,7 +364,7 @@ def izitorch_epoch_start(run, fold, epoch):
 
 def test_more_epochs_on_resume_extend_a_finished_parallel_run(tmp_path):
     (tmp_path / "epochs.py").write_text(EPOCH_LOG, encoding="utf-8")
-    path = write(tmp_path, epochs=2, enable='"kfold", "epochs.py"')
+    path = write(tmp_path, epochs=2, enable=("kfold", "epochs.py"))
     run(path)
     longer = run(path, "run.resume=true", "run.epochs=4")
     # the resumed run trained epochs 3 and 4 only: it continued from the saved state
@@ -407,8 +379,7 @@ def test_more_epochs_on_resume_extend_a_finished_parallel_run(tmp_path):
 
 
 def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
-    path = write(tmp_path, epochs=3)
-    path.write_text(path.read_text().replace("lr = 0.1, momentum = 0.9", "lr = 1e12, momentum = 0.9"))
+    path = write(tmp_path, epochs=3, sgd={"optimizer": {"lr": 1e12}})
     results = run(path)
     for fold in (1, 2, 3):
         log = read_json(tmp_path / "res_m" / "sgd" / f"FOLD_{fold}" / "test_metrics.json")
@@ -421,8 +392,7 @@ def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
 def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp_path):
     (tmp_path / "odd.py").write_text(
         "import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
-    path = write(tmp_path)
-    path.write_text(path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "odd.py:pairs"'))
+    path = write(tmp_path, adam={"model": "odd.py:pairs", "params": None})
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -438,7 +408,7 @@ def test_a_member_with_no_sample_of_its_own_in_a_batch_does_not_step(tmp_path):
     """With one sample a batch, every batch is some fold's test sample: that fold's member must
     sit the step out (an Adam step on a zero gradient would still move it). 30 samples, 3 folds,
     2 epochs: each member takes 2 x 20 steps, not 2 x 30."""
-    path = write(tmp_path, epochs=2, params="{ limit = 30 }")
+    path = write(tmp_path, epochs=2, params={"limit": 30})
     run(path, "run.batch_size=1")
     res = tmp_path / "res_m"
     split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
@@ -452,10 +422,10 @@ def test_each_members_scheduler_drives_its_own_learning_rate(tmp_path):
     """A StepLR (halving every epoch) on "adam": every fold's member ends at lr / 2**epochs, as in
     sequential folds, and the group trains with it: epoch 1 is the run without a scheduler's,
     epoch 2 (at half the lr) is not."""
-    scheduler = '\nscheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }'
-    scheduled = write(tmp_path, "scheduled.toml", epochs=2, criterion=scheduler)
+    scheduler = {"scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.5}}
+    scheduled = write(tmp_path, "scheduled.toml", epochs=2, adam=scheduler)
     constant = write(tmp_path, "constant.toml", epochs=2)
-    sequential = write(tmp_path, "sequential.toml", epochs=2, criterion=scheduler, parallel="false")
+    sequential = write(tmp_path, "sequential.toml", epochs=2, adam=scheduler, parallel=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for path in (scheduled, constant, sequential):
@@ -502,7 +472,7 @@ def test_the_folds_still_training_train_in_train_mode_after_the_first_fold_stopp
 
     monkeypatch.setattr(ensemble.VectorGroup, "forward", forward)
     (tmp_path / "stop.py").write_text(STOP_FOLD_1, encoding="utf-8")
-    run(write(tmp_path, epochs=3, enable='"kfold", "stop.py"'))
+    run(write(tmp_path, epochs=3, enable=("kfold", "stop.py")))
     assert read_json(tmp_path / "res_m" / "sgd" / "FOLD_1" / "trainlog.json").keys() == {"1"}
     assert list(read_json(tmp_path / "res_m" / "sgd" / "FOLD_2" / "trainlog.json")) == ["1", "2", "3"]
     training = [(base, members) for grad, base, members in modes if grad]

@@ -533,8 +533,8 @@ def test_grad_clip_clamps_every_gradient_element(tmp_path):
 # 3. programmatic assembly
 
 
-def test_from_manifest_launch(write_manifest, tmp_path):
-    rack = Rack.from_manifest(write_manifest())
+def test_from_manifest_launch(manifest, tmp_path):
+    rack = Rack.from_manifest(manifest())
     results = rack.launch()
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
     (_, test), = read(tmp_path / "res" / "Dataset_split.pkl")
@@ -558,14 +558,14 @@ def tree(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-def test_config_in_python_then_run_matches_the_cli(write_manifest, tmp_path):
+def test_config_in_python_then_run_matches_the_cli(manifest, tmp_path):
     results = izitorch.run(python_config(tmp_path / "py"))
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
     scores = results["mlp"][0]
     (_, test), = read(tmp_path / "py" / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), tmp_path / "py" / "mlp" / "model.pth.tar", test)
     assert {key: scores[key] for key in expected} == pytest.approx(expected, rel=1e-5)
-    proc = run_cli("run", str(write_manifest()))  # the same run described by the tiny manifest
+    proc = run_cli("run", str(manifest()))  # the same run described by the tiny manifest
     assert proc.returncode == 0, proc.stderr[-3000:]
     py, cli = tmp_path / "py", tmp_path / "res"
     assert tree(py) == tree(cli)
@@ -704,15 +704,13 @@ def shared():
 """
 
 
-def test_a_manifest_model_factory_returning_one_module_twice_is_refused(write_manifest, tmp_path, capsys):
+def test_a_manifest_model_factory_returning_one_module_twice_is_refused(manifest, tmp_path, capsys):
     """The same check guards manifests: a factory returning a cached module."""
     from izitorch.cli import main
 
     (tmp_path / "singleton.py").write_text(SINGLETON)
-    path = write_manifest()
-    text = path.read_text().replace('model = "izitorch.models:MLP"\nparams = { hidden = 16 }', 'model = "singleton.py:shared"')
-    second = text[text.index("[[models]]"):].replace('name = "mlp"', 'name = "again"')
-    path.write_text(text + "\n" + second)
+    shared = {"model": "singleton.py:shared", "params": None}
+    path = manifest(models=[shared, {**shared, "name": "again"}])
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [(f'izitorch: error: {path}: models[1].model: model "again" is the same nn.Module object as model "mlp", so both '

@@ -42,17 +42,14 @@ class Scattering(nn.Module):
 """
 
 
-def deterministic_manifest(write_manifest, tmp_path, enable: str = '"recorder.py"', model: str = "izitorch.models:MLP"):
+def deterministic_manifest(manifest, tmp_path, enable: tuple[str, ...] = ("recorder.py",), model: dict | None = None) -> Path:
+    """The tiny run with deterministic algorithms, the plugins ``enable`` and the model's keys ``model``."""
     (tmp_path / "recorder.py").write_text(RECORDER)
-    path = write_manifest()
-    text = path.read_text().replace("[run]\n", "[run]\ndeterministic = true\n").replace(
-        'model = "izitorch.models:MLP"', f'model = "{model}"')
-    path.write_text(text + f"\n[plugins]\nenable = [{enable}]\n")
-    return path
+    return manifest(run={"deterministic": True}, models=[model or {}], plugins={"enable": list(enable)})
 
 
-def test_the_run_uses_deterministic_algorithms_and_restores_the_previous_settings(write_manifest, tmp_path):
-    path = deterministic_manifest(write_manifest, tmp_path)
+def test_the_run_uses_deterministic_algorithms_and_restores_the_previous_settings(manifest, tmp_path):
+    path = deterministic_manifest(manifest, tmp_path)
     torch.backends.cudnn.benchmark = True
     try:
         first = izitorch.run(izitorch.load_manifest(str(path)))
@@ -70,10 +67,9 @@ def test_the_run_uses_deterministic_algorithms_and_restores_the_previous_setting
         torch.backends.cudnn.benchmark = False
 
 
-def test_an_operation_without_a_deterministic_algorithm_fails_in_one_line_naming_the_switch(write_manifest, tmp_path):
+def test_an_operation_without_a_deterministic_algorithm_fails_in_one_line_naming_the_switch(manifest, tmp_path):
     (tmp_path / "scattering.py").write_text(SCATTERING)
-    path = deterministic_manifest(write_manifest, tmp_path, enable="", model="scattering.py:Scattering")
-    path.write_text(path.read_text().replace("params = { hidden = 16 }\n", ""))
+    path = deterministic_manifest(manifest, tmp_path, enable=(), model={"model": "scattering.py:Scattering", "params": None})
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -146,15 +142,13 @@ def izitorch_fold_finish(run, fold):
 """
 
 
-def noisy_manifest(write_manifest, tmp_path, tag: str, source: str = "numpy", extra: str = "", params: str = "") -> Path:
-    """The tiny digits manifest over ``NoisyDigits`` writing into ``res_<tag>``."""
+def noisy_manifest(manifest, tmp_path, tag: str, source: str = "numpy", params: dict | None = None, **tables) -> Path:
+    """The tiny digits manifest over ``NoisyDigits`` (``params`` added to its own) writing into
+    ``res_<tag>``, with ``tables`` laid over it."""
     (tmp_path / "noisy.py").write_text(NOISY)
     (tmp_path / "drawer.py").write_text(DRAWER)
-    path = write_manifest(name=f"{tag}.toml", res_dir=(tmp_path / f"res_{tag}").as_posix())
-    text = path.read_text().replace('dataset = "izitorch.datasets:digits"', 'dataset = "noisy.py:NoisyDigits"')
-    text = text.replace("params = { limit = 300 }", f'params = {{ source = "{source}"{params} }}')
-    path.write_text(text + extra)
-    return path
+    data = {"dataset": "noisy.py:NoisyDigits", "params": {"limit": None, "source": source, **(params or {})}}
+    return manifest({"run.res_dir": (tmp_path / f"res_{tag}").as_posix()}, name=f"{tag}.toml", data=data, **tables)
 
 
 def outputs(res: Path) -> dict:
@@ -186,8 +180,8 @@ def run_manifest(path: Path, *overrides: str, caller_seed: int = 0) -> Path:
 
 
 @pytest.mark.parametrize("source", ["numpy", "random"])
-def test_a_dataset_drawing_from_a_global_generator_gives_the_same_run_twice(write_manifest, tmp_path, source):
-    path = noisy_manifest(write_manifest, tmp_path, source, source)
+def test_a_dataset_drawing_from_a_global_generator_gives_the_same_run_twice(manifest, tmp_path, source):
+    path = noisy_manifest(manifest, tmp_path, source, source)
     first = outputs(run_manifest(path))
     second = outputs(run_manifest(path, "run.overwrite=true", caller_seed=1))
     assert same_outputs(first, second)
@@ -196,13 +190,13 @@ def test_a_dataset_drawing_from_a_global_generator_gives_the_same_run_twice(writ
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_each_fold_is_seeded_whatever_was_drawn_before_it(write_manifest, tmp_path, parallel):
+def test_each_fold_is_seeded_whatever_was_drawn_before_it(manifest, tmp_path, parallel):
     """Fold i trains with ``rdm_seed + i`` on every generator (parallel folds: with ``rdm_seed``,
     once they start): a plugin drawing from numpy, random and torch when the run starts and after
     each fold changes nothing."""
-    kfold = '\n[plugins]\nenable = ["kfold"{}]\n[plugins.kfold]\nk = 2\nparallel = ' + ("true" if parallel else "false") + "\n"
-    quiet = run_manifest(noisy_manifest(write_manifest, tmp_path, "quiet", extra=kfold.format("")))
-    drawn = run_manifest(noisy_manifest(write_manifest, tmp_path, "drawn", extra=kfold.format(', "drawer.py"')), caller_seed=1)
+    kfold = {"k": 2, "parallel": parallel}
+    quiet = run_manifest(noisy_manifest(manifest, tmp_path, "quiet", plugins={"enable": ["kfold"], "kfold": kfold}))
+    drawn = run_manifest(noisy_manifest(manifest, tmp_path, "drawn", plugins={"enable": ["kfold", "drawer.py"], "kfold": kfold}), caller_seed=1)
     assert same_outputs(outputs(quiet), outputs(drawn))
     assert not same_outputs(outputs(quiet / "mlp" / "FOLD_1"), outputs(quiet / "mlp" / "FOLD_2"))
 
@@ -212,15 +206,14 @@ def worker_draws(log_dir: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("source", ["numpy", "random"])
-def test_dataloader_workers_draw_apart_and_the_same_from_run_to_run(write_manifest, tmp_path, source):
+def test_dataloader_workers_draw_apart_and_the_same_from_run_to_run(manifest, tmp_path, source):
     """torch seeds each worker's torch, numpy and random from the loader's seeded generator and
     the worker id: two workers draw different noise, and a second run draws the same."""
     draws = {}
     for tag in ("a", "b"):
         log_dir = tmp_path / f"draws_{tag}"
         log_dir.mkdir()
-        path = noisy_manifest(write_manifest, tmp_path, f"{source}_{tag}", source, params=f', log_to = "{log_dir.as_posix()}"')
-        path.write_text(path.read_text().replace("[run]\n", "[run]\nnum_workers = 2\n"))
+        path = noisy_manifest(manifest, tmp_path, f"{source}_{tag}", source, params={"log_to": log_dir.as_posix()}, run={"num_workers": 2})
         draws[tag] = (outputs(run_manifest(path, caller_seed=ord(tag))), worker_draws(log_dir))
     (outputs_a, draws_a), (outputs_b, draws_b) = draws["a"], draws["b"]
     assert {"worker0", "worker1"} <= set(draws_a)

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import make_manifest, merged, run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REPORT = Path("/tmp/izitorch_resume_report.txt")
@@ -115,126 +115,44 @@ def izitorch_run_finish(run, results):
     _at("run_finish")
 '''
 
-HEAD = """\
-[run]
-res_dir = "{res_dir}"
-device = "cpu"
-epochs = {epochs}
-batch_size = 32
-display_step = 1000
-{run_extra}
-[data]
-dataset = "izitorch.datasets:digits"
-params = { limit = 240 }
-num_classes = 10
-{data_extra}
-"""
+# What every scenario shares: 240 digits on the CPU (the tiny run's batch and display_step).
+HEAD = {"run": {"device": "cpu"}, "data": {"params": {"limit": 240}}}
 
 # (a) holdout, one model with dropout, Adam, every-epoch checkpoints, evaluation every 2 epochs
-HOLDOUT = HEAD + """
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = { hidden = 16, dropout = 0.2 }
-optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-
-[plugins]
-enable = ["probe.py"]
-[plugins.checkpoint]
-policy = "all"
-"""
+HOLDOUT = {"run": {"epochs": 3, "test_epoch": 2},
+           "models": [{"params": {"dropout": 0.2}}],
+           "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "all"}}}
 
 # (b) 3-fold with validation, SGD, best-loss checkpoints, early stopping that always ends every
 # fold at epoch 3 of 4 (min_delta too large to ever improve): its counters must survive a resume
-KFOLD = HEAD + """
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = { hidden = 16 }
-optimizer = { class = "torch.optim:SGD", lr = 0.1 }
-
-[plugins]
-enable = ["probe.py", "early_stop"]
-[plugins.kfold]
-k = 3
-[plugins.checkpoint]
-policy = "best"
-metric = "loss"
-[plugins.early_stop]
-patience = 2
-metric = "loss"
-min_delta = 100.0
-"""
+KFOLD = {"run": {"epochs": 4}, "data": {"validation": True},
+         "models": [{"optimizer": {"class": "torch.optim:SGD", "lr": 0.1}}],
+         "plugins": {"enable": ["probe.py", "early_stop"], "kfold": {"k": 3}, "checkpoint": {"policy": "best", "metric": "loss"},
+                     "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0}}}
 
 # (c) two models (MLP with dropout, CNN) with SGD momentum and StepLR, validation, best-acc
 # checkpoints, gradient clipping
-TWO = HEAD + """
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = { hidden = 32, dropout = 0.3 }
-optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
-scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.7 }
-
-[[models]]
-name = "cnn"
-model = "izitorch.models:SmallCNN"
-params = { channels = 4 }
-optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
-scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 2, gamma = 0.5 }
-
-[plugins]
-enable = ["probe.py"]
-[plugins.checkpoint]
-policy = "best"
-metric = "acc"
-[plugins.grad_clip]
-max_norm = 1.0
-"""
+SGD = {"class": "torch.optim:SGD", "lr": 0.05, "momentum": 0.9}
+TWO = {"run": {"epochs": 4}, "data": {"validation": True},
+       "models": [{"params": {"hidden": 32, "dropout": 0.3}, "optimizer": SGD,
+                   "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
+                  {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 4}, "optimizer": SGD,
+                   "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 2, "gamma": 0.5}}],
+       "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "best", "metric": "acc"}, "grad_clip": {"max_norm": 1.0}}}
 
 # (d) parallel folds: 3 folds of two models (Adam; SGD with momentum, dropout and StepLR) trained
 # at once, validation, best-acc checkpoints, early stopping that ends every fold at epoch 3 of 4:
 # each fold's plugin state (swapped around its hooks) must survive a resume
-PARALLEL = HEAD + """
-[[models]]
-name = "adam"
-model = "izitorch.models:MLP"
-params = { hidden = 16 }
-optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-
-[[models]]
-name = "sgd"
-model = "izitorch.models:MLP"
-params = { hidden = 16, dropout = 0.2 }
-optimizer = { class = "torch.optim:SGD", lr = 0.05, momentum = 0.9 }
-scheduler = { class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.7 }
-
-[plugins]
-enable = ["probe.py", "kfold", "early_stop"]
-[plugins.kfold]
-k = 3
-parallel = true
-[plugins.checkpoint]
-policy = "best"
-metric = "acc"
-[plugins.early_stop]
-patience = 2
-metric = "loss"
-min_delta = 100.0
-"""
+PARALLEL = {"run": {"epochs": 4}, "data": {"validation": True},
+            "models": [{"name": "adam"},
+                       {"name": "sgd", "params": {"dropout": 0.2}, "optimizer": SGD,
+                        "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}}],
+            "plugins": {"enable": ["probe.py", "kfold", "early_stop"], "kfold": {"k": 3, "parallel": True},
+                        "checkpoint": {"policy": "best", "metric": "acc"}, "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0}}}
 
 # (e) a user's dataset that augments every sample with noise from numpy's and Python's global
 # generators (see NOISY): a resume must restore both to continue the same noise
-NOISY_RUN = HEAD.replace('dataset = "izitorch.datasets:digits"', 'dataset = "noisy.py:NoisyDigits"') + """
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = { hidden = 16 }
-optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-
-[plugins]
-enable = ["probe.py"]
-"""
+NOISY_RUN = {"run": {"epochs": 3}, "data": {"dataset": "noisy.py:NoisyDigits"}, "models": [{}], "plugins": {"enable": ["probe.py"]}}
 
 NOISY = '''\
 """The digits with augmentation noise drawn from numpy's and Python's global generators."""
@@ -260,11 +178,11 @@ class NoisyDigits(torch.utils.data.Dataset):
 '''
 
 SCENARIOS = {
-    "holdout": dict(template=HOLDOUT, epochs=3, run_extra="test_epoch = 2", data_extra=""),
-    "kfold": dict(template=KFOLD, epochs=4, run_extra="", data_extra="validation = true"),
-    "two": dict(template=TWO, epochs=4, run_extra="", data_extra="validation = true"),
-    "parallel": dict(template=PARALLEL, epochs=4, run_extra="", data_extra="validation = true"),
-    "noisy": {"template": NOISY_RUN, "epochs": 3, "run_extra": "", "data_extra": ""},
+    "holdout": merged(HEAD, HOLDOUT),
+    "kfold": merged(HEAD, KFOLD),
+    "two": merged(HEAD, TWO),
+    "parallel": merged(HEAD, PARALLEL),
+    "noisy": merged(HEAD, NOISY_RUN),
 }
 
 
@@ -442,15 +360,11 @@ class Scenario:
         (folder / "probe.py").write_text(PROBE, encoding="utf-8")
         (folder / "noisy.py").write_text(NOISY, encoding="utf-8")
 
-    def manifest(self, tag: str, **changes: str) -> Path:
-        """``<tag>.toml`` writing into ``res_<tag>``; ``changes`` replace template fields."""
-        fields = {**SCENARIOS[self.name], "res_dir": (self.folder / f"res_{tag}").as_posix(), **changes}
-        template = fields.pop("template")
-        path = self.folder / f"{tag}.toml"
-        for key, value in fields.items():
-            template = template.replace("{" + key + "}", str(value))
-        path.write_text(template, encoding="utf-8")
-        return path
+    def manifest(self, tag: str, **changes: dict) -> Path:
+        """``<tag>.toml`` writing into ``res_<tag>``; ``changes`` (tables, such as
+        ``run={"epochs": 6}``) are laid over the scenario's."""
+        tables = merged(SCENARIOS[self.name], {"run.res_dir": (self.folder / f"res_{tag}").as_posix(), **changes})
+        return make_manifest(self.folder, name=f"{tag}.toml", **tables)
 
     def res(self, tag: str) -> Path:
         return self.folder / f"res_{tag}"
@@ -566,12 +480,12 @@ def scenarios(tmp_path_factory, server):
     return built
 
 
-def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, **changes: str) -> list[str]:
+def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, **changes: dict) -> list[str]:
     """Run with the probe killing at ``spec`` (it must die by SIGKILL), resume, compare to ``ref``.
 
     A list of specs kills the first run and then each resumed run in turn (counted from the
-    start of that process), before the last resume runs to the end. ``changes`` replace fields
-    of the scenario's template."""
+    start of that process), before the last resume runs to the end. ``changes`` are laid over
+    the scenario's manifest (see :meth:`Scenario.manifest`)."""
     path = scenario.manifest(tag, **changes)
     for attempt, point in enumerate(spec if isinstance(spec, list) else [spec]):
         resume_flag = ("--resume",) if attempt else ()
@@ -691,7 +605,7 @@ def test_dataloader_workers_draw_the_same_noise_after_a_resume(server, scenarios
     the resume state carries that generator, so a resumed run's workers draw what the
     uninterrupted run's did."""
     scenario, _ = scenarios["noisy"]
-    workers = {"run_extra": "num_workers = 2"}
+    workers = {"run": {"num_workers": 2}}
     reference = server.run("run", str(scenario.manifest("workers_ref", **workers)), cwd=scenario.folder)
     assert reference.returncode == 0, reference.stderr[-3000:]
     for tag, spec in (("workers_mid", _batch(1, 2, 3)), ("workers_end", {"hook": "epoch_finish", "fold": 1, "epoch": 2})):
@@ -709,7 +623,7 @@ def test_sigkill_at_a_random_point_with_real_processes(scenarios, tmp_path):
     name = rng.choice(sorted(steps_per_epoch))
     scenario, ref = scenarios[name]
     folds = 3 if name in ("kfold", "parallel") else 1
-    epochs = 3 if name in ("kfold", "parallel") else SCENARIOS[name]["epochs"]  # their folds stop at epoch 3
+    epochs = 3 if name in ("kfold", "parallel") else SCENARIOS[name]["run"]["epochs"]  # their folds stop at epoch 3
     steps = steps_per_epoch[name]
     spec = _batch(rng.randint(1, folds), rng.randint(1, epochs), rng.randint(1, steps))
     point = f"{name}: {label(spec)} (IZITORCH_KILL_SEED={seed})"
@@ -757,7 +671,7 @@ def test_resuming_a_finished_run_retrains_nothing(server, scenarios, tmp_path):
 
 def test_more_epochs_on_resume_extend_the_run_exactly(server, scenarios, tmp_path):
     scenario, ref = scenarios["two"]  # finished after 4 epochs
-    straight = scenario.manifest("six", epochs=6)
+    straight = scenario.manifest("six", run={"epochs": 6})
     result = server.run("run", str(straight), cwd=scenario.folder)
     assert result.returncode == 0, result.stderr[-2000:]
     shutil.copytree(ref, scenario.res("extended"))
@@ -802,9 +716,8 @@ def test_resume_with_a_changed_manifest_is_refused_and_touches_nothing(scenarios
     scenario, ref = scenarios["holdout"]
     res = tmp_path / "res"
     shutil.copytree(ref, res)
-    path = tmp_path / "m.toml"
     shutil.copy(scenario.folder / "probe.py", tmp_path / "probe.py")
-    path.write_text((scenario.folder / "ref.toml").read_text().replace(ref.as_posix(), res.as_posix()))
+    path = make_manifest(tmp_path, **merged(SCENARIOS["holdout"], {"run.res_dir": res.as_posix()}))  # the reference run's manifest
     before = snapshot(res)
     result = cli("run", str(path), "--resume", "--set", override, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -816,7 +729,7 @@ def test_resume_with_a_changed_manifest_is_refused_and_touches_nothing(scenarios
 
 def test_resume_true_in_the_manifest_works_like_the_flag(server, scenarios):
     scenario, ref = scenarios["holdout"]
-    path = scenario.manifest("flagless", run_extra="test_epoch = 2\nresume = true")
+    path = scenario.manifest("flagless", run={"resume": True})
     # killed in epoch 3: epoch 1's state is on disk (files lag at most one epoch), epoch 2's may be
     first = server.run("run", str(path), cwd=scenario.folder, env=probe(_batch(1, 3, 3)))
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
@@ -928,12 +841,12 @@ def write_lock(res: Path, pid: int) -> Path:
     return lock
 
 
-def test_a_live_lock_refuses_the_run(write_manifest, tmp_path):
+def test_a_live_lock_refuses_the_run(manifest, tmp_path):
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         lock = write_lock(tmp_path / "res", sleeper.pid)
         before = lock.read_bytes()
-        result = cli("run", str(write_manifest()), cwd=tmp_path)
+        result = cli("run", str(manifest()), cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         line = one_line(result.stderr)
         assert "in use by another izitorch run" in line and f"pid {sleeper.pid}" in line, line
@@ -944,11 +857,11 @@ def test_a_live_lock_refuses_the_run(write_manifest, tmp_path):
         sleeper.wait()
 
 
-def test_a_stale_lock_is_taken_over_and_removed(write_manifest, tmp_path):
+def test_a_stale_lock_is_taken_over_and_removed(manifest, tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
     lock = write_lock(tmp_path / "res", gone.pid)
-    result = cli("run", str(write_manifest()), cwd=tmp_path)
+    result = cli("run", str(manifest()), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not lock.exists()
     assert (tmp_path / "res" / "results.json").is_file()

@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from textwrap import dedent
 
 import pytest
 
-from conftest import run_cli
+from conftest import make_manifest, run_cli
 
 PYPROJECT = """\
 [build-system]
@@ -72,29 +71,6 @@ class DemoPlugin:
         (run.res_dir / "demo_marker.txt").write_text(text, encoding="utf-8")
 '''
 
-MANIFEST = """\
-[run]
-res_dir = "{res_dir}"
-device = "cpu"
-epochs = {epochs}
-batch_size = 64
-display_step = 1000
-
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 200 }}
-num_classes = 10
-
-[[models]]
-name = "mlp"
-model = "izitorch.models:MLP"
-params = {{ hidden = 16 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-
-{plugins}
-"""
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """The demo plugin built and installed (offline) into its own site folder."""
@@ -118,12 +94,10 @@ def env_for(site: Path) -> dict:
     return {"PYTHONPATH": path}
 
 
-def write(folder: Path, plugins: str, epochs: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "m.toml"
-    path.write_text(MANIFEST.format(res_dir=(folder / "res").as_posix(), epochs=epochs, plugins=dedent(plugins).strip()),
-                    encoding="utf-8")
-    return path
+def write(folder: Path, plugins: dict, epochs: int = 2) -> Path:
+    """A one-MLP run over 200 digits on the CPU, batch 64, with the ``[plugins]`` table ``plugins``."""
+    return make_manifest(folder, run={"device": "cpu", "epochs": epochs, "batch_size": 64}, data={"params": {"limit": 200}},
+                         **({"plugins": plugins} if plugins else {}))
 
 
 def read_json(path: Path):
@@ -136,7 +110,7 @@ def check(done: subprocess.CompletedProcess, code: int = 0) -> subprocess.Comple
 
 
 def test_enabled_by_name_the_installed_plugin_changes_the_run(site, tmp_path):
-    path = write(tmp_path, '[plugins]\nenable = ["demo"]', epochs=2)
+    path = write(tmp_path, {"enable": ["demo"]}, epochs=2)
     done = check(run_cli("run", str(path), env=env_for(site)))
     res = tmp_path / "res"
     assert list(read_json(res / "mlp" / "trainlog.json")) == ["1"]  # stopped after epoch 1 of 2
@@ -149,7 +123,7 @@ def test_enabled_by_name_the_installed_plugin_changes_the_run(site, tmp_path):
 
 
 def test_its_table_configures_it_and_enables_it(site, tmp_path):
-    path = write(tmp_path, '[plugins.demo]\nstop_after = 2\nmessage = "from the table"', epochs=3)
+    path = write(tmp_path, {"demo": {"stop_after": 2, "message": "from the table"}}, epochs=3)
     check(run_cli("run", str(path), env=env_for(site)))
     res = tmp_path / "res"
     assert list(read_json(res / "mlp" / "trainlog.json")) == ["1", "2"]
@@ -160,14 +134,14 @@ def test_its_table_configures_it_and_enables_it(site, tmp_path):
 
 
 def test_a_bad_option_in_its_table_is_a_one_line_error(site, tmp_path):
-    path = write(tmp_path, "[plugins.demo]\nstop_after = 0")
+    path = write(tmp_path, {"demo": {"stop_after": 0}})
     done = check(run_cli("validate", str(path), env=env_for(site)), code=2)
     assert done.stdout == ""
     assert done.stderr == f"izitorch: error: {path}: plugins.demo.stop_after: expected an integer >= 1, got 0\n"
 
 
 def test_installed_but_not_enabled_it_does_not_load(site, tmp_path):
-    path = write(tmp_path, "", epochs=2)
+    path = write(tmp_path, {}, epochs=2)
     check(run_cli("run", str(path), env=env_for(site)))
     res = tmp_path / "res"
     assert list(read_json(res / "mlp" / "trainlog.json")) == ["1", "2"]

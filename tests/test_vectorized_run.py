@@ -13,61 +13,30 @@ import torch
 import izitorch
 from izitorch.models import MLP
 
-from conftest import KILLER, run_cli
+from conftest import KILLER, make_manifest, merged, run_cli
 
 # CPU: there a group's dropout masks are the sequential ones (one [K, B, H] draw from the same
 # generator); CUDA's counter-based generator draws them differently (tests/test_cuda.py compares
 # dropout-free groups there).
-GROUP_MANIFEST = """\
-[run]
-res_dir = "{res_dir}"
-device = "cpu"
-epochs = 3
-batch_size = 32
-multi_model = "{mode}"
-nan_policy = "{nan_policy}"
-
-[data]
-dataset = "izitorch.datasets:digits"
-params = {{ limit = 240 }}
-num_classes = 10
-
-[[models]]
-name = "a"
-model = "{model}"
-params = {{ hidden = 16, dropout = 0.2 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 1e-2 }}
-scheduler = {{ class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.7 }}
-
-[[models]]
-name = "b"
-model = "{model}"
-params = {{ hidden = 16, dropout = 0.2 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 3e-3, weight_decay = 1e-3, betas = [0.8, 0.99] }}
-
-[[models]]
-name = "c"
-model = "{model}"
-params = {{ hidden = 16, dropout = 0.2 }}
-optimizer = {{ class = "torch.optim:Adam", lr = 5e-3 }}
-
-[plugins]
-enable = [{plugins}]
-
-[plugins.kfold]
-k = 2
-
-[plugins.grad_clip]
-max_norm = 0.5
-"""
+# Three members ("a" has its own scheduler, "b" its own Adam settings), two folds, clipped.
+MEMBERS = {
+    "a": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2},
+          "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
+    "b": {"optimizer": {"class": "torch.optim:Adam", "lr": 3e-3, "weight_decay": 1e-3, "betas": [0.8, 0.99]}},
+    "c": {"optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}},
+}
 
 
 def manifest(tmp_path: Path, name: str, mode: str = "auto", nan_policy: str = "stop", model: str = "izitorch.models:MLP",
-             plugins: str = "") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(GROUP_MANIFEST.format(res_dir=(tmp_path / name).as_posix(), mode=mode, nan_policy=nan_policy,
-                                          model=model, plugins=plugins))
-    return path
+             plugins: tuple[str, ...] = (), dropout: float = 0.2, members: dict | None = None) -> Path:
+    """tmp_path/NAME.toml, results in tmp_path/NAME: the MEMBERS, each with ``members[name]``
+    laid over it (``None`` leaves it out), 240 digits, 3 epochs."""
+    models = [{"name": member, "model": model, "params": {"hidden": 16, "dropout": dropout}, **entry}
+              for member, entry in merged(MEMBERS, members or {}).items() if entry is not None]
+    return make_manifest(tmp_path, name=f"{name}.toml", models=models,
+                         run={"res_dir": (tmp_path / name).as_posix(), "device": "cpu", "epochs": 3, "display_step": None,
+                              "multi_model": mode, "nan_policy": nan_policy},
+                         data={"params": {"limit": 240}}, plugins={"enable": list(plugins), "kfold": {"k": 2}, "grad_clip": {"max_norm": 0.5}})
 
 
 def weights(res: Path, model: str, fold: int) -> dict:
@@ -99,10 +68,7 @@ def test_a_vectorized_run_matches_a_sequential_one_and_keeps_each_members_files(
 
 
 def test_vectorized_refuses_a_model_it_cannot_group_naming_it(tmp_path):
-    path = manifest(tmp_path, "bad", "vectorized")
-    text = path.read_text().replace('optimizer = { class = "torch.optim:Adam", lr = 5e-3 }',
-                                    'optimizer = { class = "torch.optim:RMSprop", lr = 5e-3 }')
-    path.write_text(text)
+    path = manifest(tmp_path, "bad", "vectorized", members={"c": {"optimizer": {"class": "torch.optim:RMSprop"}}})
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -113,8 +79,8 @@ def test_vectorized_refuses_a_model_it_cannot_group_naming_it(tmp_path):
 
 def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
     (tmp_path / "killer.py").write_text(KILLER)
-    reference = manifest(tmp_path, "ref", plugins='"killer.py"')
-    killed = manifest(tmp_path, "killed", plugins='"killer.py"')
+    reference = manifest(tmp_path, "ref", plugins=("killer.py",))
+    killed = manifest(tmp_path, "killed", plugins=("killer.py",))
     assert run_cli("run", str(reference), cwd=tmp_path).returncode == 0
     # a member's entry keeps only the hyper-parameters that moved (a's scheduled lr); its group
     # entry holds the weights and moments
@@ -142,12 +108,8 @@ def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
 def test_a_diverging_member_stops_alone_and_the_others_are_unaffected(tmp_path):
     # member "b" gets an absurd learning rate and diverges; "a" and "c" must train as without it
     # (no dropout: removing a member changes which random numbers the others draw)
-    path = manifest(tmp_path, "nan")
-    path.write_text(path.read_text().replace("lr = 3e-3, weight_decay = 1e-3", "lr = 1e37, weight_decay = 1e-3").replace("dropout = 0.2", "dropout = 0.0"))
-    alone = manifest(tmp_path, "alone")
-    text = alone.read_text().replace("dropout = 0.2", "dropout = 0.0")
-    start = text.index('[[models]]\nname = "b"')
-    alone.write_text(text[:start] + text[text.index('[[models]]\nname = "c"'):])
+    path = manifest(tmp_path, "nan", dropout=0.0, members={"b": {"optimizer": {"lr": 1e37}}})
+    alone = manifest(tmp_path, "alone", dropout=0.0, members={"b": None})
     izitorch.run(izitorch.load_manifest(path))
     izitorch.run(izitorch.load_manifest(alone))
     metrics = json.loads((tmp_path / "nan" / "b" / "FOLD_1" / "test_metrics.json").read_text())
@@ -185,7 +147,7 @@ def test_batch_finish_sees_each_members_own_loss_as_sequential_training_does(tmp
     (tmp_path / "recorder.py").write_text(LOSS_RECORDER)
     seen = {}
     for mode in ("vectorized", "sequential"):
-        path = manifest(tmp_path, mode, mode, plugins='"kfold", "grad_clip", "recorder.py"')
+        path = manifest(tmp_path, mode, mode, plugins=("kfold", "grad_clip", "recorder.py"))
         done = run_cli("run", str(path), cwd=tmp_path, env={"LOSSES_TO": str(tmp_path / f"{mode}.json")})
         assert done.returncode == 0, done.stderr[-2000:]
         seen[mode] = json.loads((tmp_path / f"{mode}.json").read_text())

@@ -6,7 +6,7 @@ criteria are configured alike (a :class:`_Signature`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -14,8 +14,6 @@ from torch import nn
 from izitorch.errors import IzitorchError
 from izitorch.state import Slot, deep_equal
 
-if TYPE_CHECKING:
-    from izitorch.ensemble.group import VectorGroup
 
 VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -26,15 +24,13 @@ _MODULE_INTERNALS = frozenset({
 })
 
 
-def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot], list[str]]:
-    """Split ``slots`` into vectorized groups and slots trained one by one.
+def partition(slots: Sequence[Slot]) -> tuple[list[list[Slot]], dict[str, str]]:
+    """The sets of 2+ ``slots`` that can share a vectorized group, and why each other slot
+    cannot (by name, one line each, for the console and ``multi_model = "vectorized"`` errors).
 
-    A group is 2+ slots whose models have the same module structure and configuration, whose
+    A group is slots whose models have the same module structure and configuration, whose
     optimizers are the same vectorized class with the same structural options, and whose
-    criteria are configured alike. Returns ``(groups, sequential, reasons)`` where ``reasons``
-    has one line per slot left sequential, saying why (for the console and for
-    ``multi_model = "vectorized"`` errors). Building a group re-points its members' parameters
-    (see :class:`VectorGroup`).
+    criteria are configured alike.
     """
     reasons: dict[str, str] = {}
     candidates: list[tuple[Slot, _Signature]] = []
@@ -52,18 +48,14 @@ def group_slots(slots: Sequence[Slot]) -> tuple[list["VectorGroup"], list[Slot],
                 break
         else:
             buckets.append([(slot, signature)])
-    from izitorch.ensemble.group import VectorGroup  # here, not above: group.py imports this module's rules
-
     groups = []
     for bucket in buckets:
         if len(bucket) >= 2:
-            groups.append(VectorGroup([slot for slot, _ in bucket], checked=True))
+            groups.append([slot for slot, _ in bucket])
         else:
             slot, signature = bucket[0]
             reasons[slot.name] = f"{slot.name}: {_why_alone(slot, signature, candidates, slots)}"
-    grouped = {id(slot) for group in groups for slot in group.slots}
-    sequential = [slot for slot in slots if id(slot) not in grouped]
-    return groups, sequential, [reasons[slot.name] for slot in sequential]
+    return groups, reasons
 
 
 def check_groupable(slots: Sequence[Slot]) -> None:
@@ -182,21 +174,3 @@ def _why_alone(slot: Slot, signature: _Signature, candidates: list, slots: Seque
     if others:
         return f"no other vectorizable model with the same architecture ({', '.join(others)} cannot be grouped)"
     return "no other model with the same architecture"
-
-
-
-def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot], list[str]]:
-    """Apply ``run.multi_model``: the groups, the slots stepped one by one, and console notes.
-
-    ``"sequential"`` groups nothing; ``"auto"`` groups what can be grouped and says why the rest
-    was not; ``"vectorized"`` requires every model to be in a group and fails naming the first
-    model that cannot be.
-    """
-    if mode == "sequential" or len(slots) < 2:
-        return [], list(slots), []
-    groups, sequential, reasons = group_slots(slots)
-    if mode == "vectorized" and sequential:
-        raise IzitorchError(f'"vectorized" needs every model in a group, but {reasons[0]}; use multi_model = "auto" to step such models one by one',
-                            "run.multi_model")
-    notes = [f"vectorized group of {len(g)}: {', '.join(g.names)} ({type(g.slots[0].optimizer).__name__})" for g in groups]
-    return groups, sequential, notes + [f"sequential: {reason}" for reason in reasons]
