@@ -177,12 +177,20 @@ class NoisyDigits(torch.utils.data.Dataset):
         return x + torch.from_numpy(noise) * random.uniform(0.5, 1.5), y
 '''
 
+# (f) fp16 with a loss scaler per stack and gradients accumulated over 4 batches, for a vectorized
+# pair (a, b) and a lone CNN: the scalers and the windows must survive a resume
+MIXED = {"run": {"epochs": 3, "precision": "fp16", "accumulate": 4},
+         "models": [{"name": "a"}, {"name": "b", "optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}},
+                    {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 4}}],
+         "plugins": {"enable": ["probe.py"]}}
+
 SCENARIOS = {
     "holdout": merged(HEAD, HOLDOUT),
     "kfold": merged(HEAD, KFOLD),
     "two": merged(HEAD, TWO),
     "parallel": merged(HEAD, PARALLEL),
     "noisy": merged(HEAD, NOISY_RUN),
+    "mixed": merged(HEAD, MIXED),
 }
 
 
@@ -248,6 +256,11 @@ KILL_POINTS = {
         {"hook": "replace", "file": "folds.pth.tar", "nth": 4},  # the final state (after the tests)
         {"hook": "replace", "file": "trainlog.json", "nth": 5}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
         [_batch(2, 2, 2), _batch(1, 3, 1)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 3}],
+    ],
+    # 192 training samples -> 6 steps per epoch: accumulation windows of 4 and 2 batches
+    "mixed": [
+        _batch(1, 1, 2), _batch(1, 2, 5), _batch(1, 3, 4), {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2}, [_batch(1, 1, 3), _batch(1, 2, 6)],
     ],
     # 192 training samples -> 6 steps per epoch
     "noisy": [
