@@ -38,6 +38,7 @@ Only ``benchmarks/`` is involved: izitorch's code is patched in this process, ne
 component that this version of izitorch does not have is shown as "n/a" (``tests/
 test_benchmarks.py`` runs ``--quick`` and fails on one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,11 +85,16 @@ PATHS = ("in-memory", "per-sample")
 
 # -- a real run, and its objects ---------------------------------------------------------------
 
+
 def config_for(path: str, epochs: int, res_dir: str, builder: Any) -> Config:
     spec = bench.attrs.evolve(bench.mlp_spec("mlp"), model=builder())
     dataset = "izitorch.datasets:digits" if path == "in-memory" else bench.Samples()
-    return Config(run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=BATCH, rdm_seed=bench.SEED, device="cpu"),
-                  data=DataConfig(dataset=dataset, num_classes=10), models=(spec,), plugins=PluginsConfig())
+    return Config(
+        run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=BATCH, rdm_seed=bench.SEED, device="cpu"),
+        data=DataConfig(dataset=dataset, num_classes=10),
+        models=(spec,),
+        plugins=PluginsConfig(),
+    )
 
 
 @contextlib.contextmanager
@@ -161,6 +167,7 @@ def captured_run(path: str) -> Iterator[Captured]:
 
 
 # -- the plain statements of a hand-written loop, standing in for izitorch's parts -------------
+
 
 class NoImpls:
     """A hook nobody implements, as the loop sees it."""
@@ -279,13 +286,16 @@ class HandBatches:
             return
         order = torch.randperm(self.size, generator=self.generator)
         for begin in range(0, self.size, BATCH):
-            rows = order[begin:begin + BATCH]
+            rows = order[begin : begin + BATCH]
             yield self.inputs[rows], self.targets[rows]
 
 
 def assembly_label(path: str) -> str:
-    return ("batch assembly: TensorBatchLoader against x[rows], y[rows]" if path == "in-memory" else
-            "batch assembly: Subset(Guarded(dataset)) against Subset(dataset)")
+    return (
+        "batch assembly: TensorBatchLoader against x[rows], y[rows]"
+        if path == "in-memory"
+        else "batch assembly: Subset(Guarded(dataset)) against Subset(dataset)"
+    )
 
 
 BATCHES = "cohort.batches: the loader read under a guard (errors in one line)"
@@ -383,8 +393,7 @@ def step_costs(path: str, got: Captured, repeats: int, ablation: bool = True) ->
     if not ablation:
         return rows + [["hand-written pass", hand, 0.0]]
     for label in offs:
-        rows.append([f"  {label}", float("nan") if label in missing else per_step[label],
-                     float("nan") if label in missing else full - per_step[label]])
+        rows.append([f"  {label}", float("nan") if label in missing else per_step[label], float("nan") if label in missing else full - per_step[label]])
     checked = per_step["hand-written pass + loss.item() finiteness check"]
     rows.append(["  loss.item() finiteness check, added to the hand pass", checked, checked - hand])
     rest = per_step["all of the above off"]
@@ -394,6 +403,7 @@ def step_costs(path: str, got: Captured, repeats: int, ablation: bool = True) ->
 
 
 # -- each component alone -----------------------------------------------------------------------
+
 
 class Stub:
     """A model or optimizer that does nothing: what is left is the wrapping around it."""
@@ -561,22 +571,23 @@ def component_costs(path: str, got: Captured, repeats: int) -> list[list]:
         booked.meters = []  # the meters' own work is timed below; _count's around them stays
         booked._guard = lambda values, mask: [True]  # the guard is timed on its own
         rows = [
-            [assembly_label(path), lambda: per_epoch(lambda: drain(loader), steps, 3 * repeats)
-             - per_epoch(lambda: drain(hand), steps, 3 * repeats)],
+            [assembly_label(path), lambda: per_epoch(lambda: drain(loader), steps, 3 * repeats) - per_epoch(lambda: drain(hand), steps, 3 * repeats)],
             [BATCHES, lambda: per_epoch(read_guarded, steps, 3 * repeats) - per_epoch(lambda: drain(loader), steps, 3 * repeats)],
             [TO_DEVICE, lambda: per_call(to_device_unpack, calls, repeats)],
-            [WRAPPING, lambda: per_call(lambda: lone.losses(lone.forward(inputs), target), calls, repeats)
-             - per_call(plain_forward_loss, calls, repeats)],
+            [WRAPPING, lambda: per_call(lambda: lone.losses(lone.forward(inputs), target), calls, repeats) - per_call(plain_forward_loss, calls, repeats)],
             [GUARD, lambda: per_call(lambda: counted._guard(losses, None), calls, repeats)],
-            [BOOKKEEPING, lambda: per_call(lambda: booked._train(inputs, target, None), calls, repeats)
-             - per_call(plain_step, calls, repeats)],
+            [BOOKKEEPING, lambda: per_call(lambda: booked._train(inputs, target, None), calls, repeats) - per_call(plain_step, calls, repeats)],
             ["meters: update per step (loss, argmax for the confusion counts)", lambda: per_epoch(meters_updates, steps, repeats)],
-            ["meters: compute once per pass (confusion matrix, scores)", lambda: per_epoch(meters_epoch, steps, repeats)
-             - per_epoch(meters_updates, steps, repeats)],
+            [
+                "meters: compute once per pass (confusion matrix, scores)",
+                lambda: per_epoch(meters_epoch, steps, repeats) - per_epoch(meters_updates, steps, repeats),
+            ],
             ["StackPass: made and its results() once per pass (meters aside)", lambda: per_epoch(pass_set_up, steps, 3 * repeats)],
             ["izitorch_batch_finish: the console's own work", lambda: per_call(console_alone, calls, repeats)],
-            ["izitorch_batch_finish: member_losses, BatchLosses, pluggy dispatch", lambda: per_call(dispatch, calls, repeats)
-             - per_call(console_alone, calls, repeats)],
+            [
+                "izitorch_batch_finish: member_losses, BatchLosses, pluggy dispatch",
+                lambda: per_call(dispatch, calls, repeats) - per_call(console_alone, calls, repeats),
+            ],
         ]
         rows = [[label, attempt(measure)] for label, measure in rows]
     return rows
@@ -686,8 +697,7 @@ def hand_setup(path: str) -> float:
 def hand_eval_pass(path: str, got: Captured) -> float:
     """The hand-written loops' test pass (argmax, count, ``.item()`` per batch) on the same data."""
     model = got.slot.model
-    loader = (got.cohort.loaders["test"] if path == "in-memory" else
-              DataLoader(Subset(got.run.dataset, got.fold.split.test.tolist()), batch_size=BATCH))
+    loader = got.cohort.loaders["test"] if path == "in-memory" else DataLoader(Subset(got.run.dataset, got.fold.split.test.tolist()), batch_size=BATCH)
     start = clock()
     model.eval()
     correct = 0
@@ -698,6 +708,7 @@ def hand_eval_pass(path: str, got: Captured) -> float:
 
 
 # -- report ------------------------------------------------------------------------------------
+
 
 def table(title: str, header: list[str], rows: list[list]) -> str:
     return bench.table(title, header, rows)
@@ -720,13 +731,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the whole runs (default 30)")
     parser.add_argument("--repeats", type=int, default=7, help="turns of every measurement; each reports its best (default 7)")
     parser.add_argument("--paths", default=",".join(PATHS), help="data paths: in-memory, per-sample")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
-                        help="cpu: this process's CPU time, all its threads (default; robust on a shared machine), or wall")
-    parser.add_argument("--ablation", action="store_true",
-                        help="also time izitorch's pass with each component switched off (needs a quiet machine)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="cpu", help="cpu: this process's CPU time, all its threads (default; robust on a shared machine), or wall"
+    )
+    parser.add_argument("--ablation", action="store_true", help="also time izitorch's pass with each component switched off (needs a quiet machine)")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions of one run per path")
-    parser.add_argument("--quick", action="store_true",
-                        help="every table once, small (1 repeat, 2 epochs, fewer calls): checks the script runs, measures nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="every table once, small (1 repeat, 2 epochs, fewer calls): checks the script runs, measures nothing"
+    )
     args = parser.parse_args()
     global clock, CALLS, WARM_UP
     clock = CLOCKS[args.clock]
@@ -734,17 +746,21 @@ def main() -> None:
         args.repeats, args.epochs, CALLS, WARM_UP = 1, 2, 100, 0
     torch.set_num_threads(1)
     digits()  # its first load imports scikit-learn, which no measurement should count
-    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, one thread, batch {BATCH}, {args.clock} time, "
-          f"best of {args.repeats} (variants taking turns)\n")
+    print(
+        f"izitorch {izitorch.__version__}, torch {torch.__version__}, one thread, batch {BATCH}, {args.clock} time, "
+        f"best of {args.repeats} (variants taking turns)\n"
+    )
     for path in args.paths.split(","):
         steps_per_epoch = int(np.ceil(0.8 * 1797 / BATCH))
         steps = args.epochs * steps_per_epoch
         # always a warm-up turn: the first runs of the process import what torch's optimizers use
-        best = best_in_turns(args.repeats, {"hand": lambda: hand_run(path, args.epochs), "izitorch": lambda: izitorch_run(path, args.epochs)},
-                             warm_up=1)
+        best = best_in_turns(args.repeats, {"hand": lambda: hand_run(path, args.epochs), "izitorch": lambda: izitorch_run(path, args.epochs)}, warm_up=1)
         overhead = (best["izitorch"] - best["hand"]) / steps * 1e6
-        print(f"== {path} data, {args.epochs} epochs x {steps_per_epoch} steps: hand-written run {best['hand']:.3f} s, izitorch "
-              f"{best['izitorch']:.3f} s: izitorch adds {overhead:.0f} us per step\n", flush=True)
+        print(
+            f"== {path} data, {args.epochs} epochs x {steps_per_epoch} steps: hand-written run {best['hand']:.3f} s, izitorch "
+            f"{best['izitorch']:.3f} s: izitorch adds {overhead:.0f} us per step\n",
+            flush=True,
+        )
         with captured_run(path) as got:
             passes = step_costs(path, got, 1 if args.quick else 3 * args.repeats, ablation=args.ablation)
             alone = component_costs(path, got, args.repeats)
@@ -754,8 +770,13 @@ def main() -> None:
         alone.append(["izitorch's training pass beyond the hand-written pass, measured whole", passes[0][2]])
         print(table("per training step, each component alone (us)", ["component", "us/step"], alone), "\n", flush=True)
         if args.ablation:
-            print(table("per training step, one pass (us): izitorch's pass, what switching each component off saves",
-                        ["pass", "us/step", "saves / adds"], passes), "\n", flush=True)
+            print(
+                table(
+                    "per training step, one pass (us): izitorch's pass, what switching each component off saves", ["pass", "us/step", "saves / adds"], passes
+                ),
+                "\n",
+                flush=True,
+            )
         parts = run_costs(path, args.epochs, args.repeats)
         setup = min(hand_setup(path) for _ in range(args.repeats))
         rows = [["training passes beyond the hand-written pass (above)", passes[0][2] * steps / 1e3, passes[0][2]]]
@@ -770,8 +791,15 @@ def main() -> None:
         explained = sum(row[1] for row in rows)
         rows.append(["sum of the above", explained, explained * 1e3 / steps])
         rows.append(["whole-run overhead measured above", overhead * steps / 1e3, overhead])
-        print(table(f"per run of {args.epochs} epochs (parts: best of {args.repeats} runs each), spread over its {steps} steps",
-                    ["part", "ms per run", "us/step"], rows), "\n", flush=True)
+        print(
+            table(
+                f"per run of {args.epochs} epochs (parts: best of {args.repeats} runs each), spread over its {steps} steps",
+                ["part", "ms per run", "us/step"],
+                rows,
+            ),
+            "\n",
+            flush=True,
+        )
         if args.cprofile:
             print(profile_run(path, args.epochs), flush=True)
 

@@ -20,6 +20,7 @@ loops write no files; the per-epoch resume state is still written.
 Timings are wall-clock (``--clock cpu``: the process's CPU time, which does not count the time
 other processes hold the cores); the first repetition warms up and is dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,17 @@ SEED = 1
 
 # -- izitorch ---------------------------------------------------------------------------------
 
-def izitorch_run(models: list[ModelSpec], epochs: int, device: str, multi_model: str = "auto",
-                 plugins: PluginsConfig | None = None, quiet: bool = True, batch: int = BATCH,
-                 dataset=None) -> tuple[float, dict]:
+
+def izitorch_run(
+    models: list[ModelSpec],
+    epochs: int,
+    device: str,
+    multi_model: str = "auto",
+    plugins: PluginsConfig | None = None,
+    quiet: bool = True,
+    batch: int = BATCH,
+    dataset=None,
+) -> tuple[float, dict]:
     """Seconds for a whole izitorch run (set-up included) and its results.
 
     ``dataset`` (a callable building a Dataset, called inside the timed run) replaces the
@@ -65,10 +74,12 @@ def izitorch_run(models: list[ModelSpec], epochs: int, device: str, multi_model:
         plugins = PluginsConfig(enable=plugins.enable, disable=plugins.disable + disable, tables=plugins.tables)
         start = clock()
         models = [attrs.evolve(spec, model=spec.model()) if isinstance(spec.model, BuildModel) else spec for spec in models]
-        config = Config(run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=batch, rdm_seed=SEED, device=device,
-                                      multi_model=multi_model),
-                        data=DataConfig(dataset=dataset() if dataset else "izitorch.datasets:digits", num_classes=10),
-                        models=tuple(models), plugins=plugins)
+        config = Config(
+            run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=batch, rdm_seed=SEED, device=device, multi_model=multi_model),
+            data=DataConfig(dataset=dataset() if dataset else "izitorch.datasets:digits", num_classes=10),
+            models=tuple(models),
+            plugins=plugins,
+        )
         results = izitorch.run(config)
         return clock() - start, results
 
@@ -89,11 +100,13 @@ class BuildModel:
 
 
 def mlp_spec(name: str, hidden: int = 64, layers: int = 1, lr: float = 1e-3) -> ModelSpec:
-    return ModelSpec(name=name, model="izitorch.models:MLP", params={"hidden": hidden, "layers": layers},
-                     optimizer=ComponentSpec("torch.optim:Adam", {"lr": lr}))
+    return ModelSpec(
+        name=name, model="izitorch.models:MLP", params={"hidden": hidden, "layers": layers}, optimizer=ComponentSpec("torch.optim:Adam", {"lr": lr})
+    )
 
 
 # -- hand-written references -----------------------------------------------------------------
+
 
 def holdout(size: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(SEED).permutation(size)
@@ -115,8 +128,9 @@ class Samples(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3,
-              seed: int = SEED, batch: int = BATCH) -> tuple[float, float, dict]:
+def hand_loop(
+    epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3, seed: int = SEED, batch: int = BATCH
+) -> tuple[float, float, dict]:
     """The loop a user writes by hand: DataLoader, forward, loss, backward, Adam, test each epoch.
 
     Timed from loading the data, as izitorch's runs are (set-up included on both sides). The
@@ -131,8 +145,12 @@ def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int =
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = nn.CrossEntropyLoss()
     train_set = Subset(data, train.tolist())
-    train_loader = DataLoader(train_set, batch_size=batch, sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)),
-                              generator=torch.Generator().manual_seed(seed))
+    train_loader = DataLoader(
+        train_set,
+        batch_size=batch,
+        sampler=RandomSampler(train_set, generator=torch.Generator().manual_seed(seed)),
+        generator=torch.Generator().manual_seed(seed),
+    )
     test_loader = DataLoader(Subset(data, test.tolist()), batch_size=batch)
     for _ in range(epochs):
         model.train()
@@ -150,8 +168,9 @@ def hand_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int =
     return clock() - start, 100.0 * correct / len(test), model.state_dict()
 
 
-def hand_tensor_loop(epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3,
-                     seed: int = SEED, batch: int = BATCH) -> tuple[float, float, dict]:
+def hand_tensor_loop(
+    epochs: int, device: torch.device, hidden: int = 64, layers: int = 1, lr: float = 1e-3, seed: int = SEED, batch: int = BATCH
+) -> tuple[float, float, dict]:
     """The fastest loop by hand for in-memory data: a permutation per epoch, batches gathered by
     indexing the tensors (``x[rows]``), the same model, optimizer and test as :func:`hand_loop`.
 
@@ -174,7 +193,7 @@ def hand_tensor_loop(epochs: int, device: torch.device, hidden: int = 64, layers
         order = torch.randperm(size, generator=generator).to(device)
         torch.randperm(size, generator=generator)  # what RandomSampler draws and drops
         for begin in range(0, size, batch):
-            rows = order[begin:begin + batch]
+            rows = order[begin : begin + batch]
             loss = criterion(model(train_x[rows]), train_y[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -183,7 +202,7 @@ def hand_tensor_loop(epochs: int, device: torch.device, hidden: int = 64, layers
         model.eval()
         with torch.no_grad():
             for begin in range(0, len(test), batch):
-                correct += (model(test_x[begin:begin + batch]).argmax(1) == test_y[begin:begin + batch]).sum().item()
+                correct += (model(test_x[begin : begin + batch]).argmax(1) == test_y[begin : begin + batch]).sum().item()
     return clock() - start, 100.0 * correct / len(test), model.state_dict()
 
 
@@ -204,7 +223,7 @@ def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) ->
     torch.manual_seed(SEED)
     w1 = (torch.randn(k, 64, hidden, device=device) / 8).requires_grad_()
     b1 = torch.zeros(k, 1, hidden, device=device, requires_grad=True)
-    w2 = (torch.randn(k, hidden, 10, device=device) / hidden ** 0.5).requires_grad_()
+    w2 = (torch.randn(k, hidden, 10, device=device) / hidden**0.5).requires_grad_()
     b2 = torch.zeros(k, 1, 10, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=1e-2)
     generator = torch.Generator().manual_seed(SEED)
@@ -216,7 +235,7 @@ def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) ->
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=generator).to(device)
         for begin in range(0, len(train), BATCH):
-            rows = order[begin:begin + BATCH]
+            rows = order[begin : begin + BATCH]
             out = forward(train_x[rows])
             loss = nn.functional.cross_entropy(out.reshape(-1, 10), train_y[rows].repeat(k), reduction="mean") * k
             optimizer.zero_grad(set_to_none=True)
@@ -228,6 +247,7 @@ def hand_batched(k: int, epochs: int, device: torch.device, hidden: int = 16) ->
 
 
 # -- cases -------------------------------------------------------------------------------------
+
 
 def best_of(repeats: int, fn):
     outcomes = [fn() for _ in range(repeats + 1)][1:]  # the first one warms up
@@ -246,8 +266,7 @@ def case1(epochs: int, device: str, repeats: int) -> list[list]:
     builders = {label: BuildModel() for label in ("default", "no outputs", "per-sample")}
 
     def izitorch_case1(label: str, **options):
-        return lambda: izitorch_run([attrs.evolve(mlp_spec("mlp"), model=builders[label])], epochs, device,
-                                    batch=CASE1_BATCH, **options)
+        return lambda: izitorch_run([attrs.evolve(mlp_spec("mlp"), model=builders[label])], epochs, device, batch=CASE1_BATCH, **options)
 
     by_loader, by_tensors = ("hand-written, DataLoader", "per-sample"), ("hand-written, tensor indexing", "in-memory")
     # (label, data path): (run, the hand-written loop on the same data, the model kept by an izitorch run)
@@ -269,8 +288,7 @@ def case1(epochs: int, device: str, repeats: int) -> list[list]:
             accuracy, weights = accuracy_of(outcome), built.built[-1].state_dict()
             over = (seconds - best[reference][0]) / steps * 1e6
         check = "reference" if (label, path) == by_tensors else same_weights(weights, reference_weights)
-        rows.append([label, path, seconds, seconds / steps * 1e3, over, seconds / best[by_loader][0], seconds / best[by_tensors][0],
-                     accuracy, check])
+        rows.append([label, path, seconds, seconds / steps * 1e3, over, seconds / best[by_loader][0], seconds / best[by_tensors][0], accuracy, check])
     return rows
 
 
@@ -304,8 +322,9 @@ def case2(ks: list[int], epochs: int, device: str, repeats: int) -> list[list]:
         except izitorch.IzitorchError as error:
             vec_s, vec_acc = float("nan"), float("nan")
             print(f"  (vectorized unavailable: {error})")
-        rows.append([k, loops_s, seq_s, vec_s, ref_s, loops_s / seq_s, loops_s / vec_s, loops_s / ref_s, vec_s / ref_s,
-                     loops_acc, accuracy_of(seq), vec_acc, ref_acc])
+        rows.append(
+            [k, loops_s, seq_s, vec_s, ref_s, loops_s / seq_s, loops_s / vec_s, loops_s / ref_s, vec_s / ref_s, loops_acc, accuracy_of(seq), vec_acc, ref_acc]
+        )
     return rows
 
 
@@ -345,8 +364,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--cases", default="1,2,3", help="which cases to run, e.g. 1,2")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall (default) or cpu: this process's CPU time, all its threads (robust on a shared machine)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="wall (default) or cpu: this process's CPU time, all its threads (robust on a shared machine)"
+    )
     parser.add_argument("--ks", default="1,4,16,64", help="model counts for case 2")
     args = parser.parse_args()
     global clock
@@ -355,26 +375,42 @@ def main() -> None:
     repeats = 1 if args.quick else 2
     case1_repeats = 1 if args.quick else 5  # the tightest target (1.05x): more turns, each short
     cases = set(args.cases.split(","))
-    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
-          f"{args.clock} time\n")
+    print(f"izitorch {izitorch.__version__}, torch {torch.__version__}, device {args.device}, {args.threads} thread(s), {args.clock} time\n")
     if "1" in cases:
         epochs = 5 if args.quick else 30
-        print(table(f"case 1: one MLP 64-64-10 on digits, batch {CASE1_BATCH}, {epochs} epochs (ratios = time / a hand-written "
-                    "loop's; us over ref = per step, beyond the hand-written loop of the same data; weights against the "
-                    "tensor-indexing loop's)",
-                    ["runner", "data", "seconds", "ms/step", "us over ref", "/ DataLoader", "/ tensors", "test acc %", "weights"],
-                    case1(epochs, args.device, case1_repeats)), "\n", flush=True)
+        print(
+            table(
+                f"case 1: one MLP 64-64-10 on digits, batch {CASE1_BATCH}, {epochs} epochs (ratios = time / a hand-written "
+                "loop's; us over ref = per step, beyond the hand-written loop of the same data; weights against the "
+                "tensor-indexing loop's)",
+                ["runner", "data", "seconds", "ms/step", "us over ref", "/ DataLoader", "/ tensors", "test acc %", "weights"],
+                case1(epochs, args.device, case1_repeats),
+            ),
+            "\n",
+            flush=True,
+        )
     if "2" in cases:
         epochs = 2 if args.quick else 5
         ks = [int(k) for k in args.ks.split(",")]
-        print(table(f"case 2: K models 64-16-10 on one data stream, {epochs} epochs (speed-up = K separate loops / runner)",
-                    ["K", "loops s", "seq s", "vec s", "ref s", "seq x", "vec x", "ref x", "vec/ref", "acc loops", "acc seq", "acc vec", "acc ref"],
-                    case2(ks, epochs, args.device, repeats)), "\n", flush=True)
+        print(
+            table(
+                f"case 2: K models 64-16-10 on one data stream, {epochs} epochs (speed-up = K separate loops / runner)",
+                ["K", "loops s", "seq s", "vec s", "ref s", "seq x", "vec x", "ref x", "vec/ref", "acc loops", "acc seq", "acc vec", "acc ref"],
+                case2(ks, epochs, args.device, repeats),
+            ),
+            "\n",
+            flush=True,
+        )
     if "3" in cases:
         epochs = 3 if args.quick else 10
-        print(table(f"case 3: 5-fold cross-validation, {epochs} epochs (ratios to one single fold)",
-                    ["model", "1 fold s", "5 seq s", "5 par s", "seq/1", "par/1", "acc 1", "acc seq", "acc par"],
-                    case3(epochs, args.device, repeats)), flush=True)
+        print(
+            table(
+                f"case 3: 5-fold cross-validation, {epochs} epochs (ratios to one single fold)",
+                ["model", "1 fold s", "5 seq s", "5 par s", "seq/1", "par/1", "acc 1", "acc seq", "acc par"],
+                case3(epochs, args.device, repeats),
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

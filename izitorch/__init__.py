@@ -3,6 +3,7 @@
 Public surface: :data:`hookimpl` for plugins, :class:`Rack` / :class:`ModelConfig` (the original
 API), :func:`load_manifest` and :func:`run`.
 """
+
 from __future__ import annotations
 
 from izitorch.version import __version__
@@ -41,7 +42,26 @@ from izitorch.state import Fold, Run, Scores, Slot, Split, Stash, StashKey
 from izitorch.trainRack import ModelConfig, Rack
 
 __all__ = [
-    "ComponentSpec", "Config", "DataConfig", "Fold", "IzitorchError", "ManifestError", "ModelConfig",
-    "ModelSpec", "PluginsConfig", "Rack", "Run", "RunConfig", "Scores", "Slot", "Split", "Stash",
-    "StashKey", "TrainingError", "__version__", "hookimpl", "load_manifest", "run",
+    "ComponentSpec",
+    "Config",
+    "DataConfig",
+    "Fold",
+    "IzitorchError",
+    "ManifestError",
+    "ModelConfig",
+    "ModelSpec",
+    "PluginsConfig",
+    "Rack",
+    "Run",
+    "RunConfig",
+    "Scores",
+    "Slot",
+    "Split",
+    "Stash",
+    "StashKey",
+    "TrainingError",
+    "__version__",
+    "hookimpl",
+    "load_manifest",
+    "run",
 ]

@@ -1,4 +1,5 @@
 """``python -m izitorch``."""
+
 import sys
 
 from izitorch.cli import main

@@ -5,6 +5,7 @@ item that does not load, a forward that fails) is found by :func:`dry_run`: the 
 slot, and one forward and loss per model on a few samples, with the same one-line errors the
 first training step would give. The kinds of components are checked by :mod:`izitorch.kinds`.
 """
+
 from __future__ import annotations
 
 import contextlib

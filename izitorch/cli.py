@@ -3,6 +3,7 @@
 The only argparse of the manifest world. A user's mistake prints one line,
 ``izitorch: error: <cause and fix>``, and exits 2 (1 for a failure during training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a manifest without training: build the data, models and plugins, one forward and loss per model")
     for sub in (run, validate):
         sub.add_argument("manifest", help="path to the manifest (.toml)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a manifest value, e.g. --set run.epochs=3 --set models[0].params.hidden=32")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a manifest value, e.g. --set run.epochs=3 --set models[0].params.hidden=32",
+        )
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in res_dir")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in res_dir (finished folds are kept)")
 
@@ -146,8 +153,10 @@ def load_summary(path: Path) -> dict[str, dict]:
     try:
         summary = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
-        raise IzitorchError(f"not a results file izitorch wrote ({type(error).__name__}: {one_line(str(error))}); "
-                            "run the manifest again (--overwrite) to rewrite it", source=str(path)) from None
+        raise IzitorchError(
+            f"not a results file izitorch wrote ({type(error).__name__}: {one_line(str(error))}); run the manifest again (--overwrite) to rewrite it",
+            source=str(path),
+        ) from None
     except OSError as error:
         raise IzitorchError(f"cannot read it: {error.strerror or error}", source=str(path)) from None
     if not isinstance(summary, dict):
@@ -155,16 +164,25 @@ def load_summary(path: Path) -> dict[str, dict]:
     for name, entry in summary.items():
         mean = entry.get("mean") if isinstance(entry, dict) else None
         if not isinstance(mean, dict):
-            raise IzitorchError(f"expected the model's scores with a \"mean\" table, found {describe(entry)}; "
-                                "run the manifest again (--overwrite) to rewrite it", join_path(name, "mean"), str(path))
+            raise IzitorchError(
+                f'expected the model\'s scores with a "mean" table, found {describe(entry)}; run the manifest again (--overwrite) to rewrite it',
+                join_path(name, "mean"),
+                str(path),
+            )
         for key, value in mean.items():
             if is_metric(key, 0.0) and not is_metric(key, value):  # a metric's key, holding no number
-                raise IzitorchError(f"expected a number, found {describe(value)}; run the manifest again (--overwrite) to rewrite it",
-                                    join_path(join_path(name, "mean"), key), str(path))
+                raise IzitorchError(
+                    f"expected a number, found {describe(value)}; run the manifest again (--overwrite) to rewrite it",
+                    join_path(join_path(name, "mean"), key),
+                    str(path),
+                )
         directions = entry.get("directions", {})
         if not isinstance(directions, dict) or not all(value in ("higher", "lower") for value in directions.values()):
-            raise IzitorchError(f'expected a table of "higher" / "lower", found {describe(directions)}; run the manifest again '
-                                "(--overwrite) to rewrite it", join_path(name, "directions"), str(path))
+            raise IzitorchError(
+                f'expected a table of "higher" / "lower", found {describe(directions)}; run the manifest again (--overwrite) to rewrite it',
+                join_path(name, "directions"),
+                str(path),
+            )
     return summary
 
 

@@ -10,6 +10,7 @@ of several folds, a fold's state is loaded into the plugins before its hooks run
 (``izitorch_load_state_dict``) and taken back after (``izitorch_state_dict``), the contract exact
 resume already asks of every stateful plugin.
 """
+
 from __future__ import annotations
 
 import contextlib

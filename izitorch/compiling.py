@@ -5,6 +5,7 @@ without support, a model dynamo cannot trace) the same call is run eagerly: if t
 stack goes on uncompiled after one warning line naming the reason; if it fails too, the error
 is the model's own and is raised as such.
 """
+
 from __future__ import annotations
 
 import sys

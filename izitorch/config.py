@@ -5,6 +5,7 @@ forbidden); the ``Rack`` facade builds them directly, with live objects where a 
 ``"module:attr"`` references. Field validators raise :class:`FieldError` so that the manifest
 loader can name the exact key path of a bad value.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -111,7 +112,9 @@ class DataConfig:
 
     dataset: Any = attrs.field(default=None, validator=attrs.validators.optional(reference), metadata=doc('"module:callable" returning a torch Dataset'))
     params: dict = attrs.field(factory=dict, metadata=doc("keyword arguments for the dataset callable"))
-    num_classes: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(2)), metadata=doc("classes; inferred from the model output when absent"))
+    num_classes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(at_least(2)), metadata=doc("classes; inferred from the model output when absent")
+    )
     train_ratio: float = attrs.field(default=0.8, validator=open_unit_interval, metadata=doc("share of the samples trained on (holdout)"))
     validation: bool = attrs.field(default=False, metadata=doc("hold out a validation set to pick the best epoch"))
 
@@ -147,7 +150,9 @@ def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> Non
     if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
         raise FieldError(attribute.name, f"expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got {describe(value)}")
     if value.startswith("."):
-        raise FieldError(attribute.name, f"{describe(value)} starts with a dot: it would name a hidden folder, or res_dir's parent; start with a letter or digit")
+        raise FieldError(
+            attribute.name, f"{describe(value)} starts with a dot: it would name a hidden folder, or res_dir's parent; start with a letter or digit"
+        )
     if value.casefold() in RESERVED_NAMES:
         raise FieldError(attribute.name, f"{describe(value)} is the name of one of the run's own files in res_dir; choose another name")
 

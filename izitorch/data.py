@@ -5,6 +5,7 @@ Shuffling uses a seeded ``torch.Generator`` per fold (never the global RNG), so 
 are built right after :func:`~izitorch.reproducibility.seed_everything`, so that their own
 random draws (torch, numpy or ``random``) repeat from run to run.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -92,8 +93,10 @@ def check_labels(dataset: Dataset, num_classes: int | None) -> None:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
-        raise IzitorchError(f"labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): "
-                             "fix num_classes or the labels", "data.num_classes")
+        raise IzitorchError(
+            f"labels range from {low} to {high} but num_classes = {num_classes}; labels must lie in [0, num_classes): fix num_classes or the labels",
+            "data.num_classes",
+        )
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
@@ -131,8 +134,11 @@ def move_to(module: torch.nn.Module, device: torch.device) -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # where .to("cuda") puts tensors
     tensors = itertools.chain(module.parameters(), module.buffers())
-    if (type(module).to is not torch.nn.Module.to or any(type(m)._apply is not torch.nn.Module._apply for m in module.modules())
-            or any(tensor.device != device for tensor in tensors)):
+    if (
+        type(module).to is not torch.nn.Module.to
+        or any(type(m)._apply is not torch.nn.Module._apply for m in module.modules())
+        or any(tensor.device != device for tensor in tensors)
+    ):
         module.to(device)
 
 
@@ -164,9 +170,12 @@ def check_ownership(slots: list[Slot]) -> None:
             first = owner.setdefault(id(parameter), index)
             if first != index:
                 same = "is the same nn.Module object as" if slot.model is slots[first].model else "shares parameters with"
-                raise ManifestError(f'model "{slot.name}" {same} model "{slots[first].name}", so both would train one set of weights; '
-                                    "give each model its own module (build another, or copy.deepcopy it) and its optimizer on "
-                                    "that module's parameters", f"models[{index}].model")
+                raise ManifestError(
+                    f'model "{slot.name}" {same} model "{slots[first].name}", so both would train one set of weights; '
+                    "give each model its own module (build another, or copy.deepcopy it) and its optimizer on "
+                    "that module's parameters",
+                    f"models[{index}].model",
+                )
     for index, slot in enumerate(slots):
         foreign = [p for group in getattr(slot.optimizer, "param_groups", ()) for p in group["params"] if owner.get(id(p)) != index]
         if not foreign:
@@ -177,8 +186,10 @@ def check_ownership(slots: list[Slot]) -> None:
             what = f"parameters of model {names}, not of its own model"
         else:
             what = f"{len(foreign)} tensor(s) that are not parameters of its model (izitorch resets, saves and restores a model's parameters only)"
-        raise ManifestError(f'the optimizer of model "{slot.name}" updates {what}; build each optimizer on its own model\'s '
-                            "parameters: optimizer(model.parameters())", f"models[{index}].optimizer")
+        raise ManifestError(
+            f'the optimizer of model "{slot.name}" updates {what}; build each optimizer on its own model\'s parameters: optimizer(model.parameters())',
+            f"models[{index}].optimizer",
+        )
 
 
 class TensorBatchLoader:
@@ -191,8 +202,9 @@ class TensorBatchLoader:
     as the DataLoader path, so the same seeds give exactly the same batches.
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, sampler: RandomSampler | None,
-                 generator: torch.Generator, device: torch.device) -> None:
+    def __init__(
+        self, tensors: tuple[torch.Tensor, ...], batch_size: int, sampler: RandomSampler | None, generator: torch.Generator, device: torch.device
+    ) -> None:
         self.tensors = tensors
         self.batch_size = batch_size
         self.sampler = sampler
@@ -208,11 +220,11 @@ class TensorBatchLoader:
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # as DataLoader's base seed
         if self.sampler is None:
             for start in range(0, self.size, self.batch_size):
-                yield tuple(t[start:start + self.batch_size] for t in self.tensors)
+                yield tuple(t[start : start + self.batch_size] for t in self.tensors)
             return
         order = host_to_device(torch.tensor(list(self.sampler), dtype=torch.long), self.device)
         for start in range(0, self.size, self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             yield tuple(t.index_select(0, rows) for t in self.tensors)
 
 
@@ -246,8 +258,11 @@ def gather_tensors(dataset: Dataset, indices, device: torch.device) -> tuple[tor
 def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, Any]:
     """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``."""
     seed = run.config.run.rdm_seed + fold_index
-    return {phase: make_loader(run, getattr(split, phase), seed, shuffle=phase == "train" and run.config.run.shuffle)
-            for phase in ("train", "val", "test") if getattr(split, phase) is not None}
+    return {
+        phase: make_loader(run, getattr(split, phase), seed, shuffle=phase == "train" and run.config.run.shuffle)
+        for phase in ("train", "val", "test")
+        if getattr(split, phase) is not None
+    }
 
 
 def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = False) -> Any:
@@ -273,8 +288,15 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
         if with_rows:
             tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
         return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
-    return DataLoader(subset, sampler=sampler, generator=generator, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                      pin_memory=cfg.pin_memory and run.device.type == "cuda", persistent_workers=False)
+    return DataLoader(
+        subset,
+        sampler=sampler,
+        generator=generator,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and run.device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 class SampleError(Exception):

@@ -1,4 +1,5 @@
 """Bundled datasets that need no download, for the demo manifests and the tests."""
+
 from __future__ import annotations
 
 import torch

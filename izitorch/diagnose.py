@@ -4,6 +4,7 @@ A model or criterion may raise anything (a shape mistake, a label out of range, 
 stacks catch it where it happens and build the line with these helpers, so that the user reads
 which model failed on which shapes instead of a traceback.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,9 +26,15 @@ def too_few_classes(criterion: Any, output: Any, target: Any, classes: int | Non
     device-side assert, which kills the process with a traceback and loses the CUDA context.
     Without ``num_classes`` the criterion is left to find it.
     """
-    return (classes is not None and isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
-            and isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) and not target.is_floating_point()
-            and output.dim() > class_dim and output.shape[class_dim] < classes)
+    return (
+        classes is not None
+        and isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and isinstance(output, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and not target.is_floating_point()
+        and output.dim() > class_dim
+        and output.shape[class_dim] < classes
+    )
 
 
 def shape(value: Any) -> str:

@@ -11,6 +11,7 @@ per member that steps, and the optimizer step of those members. Members that are
 stopped model, another fold's member in an evaluation of parallel folds, a member without a
 sample of its own in the batch) neither move nor count in the metrics.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ class StackPass:
     on the last one).
     """
 
-    def __init__(self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None,
-                 scaler: Any = None, batches: int = 0) -> None:
+    def __init__(
+        self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None, scaler: Any = None, batches: int = 0
+    ) -> None:
         self.run, self.stack, self.phase, self.fold_of, self.before_step = run, stack, phase, fold_of, before_step
         train = phase == "train"
         self.active = [slot in fold_of and not (train and slot.stopped) for slot in stack.members]
@@ -159,8 +161,7 @@ class StackPass:
             return 0
         return 1
 
-    def _count(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None,
-               counted: list[bool]) -> None:
+    def _count(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None, counted: list[bool]) -> None:
         """Add the batch to every metric, for the members in ``counted`` only."""
         self.losses, self.counted = losses, counted
         if not all(counted):  # frozen members count nothing
@@ -175,7 +176,6 @@ class StackPass:
             for k, slot in enumerate(self.stack.members):
                 if self.counted[k]:
                     into[slot] = (self, k)
-
 
     def results(self, time_key: str, per_step: float) -> dict[Slot, dict[str, Any]]:
         """Each member's metrics for the pass, with the time per step and any skipped batches."""

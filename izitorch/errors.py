@@ -9,6 +9,7 @@ comes from: ``source: key.path: message``. Code that runs after the manifest is 
 the key path only; :func:`located_in` adds the manifest file where the run (or ``validate``)
 starts, so that no builder needs to be handed the file.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ SIGINT and SIGTERM do not kill a run in the middle of a step: the first one asks
 after the current step (the state of the last finished epoch is already on disk), and the run
 ends with :class:`Interrupted` (exit 130 / 143). A second signal aborts at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +68,7 @@ def _acquire(lock: Path) -> None:
                 owner = _read(lock)
                 raise IzitorchError(
                     f'res_dir "{lock.parent}" is in use by another izitorch run (pid {owner.get("pid", "?")} on {owner.get("host", "?")}, '
-                    f'since {owner.get("started", "?")}); wait for it, choose another res_dir, or delete {lock} if that run is gone'
+                    f"since {owner.get('started', '?')}); wait for it, choose another res_dir, or delete {lock} if that run is gone"
                 ) from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()

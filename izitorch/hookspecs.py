@@ -6,6 +6,7 @@ explicit arguments and return values; plugin state lives on the plugin instance 
 ``run.stash``. No plugin may rely on the order in which other plugins' implementations run: the
 core computes scores before ``izitorch_epoch_finish``, so every reader sees the same values.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +22,7 @@ hookimpl = pluggy.HookimplMarker("izitorch")  # what plugins mark their hooks wi
 
 
 # -- set-up -----------------------------------------------------------------------------------
+
 
 @hookspec(historic=True)
 def izitorch_configure(config: "Config") -> None:
@@ -78,6 +80,7 @@ def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
 
 
 # -- the fold protocol --------------------------------------------------------------------------
+
 
 @hookspec(firstresult=True)
 def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | None":
@@ -146,6 +149,7 @@ def izitorch_should_stop(run: "Run", fold: "Fold", epoch: int, scores: "Scores")
 
 # -- per step -----------------------------------------------------------------------------------
 
+
 @hookspec
 def izitorch_before_optimizer_step(run: "Run", slot: "Slot") -> None:
     """One slot's gradients are ready (``slot.grads()``) and its optimizer is about to step."""
@@ -160,6 +164,7 @@ def izitorch_batch_finish(run: "Run", fold: "Fold", step: int, losses: "dict[str
 
 
 # -- checkpoint / resume ------------------------------------------------------------------------
+
 
 @hookspec
 def izitorch_state_dict(run: "Run") -> "dict | None":

@@ -5,6 +5,7 @@ checkpoint or trainlog that existed before a failure still loads after it. Insid
 :func:`background_writes` (a run, unless ``run.background_writes = false``) a file is serialised
 at once and written by :class:`~izitorch.writer.BackgroundWriter`'s thread, in order.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ rather than "missing argument out_features". :func:`class_mismatch` judges a cla
 manifest's reference checks and the building of slots both ask it); :func:`built_mismatch`
 judges what a factory or the ``Rack`` gave, once built.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,14 +18,20 @@ import torch
 KINDS: dict[str, tuple[type, str, str, str]] = {
     "model": (torch.nn.Module, "a model", "a torch.nn.Module", "izitorch.models:MLP"),
     "optimizer": (torch.optim.Optimizer, "an optimizer", "a torch.optim.Optimizer", "torch.optim:Adam"),
-    "scheduler": (torch.optim.lr_scheduler.LRScheduler, "a learning-rate scheduler", "a torch.optim.lr_scheduler.LRScheduler",
-                  "torch.optim.lr_scheduler:StepLR"),
+    "scheduler": (
+        torch.optim.lr_scheduler.LRScheduler,
+        "a learning-rate scheduler",
+        "a torch.optim.lr_scheduler.LRScheduler",
+        "torch.optim.lr_scheduler:StepLR",
+    ),
 }
 
 NO_REDUCTION = 'reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"'
 
-UNSUPPORTED_SCHEDULER = ("ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a metric; "
-                         'use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"')
+UNSUPPORTED_SCHEDULER = (
+    "ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a metric; "
+    'use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
+)
 
 
 def class_mismatch(key: str, target: Any, label: str) -> str | None:

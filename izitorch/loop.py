@@ -5,6 +5,7 @@ together: one at a time by default, all at once for parallel folds; either way t
 trains it. What one batch does to a stack of models is :mod:`izitorch.engine`'s; everything
 optional (checkpoints, logs, early stopping, clipping, progress bars) hooks in from plugins.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ The attrs classes of :mod:`izitorch.config` are the schema; cattrs structures th
 with extra keys forbidden and strict scalar types (no ``"3"`` silently becoming ``3``). Every
 failure becomes ``file.toml: models[1].optimizer.lr: expected a number, got "fast"``.
 """
+
 from __future__ import annotations
 
 import re
@@ -164,6 +165,8 @@ def _strict(expected: str, check):
 
 
 converter.register_structure_hook(bool, _strict("true or false", lambda v: isinstance(v, bool)))
+
+
 def _structure_int(value: Any, _type: type) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -233,6 +236,7 @@ converter.register_structure_hook(PluginsConfig, _structure_plugins)
 
 # -- references -------------------------------------------------------------------------------
 
+
 def check_config_references(config: Config) -> None:
     """Import every reference of a config and check the keyword tables against the signatures."""
     if isinstance(config.data.dataset, str):
@@ -246,7 +250,15 @@ def check_config_references(config: Config) -> None:
         for part, leading in (("criterion", 0), ("optimizer", 1), ("scheduler", 1)):
             component = getattr(spec, part)
             if component is not None and isinstance(component.target, str):
-                _check(component.target, component.params, f"{where}.{part}.class" if component.params or part != "criterion" else f"{where}.{part}", f"{where}.{part}", config.base_dir, leading, part)
+                _check(
+                    component.target,
+                    component.params,
+                    f"{where}.{part}.class" if component.params or part != "criterion" else f"{where}.{part}",
+                    f"{where}.{part}",
+                    config.base_dir,
+                    leading,
+                    part,
+                )
             if part == "criterion" and component is not None and component.params.get("reduction") == "none":
                 raise ManifestError(NO_REDUCTION, f"{where}.criterion.reduction")
 

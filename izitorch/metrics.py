@@ -16,6 +16,7 @@ early-stopping plugins (and any plugin that compares scores) which way is better
 :func:`resolve` turns the name a user writes into the value's key, or one line naming the
 known ones.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,15 +59,21 @@ def registered(hook: Any) -> dict[str, Any]:
 
     def register(name: str, factory: Callable[..., Any]) -> None:
         names = getattr(factory, "names", None)
-        if names is not None and (not isinstance(names, dict)  # empty: a metric with no scalar value (a confusion matrix only)
-                                  or not all(isinstance(k, str) and v in DIRECTIONS for k, v in names.items())):
-            raise IzitorchError(f'metric "{name}": names must map each value it computes to "higher" or "lower" '
-                                f'(e.g. names = {{"mae": "lower"}}), found {describe(names)}', "plugins")
+        if names is not None and (
+            not isinstance(names, dict)  # empty: a metric with no scalar value (a confusion matrix only)
+            or not all(isinstance(k, str) and v in DIRECTIONS for k, v in names.items())
+        ):
+            raise IzitorchError(
+                f'metric "{name}": names must map each value it computes to "higher" or "lower" (e.g. names = {{"mae": "lower"}}), found {describe(names)}',
+                "plugins",
+            )
         for other, earlier in factories.items():
             shared = sorted(set(names or ()) & set(getattr(earlier, "names", None) or ()))
             if shared and other != name:
-                raise IzitorchError(f'metrics "{other}" and "{name}" both compute "{shared[0]}"; a value needs one metric: '
-                                    "rename it in one of them, or disable one plugin", "plugins")
+                raise IzitorchError(
+                    f'metrics "{other}" and "{name}" both compute "{shared[0]}"; a value needs one metric: rename it in one of them, or disable one plugin',
+                    "plugins",
+                )
         factories[name] = factory
 
     hook.izitorch_register_metrics(register=register)
@@ -99,12 +106,13 @@ def resolve(name: str, factories: dict[str, Any], path: str = "") -> str:
     if name in known:
         return ALIASES[name]
     ordered = sorted(dict.fromkeys(declared), key=lambda value: HEADLINE.index(value) if value in HEADLINE else len(HEADLINE))
-    listed = ", ".join("/".join([value] + [a for a, target in ALIASES.items() if target == value and a not in declared])
-                       for value in ordered)
+    listed = ", ".join("/".join([value] + [a for a, target in ALIASES.items() if target == value and a not in declared]) for value in ordered)
     legacy = [registered_as for registered_as, factory in factories.items() if getattr(factory, "names", None) is None]
     if legacy:
-        advice = (f"metrics registered without declared names ({', '.join(legacy)}) cannot be compared: give the factory "
-                  'names = {"<value>": "higher" | "lower"}, or fix the name')
+        advice = (
+            f"metrics registered without declared names ({', '.join(legacy)}) cannot be compared: give the factory "
+            'names = {"<value>": "higher" | "lower"}, or fix the name'
+        )
     else:
         advice = "register it with izitorch_register_metrics or fix the name"
     raise ManifestError(f"{describe(name)} is not a registered metric (known: {listed or 'none'}); {advice}", path)
@@ -170,8 +178,10 @@ class _Reported:
         except Exception as error:
             raise TrainingError(f'metric "{self.name}": compute raised {error_text(error)}') from None
         if not isinstance(values, (list, tuple)) or len(values) != self.members or not all(isinstance(v, dict) for v in values):
-            raise TrainingError(f'metric "{self.name}": compute() returned {describe(values)}; it must return one dict per member '
-                                f'(here {self.members}), such as [{{"mae": 0.31}}]')
+            raise TrainingError(
+                f'metric "{self.name}": compute() returned {describe(values)}; it must return one dict per member '
+                f'(here {self.members}), such as [{{"mae": 0.31}}]'
+            )
         return list(values)
 
 

@@ -1,4 +1,5 @@
 """A small model zoo for the demo manifests, the tests and the benchmarks."""
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,12 @@ class SmallCNN(nn.Module):
         self.side = side
         norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), norm(channels), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), norm(2 * channels), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            norm(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            norm(2 * channels),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.head = nn.Linear(2 * channels * (side // 2) ** 2, num_classes)

@@ -11,6 +11,7 @@ registered their metrics, :func:`check_metric_options` checks it against them (`
 ``validate`` alike), and the plugin reads the value's key and direction from
 :func:`izitorch.metrics.resolve` and :func:`izitorch.metrics.directions`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar

@@ -10,6 +10,7 @@ anything else, and a resume cleans up only the temporary files of recorded names
 A claim also checks that the path, with every symbolic link resolved, lies inside ``res_dir``:
 a second guard behind the validation of model names.
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,8 +49,9 @@ class Ledger:
         absolute = Path(os.path.abspath(path))
         resolved = absolute.resolve()
         if resolved == self.resolved_root or not resolved.is_relative_to(self.resolved_root):
-            raise IzitorchError(f'refusing to write {path}: it resolves to {resolved}, outside res_dir "{self.root}"; '
-                                f"remove the symbolic link or choose other names")
+            raise IzitorchError(
+                f'refusing to write {path}: it resolves to {resolved}, outside res_dir "{self.root}"; remove the symbolic link or choose other names'
+            )
         parts = absolute.relative_to(self.root).parts
         new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
         new.append("/".join(parts))

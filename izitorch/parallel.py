@@ -19,6 +19,7 @@ one :class:`~izitorch.cohort.Cohort` of every fold. The fold protocol that train
 (each fold's, in fold order within an epoch) and its resume state are the same code as for
 sequential folds (:func:`izitorch.loop.train`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,6 +56,7 @@ def run_parallel(run: Run, resuming: bool) -> dict[str, list[dict]]:
 
 # -- set-up -------------------------------------------------------------------------------------
 
+
 def _prepare(run: Run, saved: dict | None) -> Cohort:
     """One member per model and fold, all in vector stacks, and per phase one loader that
     goes once over the samples some fold uses in that phase; each stack's ``sample_masks``
@@ -78,8 +80,9 @@ def _prepare(run: Run, saved: dict | None) -> Cohort:
         for index, indices in enumerate(parts):
             used[phase][index, torch.as_tensor(indices, dtype=torch.long)] = True
         loaders[phase] = make_loader(run, np.unique(np.concatenate(parts)), seed, shuffle=phase == "train" and run.config.run.shuffle, with_rows=True)
-    stacks = [VectorStack(group, classes, {phase: mask[[fold_of[slot] for slot in group.slots]].to(run.device) for phase, mask in used.items()})
-              for group in groups]
+    stacks = [
+        VectorStack(group, classes, {phase: mask[[fold_of[slot] for slot in group.slots]].to(run.device) for phase, mask in used.items()}) for group in groups
+    ]
     # each fold's loaders are the shared ones (a fold's own samples: fold.split)
     folds = [Fold(index, count, split, loaders, slots) for index, (split, slots) in enumerate(zip(run.splits, members))]
     if run.config.run.compile:
@@ -97,12 +100,18 @@ def check(run: Run) -> None:
         if why:
             raise IzitorchError(f"{OPTION} trains every model as a vectorized group, but {slot.name}: {why}; set parallel = false", KEY)
         if not ensemble.supports_masked_loss(slot.criterion):
-            raise IzitorchError(f"model {slot.name}: {OPTION} needs a CrossEntropyLoss, MSELoss or L1Loss criterion with reduction "
-                                f"mean or sum (it has {type(slot.criterion).__name__}); set parallel = false", KEY)
+            raise IzitorchError(
+                f"model {slot.name}: {OPTION} needs a CrossEntropyLoss, MSELoss or L1Loss criterion with reduction "
+                f"mean or sum (it has {type(slot.criterion).__name__}); set parallel = false",
+                KEY,
+            )
         for name, module in slot.model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                raise IzitorchError(f"model {slot.name}: module {name!r} is a BatchNorm, whose batch statistics would mix each fold's "
-                                    f"test samples into its training; set parallel = false", KEY)
+                raise IzitorchError(
+                    f"model {slot.name}: module {name!r} is a BatchNorm, whose batch statistics would mix each fold's "
+                    f"test samples into its training; set parallel = false",
+                    KEY,
+                )
 
 
 def _member(slot: Slot) -> Slot:

@@ -5,6 +5,7 @@ The defaults (``DEFAULT_PLUGINS``) are on unless disabled; every other plugin is
 the manifest names it (``[plugins] enable`` or a ``[plugins.<name>]`` table), so nothing is
 loaded silently. Names may also be dotted module paths or ``path/to/plugin.py`` files.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,7 +82,9 @@ def enabled_plugin_names(config: Config) -> list[str]:
             raise ManifestError(f'unknown plugin "{name}"{did_you_mean(name, known)}; `izitorch plugins` lists them', "plugins.disable", config.source)
     for name in config.plugins.tables:
         if name in blocked:
-            raise ManifestError(f'[plugins.{name}] configures a plugin that is disabled; remove the table or the "disable" entry', f"plugins.{name}", config.source)
+            raise ManifestError(
+                f'[plugins.{name}] configures a plugin that is disabled; remove the table or the "disable" entry', f"plugins.{name}", config.source
+            )
     names: list[str] = []
     for name in (*DEFAULT_PLUGINS, *wanted, *config.plugins.tables):
         if name not in blocked and name not in names:

@@ -6,6 +6,7 @@
 step whose gradients overflow is skipped for the whole stack and the scale is lowered. The
 scaler's state is part of the resume state.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ A manifest names every model, dataset, loss, optimizer and scheduler this way. C
 reference means importing it and binding its keyword table against its signature, so that
 ``validate`` catches a misspelled class or argument before any training starts.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -78,11 +79,7 @@ def check_arguments(fn: Callable, kwargs: dict, leading: int = 0) -> None:
         expected = _expected_type(named[key].default)
         if expected and not _matches(value, expected):
             raise ManifestError(f"expected {expected}, got {describe(value)}", key)
-    missing = [
-        p.name
-        for p in params[leading:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in kwargs
-    ]
+    missing = [p.name for p in params[leading:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in kwargs]
     if missing:
         raise ManifestError(f'missing argument "{missing[0]}" for {_name(fn)}')
 

@@ -12,6 +12,7 @@ algorithms by benchmark and some of them (and some cuBLAS paths) add in a varyin
 runs of a convolutional model, or a run and its resumed twin, drift apart in the last bits.
 Lightning's ``Trainer(deterministic=True)`` answers the same need the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,12 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True

@@ -10,6 +10,7 @@ checkpoint policy, holds only tensors and plain containers (``torch.load(weights
 and carries a fingerprint of the configuration so that a resume with a manifest that changed
 what the state depends on is refused, naming the difference.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,27 @@ READABLE = (3, 4, 5)  # formats this version resumes
 
 #: Keys a resumed run may change: they do not affect what the saved state means.
 #: ``run.epochs`` may grow (the run is extended) or shrink (finished folds are kept).
-TOLERATED = {"run.epochs", "run.res_dir", "run.display_step", "run.num_workers", "run.pin_memory", "run.deterministic",
-             "run.device", "run.overwrite", "run.resume", "run.background_writes", "run.compile", "args.epochs", "args.display_step",
-             "args.num_workers", "args.pin_memory", "args.device", "args.resume", "args.overwrite", "args.res_dir"}
+TOLERATED = {
+    "run.epochs",
+    "run.res_dir",
+    "run.display_step",
+    "run.num_workers",
+    "run.pin_memory",
+    "run.deterministic",
+    "run.device",
+    "run.overwrite",
+    "run.resume",
+    "run.background_writes",
+    "run.compile",
+    "args.epochs",
+    "args.display_step",
+    "args.num_workers",
+    "args.pin_memory",
+    "args.device",
+    "args.resume",
+    "args.overwrite",
+    "args.res_dir",
+}
 
 
 def state_path(res_dir: Path, fold_index: int) -> Path:
@@ -66,14 +85,17 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
         "parallel": len(cohort.folds),
         "epoch": epoch,
         "final": final,
-        "folds": [{
-            "index": fold.index,
-            "epoch": fold.epoch,
-            "stop_reason": fold.stop_reason,
-            "final_scores": tensorise(fold.final_scores) if final else None,
-            "slots": {slot.name: slot_state(slot, grouped=slot in vectorized) for slot in fold.slots},
-            "plugins": cohort.plugin_state(run, fold),
-        } for fold in cohort.folds],
+        "folds": [
+            {
+                "index": fold.index,
+                "epoch": fold.epoch,
+                "stop_reason": fold.stop_reason,
+                "final_scores": tensorise(fold.final_scores) if final else None,
+                "slots": {slot.name: slot_state(slot, grouped=slot in vectorized) for slot in fold.slots},
+                "plugins": cohort.plugin_state(run, fold),
+            }
+            for fold in cohort.folds
+        ],
         "groups": [state for state in (stack.state_dict() for stack in cohort.stacks) if state is not None],
         "scalers": [scaler.state_dict() if scaler is not None else None for scaler in cohort.scalers],
         "rng": rng_state(cohort.loaders),
@@ -117,7 +139,9 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
     except Exception as error:
         raise IzitorchError(f"the resume state cannot be read ({_load_failure(error)}); start over with --overwrite", source=str(path)) from None
     if not isinstance(state, dict):
-        raise IzitorchError(f"the resume state is not one izitorch wrote (it holds {describe(state)}, not a table); start over with --overwrite", source=str(path))
+        raise IzitorchError(
+            f"the resume state is not one izitorch wrote (it holds {describe(state)}, not a table); start over with --overwrite", source=str(path)
+        )
     if state.get("format") not in READABLE:
         raise IzitorchError(f"written by another izitorch version (format {describe(state.get('format'))}); start over with --overwrite", source=str(path))
     problem = structure_problem(state)
@@ -145,8 +169,14 @@ def _load_failure(error: Exception) -> str:
 
 # -- the structure of a saved state: checked once, where it is loaded ---------------------------
 
-_SLOT = {"model": (dict, type(None)), "optimizer": dict, "scheduler": (dict, type(None)), "kept_state": (dict, type(None)),
-         "kept_epoch": (int, type(None)), "stopped": (str, bool, type(None))}
+_SLOT = {
+    "model": (dict, type(None)),
+    "optimizer": dict,
+    "scheduler": (dict, type(None)),
+    "kept_state": (dict, type(None)),
+    "kept_epoch": (int, type(None)),
+    "stopped": (str, bool, type(None)),
+}
 _FOLD = {"epoch": int, "stop_reason": (str, type(None)), "final_scores": (dict, type(None)), "slots": dict, "plugins": dict}
 _COMMON = {"fingerprint": (str, dict), "epoch": int, "groups": list, "rng": dict}
 _SEQUENTIAL = {**_COMMON, **_FOLD, "fold": int}
@@ -212,7 +242,10 @@ def _one_layout(state: dict) -> dict:
         return state
     fold = {key: state[key] for key in ("epoch", "stop_reason", "final_scores", "slots", "plugins")}
     return {key: state[key] for key in ("format", "fingerprint", "epoch", "groups", "rng")} | {
-        "parallel": 1, "final": state["final_scores"] is not None, "folds": [{"index": state["fold"], **fold}]}
+        "parallel": 1,
+        "final": state["final_scores"] is not None,
+        "folds": [{"index": state["fold"], **fold}],
+    }
 
 
 def needs_training(state: dict | None, epochs: int) -> bool:
@@ -226,8 +259,9 @@ def needs_training(state: dict | None, epochs: int) -> bool:
 def restore(run: Run, cohort: Any, state: dict) -> int:
     """Put a cohort's folds back where ``state`` left them; return the first epoch still to train."""
     if state["parallel"] != len(cohort.folds):
-        raise IzitorchError(f"cannot resume: the saved state holds {state['parallel']} folds trained together, this run "
-                            f"{len(cohort.folds)}; start over with --overwrite")
+        raise IzitorchError(
+            f"cannot resume: the saved state holds {state['parallel']} folds trained together, this run {len(cohort.folds)}; start over with --overwrite"
+        )
     for fold, entry in zip(cohort.folds, state["folds"]):
         for slot in fold.slots:
             restore_slot(run, slot, entry["slots"].get(slot.name))
@@ -257,7 +291,9 @@ def restore_slot(run: Run, slot: Any, saved: dict | None) -> None:
     except (RuntimeError, ValueError, KeyError) as error:
         lines = [line.strip().rstrip(".") for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
         first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the first mismatch
-        raise IzitorchError(f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite") from None
+        raise IzitorchError(
+            f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite"
+        ) from None
     slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
 
 
@@ -273,16 +309,15 @@ def restore_stacks(stacks: list[Any], saved_groups: list[dict]) -> None:
 def final_scores(state: dict) -> dict[str, dict]:
     """A finished fold's final scores (an entry of a state's ``folds``), as the loop returned
     them (numpy confusion matrices)."""
-    return {name: {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()}
-            for name, scores in state["final_scores"].items()}
+    return {name: {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in scores.items()} for name, scores in state["final_scores"].items()}
 
 
 # -- fingerprint ------------------------------------------------------------------------------
 
+
 def fingerprint(config: Config) -> dict[str, str]:
     """A flat ``{"models[0].params.hidden": "64"}`` view of what the saved state depends on."""
-    tree = attrs.asdict(config, recurse=True, value_serializer=lambda _i, _f, v: _stable(v),
-                        filter=lambda field, _: field.name not in ("source", "base_dir"))
+    tree = attrs.asdict(config, recurse=True, value_serializer=lambda _i, _f, v: _stable(v), filter=lambda field, _: field.name not in ("source", "base_dir"))
     flat: dict[str, str] = {}
     _flatten(tree, "", flat)
     # a plugin's table is [plugins.<name>] in the manifest (``PluginsConfig.tables`` inside)
@@ -385,6 +420,7 @@ def _stable(value: Any) -> Any:
 
 # -- state pieces -------------------------------------------------------------------------------
 
+
 def slot_state(slot, grouped: bool) -> dict:
     """A slot's own state; a vectorized member's weights and moments are in its group's entry.
 
@@ -412,13 +448,14 @@ def changed_hyper(slot) -> list[dict]:
     """
     groups = slot.optimizer.param_groups
     initial = slot.initial_state.get("optimizer", {}).get("param_groups") or [{} for _ in groups]
-    return [{key: value for key, value in group.items() if key != "params" and (key not in base or not deep_equal(value, base[key]))}
-            for group, base in zip(groups, initial)]
+    return [
+        {key: value for key, value in group.items() if key != "params" and (key not in base or not deep_equal(value, base[key]))}
+        for group, base in zip(groups, initial)
+    ]
 
 
 def tensorise(scores: dict[str, dict]) -> dict[str, dict]:
-    return {name: {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in values.items()}
-            for name, values in scores.items()}
+    return {name: {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v) for k, v in values.items()} for name, values in scores.items()}
 
 
 def rng_state(loaders: dict[str, Any]) -> dict:

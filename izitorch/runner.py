@@ -5,6 +5,7 @@ per-fold loop lives in :mod:`izitorch.loop`. The run holds ``res_dir``'s lock an
 SIGINT/SIGTERM into a clean stop; with ``resume``, finished folds are taken from their saved
 state and an interrupted fold continues from its last finished epoch (:mod:`izitorch.resume`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     res_dir = Path(config.run.res_dir)
     check_res_dir(res_dir, config)
     flag = StopFlag()
-    with (res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic),
-          background_writes(config.run.background_writes)):
+    with res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic), background_writes(config.run.background_writes):
         ledger, resuming = prepare_res_dir(res_dir, config)
         session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories)
         try:
@@ -89,8 +89,11 @@ def report_missing(ledger: ownership.Ledger) -> None:
     missing = ledger.missing()
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        say(f'izitorch: {len(missing)} file(s) of this run in "{ledger.root}" were deleted after it wrote them and cannot be rebuilt '
-            f"from the saved state: {shown}; run again with --overwrite to get them back", sys.stderr)
+        say(
+            f'izitorch: {len(missing)} file(s) of this run in "{ledger.root}" were deleted after it wrote them and cannot be rebuilt '
+            f"from the saved state: {shown}; run again with --overwrite to get them back",
+            sys.stderr,
+        )
 
 
 def check_res_dir(res_dir: Path, config: Config) -> None:
@@ -98,8 +101,9 @@ def check_res_dir(res_dir: Path, config: Config) -> None:
     what is not its own (see :mod:`izitorch.ownership`)."""
     run = config.run
     if run.resume and run.overwrite:
-        raise ManifestError("--resume and --overwrite cannot go together: --resume continues the run in res_dir, --overwrite deletes it; pass one",
-                            "run.resume", config.source)
+        raise ManifestError(
+            "--resume and --overwrite cannot go together: --resume continues the run in res_dir, --overwrite deletes it; pass one", "run.resume", config.source
+        )
     try:
         refuse_shared_folder(res_dir, config)
         if res_dir.exists() and not res_dir.is_dir():
@@ -120,22 +124,29 @@ def _res_dir_problem(res_dir: Path, config: Config) -> str | None:
         if (res_dir / "conf.json").exists() or resume.has_state(res_dir):
             if run.resume and resume.has_state(res_dir):
                 return None  # a run of izitorch 0.2, which kept no record: it resumes, and records from now on
-            return ("holds an izitorch run without its record of files (.izitorch/owned.txt: a run of izitorch 0.2, or a copy "
-                    "that skipped the hidden .izitorch folder, as `cp -r run/*` does), so izitorch cannot tell its files from yours"
-                    + ("; nothing to resume" if run.resume else "") + ": choose a new or empty folder")
+            return (
+                "holds an izitorch run without its record of files (.izitorch/owned.txt: a run of izitorch 0.2, or a copy "
+                "that skipped the hidden .izitorch folder, as `cp -r run/*` does), so izitorch cannot tell its files from yours"
+                + ("; nothing to resume" if run.resume else "")
+                + ": choose a new or empty folder"
+            )
         return "holds files that are not an izitorch run; choose a new or empty folder"
     if not (run.overwrite or run.resume):
         return "already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another res_dir"
     ledger = ownership.Ledger(res_dir)
     restarting = run.resume and not resume.has_state(res_dir)
     if restarting and ownership.finished_path(res_dir).is_file():
-        return ("holds a finished run whose resume state is gone (.izitorch/*.pth.tar was deleted); nothing to resume: pass "
-                "--overwrite to start over, or choose another res_dir")
+        return (
+            "holds a finished run whose resume state is gone (.izitorch/*.pth.tar was deleted); nothing to resume: pass "
+            "--overwrite to start over, or choose another res_dir"
+        )
     if run.overwrite or restarting:  # a run killed before its first epoch ended starts again, as --overwrite would
         foreign = sorted(ledger.foreign())
         if foreign:
-            return (f"holds files that are not an izitorch run ({_listing(foreign, res_dir)}); --overwrite deletes only what izitorch "
-                    "wrote: move them out, or choose a new or empty folder")
+            return (
+                f"holds files that are not an izitorch run ({_listing(foreign, res_dir)}); --overwrite deletes only what izitorch "
+                "wrote: move them out, or choose a new or empty folder"
+            )
     return None
 
 
@@ -160,8 +171,11 @@ def refuse_shared_folder(res_dir: Path, config: Config) -> None:
     if config.source.endswith(".toml") and manifest.is_file() and manifest.resolve().is_relative_to(target):
         shared.append("a folder that holds the manifest")
     if shared:
-        raise ManifestError(f'res_dir "{config.run.res_dir}" is {" and ".join(shared)}; a run needs a folder of its own: choose a new or empty '
-                            'one, e.g. "results/<name>"', "run.res_dir", config.source)
+        raise ManifestError(
+            f'res_dir "{config.run.res_dir}" is {" and ".join(shared)}; a run needs a folder of its own: choose a new or empty one, e.g. "results/<name>"',
+            "run.res_dir",
+            config.source,
+        )
 
 
 def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bool]:

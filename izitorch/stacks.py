@@ -13,6 +13,7 @@ mixed precision, accumulation) is written once, in :mod:`izitorch.engine`; the s
 how their members compute and update. Failures of a user's model or criterion become one line
 naming the model(s) and the shapes (:mod:`izitorch.diagnose`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
@@ -91,18 +92,21 @@ def criterion_loss(slot: Slot, output: Any, target: torch.Tensor, classes: int |
     """The criterion's scalar loss on ``output``; a failure, an output with too few classes and
     a loss that is not a scalar are one line naming the model and both shapes."""
     if too_few_classes(slot.criterion, output, target, classes, class_dim=1):
-        raise TrainingError(f"model {slot.name}: output {shape(output)} has {output.shape[1]} classes but num_classes = {classes} "
-                            f"(target {shape(target)}); {FIT_CLASSES}")
+        raise TrainingError(
+            f"model {slot.name}: output {shape(output)} has {output.shape[1]} classes but num_classes = {classes} (target {shape(target)}); {FIT_CLASSES}"
+        )
     try:
         loss = slot.criterion(output, target)
     except IzitorchError:
         raise
     except Exception as error:
-        raise TrainingError(f"model {slot.name}: the criterion failed on output {shape(output)} and target {shape(target)}: "
-                            f"{what(error)}; {FIT_CLASSES}") from None
+        raise TrainingError(
+            f"model {slot.name}: the criterion failed on output {shape(output)} and target {shape(target)}: {what(error)}; {FIT_CLASSES}"
+        ) from None
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TrainingError(f"model {slot.name}: the criterion returned {shape(loss)}, not a scalar loss; "
-                            'give it reduction = "mean" or "sum", or make it return one value')
+        raise TrainingError(
+            f'model {slot.name}: the criterion returned {shape(loss)}, not a scalar loss; give it reduction = "mean" or "sum", or make it return one value'
+        )
     return loss
 
 

@@ -3,6 +3,7 @@
 These are plain attrs classes with no behaviour beyond bookkeeping, so that a plugin can read
 everything it needs from its arguments and keep its own state on itself or in ``run.stash``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -198,8 +199,14 @@ def deep_equal(a: Any, b: Any) -> bool:
     if kind is type(b) and kind in _PLAIN:  # most of an architecture: names, sizes, flags, dtypes
         return a is b or a == b
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and a.device == b.device and (a.is_meta or bool(torch.equal(a, b))))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and (a.is_meta or bool(torch.equal(a, b)))
+        )
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):

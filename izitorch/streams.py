@@ -7,6 +7,7 @@ SIGPIPE" in :mod:`signal`): its file descriptor is pointed at ``os.devnull``, so
 later write nor the flush of its buffer at interpreter exit fails ("Exception ignored ...
 BrokenPipeError").
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """The comparison table of a run's final test scores: what the console prints at the end of a run
 and ``izitorch report`` prints from ``results.json``. Rendering only: it holds no state.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -18,8 +19,7 @@ OTHER_FORMAT = "{:.4f}"
 
 def is_metric(key: str, value: Any) -> bool:
     """Whether a scores entry is a metric's scalar value (not a time, a count or a matrix)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_time")
-            and key not in NOT_METRICS)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_time") and key not in NOT_METRICS
 
 
 def columns(keys: Iterable[str], directions: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -32,15 +32,13 @@ def columns(keys: Iterable[str], directions: dict[str, str]) -> list[tuple[str, 
     return shown
 
 
-def comparison_table(results: dict[str, list[dict]], parameters: dict[str, int] | None = None,
-                     directions: dict[str, str] | None = None) -> str:
+def comparison_table(results: dict[str, list[dict]], parameters: dict[str, int] | None = None, directions: dict[str, str] | None = None) -> str:
     """Final test scores per model (mean ± std over folds), one row per model, best first: by
     accuracy when there is one, else by the first other metric in its direction (``directions``,
     value name -> "higher" / "lower"; the built-in metrics' by default)."""
     parameters = parameters or {}
     directions = {**BUILTIN_DIRECTIONS, **(directions or {})}
-    shown = columns([key for folds in results.values() for fold in folds for key, value in fold.items() if is_metric(key, value)],
-                    directions)
+    shown = columns([key for folds in results.values() for fold in folds for key, value in fold.items() if is_metric(key, value)], directions)
     header = ["model", "params", "folds"] + [label for _, label, _ in shown]
     rows = []
     ranked = [key for key, _, _ in shown if key != "loss" and key in directions] + ["loss"]

@@ -5,6 +5,7 @@ becomes a :class:`~izitorch.config.Config`, and ``launch()`` calls :func:`izitor
 written for the original README runs unchanged; see README "The original API" for the few
 deliberate differences (exactly N epochs, per-fold fresh optimizers, no silent overwrite).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -193,14 +194,24 @@ def config_from_args(args: argparse.Namespace, dataset: Any, model_configs: list
     if args.grad_clip:
         tables["grad_clip"] = {"value": float(args.grad_clip)}
     run = RunConfig(
-        res_dir=args.res_dir, device=args.device, rdm_seed=args.rdm_seed, epochs=args.epochs,
-        batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=bool(args.pin_memory),
-        shuffle=bool(args.shuffle), test_epoch=args.test_epoch, display_step=args.display_step,
-        overwrite=bool(args.overwrite), resume=bool(args.resume), nan_policy=args.nan_policy,
+        res_dir=args.res_dir,
+        device=args.device,
+        rdm_seed=args.rdm_seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=bool(args.pin_memory),
+        shuffle=bool(args.shuffle),
+        test_epoch=args.test_epoch,
+        display_step=args.display_step,
+        overwrite=bool(args.overwrite),
+        resume=bool(args.resume),
+        nan_policy=args.nan_policy,
     )
     data = DataConfig(dataset=dataset, num_classes=args.num_classes or None, train_ratio=args.train_ratio, validation=bool(args.validation))
-    config = Config(run=run, data=data, models=tuple(_model_spec(c) for c in model_configs), plugins=PluginsConfig(tables=tables),
-                    source="Rack", args=dict(vars(args)))
+    config = Config(
+        run=run, data=data, models=tuple(_model_spec(c) for c in model_configs), plugins=PluginsConfig(tables=tables), source="Rack", args=dict(vars(args))
+    )
     return config
 
 

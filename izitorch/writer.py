@@ -20,6 +20,7 @@ What a run can count on:
   past it a write waits (one file larger than the bound is still taken, alone). The next file is
   serialised before it waits, so a run holds at most the bound plus one file.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,8 +59,7 @@ class BackgroundWriter:
         with self._cond:
             if self._closing:
                 raise RuntimeError(f"{path}: the background writer is closed")
-            self._cond.wait_for(lambda: self._error is not None or not self._pending_bytes
-                                or self._pending_bytes + len(data) <= self._max_pending_bytes)
+            self._cond.wait_for(lambda: self._error is not None or not self._pending_bytes or self._pending_bytes + len(data) <= self._max_pending_bytes)
             self._raise_error()
             self._queue.append((path, data))
             self._pending_bytes += len(data)

@@ -10,6 +10,7 @@
 A checkpoint is ``{"epoch", "state_dict", "optimizer", "scheduler"}``, written atomically, with
 CPU tensors: a model trained on a GPU loads with a plain ``torch.load`` on any machine.
 """
+
 from __future__ import annotations
 
 import attrs
@@ -26,10 +27,12 @@ POLICIES = ("last", "all", "best")
 
 @attrs.frozen
 class CheckpointOptions:
-    policy: str = attrs.field(default="last", validator=one_of(*POLICIES),
-                              metadata=doc('model.pth.tar rewritten every epoch ("last"), one file per epoch ("all"), or when metric improves ("best")'))
-    metric: str = metric_option("loss", 'what "best" compares: a registered metric (loss, acc, IoU, ...)',
-                                used=lambda options: options.policy == "best")
+    policy: str = attrs.field(
+        default="last",
+        validator=one_of(*POLICIES),
+        metadata=doc('model.pth.tar rewritten every epoch ("last"), one file per epoch ("all"), or when metric improves ("best")'),
+    )
+    metric: str = metric_option("loss", 'what "best" compares: a registered metric (loss, acc, IoU, ...)', used=lambda options: options.policy == "best")
 
 
 class CheckpointPlugin:

@@ -8,6 +8,7 @@ The bar is tqdm's (shown only on a terminal); the lines go to stdout, so logs st
 when the output is redirected. A stream that goes away (``| head -1``, ``/dev/full``, a closed
 terminal) silences that part of the console; the run trains on (see :mod:`izitorch.streams`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,6 +21,7 @@ from izitorch.hookspecs import hookimpl
 from izitorch.metrics import metric_directions
 from izitorch.streams import say, silence
 from izitorch.table import columns, comparison_table, is_metric
+
 
 class ConsolePlugin:
     def __init__(self, stream: Any = None) -> None:
@@ -66,8 +68,13 @@ class ConsolePlugin:
             return
         self.bar_fold = fold.index
         label = f"fold {fold.index + 1}/{fold.count} " if fold.count > 1 else ""
-        options = {"total": len(fold.loaders["train"]), "desc": f"{label}epoch {epoch}/{run.config.run.epochs}",
-                   "leave": False, "file": sys.stderr, "dynamic_ncols": True}
+        options = {
+            "total": len(fold.loaders["train"]),
+            "desc": f"{label}epoch {epoch}/{run.config.run.epochs}",
+            "leave": False,
+            "file": sys.stderr,
+            "dynamic_ncols": True,
+        }
         try:
             self.bar = tqdm(**options, disable=True if self.bar_gone or sys.stderr is None else None)
         except (OSError, ValueError):  # its first drawing failed: stderr went away

@@ -5,6 +5,7 @@ improved by ``min_delta`` for ``patience`` evaluations stops training (the other
 fold ends when every model has stopped. Uses the validation scores when there is a validation
 set, else the test scores.
 """
+
 from __future__ import annotations
 
 import attrs

@@ -4,6 +4,7 @@
 ``grad_clip``); ``max_norm`` rescales a model's gradients when their total ``norm_type`` norm
 exceeds it. Acts on ``slot.grads()`` so that each model is clipped on its own gradients.
 """
+
 from __future__ import annotations
 
 import attrs

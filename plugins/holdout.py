@@ -4,6 +4,7 @@ With ``data.validation``, the samples not trained on are halved: the first half 
 epoch, the second half is the test set. The permutation comes from a generator seeded with
 ``run.rdm_seed``, never from the global RNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,7 @@ def izitorch_make_splits(run: Run, dataset) -> list[Split]:
     needed = 2 if run.config.data.validation else 1
     if n_train < 1 or len(held_out) < needed:
         raise IzitorchError(
-            f"{ratio} leaves {n_train} training and {len(held_out)} held-out samples "
-            f"out of {size}; use more data or a ratio that leaves both sides non-empty",
+            f"{ratio} leaves {n_train} training and {len(held_out)} held-out samples out of {size}; use more data or a ratio that leaves both sides non-empty",
             "data.train_ratio",
         )
     if run.config.data.validation:

@@ -7,6 +7,7 @@ Every fold starts from the models' initial weights with fresh optimizers (done b
 ``parallel = true`` trains the k folds at once, as vectorized groups over one pass of the data,
 each fold's model blind to its own test (and validation) samples: see :mod:`izitorch.parallel`.
 """
+
 from __future__ import annotations
 
 import attrs

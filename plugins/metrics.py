@@ -5,6 +5,7 @@ optional sample mask; a lone model is K = 1). Accumulators stay on the model's d
 call ``.item()`` per batch; values are read once per phase. Accuracy and IoU come from the epoch's confusion matrix, not from averaging
 per-batch means, so they are exact whatever the batch sizes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -120,8 +121,10 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
     """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
     for all K at once (one numpy operation each, not one per member)."""
-    return [{"accuracy": acc, "IoU": iou, "confusion_matrix": matrix}
-            for acc, iou, matrix in zip(accuracies(matrices).tolist(), mean_ious(matrices).tolist(), matrices)]
+    return [
+        {"accuracy": acc, "IoU": iou, "confusion_matrix": matrix}
+        for acc, iou, matrix in zip(accuracies(matrices).tolist(), mean_ious(matrices).tolist(), matrices)
+    ]
 
 
 class LossMeter:

@@ -8,6 +8,7 @@ mean and standard deviation over folds; ``res_dir/results.json`` summarises ever
 mean and standard deviation of every scalar value of the final tests (every registered metric)
 and the direction of each declared metric.
 """
+
 from __future__ import annotations
 
 import json

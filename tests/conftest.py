@@ -1,4 +1,5 @@
 """Shared helpers: tiny manifests on the bundled digits data, and a CLI runner."""
+
 from __future__ import annotations
 
 import copy
@@ -147,14 +148,13 @@ def error_of(err: str) -> str:
     lines = err.splitlines()
     assert len(lines) == 1, err[:2000]
     assert lines[0].startswith(ERROR_PREFIX), err[:2000]
-    return lines[0][len(ERROR_PREFIX):]
+    return lines[0][len(ERROR_PREFIX) :]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m izitorch ARGS`` in a subprocess; returns the completed process (text)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "izitorch", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "izitorch", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def replaced_by_thread(monkeypatch) -> list[tuple[str, str]]:
@@ -194,6 +194,8 @@ def plain_scores(model: torch.nn.Module, checkpoint: Path, indices, limit: int =
     for label in sorted(set(truth) | set(guess)):
         tp = np.sum((truth == label) & (guess == label))
         ious.append(tp / np.sum((truth == label) | (guess == label)))
-    return {"accuracy": 100.0 * float((predicted == target).double().mean()),
-            "loss": float(torch.nn.functional.cross_entropy(output, target)),
-            "IoU": float(np.mean(ious))}
+    return {
+        "accuracy": 100.0 * float((predicted == target).double().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(output, target)),
+        "IoU": float(np.mean(ious)),
+    }

@@ -5,6 +5,7 @@ A class's private fields (one leading underscore) are its own business: another 
 or writes them ties itself to how the owner is built, so a change inside one module breaks
 another. The rule is checked on the sources, with :mod:`ast`, so it holds for code no test runs.
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,13 +26,18 @@ import izitorch
 import izitorch.ensemble
 
 # Private names of torch itself, which the ensemble uses where torch offers no public way:
-TORCH_PRIVATES = frozenset({
-    "_fused_adam_", "_fused_sgd_",  # torch's fused optimizer kernels (torch._fused_adam_, torch._fused_sgd_)
-    "_BatchNorm",  # the base class of every BatchNorm (torch.nn.modules.batchnorm._BatchNorm)
-    "_parameters", "_buffers",  # an nn.Module's own parameters and buffers, None entries included
-    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",  # a torch optimizer's step hooks
-    "_opt_called",  # what an LR scheduler reads to tell that its optimizer stepped
-})
+TORCH_PRIVATES = frozenset(
+    {
+        "_fused_adam_",
+        "_fused_sgd_",  # torch's fused optimizer kernels (torch._fused_adam_, torch._fused_sgd_)
+        "_BatchNorm",  # the base class of every BatchNorm (torch.nn.modules.batchnorm._BatchNorm)
+        "_parameters",
+        "_buffers",  # an nn.Module's own parameters and buffers, None entries included
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",  # a torch optimizer's step hooks
+        "_opt_called",  # what an LR scheduler reads to tell that its optimizer stepped
+    }
+)
 
 # Runs the command line when imported, so it is imported by the entry point only.
 NOT_IMPORTABLE = {"izitorch.__main__"}
@@ -56,8 +62,7 @@ def is_self(node: ast.expr) -> bool:
 
 
 def test_the_package_holds_the_modules_it_is_split_into() -> None:
-    assert {"izitorch.ensemble.grouping", "izitorch.ensemble.group", "izitorch.ensemble.optimizer",
-            "izitorch.ensemble.kernels"} <= set(izitorch_modules())
+    assert {"izitorch.ensemble.grouping", "izitorch.ensemble.group", "izitorch.ensemble.optimizer", "izitorch.ensemble.kernels"} <= set(izitorch_modules())
 
 
 @pytest.mark.parametrize("name", izitorch_modules())
@@ -92,8 +97,14 @@ def private_uses(tree: ast.Module) -> list[tuple[int, str]]:
         if isinstance(node, ast.Attribute) and is_private(node.attr) and not is_self(node.value):
             if node.attr not in TORCH_PRIVATES:
                 found.append((node.lineno, f"{ast.unparse(node.value)}.{node.attr}"))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr")
-              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
             name = node.args[1].value
             if is_private(name) and not is_self(node.args[0]) and name not in TORCH_PRIVATES:
                 found.append((node.lineno, f"{node.func.id}({ast.unparse(node.args[0])}, {name!r})"))
@@ -103,8 +114,7 @@ def private_uses(tree: ast.Module) -> list[tuple[int, str]]:
 
 
 def test_no_ensemble_module_reaches_into_private_fields() -> None:
-    reaching = [f"izitorch/ensemble/{file}:{line}: {what}" for file, tree in ensemble_sources().items()
-                for line, what in private_uses(tree)]
+    reaching = [f"izitorch/ensemble/{file}:{line}: {what}" for file, tree in ensemble_sources().items() for line, what in private_uses(tree)]
     assert reaching == []
 
 
@@ -123,13 +133,16 @@ def test_the_torch_exemptions_name_no_field_of_izitorch() -> None:
     assert own & TORCH_PRIVATES == set()
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("group._spans", ["group._spans"]),
-    ("self.group._row(x, k, span)", ["self.group._row"]),
-    ("getattr(optimizer, '_fused')", ["getattr(optimizer, '_fused')"]),
-    ("from izitorch.ensemble.kernels import _inactive_rows", ["from izitorch.ensemble.kernels import _inactive_rows"]),
-    ("self._fused; cls._make(); torch._fused_sgd_; x.__class__; from torch.nn.modules import _x", []),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("group._spans", ["group._spans"]),
+        ("self.group._row(x, k, span)", ["self.group._row"]),
+        ("getattr(optimizer, '_fused')", ["getattr(optimizer, '_fused')"]),
+        ("from izitorch.ensemble.kernels import _inactive_rows", ["from izitorch.ensemble.kernels import _inactive_rows"]),
+        ("self._fused; cls._make(); torch._fused_sgd_; x.__class__; from torch.nn.modules import _x", []),
+    ],
+)
 def test_the_checker_sees_what_it_forbids(source: str, expected: list[str]) -> None:
     assert [what for _, what in private_uses(ast.parse(source))] == expected
 

@@ -1,6 +1,7 @@
 """The benchmark scripts keep running: ``run.py`` reports timings (never asserted), accuracies,
 and in case 1 whether izitorch's weights equal those of the hand-written loops that draw its
 batches; ``profile_step.py`` still finds every part of the engine it times."""
+
 from __future__ import annotations
 
 import math
@@ -13,16 +14,20 @@ from conftest import ROOT
 
 
 def test_quick_benchmark_prints_every_case_with_accuracies():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--ks", "2"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--ks", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     for title in ("case 1: one MLP", "case 2: K models", "case 3: 5-fold cross-validation"):
         assert title in out
     case1 = out.split("case 1:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]  # title, header, rule
     runners = [line.split("  ")[0] for line in case1]
-    assert runners == ["hand-written, DataLoader", "hand-written, tensor indexing", "izitorch, default plugins",
-                       "izitorch, no output plugins", "izitorch, default plugins"], case1
+    assert runners == [
+        "hand-written, DataLoader",
+        "hand-written, tensor indexing",
+        "izitorch, default plugins",
+        "izitorch, no output plugins",
+        "izitorch, default plugins",
+    ], case1
     assert [line.split()[-1] for line in case1] == ["identical", "reference", "identical", "identical", "identical"], case1
     assert len({line.split()[-2] for line in case1}) == 1  # the same weights reach the same test accuracy
     case2 = out.split("case 2:", 1)[1].split("\n\n", 1)[0].splitlines()
@@ -35,15 +40,42 @@ def test_quick_benchmark_prints_every_case_with_accuracies():
 
 # The rows of profile_step.py's tables, by how each begins: every component of a training step,
 # of its ablation, and of a run. A part the engine renamed or dropped prints "n/a", or fails.
-STEP_ALONE = ["batch assembly: ", "cohort.batches: ", "to_device ", "LoneStack forward/losses: ", "StackPass._guard: ",
-              "StackPass._train bookkeeping ", "meters: update ", "meters: compute ", "StackPass: made ",
-              "izitorch_batch_finish: the console", "izitorch_batch_finish: member_losses", "sum of the components",
-              "izitorch's training pass beyond"]
-STEP_OFF = ["izitorch's training pass", *STEP_ALONE[:6], "meters: update per step, compute", "izitorch_batch_finish: ",
-            "loss.item() finiteness check", "what is left", "hand-written pass"]
-RUN_PARTS = ["training passes beyond", "each epoch's eval pass", "resume state after each epoch", "izitorch_epoch_start hooks",
-             "izitorch_epoch_finish hooks", "izitorch_should_stop hooks", "set-up beyond", "after the epochs", "sum of the above",
-             "whole-run overhead"]
+STEP_ALONE = [
+    "batch assembly: ",
+    "cohort.batches: ",
+    "to_device ",
+    "LoneStack forward/losses: ",
+    "StackPass._guard: ",
+    "StackPass._train bookkeeping ",
+    "meters: update ",
+    "meters: compute ",
+    "StackPass: made ",
+    "izitorch_batch_finish: the console",
+    "izitorch_batch_finish: member_losses",
+    "sum of the components",
+    "izitorch's training pass beyond",
+]
+STEP_OFF = [
+    "izitorch's training pass",
+    *STEP_ALONE[:6],
+    "meters: update per step, compute",
+    "izitorch_batch_finish: ",
+    "loss.item() finiteness check",
+    "what is left",
+    "hand-written pass",
+]
+RUN_PARTS = [
+    "training passes beyond",
+    "each epoch's eval pass",
+    "resume state after each epoch",
+    "izitorch_epoch_start hooks",
+    "izitorch_epoch_finish hooks",
+    "izitorch_should_stop hooks",
+    "set-up beyond",
+    "after the epochs",
+    "sum of the above",
+    "whole-run overhead",
+]
 
 
 def tables(out: str) -> list[tuple[str, list[list[str]]]]:
@@ -57,8 +89,13 @@ def tables(out: str) -> list[tuple[str, list[list[str]]]]:
 
 
 def test_quick_profile_times_every_component_on_both_paths():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--quick", "--ablation"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--quick", "--ablation"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "Traceback" not in out + done.stderr

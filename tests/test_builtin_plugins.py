@@ -1,5 +1,6 @@
 """Built-in plugins in isolation and end to end: grad_clip, early_stop, the scheduler step,
 console, holdout and kfold."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,11 @@ ADAM = {"class": "torch.optim:Adam", "lr": 1e-2}
 FROZEN = {"class": "torch.optim:SGD", "lr": 0.0}
 
 
-def two_models(manifest, *, epochs=2, display_step=1000, first="a", second="b",
-               first_optimizer=ADAM, second_optimizer=ADAM, second_model=None, plugins=None) -> Path:
+def two_models(
+    manifest, *, epochs=2, display_step=1000, first="a", second="b", first_optimizer=ADAM, second_optimizer=ADAM, second_model=None, plugins=None
+) -> Path:
     """The tiny run with two MLPs (16 and 24 hidden units); ``second_model`` adds keys to the second."""
-    models = [{"name": first, "optimizer": first_optimizer},
-              {"name": second, "params": {"hidden": 24}, "optimizer": second_optimizer, **(second_model or {})}]
+    models = [{"name": first, "optimizer": first_optimizer}, {"name": second, "params": {"hidden": 24}, "optimizer": second_optimizer, **(second_model or {})}]
     return manifest(run={"epochs": epochs, "display_step": display_step}, models=models, **({"plugins": plugins} if plugins else {}))
 
 
@@ -178,11 +179,14 @@ def test_without_grad_clip_gradients_are_untouched(manifest, tmp_path):
     assert max(g.abs().max().item() for _, before, _ in records for g in before) > 0.01
 
 
-@pytest.mark.parametrize("table,message", [
-    ({"value": 1.0, "max_norm": 1.0}, "set exactly one of value"),
-    ({"norm_type": 2.0}, "set exactly one of value"),
-    ({"value": -1.0}, "plugins.grad_clip.value: expected a number > 0"),
-])
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        ({"value": 1.0, "max_norm": 1.0}, "set exactly one of value"),
+        ({"norm_type": 2.0}, "set exactly one of value"),
+        ({"value": -1.0}, "plugins.grad_clip.value: expected a number > 0"),
+    ],
+)
 def test_grad_clip_options_are_checked(manifest, tmp_path, table, message):
     path = two_models(manifest, plugins={"grad_clip": table})
     with pytest.raises(ManifestError) as caught:
@@ -197,8 +201,7 @@ def test_grad_clip_options_are_checked(manifest, tmp_path, table, message):
 
 def test_early_stop_is_per_model(manifest, tmp_path):
     plugins = {"early_stop": {"patience": 2, "metric": "loss"}}
-    path = two_models(manifest, epochs=5, first="frozen", second="learner",
-                      first_optimizer=FROZEN, second_optimizer=ADAM, plugins=plugins)
+    path = two_models(manifest, epochs=5, first="frozen", second="learner", first_optimizer=FROZEN, second_optimizer=ADAM, plugins=plugins)
     res, results = run_manifest(path)
     frozen, learner = read(res / "frozen" / "trainlog.json"), read(res / "learner" / "trainlog.json")
     # the learner trains and is evaluated every epoch
@@ -256,7 +259,7 @@ def test_scheduler_steps_once_per_epoch_after_the_optimizer(manifest, tmp_path):
     for fold in ("FOLD_1", "FOLD_2"):  # the second fold starts with a fresh scheduler
         for epoch in (1, 2, 3):
             checkpoint = torch.load(res / "b" / fold / f"model_epoch{epoch}.pth.tar", weights_only=True)
-            assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.5 ** epoch)
+            assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.5**epoch)
             assert checkpoint["scheduler"]["last_epoch"] == epoch
             unscheduled = torch.load(res / "a" / fold / f"model_epoch{epoch}.pth.tar", weights_only=True)
             assert unscheduled["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2)
@@ -299,7 +302,6 @@ def test_console_display_step_larger_than_an_epoch_prints_no_step_lines(manifest
     out = capsys.readouterr().out
     assert not re.search(r"^\s*step ", out, re.M)
     assert re.search(r"^epoch 1/1: ", out, re.M)
-
 
 
 class RecordingBar:
@@ -348,8 +350,7 @@ def test_console_shows_one_bar_per_pass_over_the_training_data(manifest, monkeyp
 
 
 def fake_run(seed=1, ratio=0.8, validation=False):
-    return SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(rdm_seed=seed),
-                                                  data=SimpleNamespace(train_ratio=ratio, validation=validation)))
+    return SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(rdm_seed=seed), data=SimpleNamespace(train_ratio=ratio, validation=validation)))
 
 
 @pytest.mark.parametrize("size,ratio", [(101, 0.6), (300, 0.8), (10, 0.5)])
@@ -420,8 +421,12 @@ def test_kfold_k_below_2_is_a_manifest_error(manifest):
 
 
 def test_the_epoch_at_which_a_model_stops_early_says_so_in_its_trainlog(manifest, tmp_path):
-    path = manifest(run={"epochs": 6, "display_step": None}, data={"params": {"limit": 200}},
-                    models=[{"name": "frozen", "params": None, "optimizer": FROZEN}], plugins={"early_stop": {"patience": 2}})
+    path = manifest(
+        run={"epochs": 6, "display_step": None},
+        data={"params": {"limit": 200}},
+        models=[{"name": "frozen", "params": None, "optimizer": FROZEN}],
+        plugins={"early_stop": {"patience": 2}},
+    )
     izitorch.run(izitorch.load_manifest(path))
     log = json.loads((tmp_path / "res" / "frozen" / "trainlog.json").read_text())
     assert list(log) == ["1", "2", "3"]  # lr = 0: no improvement after epoch 1, patience 2
@@ -444,8 +449,9 @@ def test_the_trainlog_encodes_each_epoch_once_and_its_text_is_the_log(tmp_path, 
     run = SimpleNamespace(model_dir=lambda slot, _fold: tmp_path / slot.name)
     plugin.izitorch_fold_start(run=run, fold=fold)
     for epoch in range(1, 6):
-        scores = {slot.name: {"train": {"loss": 1.0 / epoch, "train_step_time": 0.1}, "test": {"acc": float("nan") if epoch == 3 else 50.0 + epoch}}
-                  for slot in slots}
+        scores = {
+            slot.name: {"train": {"loss": 1.0 / epoch, "train_step_time": 0.1}, "test": {"acc": float("nan") if epoch == 3 else 50.0 + epoch}} for slot in slots
+        }
         plugin.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
     assert len(encoded) == 5 * 2 * 2  # per epoch and model: its key and its entry, once
     written = json.loads((tmp_path / "a" / "trainlog.json").read_text(encoding="utf-8"))

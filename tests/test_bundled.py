@@ -1,4 +1,5 @@
 """The bundled manifests, the README and the set-up files stay true to the code."""
+
 from __future__ import annotations
 
 import configparser
@@ -36,8 +37,7 @@ def test_bundled_manifest_validates_and_is_listed_in_the_readme(manifest: Path):
 @pytest.mark.parametrize("manifest", [p for p in MANIFESTS if p.stem != "digits"], ids=lambda p: p.stem)
 def test_bundled_manifest_runs_one_epoch(manifest: Path, tmp_path: Path):
     res = tmp_path / "res"
-    done = run_cli("run", str(manifest), "--set", f"run.res_dir={res.as_posix()}", "--set", "run.epochs=1",
-                   "--set", "data.params.limit=400", cwd=tmp_path)
+    done = run_cli("run", str(manifest), "--set", f"run.res_dir={res.as_posix()}", "--set", "run.epochs=1", "--set", "data.params.limit=400", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads((res / "results.json").read_text())
     config = load_manifest(manifest)

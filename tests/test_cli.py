@@ -3,6 +3,7 @@
 A user's mistake prints exactly one line ``izitorch: error: ...`` and exits 2; a failure during
 training exits 1; success exits 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ def finished(tmp_path_factory):
 
 # -- validate -----------------------------------------------------------------------------------
 
+
 def test_validate_good_manifest(manifest, tmp_path):
     path = manifest()
     done = run_cli("validate", str(path), cwd=tmp_path)
@@ -70,8 +72,13 @@ BAD = [
     ("plugin-table", "validate", {"plugins": {"kfold": {"k": 1}}}, [], "plugins.kfold.k: expected an integer >= 2, got 1"),
     ("set-syntax", "validate", {}, ["--set", "run.epochs"], '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
     ("set-type", "run", {}, ["--set", "run.batch_size=big"], 'run.batch_size: expected an integer, got "big"'),
-    ("run-unknown-plugin", "run", {"plugins": {"enable": ["kfld"]}}, [],
-     'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones'),
+    (
+        "run-unknown-plugin",
+        "run",
+        {"plugins": {"enable": ["kfld"]}},
+        [],
+        'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones',
+    ),
 ]
 
 
@@ -102,6 +109,7 @@ def test_missing_manifest_exits_2(tmp_path):
 
 # -- run ----------------------------------------------------------------------------------------
 
+
 def test_run_writes_results(finished):
     _, res_dir, done = finished
     assert done.returncode == 0, done.stderr
@@ -109,7 +117,7 @@ def test_run_writes_results(finished):
     summary = json.loads((res_dir / "results.json").read_text(encoding="utf-8"))
     assert list(summary) == ["mlp"]
     assert summary["mlp"]["folds"] == 1
-    (_, test), = pickle.loads((res_dir / "Dataset_split.pkl").read_bytes())
+    ((_, test),) = pickle.loads((res_dir / "Dataset_split.pkl").read_bytes())
     expected = plain_scores(MLP(hidden=16), res_dir / "mlp" / "model.pth.tar", test)  # computed independently
     assert summary["mlp"]["mean"]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
     assert summary["mlp"]["std"]["accuracy"] == 0.0
@@ -128,8 +136,12 @@ def test_run_refuses_an_existing_res_dir_then_overwrite_replaces_it(finished, tm
     before = (copy / "results.json").read_bytes()
 
     refused = run_cli("run", str(path), cwd=tmp_path)
-    assert_one_error_line(refused, 2, f'{path}: run.res_dir: res_dir "{copy.as_posix()}" already holds a run; '
-                                      "pass --resume to continue it, --overwrite to replace it, or choose another res_dir")
+    assert_one_error_line(
+        refused,
+        2,
+        f'{path}: run.res_dir: res_dir "{copy.as_posix()}" already holds a run; '
+        "pass --resume to continue it, --overwrite to replace it, or choose another res_dir",
+    )
     assert (copy / "results.json").read_bytes() == before  # untouched
 
     done = run_cli("run", str(path), "--overwrite", "--set", "run.epochs=1", cwd=tmp_path)
@@ -154,6 +166,7 @@ def test_training_failure_exits_1_naming_the_model(tmp_path):
 
 # -- plugins ------------------------------------------------------------------------------------
 
+
 def parse_plugins(stdout: str) -> dict[str, dict]:
     """Each plugin: a head line, its hooks, then one line per key of its [plugins.<name>] table."""
     listed = {}
@@ -164,7 +177,7 @@ def parse_plugins(stdout: str) -> dict[str, dict]:
             listed[name] = {"version": version, "flag": flag, "origin": origin, "options": []}
         elif line.startswith("    hooks: "):
             assert "hooks" not in listed[name], line
-            listed[name]["hooks"] = line[len("    hooks: "):].split(", ")
+            listed[name]["hooks"] = line[len("    hooks: ") :].split(", ")
         else:
             assert line.startswith(f"    [plugins.{name}] "), line
             listed[name]["options"].append(line.split(" ")[5])
@@ -215,6 +228,7 @@ def test_plugins_lists_every_builtin_with_its_hooks(tmp_path):
 
 # -- report -------------------------------------------------------------------------------------
 
+
 def test_report_prints_the_table(finished, tmp_path):
     _, res_dir, first = finished
     assert first.returncode == 0, first.stderr
@@ -235,8 +249,7 @@ def test_report_without_results_exits_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     done = run_cli("report", str(empty), cwd=tmp_path)
-    assert_one_error_line(done, 2, f'{empty / "results.json"} not found: "{empty}" holds no finished run '
-                                   "(results.json is written at the end of a run)")
+    assert_one_error_line(done, 2, f'{empty / "results.json"} not found: "{empty}" holds no finished run (results.json is written at the end of a run)')
 
 
 # -- the console script -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ silently, exit 0, with nothing on stderr (no traceback, no "Exception ignored" a
 
 The process-level cases run ``python -m izitorch`` with stdout on a pipe whose reader is already
 gone, so the first write fails at once (EPIPE) instead of whenever a real ``head`` exits."""
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,7 @@ def test_a_run_whose_console_goes_away_trains_to_the_end_and_exits_0(manifest, t
         out = closed_pipe()
     try:
         err = out if "stderr" in where else subprocess.PIPE
-        done = subprocess.run([sys.executable, "-m", "izitorch", "run", str(path)], stdout=out, stderr=err, env=ENV, timeout=300,
-                              check=False)
+        done = subprocess.run([sys.executable, "-m", "izitorch", "run", str(path)], stdout=out, stderr=err, env=ENV, timeout=300, check=False)
     finally:
         os.close(out)
     assert done.returncode == 0, done.stderr
@@ -122,10 +122,13 @@ def test_a_progress_bar_whose_terminal_breaks_does_not_stop_the_run(manifest, tm
     assert_same_run(tmp_path / "res", reference)
 
 
-@pytest.mark.parametrize("error, code, err", [
-    (BrokenPipeError(32, "Broken pipe"), 0, ""),
-    (OSError(28, "No space left on device"), 1, "izitorch: error: cannot write the output: No space left on device\n"),
-])
+@pytest.mark.parametrize(
+    "error, code, err",
+    [
+        (BrokenPipeError(32, "Broken pipe"), 0, ""),
+        (OSError(28, "No space left on device"), 1, "izitorch: error: cannot write the output: No space left on device\n"),
+    ],
+)
 def test_a_listing_whose_output_goes_away_is_one_line_or_nothing(monkeypatch, capsys, error, code, err):
     """``izitorch plugins | head -1`` ends quietly (its reader chose to stop); a full device says so."""
     monkeypatch.setattr(sys, "stdout", BreakingTerminal(1, error))

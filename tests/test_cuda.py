@@ -1,6 +1,7 @@
 """The CUDA path: device placement, the fast data path on the GPU, pinned memory, vectorized
 groups, parallel folds and exact resume. Runs only where a GPU is visible; CPU machines (CI)
 skip this module, and nothing else in the suite depends on it."""
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,20 @@ from izitorch.state import Split
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Two members per optimizer class, each pair with its own hyper-parameters: three vectorized groups.
-SIX_MODELS = [{"name": name, "params": {"hidden": 32}, **entry} for name, entry in {
-    "sgd": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True}},
-    "sgd2": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.02, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-3}},
-    "adam": {"optimizer": {"class": "torch.optim:Adam", "lr": 3e-3, "betas": [0.8, 0.99]}},
-    "adam2": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2}},
-    "adamw": {"optimizer": {"class": "torch.optim:AdamW", "lr": 1e-2, "weight_decay": 0.05},
-              "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.8}},
-    "adamw2": {"optimizer": {"class": "torch.optim:AdamW", "lr": 3e-3, "weight_decay": 0.2}},
-}.items()]
+SIX_MODELS = [
+    {"name": name, "params": {"hidden": 32}, **entry}
+    for name, entry in {
+        "sgd": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.05, "momentum": 0.9, "nesterov": True}},
+        "sgd2": {"optimizer": {"class": "torch.optim:SGD", "lr": 0.02, "momentum": 0.5, "nesterov": True, "weight_decay": 1e-3}},
+        "adam": {"optimizer": {"class": "torch.optim:Adam", "lr": 3e-3, "betas": [0.8, 0.99]}},
+        "adam2": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2}},
+        "adamw": {
+            "optimizer": {"class": "torch.optim:AdamW", "lr": 1e-2, "weight_decay": 0.05},
+            "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.8},
+        },
+        "adamw2": {"optimizer": {"class": "torch.optim:AdamW", "lr": 3e-3, "weight_decay": 0.2}},
+    }.items()
+]
 NAMES = ("sgd", "sgd2", "adam", "adam2", "adamw", "adamw2")
 
 DEVICES = """\
@@ -47,14 +53,36 @@ def izitorch_batch_finish(run, fold, step, losses):
 """
 
 
-def write(folder: Path, name: str, *, models: list[dict], epochs: int = 3, mode: str = "auto", enable: tuple[str, ...] = (),
-          plugins: dict | None = None, dataset: str = "izitorch.datasets:digits", deterministic: bool = False) -> Path:
+def write(
+    folder: Path,
+    name: str,
+    *,
+    models: list[dict],
+    epochs: int = 3,
+    mode: str = "auto",
+    enable: tuple[str, ...] = (),
+    plugins: dict | None = None,
+    dataset: str = "izitorch.datasets:digits",
+    deterministic: bool = False,
+) -> Path:
     """folder/NAME.toml, results in folder/NAME: ``models`` (laid over the tiny MLP) on 600 digits
     on the GPU, pinned memory, with the plugins ``enable`` and the plugin tables ``plugins``."""
-    return make_manifest(folder, name=f"{name}.toml", models=models,
-                         run={"res_dir": (folder / name).as_posix(), "device": "cuda", "epochs": epochs, "rdm_seed": 5, "multi_model": mode,
-                              "pin_memory": True, "deterministic": deterministic},
-                         data={"dataset": dataset, "params": {"limit": 600}}, plugins={"enable": list(enable), **(plugins or {})})
+    return make_manifest(
+        folder,
+        name=f"{name}.toml",
+        models=models,
+        run={
+            "res_dir": (folder / name).as_posix(),
+            "device": "cuda",
+            "epochs": epochs,
+            "rdm_seed": 5,
+            "multi_model": mode,
+            "pin_memory": True,
+            "deterministic": deterministic,
+        },
+        data={"dataset": dataset, "params": {"limit": 600}},
+        plugins={"enable": list(enable), **(plugins or {})},
+    )
 
 
 def run(path: Path) -> dict:
@@ -78,8 +106,10 @@ def tensors_of(state) -> list[torch.Tensor]:
 
 def test_models_train_on_the_gpu_and_their_checkpoints_load_on_a_cpu_machine(tmp_path):
     (tmp_path / "devices.py").write_text(DEVICES)
-    models = [{"name": "mlp", "params": None, "optimizer": {"lr": 3e-3}},
-              {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": None, "optimizer": {"lr": 3e-3}}]
+    models = [
+        {"name": "mlp", "params": None, "optimizer": {"lr": 3e-3}},
+        {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": None, "optimizer": {"lr": 3e-3}},
+    ]
     results = run(write(tmp_path, "gpu", models=models, epochs=8, enable=("devices.py",)))
     res = tmp_path / "gpu"
     devices = json.loads((res / "devices.json").read_text())
@@ -115,8 +145,9 @@ class FakeRun:
     def __init__(self, dataset) -> None:
         self.dataset = dataset
         self.device = torch.device("cuda")
-        self.config = izitorch.Config(run=izitorch.RunConfig(batch_size=32, rdm_seed=7, pin_memory=True),
-                                      models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),))
+        self.config = izitorch.Config(
+            run=izitorch.RunConfig(batch_size=32, rdm_seed=7, pin_memory=True), models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),)
+        )
 
 
 def test_the_fast_path_keeps_the_split_on_the_gpu_and_gives_the_pinned_dataloader_batches():
@@ -143,10 +174,10 @@ def test_a_vectorized_group_on_the_gpu_ends_with_the_sequential_weights(tmp_path
         vec, seq = checkpoint(tmp_path / "vec", name), checkpoint(tmp_path / "seq", name)
         for key, value in seq["state_dict"].items():
             assert torch.allclose(vec["state_dict"][key], value, atol=1e-5), (name, key)
-    assert checkpoint(tmp_path / "vec", "adamw")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.8 ** 3)
+    assert checkpoint(tmp_path / "vec", "adamw")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.8**3)
 
 
-NOISY = '''\
+NOISY = """\
 import torch
 from torch.utils.data import TensorDataset
 from izitorch.datasets import digits
@@ -159,7 +190,7 @@ def noisy_digits(limit=600):
     inputs[rows] = 5 * torch.randn(len(rows), inputs.shape[1], generator=torch.Generator().manual_seed(0))
     targets[rows] = (targets[rows] + 3) % 10
     return TensorDataset(inputs, targets)
-'''
+"""
 
 
 def test_parallel_folds_on_the_gpu_never_depend_on_their_own_test_samples(tmp_path):
@@ -185,8 +216,10 @@ def test_a_killed_gpu_run_with_dropout_resumes_bit_for_bit(tmp_path, determinist
     (tmp_path / "killer.py").write_text(KILLER)
     models = [merged(model, {"params": {"dropout": 0.2}}) for model in SIX_MODELS]
     if deterministic:  # the MLPs and as many CNNs
-        models += [merged(model, {"name": f"solo_{model['name']}", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 8}})
-                   for model in SIX_MODELS]
+        models += [
+            merged(model, {"name": f"solo_{model['name']}", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 8}})
+            for model in SIX_MODELS
+        ]
     kfold = {"kfold": {"k": 2}}
     reference = write(tmp_path, "ref", models=models, enable=("killer.py", "kfold"), plugins=kfold, deterministic=deterministic)
     killed = write(tmp_path, "killed", models=models, enable=("killer.py", "kfold"), plugins=kfold, deterministic=deterministic)
@@ -214,9 +247,15 @@ def test_the_per_step_metric_and_optimizer_work_never_waits_for_the_gpu():
 
     pairs = torch.randint(0, 12, (500,), device="cuda")
     assert torch.equal(count_cells(pairs, 13).cpu(), torch.bincount(pairs.cpu(), minlength=13))
-    slots = [izitorch.data.build_slot(izitorch.ModelSpec(name=f"m{i}", model="izitorch.models:MLP",
-                                                         optimizer=izitorch.ComponentSpec("torch.optim:Adam", {"lr": 1e-3 * (i + 1)})),
-                                      i, torch.device("cuda"), ".") for i in range(3)]
+    slots = [
+        izitorch.data.build_slot(
+            izitorch.ModelSpec(name=f"m{i}", model="izitorch.models:MLP", optimizer=izitorch.ComponentSpec("torch.optim:Adam", {"lr": 1e-3 * (i + 1)})),
+            i,
+            torch.device("cuda"),
+            ".",
+        )
+        for i in range(3)
+    ]
     group = VectorGroup(slots)
     x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
     meters = [LossMeter(10, 3), ConfusionMeter(10, 3)]

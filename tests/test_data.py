@@ -1,4 +1,5 @@
 """The fast path for in-memory tensor datasets gives exactly the DataLoader path's batches."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ class FakeRun:
     def __init__(self, dataset, batch_size=32, shuffle=True):
         self.dataset = dataset
         self.device = torch.device("cpu")
-        self.config = izitorch.Config(run=izitorch.RunConfig(batch_size=batch_size, shuffle=shuffle, rdm_seed=7),
-                                      models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),))
+        self.config = izitorch.Config(
+            run=izitorch.RunConfig(batch_size=batch_size, shuffle=shuffle, rdm_seed=7), models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),)
+        )
 
 
 def batches(loader, epochs=3):

@@ -1,6 +1,7 @@
 """Mixed precision, gradient accumulation and compile: written once in the engine, so each is
 checked on the three ways a model trains (alone, in a vectorized group, as parallel folds)
 against references computed here in plain PyTorch."""
+
 from __future__ import annotations
 
 import pickle
@@ -37,7 +38,7 @@ class Net(nn.Module):
 '''
 
 # Records the dtype of the outputs every metric sees (the stacks' outputs, under autocast or not).
-PROBE = '''
+PROBE = """
 from izitorch import hookimpl
 
 SEEN = []
@@ -59,22 +60,28 @@ class Probe:
 @hookimpl
 def izitorch_register_metrics(register):
     register("probe", Probe)
-'''
+"""
 
 SAMPLES = 240  # digits kept: a 0.8 holdout trains on 192 = 2 windows of 3 batches of 32
 LRS = (0.3, 0.1, 0.2)
 
 
-def write(tmp_path: Path, name: str, *, models: int = 1, parallel: bool = False, plugins: tuple = (), alone: bool = False,
-          **run: object) -> Path:
+def write(tmp_path: Path, name: str, *, models: int = 1, parallel: bool = False, plugins: tuple = (), alone: bool = False, **run: object) -> Path:
     """A manifest of ``models`` Nets (seeds 0, 1, ..., learning rates LRS) trained with plain SGD;
     with ``alone``, the last one is wider, so that it cannot join the others' vectorized group."""
     (tmp_path / "nets.py").write_text(MODELS, encoding="utf-8")
     manifest = {
         "run": {"res_dir": (tmp_path / name).as_posix(), "epochs": 2, "batch_size": 32, "shuffle": False, "display_step": 1000, **run},
         "data": {"dataset": "izitorch.datasets:digits", "params": {"limit": SAMPLES}, "num_classes": 10},
-        "models": [{"name": f"m{k}", "model": "nets.py:Net", "params": {"seed": k, "hidden": 12 if alone and k == models - 1 else 8},
-                    "optimizer": {"class": "torch.optim:SGD", "lr": LRS[k]}} for k in range(models)],
+        "models": [
+            {
+                "name": f"m{k}",
+                "model": "nets.py:Net",
+                "params": {"seed": k, "hidden": 12 if alone and k == models - 1 else 8},
+                "optimizer": {"class": "torch.optim:SGD", "lr": LRS[k]},
+            }
+            for k in range(models)
+        ],
         "plugins": {"enable": list(plugins)},
     }
     if parallel:
@@ -119,7 +126,7 @@ def plain_sgd(seed: int, lr: float, windows: list[np.ndarray], epochs: int) -> d
 
 
 def chunks(rows: np.ndarray, size: int) -> list[np.ndarray]:
-    return [rows[start:start + size] for start in range(0, len(rows), size)]
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
 def assert_close(found: dict, expected: dict) -> None:
@@ -202,7 +209,7 @@ def test_fp16_resumes_its_loss_scaler_bit_for_bit(tmp_path, capsys, models, para
     scalers = [state["scalers"] for state in states]
     assert len(scalers[0]) == 1 and scalers[0][0]["_growth_tracker"] > 0  # one stack; its steps since the last overflow
     assert scalers[0] == scalers[1]
-    for fold in (range(1, 4) if parallel else [None]):
+    for fold in range(1, 4) if parallel else [None]:
         for k in range(models):
             found, expected = weights(tmp_path / "extended", f"m{k}", fold), weights(tmp_path / "straight", f"m{k}", fold)
             assert all(torch.equal(found[key], expected[key]) for key in expected)
@@ -245,25 +252,27 @@ def test_a_model_that_cannot_be_compiled_runs_eager_after_one_warning_line(tmp_p
     def failing_compile(function, *args, **kwargs):
         def call(*a, **k):
             raise RuntimeError("backend compiler failed: no C++ compiler\nmore detail")
+
         return call
 
     monkeypatch.setattr(torch, "compile", failing_compile)
     code, _, err = cli(capsys, "run", str(write(tmp_path, "compiled", models=2, multi_model="sequential", compile=True, epochs=1)))
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "uncompiled" in line]
-    assert warnings == [f"izitorch: warning: compile = true: model m{k} runs uncompiled (backend compiler failed: no C++ compiler)"
-                        for k in range(2)]
+    assert warnings == [f"izitorch: warning: compile = true: model m{k} runs uncompiled (backend compiler failed: no C++ compiler)" for k in range(2)]
     monkeypatch.undo()
     assert cli(capsys, "run", str(write(tmp_path, "eager", models=2, multi_model="sequential", epochs=1)))[0] == 0
     for k in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "compiled", f"m{k}").values(),
-                                                      weights(tmp_path / "eager", f"m{k}").values()))
+        assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "compiled", f"m{k}").values(), weights(tmp_path / "eager", f"m{k}").values()))
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"precision": "16"}, 'run.precision: expected one of "32", "bf16", "fp16", got "16"'),
-    ({"accumulate": 0}, "run.accumulate: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"precision": "16"}, 'run.precision: expected one of "32", "bf16", "fp16", got "16"'),
+        ({"accumulate": 0}, "run.accumulate: expected an integer >= 1, got 0"),
+    ],
+)
 def test_values_that_do_not_apply_are_refused_in_one_line(tmp_path, capsys, setting, message):
     code, _, err = cli(capsys, "validate", str(write(tmp_path, "res", **setting)))
     assert code == 2 and error_of(err).startswith(f"{tmp_path / 'res.toml'}: {message}")

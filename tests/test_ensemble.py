@@ -1,4 +1,5 @@
 """Vectorized groups train each member exactly as a plain PyTorch loop trains it alone."""
+
 from __future__ import annotations
 
 import copy
@@ -19,11 +20,17 @@ K = 4
 EPOCHS = 3
 _DATA = digits(limit=300).tensors
 # A fixed batch order: 10 batches of 30 per epoch, the same for the group and the plain loops.
-BATCHES = [(_DATA[0][i:i + 30], _DATA[1][i:i + 30]) for i in range(0, 300, 30)]
+BATCHES = [(_DATA[0][i : i + 30], _DATA[1][i : i + 30]) for i in range(0, 300, 30)]
 
 
-def make_slot(name: str, seed: int, model_factory: Callable[[], nn.Module], optimizer_factory: Callable,
-              scheduler_factory: Callable | None = None, criterion: nn.Module | None = None) -> Slot:
+def make_slot(
+    name: str,
+    seed: int,
+    model_factory: Callable[[], nn.Module],
+    optimizer_factory: Callable,
+    scheduler_factory: Callable | None = None,
+    criterion: nn.Module | None = None,
+) -> Slot:
     torch.manual_seed(seed)
     model = model_factory()
     optimizer = optimizer_factory(model.parameters())
@@ -105,14 +112,32 @@ def mlp() -> nn.Module:
 
 
 OPTIMIZERS = {
-    "sgd-nesterov": [lambda p, k=k: torch.optim.SGD(p, lr=0.05 * (k + 1), momentum=(0.9, 0.5, 0.8, 0.7)[k], nesterov=True,
-                                                   weight_decay=(0.0, 1e-3, 1e-2, 5e-2)[k]) for k in range(K)],
-    "sgd-dampening": [lambda p, k=k: torch.optim.SGD(p, lr=0.05 * (k + 1), momentum=(0.9, 0.0, 0.5, 0.3)[k],
-                                                    dampening=(0.0, 0.1, 0.2, 0.5)[k], weight_decay=(0.0, 1e-3, 0.0, 1e-2)[k]) for k in range(K)],
-    "adam": [lambda p, k=k: torch.optim.Adam(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
-                                            eps=(1e-8, 1e-6, 1e-8, 1e-4)[k], weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k]) for k in range(K)],
-    "adamw": [lambda p, k=k: torch.optim.AdamW(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
-                                              weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]) for k in range(K)],
+    "sgd-nesterov": [
+        lambda p, k=k: torch.optim.SGD(p, lr=0.05 * (k + 1), momentum=(0.9, 0.5, 0.8, 0.7)[k], nesterov=True, weight_decay=(0.0, 1e-3, 1e-2, 5e-2)[k])
+        for k in range(K)
+    ],
+    "sgd-dampening": [
+        lambda p, k=k: torch.optim.SGD(
+            p, lr=0.05 * (k + 1), momentum=(0.9, 0.0, 0.5, 0.3)[k], dampening=(0.0, 0.1, 0.2, 0.5)[k], weight_decay=(0.0, 1e-3, 0.0, 1e-2)[k]
+        )
+        for k in range(K)
+    ],
+    "adam": [
+        lambda p, k=k: torch.optim.Adam(
+            p,
+            lr=(1e-3, 3e-3, 1e-2, 2e-2)[k],
+            betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
+            eps=(1e-8, 1e-6, 1e-8, 1e-4)[k],
+            weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k],
+        )
+        for k in range(K)
+    ],
+    "adamw": [
+        lambda p, k=k: torch.optim.AdamW(
+            p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k], weight_decay=(0.0, 1e-2, 0.1, 0.5)[k]
+        )
+        for k in range(K)
+    ],
     # members that share betas and eps (SGD: momentum, dampening) take torch's fused kernels
     # (CPU); their lrs may differ
     "adam-sweep": [lambda p, k=k: torch.optim.Adam(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=(0.8, 0.99)) for k in range(K)],
@@ -156,8 +181,16 @@ def test_the_fused_and_elementwise_steps_agree(kind: str, monkeypatch) -> None:
 # kernels. Adam divides it by sqrt(v) + eps and turns it into steps of size lr when eps is tiny:
 # with eps >= 1e-2 the noise stays noise and the comparison is meaningful.
 BN_OPTIMIZERS = {
-    "adam": [lambda p, k=k: torch.optim.Adam(p, lr=(1e-3, 3e-3, 1e-2, 2e-2)[k], betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
-                                            eps=(1e-2, 2e-2, 1e-2, 5e-2)[k], weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k]) for k in range(K)],
+    "adam": [
+        lambda p, k=k: torch.optim.Adam(
+            p,
+            lr=(1e-3, 3e-3, 1e-2, 2e-2)[k],
+            betas=((0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999))[k],
+            eps=(1e-2, 2e-2, 1e-2, 5e-2)[k],
+            weight_decay=(0.0, 1e-2, 1e-3, 0.1)[k],
+        )
+        for k in range(K)
+    ],
     "sgd-nesterov": OPTIMIZERS["sgd-nesterov"],
 }
 
@@ -198,7 +231,7 @@ def test_each_member_scheduler_drives_its_own_lr(kind: str, fused_at_end: bool) 
     assert (group.optimizer._fused is not None) == fused_at_end
     weights, optim = max_slot_diff(plain, grouped)
     assert weights < ATOL and optim < ATOL
-    assert grouped[2].optimizer.param_groups[0]["lr"] == pytest.approx(grouped[2].optimizer.defaults["lr"] * 0.1 ** EPOCHS)
+    assert grouped[2].optimizer.param_groups[0]["lr"] == pytest.approx(grouped[2].optimizer.defaults["lr"] * 0.1**EPOCHS)
 
 
 def test_dropout_masks_differ_per_member() -> None:
@@ -312,7 +345,7 @@ def test_reset_and_resume_through_sync() -> None:
 
 
 def test_group_slots_partitions_and_explains() -> None:
-    adam = lambda lr: (lambda p: torch.optim.Adam(p, lr=lr))  # noqa: E731
+    adam = lambda lr: lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
     slots = [
         make_slot("mlp_a", 1, mlp, adam(1e-3)),
         make_slot("mlp_b", 2, mlp, adam(1e-2)),
@@ -336,8 +369,7 @@ def test_group_slots_partitions_and_explains() -> None:
     assert "criterion CrossEntropyLoss is configured unlike" in by_name["mlp_smooth"]
 
     # same architecture, SGD and Adam, two of each: two separate groups
-    pairs = [make_slot(f"{kind}{i}", i, mlp, (lambda p: torch.optim.SGD(p, lr=0.1)) if kind == "s" else adam(1e-3))
-             for kind in "sa" for i in range(2)]
+    pairs = [make_slot(f"{kind}{i}", i, mlp, (lambda p: torch.optim.SGD(p, lr=0.1)) if kind == "s" else adam(1e-3)) for kind in "sa" for i in range(2)]
     groups, sequential, reasons = group_slots(pairs)
     assert [g.names for g in groups] == [["s0", "s1"], ["a0", "a1"]] and not sequential and not reasons
 
@@ -353,15 +385,18 @@ def test_a_sweep_of_sixteen_learning_rates_is_one_group() -> None:
     assert max(max_slot_diff(plain, slots)) < ATOL
 
 
-@pytest.mark.parametrize("criterion, target", [
-    (nn.CrossEntropyLoss(), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.2), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(ignore_index=3), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10)), BATCHES[0][1]),  # falls back to vmap
-    (nn.MSELoss(), torch.randn(30, 10)),
-    (nn.L1Loss(reduction="sum"), torch.randn(30, 10)),
-    (nn.SmoothL1Loss(), torch.randn(30, 10)),  # falls back to vmap
-])
+@pytest.mark.parametrize(
+    "criterion, target",
+    [
+        (nn.CrossEntropyLoss(), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.2), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(ignore_index=3), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10)), BATCHES[0][1]),  # falls back to vmap
+        (nn.MSELoss(), torch.randn(30, 10)),
+        (nn.L1Loss(reduction="sum"), torch.randn(30, 10)),
+        (nn.SmoothL1Loss(), torch.randn(30, 10)),  # falls back to vmap
+    ],
+)
 def test_losses_equal_each_member_criterion(criterion: nn.Module, target: torch.Tensor) -> None:
     slots = [make_slot(f"c{k}", k, mlp, lambda p: torch.optim.SGD(p, lr=0.1), criterion=copy.deepcopy(criterion)) for k in range(3)]
     group = VectorGroup(slots)
@@ -396,6 +431,7 @@ def test_models_with_hooks_are_not_grouped() -> None:
 
 # -- the batched-matmul forward of plain Linear stacks ------------------------------------------
 
+
 class Wrapped(nn.Module):
     """An MLP behind a custom forward that izitorch cannot read: it must keep the vmap path."""
 
@@ -407,10 +443,13 @@ class Wrapped(nn.Module):
         return self.inner(x) * 2.0
 
 
-@pytest.mark.parametrize("factory", [
-    lambda: MLP(hidden=16, layers=2),
-    lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Sequential(nn.Linear(12, 12, bias=False), nn.GELU()), nn.Linear(12, 10)),
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: MLP(hidden=16, layers=2),
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Sequential(nn.Linear(12, 12, bias=False), nn.GELU()), nn.Linear(12, 10)),
+    ],
+)
 def test_plain_stacks_take_the_batched_matmul_path_and_match_vmap(factory, monkeypatch) -> None:
     """Outputs and gradients of the baddbmm forward equal those of vmap(functional_call)."""
     slots = [make_slot(f"p{k}", 30 + k, factory, lambda p: torch.optim.SGD(p, lr=0.1)) for k in range(3)]
@@ -447,14 +486,17 @@ def test_other_models_and_inputs_keep_the_vmap_path() -> None:
     assert group._plain(group.params, BATCHES[0][0][0], 2) is None  # a 1-D input: not a batch, vmap decides
 
 
-@pytest.mark.parametrize("criterion, target", [
-    (nn.CrossEntropyLoss(), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(reduction="sum"), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(ignore_index=3), BATCHES[0][1]),
-    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10), label_smoothing=0.1), BATCHES[0][1]),
-    (nn.MSELoss(), torch.randn(30, 10)),
-    (nn.L1Loss(reduction="sum"), torch.randn(30, 10)),
-])
+@pytest.mark.parametrize(
+    "criterion, target",
+    [
+        (nn.CrossEntropyLoss(), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(reduction="sum"), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(ignore_index=3), BATCHES[0][1]),
+        (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10), label_smoothing=0.1), BATCHES[0][1]),
+        (nn.MSELoss(), torch.randn(30, 10)),
+        (nn.L1Loss(reduction="sum"), torch.randn(30, 10)),
+    ],
+)
 def test_masked_losses_equal_each_member_criterion_on_its_own_samples(criterion: nn.Module, target: torch.Tensor) -> None:
     """Parallel folds' loss: member k's criterion over the samples mask[k] selects, nothing else."""
     slots = [make_slot(f"c{k}", k, mlp, lambda p: torch.optim.SGD(p, lr=0.1), criterion=copy.deepcopy(criterion)) for k in range(3)]

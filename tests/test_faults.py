@@ -17,6 +17,7 @@ training-mode forward calls (200 digits, holdout 160/40, batch 32: five steps pe
 call 8 is epoch 2, step 3). Most runs go in-process through ``izitorch.cli.main`` (what
 ``python -m izitorch`` calls); the ones where a stray traceback would show run as subprocesses.
 """
+
 from __future__ import annotations
 
 import errno
@@ -120,21 +121,35 @@ def broken(limit: int = 1):
     raise FileNotFoundError("data/train.csv")
 '''
 
+
 def flaky(name: str = "flaky", **params) -> dict:
     """A ``[[models]]`` entry for ``models.py:Flaky`` with the given parameters (only those)."""
     return {"name": name, "model": "models.py:Flaky", "params": {"hidden": None, **params}}
 
 
-def write_run(tmp_path: Path, models: list[dict] | None = None, *, epochs: int = 3, limit: int = 200, run: dict | None = None,
-              plugins: dict | None = None, res: str = "res", name: str = "m.toml") -> Path:
+def write_run(
+    tmp_path: Path,
+    models: list[dict] | None = None,
+    *,
+    epochs: int = 3,
+    limit: int = 200,
+    run: dict | None = None,
+    plugins: dict | None = None,
+    res: str = "res",
+    name: str = "m.toml",
+) -> Path:
     """A manifest (and ``models.py``) in tmp_path: digits[:limit], holdout 80/20, batch 32;
     ``models`` laid over the tiny run's MLP (default: that MLP alone)."""
     (tmp_path / "models.py").write_text(MODELS, encoding="utf-8")
     tables = {"plugins": plugins} if plugins else {}
-    return make_manifest(tmp_path, name=name, models=models or [{}], data={"params": {"limit": limit}},
-                         run={"res_dir": (tmp_path / res).as_posix(), "epochs": epochs, **(run or {})}, **tables)
-
-
+    return make_manifest(
+        tmp_path,
+        name=name,
+        models=models or [{}],
+        data={"params": {"limit": limit}},
+        run={"res_dir": (tmp_path / res).as_posix(), "epochs": epochs, **(run or {})},
+        **tables,
+    )
 
 
 def trainlog(res: Path, model: str) -> dict:
@@ -178,6 +193,7 @@ def assert_finished_epochs_on_disk(res: Path, models: list[str], epochs: int) ->
 
 
 # -- outputs are never half-written -------------------------------------------------------------
+
 
 def weights(seed: int) -> dict:
     torch.manual_seed(seed)
@@ -236,8 +252,7 @@ def test_a_full_disk_is_a_training_error_and_the_previous_checkpoint_is_intact(t
         izio.atomic_write(path, full)
     assert info.value.exit_code == 1
     message = str(info.value)
-    assert message == (f"no space left on the device while writing {path}; the previous version is intact: "
-                       "free some space, then continue with --resume")
+    assert message == (f"no space left on the device while writing {path}; the previous version is intact: free some space, then continue with --resume")
     assert "\n" not in message
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth.tar"]
@@ -297,8 +312,10 @@ def test_a_checkpoint_rewrite_failing_in_a_run_keeps_the_last_one(tmp_path, monk
     monkeypatch.setattr(izio, "atomic_write", full_for_checkpoints)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
     assert code == 1
-    assert error_of(err) == (f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
-                             "the previous version is intact: free some space, then continue with --resume")
+    assert error_of(err) == (
+        f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+        "the previous version is intact: free some space, then continue with --resume"
+    )
     after = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
     assert after["epoch"] == 2
     assert_tensors_equal(after["state_dict"], before["state_dict"])
@@ -352,8 +369,9 @@ def test_a_full_disk_at_epoch_3_exits_1_keeps_epochs_1_2_and_resume_completes(tm
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1, done.stderr
     log_file = res / "mlp" / "trainlog.json"  # the first write of epoch 3
-    assert error_of(done.stderr) == (f"m.toml: no space left on the device while writing {log_file}; "
-                                     "the previous version is intact: free some space, then continue with --resume")
+    assert error_of(done.stderr) == (
+        f"m.toml: no space left on the device while writing {log_file}; the previous version is intact: free some space, then continue with --resume"
+    )
     assert_finished_epochs_on_disk(res, ["mlp"], 2)
     assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
     assert not (res / "results.json").exists()
@@ -433,8 +451,9 @@ def test_a_kill_in_the_middle_of_a_write_keeps_the_previous_file_and_resume_comp
     saved, expected = (torch.load(folder / "mlp" / "model.pth.tar", weights_only=True) for folder in (res, ref))
     assert saved["epoch"] == expected["epoch"] == 3
     assert_tensors_equal(saved["state_dict"], expected["state_dict"])
-    assert (json.loads((res / "results.json").read_text())["mlp"]["mean"]["accuracy"]
-            == json.loads((ref / "results.json").read_text())["mlp"]["mean"]["accuracy"])
+    assert (
+        json.loads((res / "results.json").read_text())["mlp"]["mean"]["accuracy"] == json.loads((ref / "results.json").read_text())["mlp"]["mean"]["accuracy"]
+    )
 
 
 # -- nan_policy -----------------------------------------------------------------------------------
@@ -511,8 +530,9 @@ def test_nan_raise_exits_1_naming_the_model_and_keeps_epoch_1(tmp_path):
     path = write_run(tmp_path, [{}, flaky(nan_from=NAN_AT_EPOCH_2_STEP_3)], run={"nan_policy": "raise"})
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
-    assert error_of(done.stderr) == ('m.toml: model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, '
-                                     'clip gradients, or set nan_policy = "stop" / "skip_batch"')
+    assert error_of(done.stderr) == (
+        'm.toml: model flaky: loss is nan at fold 1, epoch 2, step 3; lower the learning rate, clip gradients, or set nan_policy = "stop" / "skip_batch"'
+    )
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
 
 
@@ -537,13 +557,16 @@ def test_when_every_model_stops_the_fold_ends_early(tmp_path, capsys):
 
 # -- one line, the right exit code, finished epochs kept ------------------------------------------
 
+
 def test_out_of_memory_names_the_model_and_suggests_a_smaller_batch(tmp_path):
     path = write_run(tmp_path, [{}, flaky(oom_at=STEPS + 2)])
     done = run_cli("run", path.name, cwd=tmp_path, env=ENV)
     assert done.returncode == 1
-    assert error_of(done.stderr) == ("m.toml: model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
-                                     "Tried to allocate 2.00 GiB; out of memory: lower batch_size, or train fewer or "
-                                     "smaller models at once")
+    assert error_of(done.stderr) == (
+        "m.toml: model flaky: forward failed on input of shape (32, 64): CUDA out of memory. "
+        "Tried to allocate 2.00 GiB; out of memory: lower batch_size, or train fewer or "
+        "smaller models at once"
+    )
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 1)
 
 
@@ -553,8 +576,10 @@ def test_an_output_that_does_not_fit_the_criterion_names_model_shapes_and_num_cl
     path = write_run(tmp_path, [{}, flaky(narrow_at=2 * STEPS + 1)])  # 3 classes from epoch 3 on
     code, _, err = cli(capsys, "run", path)
     assert code == 1
-    assert error_of(err) == (f"{path}: model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
-                             "model's output size matches num_classes and that labels lie in [0, num_classes)")
+    assert error_of(err) == (
+        f"{path}: model flaky: output (32, 3) has 3 classes but num_classes = 10 (target (32,)); check that the "
+        "model's output size matches num_classes and that labels lie in [0, num_classes)"
+    )
     assert_finished_epochs_on_disk(tmp_path / "res", ["mlp", "flaky"], 2)
 
 
@@ -563,13 +588,17 @@ def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_crite
     path = write_run(tmp_path, [narrow, {**narrow, "name": "mlp2"}], run={"multi_model": "vectorized"})
     code, _, err = cli(capsys, "run", path)
     assert code == 1  # the dry run before training finds it first, model by model
-    assert error_of(err) == (f"{path}: model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
-                             "the model's output size matches num_classes and that labels lie in [0, num_classes)")
+    assert error_of(err) == (
+        f"{path}: model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
+        "the model's output size matches num_classes and that labels lie in [0, num_classes)"
+    )
     monkeypatch.setattr("izitorch.checks.forward_loss", lambda *args: None)  # an output that narrows during training
     code, _, err = cli(capsys, "run", path, "--overwrite")
     assert code == 1
-    assert error_of(err) == (f"{path}: models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but num_classes = 10; check that "
-                             "the model's output size matches num_classes and that labels lie in [0, num_classes)")
+    assert error_of(err) == (
+        f"{path}: models mlp, mlp2 (vectorized): output (2, 32, 4) has 4 classes but num_classes = 10; check that "
+        "the model's output size matches num_classes and that labels lie in [0, num_classes)"
+    )
 
 
 def test_a_criterion_that_fails_on_the_output_is_named_with_both_shapes(tmp_path, capsys):
@@ -585,32 +614,45 @@ def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys
     path = write_run(tmp_path)
     code, _, err = cli(capsys, "run", path, "--set", "data.num_classes=5")
     assert code == 2
-    assert error_of(err) == (f"{path}: data.num_classes: labels range from 0 to 9 but num_classes = 5; labels must lie in "
-                             "[0, num_classes): fix num_classes or the labels")
+    assert error_of(err) == (
+        f"{path}: data.num_classes: labels range from 0 to 9 but num_classes = 5; labels must lie in [0, num_classes): fix num_classes or the labels"
+    )
     assert not (tmp_path / "res" / "mlp").exists()
 
 
-@pytest.mark.parametrize("sets, code, expected", [
-    (['data.dataset="models.py:empty"', "data.params={}"], 2, "{path}: data.dataset: the dataset is empty; check its path or parameters"),
-    (['data.dataset="models.py:broken"'], 2, "{path}: data.dataset: models.py:broken(...) raised FileNotFoundError: data/train.csv"),
-    (["data.params.limit=5", "data.train_ratio=0.1"], 2,
-     "{path}: data.train_ratio: 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves "
-     "both sides non-empty"),
-    (["data.params.limit=5", "data.train_ratio=0.9", "data.validation=true"], 2,
-     "{path}: data.train_ratio: 0.9 leaves 4 training and 1 held-out samples out of 5; use more data or a ratio that leaves "
-     "both sides non-empty"),
-    (["data.params.limit=5", "plugins.kfold.k=10"], 2,
-     "{path}: plugins.kfold.k: k = 10 needs at least 10 samples, the dataset has 5; lower k"),
-    (["run.batch_size=0"], 2, "{path}: run.batch_size: expected an integer >= 1, got 0"),
-    (["run.batch_size=-3"], 2, "{path}: run.batch_size: expected an integer >= 1, got -3"),
-    (["data.train_ratio=0"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
-    (["data.train_ratio=1"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
-    (['models[0].model="models.py:Boom"'], 2, "{path}: models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
-    (['data.dataset="models.py:Triples"', "data.params={}"], 1,
-     "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
-    (['data.dataset="models.py:Bare"', "data.params={}"], 1,
-     "{path}: the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__"),
-])
+@pytest.mark.parametrize(
+    "sets, code, expected",
+    [
+        (['data.dataset="models.py:empty"', "data.params={}"], 2, "{path}: data.dataset: the dataset is empty; check its path or parameters"),
+        (['data.dataset="models.py:broken"'], 2, "{path}: data.dataset: models.py:broken(...) raised FileNotFoundError: data/train.csv"),
+        (
+            ["data.params.limit=5", "data.train_ratio=0.1"],
+            2,
+            "{path}: data.train_ratio: 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves both sides non-empty",
+        ),
+        (
+            ["data.params.limit=5", "data.train_ratio=0.9", "data.validation=true"],
+            2,
+            "{path}: data.train_ratio: 0.9 leaves 4 training and 1 held-out samples out of 5; use more data or a ratio that leaves both sides non-empty",
+        ),
+        (["data.params.limit=5", "plugins.kfold.k=10"], 2, "{path}: plugins.kfold.k: k = 10 needs at least 10 samples, the dataset has 5; lower k"),
+        (["run.batch_size=0"], 2, "{path}: run.batch_size: expected an integer >= 1, got 0"),
+        (["run.batch_size=-3"], 2, "{path}: run.batch_size: expected an integer >= 1, got -3"),
+        (["data.train_ratio=0"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
+        (["data.train_ratio=1"], 2, "{path}: data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
+        (['models[0].model="models.py:Boom"'], 2, "{path}: models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
+        (
+            ['data.dataset="models.py:Triples"', "data.params={}"],
+            1,
+            "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__",
+        ),
+        (
+            ['data.dataset="models.py:Bare"', "data.params={}"],
+            1,
+            "{path}: the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__",
+        ),
+    ],
+)
 def test_one_line_errors_before_or_at_the_first_step(tmp_path, capsys, sets, code, expected):
     path = write_run(tmp_path, epochs=1)
     args = [arg for s in sets for arg in ("--set", s)]
@@ -629,8 +671,9 @@ def test_resuming_with_another_architecture_is_refused_naming_the_key(tmp_path, 
     files = {p: p.read_bytes() for p in res.rglob("*") if p.is_file()}
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
     assert code == 2
-    assert error_of(err) == (f"{path}: cannot resume: models[0].params.hidden changed (16 -> 32) since the interrupted "
-                             "run; restore it, or start over with --overwrite")
+    assert error_of(err) == (
+        f"{path}: cannot resume: models[0].params.hidden changed (16 -> 32) since the interrupted run; restore it, or start over with --overwrite"
+    )
     assert {p: p.read_bytes() for p in res.rglob("*") if p.is_file()} == files
 
 
@@ -645,8 +688,14 @@ def test_a_state_of_the_previous_format_still_resumes_and_an_unknown_one_is_refu
     state = saved_state(res)
     assert state["format"] == 5 and isinstance(state["fingerprint"], str)
     fold = state["folds"][0]  # formats 3 and 4 kept a sequential fold's entries at the top
-    state = {"format": 3, "fingerprint": json.loads(state["fingerprint"]), "fold": 0, "groups": state["groups"], "rng": state["rng"],
-             **{key: fold[key] for key in ("epoch", "stop_reason", "final_scores", "slots", "plugins")}}
+    state = {
+        "format": 3,
+        "fingerprint": json.loads(state["fingerprint"]),
+        "fold": 0,
+        "groups": state["groups"],
+        "rng": state["rng"],
+        **{key: fold[key] for key in ("epoch", "stop_reason", "final_scores", "slots", "plugins")},
+    }
     state["plugins"]["trainlog"] = {"logs": {name: json.loads(text) for name, text in state["plugins"]["trainlog"]["texts"].items()}}
     torch.save(state, state_file)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "models[0].params.hidden=32", "--set", "run.epochs=3")
@@ -676,9 +725,11 @@ def test_restoring_a_state_from_another_architecture_names_the_model(tmp_path, c
         resume.restore(run, cohort, state)
     message = str(info.value)
     assert "\n" not in message
-    assert message == ("model mlp: the saved state does not fit the model (size mismatch for net.0.weight: copying a param "
-                       "with shape torch.Size([16, 64]) from checkpoint, the shape in current model is torch.Size([32, 64])); "
-                       "the architecture changed since the interrupted run: start over with --overwrite")
+    assert message == (
+        "model mlp: the saved state does not fit the model (size mismatch for net.0.weight: copying a param "
+        "with shape torch.Size([16, 64]) from checkpoint, the shape in current model is torch.Size([32, 64])); "
+        "the architecture changed since the interrupted run: start over with --overwrite"
+    )
 
 
 def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys):
@@ -691,14 +742,17 @@ def test_a_model_file_changed_between_run_and_resume_is_refused(tmp_path, capsys
     (tmp_path / "models.py").write_text(wider.replace("nn.Linear(hidden, num_classes)", "nn.Linear(2 * hidden, num_classes)"))
     done = run_cli("run", path.name, "--resume", "--set", "run.epochs=3", cwd=tmp_path, env=ENV)
     assert done.returncode == 2
-    assert error_of(done.stderr) == ("m.toml: model net: the saved state does not fit the model (size mismatch for net.0.weight: "
-                                     "copying a param with shape torch.Size([16, 64]) from checkpoint, the shape in current "
-                                     "model is torch.Size([32, 64])); the architecture changed since the interrupted run: "
-                                     "start over with --overwrite")
+    assert error_of(done.stderr) == (
+        "m.toml: model net: the saved state does not fit the model (size mismatch for net.0.weight: "
+        "copying a param with shape torch.Size([16, 64]) from checkpoint, the shape in current "
+        "model is torch.Size([32, 64])); the architecture changed since the interrupted run: "
+        "start over with --overwrite"
+    )
     assert trainlog(res, "net") == log and saved_state(res)["epoch"] == 2
 
 
 # -- files written behind training (run.background_writes) -----------------------------------------
+
 
 @pytest.mark.parametrize("background, thread", [(True, "izitorch-writer"), (False, "MainThread")])
 def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, capsys, monkeypatch, background, thread):
@@ -731,8 +785,10 @@ def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it
     monkeypatch.setattr(izio.os, "replace", replace)
     code, _, err = cli(capsys, "run", path)
     assert code == 1 and failed_on == ["izitorch-writer"]
-    assert error_of(err) == (f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
-                             "the previous version is intact: free some space, then continue with --resume")
+    assert error_of(err) == (
+        f"{path}: no space left on the device while writing {res / 'mlp' / 'model.pth.tar'}; "
+        "the previous version is intact: free some space, then continue with --resume"
+    )
     assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 2
     assert saved_state(res)["epoch"] == 2
     assert leftovers(res) == [] and not (res / ".izitorch.lock").exists() and not (res / "results.json").exists()

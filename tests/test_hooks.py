@@ -1,6 +1,7 @@
 """The hook protocol (``izitorch/hookspecs.py``): the exact sequence of a k-fold run, every hook's contract
 exercised by a small local plugin, plugin loading errors, and the meta-tests that keep every
 hook tested and documented and every built-in plugin declared."""
+
 from __future__ import annotations
 
 import ast
@@ -36,16 +37,26 @@ SIZE = 200
 BATCH = 32
 
 
-def setup_run(folder: Path, plugin_files: dict[str, str], plugins: dict, *, epochs: int = 2, two_models: bool = True,
-              first: str = "mlp_a", second: str = "mlp_b", test_epoch: int = 1) -> Path:
+def setup_run(
+    folder: Path,
+    plugin_files: dict[str, str],
+    plugins: dict,
+    *,
+    epochs: int = 2,
+    two_models: bool = True,
+    first: str = "mlp_a",
+    second: str = "mlp_b",
+    test_epoch: int = 1,
+) -> Path:
     """Write the plugin files and a manifest into ``folder`` (200 digits, on the CPU, one or two
     MLPs, its ``[plugins]`` table ``plugins``); return the manifest path."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, source in plugin_files.items():
         (folder / name).write_text(dedent(source), encoding="utf-8")
     models = [{"name": first}] + ([{"name": second, "params": {"hidden": 8}}] if two_models else [])
-    return make_manifest(folder, run={"device": "cpu", "epochs": epochs, "test_epoch": test_epoch}, data={"params": {"limit": 200}},
-                         models=models, plugins=plugins)
+    return make_manifest(
+        folder, run={"device": "cpu", "epochs": epochs, "test_epoch": test_epoch}, data={"params": {"limit": 200}}, models=models, plugins=plugins
+    )
 
 
 def run_manifest(path: Path) -> dict:
@@ -187,7 +198,7 @@ def test_hook_sequence_of_a_two_fold_two_epoch_two_model_run(tmp_path):
 
 # -- izitorch_should_stop ---------------------------------------------------------------------
 
-STOPPER = '''\
+STOPPER = """\
 from izitorch import hookimpl
 
 
@@ -196,12 +207,11 @@ def izitorch_should_stop(run, fold, epoch, scores):
     if fold.index == 0 and epoch == 1:
         return "stop requested by the test plugin"
     return None
-'''
+"""
 
 
 def test_should_stop_reason_ends_only_that_fold_early(tmp_path, capsys):
-    path = setup_run(tmp_path, {"stopper.py": STOPPER}, {"enable": ["stopper.py"], "kfold": {"k": 2}},
-                     epochs=3, two_models=False)
+    path = setup_run(tmp_path, {"stopper.py": STOPPER}, {"enable": ["stopper.py"], "kfold": {"k": 2}}, epochs=3, two_models=False)
     run_manifest(path)
     model = tmp_path / "res" / "mlp_a"
     assert list(read_json(model / "FOLD_1" / "trainlog.json")) == ["1"]
@@ -215,7 +225,7 @@ def test_should_stop_reason_ends_only_that_fold_early(tmp_path, capsys):
 
 # -- izitorch_make_splits ---------------------------------------------------------------------
 
-SPLITTER = '''\
+SPLITTER = """\
 import numpy as np
 
 from izitorch import Split, hookimpl
@@ -228,7 +238,7 @@ def izitorch_make_splits(run, dataset):
         Split(train=np.arange(0, 120), test=np.arange(150, 200)),
         Split(train=np.arange(80, 200), test=np.array([3, 1, 4, 15, 9, 26])),
     ]
-'''
+"""
 
 
 def test_make_splits_from_a_plugin_replaces_holdout(tmp_path):
@@ -246,7 +256,7 @@ def test_make_splits_from_a_plugin_replaces_holdout(tmp_path):
 
 # -- izitorch_run_folds -----------------------------------------------------------------------
 
-FOLDS_RUNNER = '''\
+FOLDS_RUNNER = """\
 from izitorch import hookimpl
 from izitorch import loop
 
@@ -256,7 +266,7 @@ def izitorch_run_folds(run, resuming):
     run.splits = run.splits[::-1]  # a schedule of its own: the last fold first, via the default
     results = loop.izitorch_run_folds(run=run, resuming=resuming)
     return {name: [{**scores, "order": i} for i, scores in enumerate(folds)] for name, folds in results.items()}
-'''
+"""
 
 
 def test_run_folds_from_a_plugin_replaces_the_fold_schedule(tmp_path):
@@ -272,7 +282,7 @@ def test_run_folds_from_a_plugin_replaces_the_fold_schedule(tmp_path):
 
 # -- izitorch_run_fold ------------------------------------------------------------------------
 
-FOLD_RUNNER = '''\
+FOLD_RUNNER = """\
 from izitorch import hookimpl
 
 
@@ -281,7 +291,7 @@ def izitorch_run_fold(run, fold):
     if fold.index == 0:  # replace the protocol of the first fold; let the default loop run the second
         return {slot.name: {"accuracy": 10.0, "loss": 0.5} for slot in fold.slots}
     return None
-'''
+"""
 
 
 def test_run_fold_from_a_plugin_replaces_the_default_protocol(tmp_path):
@@ -353,7 +363,7 @@ def test_register_metrics_adds_a_custom_metric_to_the_logs(tmp_path):
 
 # -- izitorch_before_optimizer_step -----------------------------------------------------------
 
-FREEZER = '''\
+FREEZER = """\
 import json
 
 import torch
@@ -384,7 +394,7 @@ def izitorch_before_optimizer_step(run, slot):
 @hookimpl
 def izitorch_run_finish(run, results):
     (run.res_dir / "seen.json").write_text(json.dumps(run.stash[SEEN]))
-'''
+"""
 
 
 def test_before_optimizer_step_sees_gradients_and_can_zero_them(tmp_path):
@@ -410,7 +420,7 @@ def test_before_optimizer_step_sees_gradients_and_can_zero_them(tmp_path):
 
 # -- izitorch_configure, izitorch_batch_finish, izitorch_epoch_finish on one observed run ------
 
-OBSERVER = '''\
+OBSERVER = """\
 import json
 
 import torch
@@ -455,7 +465,7 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 @hookimpl
 def izitorch_run_finish(run, results):
     (run.res_dir / "seen.json").write_text(json.dumps(run.stash[SEEN]))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -525,13 +535,13 @@ def test_epoch_finish_gets_train_and_test_scores(observed):
 
 # -- izitorch_state_dict / izitorch_load_state_dict ------------------------------------------
 
+
 def test_builtin_plugins_round_trip_their_state():
     checkpoint, early_stop = CheckpointPlugin(), EarlyStopPlugin()
     checkpoint.best = {"mlp_a": 0.25, "mlp_b": 97.5}
     early_stop.best, early_stop.waited = {"mlp_a": 0.3}, {"mlp_a": 4}
     state = {**checkpoint.izitorch_state_dict(run=None), **early_stop.izitorch_state_dict(run=None)}
-    assert state == {"checkpoint": {"best": {"mlp_a": 0.25, "mlp_b": 97.5}},
-                     "early_stop": {"best": {"mlp_a": 0.3}, "waited": {"mlp_a": 4}}}
+    assert state == {"checkpoint": {"best": {"mlp_a": 0.25, "mlp_b": 97.5}}, "early_stop": {"best": {"mlp_a": 0.3}, "waited": {"mlp_a": 4}}}
     state = pickle.loads(pickle.dumps(state))  # what a checkpoint file would hold
 
     restored_checkpoint, restored_early_stop = CheckpointPlugin(), EarlyStopPlugin()
@@ -574,13 +584,17 @@ def test_state_dict_hooks_collect_every_plugins_state_through_the_manager(tmp_pa
 
 # -- meta-tests -------------------------------------------------------------------------------
 
+
 def hook_names() -> list[str]:
     tree = ast.parse(HOOKSPECS.read_text(encoding="utf-8"))
     return [node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("izitorch_")]
 
 
-META_TESTS = ("test_every_hook_has_a_test_and_a_readme_entry", "test_every_builtin_plugin_is_declared_and_listed",
-              "test_only_a_hook_implemented_or_called_counts_as_exercised")
+META_TESTS = (
+    "test_every_hook_has_a_test_and_a_readme_entry",
+    "test_every_builtin_plugin_is_declared_and_listed",
+    "test_only_a_hook_implemented_or_called_counts_as_exercised",
+)
 
 
 def exercised_hooks(source: str) -> set[str]:
@@ -654,14 +668,14 @@ def test_every_builtin_plugin_is_declared_and_listed():
 
 # -- loading errors and enable / disable ------------------------------------------------------
 
-MISSPELLED = '''\
+MISSPELLED = """\
 from izitorch import hookimpl
 
 
 @hookimpl
 def izitorch_epoch_finsh(run, fold, epoch, scores):
     pass
-'''
+"""
 
 
 def test_a_misspelled_hook_fails_the_run_with_a_did_you_mean(tmp_path, capsys):
@@ -685,7 +699,7 @@ def test_an_unknown_plugin_name_is_one_line_with_did_you_mean(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
-    assert captured.err.startswith(f"izitorch: error: {path}: plugins.enable: unknown plugin \"kfod\" (did you mean \"kfold\"?)")
+    assert captured.err.startswith(f'izitorch: error: {path}: plugins.enable: unknown plugin "kfod" (did you mean "kfold"?)')
     assert not (tmp_path / "res").exists()
 
 

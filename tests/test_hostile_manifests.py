@@ -14,6 +14,7 @@ name a module to import; every importable name comes from the fixed lists below.
 
 The last part replays every example line of README.md's "Errors you may meet" through the CLI.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,18 +54,100 @@ DATA_KEYS = [f.name for f in attrs.fields(DataConfig)]
 MODEL_KEYS = [f.name for f in attrs.fields(ModelSpec)]
 PLUGIN_NAMES = ["kfold", "checkpoint", "early_stop", "grad_clip", "holdout", "metrics", "trainlog", "console", "loop"]
 PLUGIN_KEYS = ["enable", "disable", "k", "policy", "metric", "patience", "min_delta", "value", "max_norm", "norm_type"]
-PARAM_KEYS = ["class", "lr", "momentum", "betas", "weight_decay", "hidden", "layers", "dropout", "num_classes",
-              "in_features", "channels", "side", "batch_norm", "limit", "images", "normalize", "step_size", "gamma"]
+PARAM_KEYS = [
+    "class",
+    "lr",
+    "momentum",
+    "betas",
+    "weight_decay",
+    "hidden",
+    "layers",
+    "dropout",
+    "num_classes",
+    "in_features",
+    "channels",
+    "side",
+    "batch_norm",
+    "limit",
+    "images",
+    "normalize",
+    "step_size",
+    "gamma",
+]
 NAMES = sorted(set(SECTIONS + RUN_KEYS + DATA_KEYS + MODEL_KEYS + PLUGIN_NAMES + PLUGIN_KEYS + PARAM_KEYS))
-GOOD_REFS = ["izitorch.datasets:digits", "izitorch.models:MLP", "izitorch.models:SmallCNN", "torch.nn:CrossEntropyLoss",
-             "torch.nn:NLLLoss", "torch.optim:Adam", "torch.optim:SGD", "torch.optim.lr_scheduler:StepLR"]
-BAD_REFS = ["nope:Nope", "torch.nn:Nope", "x.py:Y", "models.py:Net", "../x.py:Y", "/nonexistent/x.py:Y", "torch.nn:Linar",
-            "izitorch.models:MLP.nope", "izitorch.models:MLP.forward", "math:pi", "torch:nn", "izitorch.errors:IzitorchError",
-            "builtins:dict", ":", "a:b:c", "izitorch.models:", ":MLP", "izitorch.models", "", " ", "torch.nn :Linear"]
-BAD_PLUGINS = ["kfodl", "no:console", "no:loop", "no:nope", "nope.py", "x.py", "izitorch.plugins.kfold",
-               "izitorch.plugins.holdout", "izitorch.loop", "izitorch.nope", "os.path", "..", ".", "", "a.b"]
-CHOICES = ["auto", "cpu", "cuda", "cuda:7", "mps", "gpu", "sequential", "vectorized", "vectorised", "stop", "skip_batch",
-           "raise", "last", "all", "best", "bets", "loss", "acc", "IoU", "iou", "accuracy"]
+GOOD_REFS = [
+    "izitorch.datasets:digits",
+    "izitorch.models:MLP",
+    "izitorch.models:SmallCNN",
+    "torch.nn:CrossEntropyLoss",
+    "torch.nn:NLLLoss",
+    "torch.optim:Adam",
+    "torch.optim:SGD",
+    "torch.optim.lr_scheduler:StepLR",
+]
+BAD_REFS = [
+    "nope:Nope",
+    "torch.nn:Nope",
+    "x.py:Y",
+    "models.py:Net",
+    "../x.py:Y",
+    "/nonexistent/x.py:Y",
+    "torch.nn:Linar",
+    "izitorch.models:MLP.nope",
+    "izitorch.models:MLP.forward",
+    "math:pi",
+    "torch:nn",
+    "izitorch.errors:IzitorchError",
+    "builtins:dict",
+    ":",
+    "a:b:c",
+    "izitorch.models:",
+    ":MLP",
+    "izitorch.models",
+    "",
+    " ",
+    "torch.nn :Linear",
+]
+BAD_PLUGINS = [
+    "kfodl",
+    "no:console",
+    "no:loop",
+    "no:nope",
+    "nope.py",
+    "x.py",
+    "izitorch.plugins.kfold",
+    "izitorch.plugins.holdout",
+    "izitorch.loop",
+    "izitorch.nope",
+    "os.path",
+    "..",
+    ".",
+    "",
+    "a.b",
+]
+CHOICES = [
+    "auto",
+    "cpu",
+    "cuda",
+    "cuda:7",
+    "mps",
+    "gpu",
+    "sequential",
+    "vectorized",
+    "vectorised",
+    "stop",
+    "skip_batch",
+    "raise",
+    "last",
+    "all",
+    "best",
+    "bets",
+    "loss",
+    "acc",
+    "IoU",
+    "iou",
+    "accuracy",
+]
 
 # Random text holds neither ":" nor "." (never a module reference or a dotted plugin name).
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters=":."), max_size=12)
@@ -73,15 +156,14 @@ STRINGS = st.sampled_from(GOOD_REFS + BAD_REFS + BAD_PLUGINS + PLUGIN_NAMES + CH
 SCALARS = (
     st.booleans()
     | st.integers(min_value=-3, max_value=40)
-    | st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=True, allow_infinity=True)
     | STRINGS
     | st.dates()
     | st.datetimes(timezones=st.none() | st.just(datetime.timezone.utc))
     | st.times()
 )
-TREES = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(KEY, children, max_size=5),
-                     max_leaves=25)
+TREES = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(KEY, children, max_size=5), max_leaves=25)
 
 # -- family 1: a valid manifest, mutated ---------------------------------------------------------
 
@@ -89,13 +171,21 @@ BASE = {
     "run": {"res_dir": "res", "epochs": 2, "batch_size": 32, "device": "cpu", "nan_policy": "stop"},
     "data": {"dataset": "izitorch.datasets:digits", "params": {"limit": 100}, "num_classes": 10, "train_ratio": 0.8},
     "models": [
-        {"name": "mlp", "model": "izitorch.models:MLP", "params": {"hidden": 16},
-         "optimizer": {"class": "torch.optim:Adam", "lr": 0.01}, "criterion": "torch.nn:CrossEntropyLoss"},
-        {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"channels": 4},
-         "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 2}},
+        {
+            "name": "mlp",
+            "model": "izitorch.models:MLP",
+            "params": {"hidden": 16},
+            "optimizer": {"class": "torch.optim:Adam", "lr": 0.01},
+            "criterion": "torch.nn:CrossEntropyLoss",
+        },
+        {
+            "name": "cnn",
+            "model": "izitorch.models:SmallCNN",
+            "params": {"channels": 4},
+            "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 2},
+        },
     ],
-    "plugins": {"enable": ["early_stop"], "kfold": {"k": 3}, "checkpoint": {"policy": "best", "metric": "acc"},
-                "early_stop": {"patience": 2}},
+    "plugins": {"enable": ["early_stop"], "kfold": {"k": 3}, "checkpoint": {"policy": "best", "metric": "acc"}, "early_stop": {"patience": 2}},
 }
 
 
@@ -109,10 +199,16 @@ def places(node, found=None):
     return found
 
 
-PLUGIN_OPTIONS = {"k": st.integers(-1, 6), "policy": st.sampled_from(["last", "all", "best", "bets"]),
-                  "metric": st.sampled_from(["loss", "acc", "IoU", "iou", "accuracy", "f1"]), "patience": st.integers(-1, 3),
-                  "min_delta": st.floats(-1, 1), "value": st.floats(-1, 2), "max_norm": st.floats(-1, 2),
-                  "norm_type": st.floats(-1, 3) | st.just(float("inf"))}
+PLUGIN_OPTIONS = {
+    "k": st.integers(-1, 6),
+    "policy": st.sampled_from(["last", "all", "best", "bets"]),
+    "metric": st.sampled_from(["loss", "acc", "IoU", "iou", "accuracy", "f1"]),
+    "patience": st.integers(-1, 3),
+    "min_delta": st.floats(-1, 1),
+    "value": st.floats(-1, 2),
+    "max_norm": st.floats(-1, 2),
+    "norm_type": st.floats(-1, 3) | st.just(float("inf")),
+}
 
 
 @st.composite
@@ -169,11 +265,62 @@ TREE_TEXT = st.dictionaries(st.sampled_from(SECTIONS) | KEY, TREES, max_size=5).
 
 # -- family 2: text-level garbling, token soup, bytes, deep nesting -------------------------------
 
-TOKENS = ["[", "]", "[[", "]]", "{", "}", "=", ",", '"', "'", '"""', "'''", "\n", "\r\n", "\r", "\t", " ", "#", "\\",
-          "\\u12", "\\U0010FFFF", "0x", "0o8", "1e400", "-", "+", "inf", "nan", "true", "false", "1979-05-27T07:32:00Z",
-          "07:32", "\x00", "\x7f", "\u2028", "\ufeff", "é", "models", "[run]", "[data]", "[[models]]", "[plugins]",
-          "[plugins.kfold]", "epochs = ", "name = ", "model = ", 'dataset = "izitorch.datasets:digits"', "k = 1",
-          'enable = ["kfold"]', "run.epochs = 3", "params = {", "3", "-1", "0.5"]
+TOKENS = [
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "{",
+    "}",
+    "=",
+    ",",
+    '"',
+    "'",
+    '"""',
+    "'''",
+    "\n",
+    "\r\n",
+    "\r",
+    "\t",
+    " ",
+    "#",
+    "\\",
+    "\\u12",
+    "\\U0010FFFF",
+    "0x",
+    "0o8",
+    "1e400",
+    "-",
+    "+",
+    "inf",
+    "nan",
+    "true",
+    "false",
+    "1979-05-27T07:32:00Z",
+    "07:32",
+    "\x00",
+    "\x7f",
+    "\u2028",
+    "\ufeff",
+    "é",
+    "models",
+    "[run]",
+    "[data]",
+    "[[models]]",
+    "[plugins]",
+    "[plugins.kfold]",
+    "epochs = ",
+    "name = ",
+    "model = ",
+    'dataset = "izitorch.datasets:digits"',
+    "k = 1",
+    'enable = ["kfold"]',
+    "run.epochs = 3",
+    "params = {",
+    "3",
+    "-1",
+    "0.5",
+]
 SNIPPET = st.sampled_from(TOKENS) | TEXT
 
 
@@ -186,7 +333,7 @@ def garbled(draw):
         if op == "insert":
             text = text[:pos] + draw(SNIPPET) + text[pos:]
         elif op == "delete":
-            text = text[:pos] + text[pos + draw(st.integers(1, 20)):]
+            text = text[:pos] + text[pos + draw(st.integers(1, 20)) :]
         elif op == "truncate":
             text = text[:pos]
         else:
@@ -208,8 +355,16 @@ BYTES = st.binary(max_size=200).map(lambda b: b.replace(b":", b";").replace(b"."
 def deep(draw):
     depth = draw(st.integers(1, 3000))
     kind = draw(st.sampled_from(["array", "inline", "dotted", "headers"]))
-    where = draw(st.sampled_from(["[data]\ndataset = \"izitorch.datasets:digits\"\nparams = { limit = ", "x = ",
-                                  "[run]\nepochs = ", "[[models]]\nname = \"m\"\nmodel = \"izitorch.models:MLP\"\nparams = "]))
+    where = draw(
+        st.sampled_from(
+            [
+                '[data]\ndataset = "izitorch.datasets:digits"\nparams = { limit = ',
+                "x = ",
+                "[run]\nepochs = ",
+                '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\nparams = ',
+            ]
+        )
+    )
     if kind == "array":
         return where + "[" * depth + "1" + "]" * depth + ("}" if where.endswith("{ limit = ") else "") + "\n"
     if kind == "inline":
@@ -220,7 +375,17 @@ def deep(draw):
 
 
 DOCUMENTS = st.one_of(
-    MUTATED_TEXT, MUTATED_TEXT, PLUGINS_TEXT, PLUGINS_TEXT, TREE_TEXT, TREE_TEXT, garbled(), garbled(), SOUP, BYTES, deep(),
+    MUTATED_TEXT,
+    MUTATED_TEXT,
+    PLUGINS_TEXT,
+    PLUGINS_TEXT,
+    TREE_TEXT,
+    TREE_TEXT,
+    garbled(),
+    garbled(),
+    SOUP,
+    BYTES,
+    deep(),
 )
 
 # -- the property ---------------------------------------------------------------------------------
@@ -250,7 +415,7 @@ def load_and_configure(path: Path) -> str:
         config = load_manifest(path)
     except IzitorchError as error:
         check_one_line(error, path)
-        SHAPES.add(re.sub(r'"[^"]*"|\S*\d\S*', "_", str(error)[len(str(path)):])[:60])
+        SHAPES.add(re.sub(r'"[^"]*"|\S*\d\S*', "_", str(error)[len(str(path)) :])[:60])
         return "refused by load_manifest"
     assert isinstance(config, Config) and config.models and config.run.epochs >= 1
     try:
@@ -271,8 +436,7 @@ def warm():
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"izitorch_warm_{os.getpid()}.toml"
     path.write_text(toml_text(BASE))
     try:
-        assert list(make_plugin_manager(load_manifest(path))[1]) == [
-            "loop", "holdout", "metrics", "checkpoint", "trainlog", "console", "early_stop", "kfold"]
+        assert list(make_plugin_manager(load_manifest(path))[1]) == ["loop", "holdout", "metrics", "checkpoint", "trainlog", "console", "early_stop", "kfold"]
     finally:
         path.unlink()
     yield
@@ -280,8 +444,7 @@ def warm():
     REPORT.write_text(f"hostile manifests tried: {STATS['total']} ({outcome}); distinct message shapes: {len(SHAPES)}\n")
 
 
-@settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                                        HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(document=DOCUMENTS)
 def test_hostile_manifest_loads_or_fails_with_one_line(tmp_path_factory, warm, document):
     folder = tmp_path_factory.mktemp("hostile", numbered=True)
@@ -314,25 +477,37 @@ def test_the_generator_reaches_every_outcome(tmp_path_factory, warm):
 MINIMAL = '[data]\ndataset = "izitorch.datasets:digits"\n[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n'
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("x = " + "[" * 3000 + "]" * 3000 + "\n", "invalid TOML: arrays or inline tables nested too deeply"),
-    ('[data]\nparams = ' + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "invalid TOML: arrays or inline tables nested too deeply"),
-    ('[plugins]\nenable = ["izitorch.plugins.kfold", "kfold"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
-     '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n', None),
-    ('[plugins]\nenable = ["izitorch.plugins.holdout"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
-     '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
-     'plugins.enable: plugin "izitorch.plugins.holdout" is the plugin "holdout", already enabled; name it once'),
-    ('[plugins]\nenable = ["izitorch.loop"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
-     '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
-     'plugins.enable: plugin "izitorch.loop" is the plugin "loop", already enabled; name it once'),
-    ('[plugins]\nenable = ["a\\nb.c"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
-     '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
-     "plugins.enable: plugin \"a\\nb.c\" failed to load: ModuleNotFoundError: No module named 'a\\nb'"),
-    (MINIMAL + '[plugins]\nenable = ["kfold", 3]\n', "plugins.enable: expected a list of plugin names (strings), found 3 in it"),
-    (MINIMAL + '[plugins]\nenable = ["nope.py"]\n', 'plugins.enable: file "nope.py" not found (looked in {dir})'),
-    (MINIMAL.replace('"izitorch.models:MLP"', '"izitorch.models:MLP"\nscheduler = ":MLP"'),
-     'models[0].scheduler: expected a reference "module:attr" or "file.py:attr", got ":MLP"'),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("x = " + "[" * 3000 + "]" * 3000 + "\n", "invalid TOML: arrays or inline tables nested too deeply"),
+        ("[data]\nparams = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "invalid TOML: arrays or inline tables nested too deeply"),
+        (
+            '[plugins]\nenable = ["izitorch.plugins.kfold", "kfold"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
+            '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
+            None,
+        ),
+        (
+            '[plugins]\nenable = ["izitorch.plugins.holdout"]\n[data]\ndataset = "izitorch.datasets:digits"\n'
+            '[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
+            'plugins.enable: plugin "izitorch.plugins.holdout" is the plugin "holdout", already enabled; name it once',
+        ),
+        (
+            '[plugins]\nenable = ["izitorch.loop"]\n[data]\ndataset = "izitorch.datasets:digits"\n[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
+            'plugins.enable: plugin "izitorch.loop" is the plugin "loop", already enabled; name it once',
+        ),
+        (
+            '[plugins]\nenable = ["a\\nb.c"]\n[data]\ndataset = "izitorch.datasets:digits"\n[[models]]\nname = "m"\nmodel = "izitorch.models:MLP"\n',
+            "plugins.enable: plugin \"a\\nb.c\" failed to load: ModuleNotFoundError: No module named 'a\\nb'",
+        ),
+        (MINIMAL + '[plugins]\nenable = ["kfold", 3]\n', "plugins.enable: expected a list of plugin names (strings), found 3 in it"),
+        (MINIMAL + '[plugins]\nenable = ["nope.py"]\n', 'plugins.enable: file "nope.py" not found (looked in {dir})'),
+        (
+            MINIMAL.replace('"izitorch.models:MLP"', '"izitorch.models:MLP"\nscheduler = ":MLP"'),
+            'models[0].scheduler: expected a reference "module:attr" or "file.py:attr", got ":MLP"',
+        ),
+    ],
+)
 def test_examples_the_generator_found(tmp_path, text, expected):
     """Each of these once escaped as a traceback (RecursionError, pluggy's ValueError), printed two
     lines, or named the wrong key ("got a list" for a list of non-strings, ``scheduler.target``)."""
@@ -372,6 +547,7 @@ def test_the_cli_validate_prints_the_same_one_line(tmp_path_factory, document):
 
 # -- README "Errors you may meet": every line is produced by the CLI -------------------------------
 
+
 def readme_error_lines() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## Errors you may meet", 1)[1]
@@ -381,7 +557,7 @@ def readme_error_lines() -> list[str]:
 
 README_LINES = readme_error_lines()
 
-README_MANIFEST = '''\
+README_MANIFEST = """\
 [run]
 res_dir = "results/digits"
 epochs = 3
@@ -398,7 +574,7 @@ name = "mlp"
 model = "izitorch.models:MLP"
 params = { hidden = 16 }
 optimizer = { class = "torch.optim:Adam", lr = 1e-2 }
-'''
+"""
 RESIZABLE_DIGITS = """\
 from pathlib import Path
 from izitorch.datasets import digits
@@ -417,14 +593,10 @@ README_CASES = {
     "m.toml: models[0].optimizer.lr:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].optimizer.lr="fast"']),
     "m.toml: models[0].model:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].model="torch.nn:Linar"']),
     "m.toml: models[0].params.hiden:": (2, None, [], ["validate", "m.toml", "--set", "models[0].params.hiden=16"]),
-    "m.toml: models[0].scheduler:": (2, None, [], ["validate", "m.toml", "--set",
-                                                   'models[0].scheduler="torch.optim.lr_scheduler:StepLR"']),
-    "m.toml: models[0].optimizer.class:": (2, None, [], ["validate", "m.toml", "--set",
-                                                        'models[0].optimizer={class="torch.nn:Linear", lr=0.1}']),
-    "m.toml: models[0].scheduler.class:": (2, None, [], ["validate", "m.toml", "--set",
-                                                        'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"']),
-    "m.toml: models[1].name:": (2, README_MANIFEST + '\n[[models]]\nname = "mlp"\nmodel = "izitorch.models:SmallCNN"\n', [],
-                                ["validate", "m.toml"]),
+    "m.toml: models[0].scheduler:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].scheduler="torch.optim.lr_scheduler:StepLR"']),
+    "m.toml: models[0].optimizer.class:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].optimizer={class="torch.nn:Linear", lr=0.1}']),
+    "m.toml: models[0].scheduler.class:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"']),
+    "m.toml: models[1].name:": (2, README_MANIFEST + '\n[[models]]\nname = "mlp"\nmodel = "izitorch.models:SmallCNN"\n', [], ["validate", "m.toml"]),
     "m.toml: plugins.enable:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.enable=["kfodl"]']),
     "m.toml: plugins.kfold.k:": (2, None, [], ["validate", "m.toml", "--set", "plugins.kfold.k=1"]),
     "m.toml: plugins.checkpoint.metric:": (2, None, [], ["validate", "m.toml", "--set", 'plugins.checkpoint.metric="f1"']),
@@ -433,27 +605,41 @@ README_CASES = {
     'm.toml: run.res_dir: res_dir "results/digits" holds': (2, None, ["foreign"], ["run", "m.toml"]),
     "m.toml: models[0].name:": (2, None, [], ["validate", "m.toml", "--set", 'models[0].name=".."']),
     'm.toml: res_dir "results/digits" is in use': (2, None, ["lock"], ["run", "m.toml"]),
-    "m.toml: cannot resume: data.dataset": (2, README_MANIFEST.replace('"izitorch.datasets:digits"\nparams = { limit = 300 }', '"data.py:make"'),
-                                            [["run", "m.toml", "--set", "run.epochs=1"], "shrink"], ["run", "m.toml", "--resume"]),
-    "m.toml: cannot resume: models": (2, None, [["run", "m.toml", "--set", "run.epochs=1"]],
-                               ["run", "m.toml", "--resume", "--set", "models[0].params.hidden=32"]),
+    "m.toml: cannot resume: data.dataset": (
+        2,
+        README_MANIFEST.replace('"izitorch.datasets:digits"\nparams = { limit = 300 }', '"data.py:make"'),
+        [["run", "m.toml", "--set", "run.epochs=1"], "shrink"],
+        ["run", "m.toml", "--resume"],
+    ),
+    "m.toml: cannot resume: models": (
+        2,
+        None,
+        [["run", "m.toml", "--set", "run.epochs=1"]],
+        ["run", "m.toml", "--resume", "--set", "models[0].params.hidden=32"],
+    ),
     "m.toml: data.num_classes:": (2, None, [], ["run", "m.toml", "--set", "data.num_classes=5"]),
     "m.toml: run.rdm_seed:": (2, None, [], ["validate", "m.toml", "--set", "run.rdm_seed=-1"]),
     "argument --set:": (2, None, [], ["validate", "m.toml", "--set"]),
-    "m.toml: model mlp: loss is nan": (1, None, [], ["run", "m.toml", "--set", 'run.nan_policy="raise"', "--set", FLAKY_MLP[0],
-                                             "--set", "models[0].params.nan_from=23"]),
+    "m.toml: model mlp: loss is nan": (
+        1,
+        None,
+        [],
+        ["run", "m.toml", "--set", 'run.nan_policy="raise"', "--set", FLAKY_MLP[0], "--set", "models[0].params.nan_from=23"],
+    ),
     "interrupted by SIGINT": (130, None, [], ["run", "m.toml", "--set", FLAKY_MLP[0], "--set", "models[0].params.sigint_at=12"]),
-    "m.toml: model cnn: output (4, 3) has 3 classes": (1, None, [], ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set",
-                                                             'models[0].model="izitorch.models:SmallCNN"', "--set",
-                                                             "models[0].params={num_classes=3}"]),
+    "m.toml: model cnn: output (4, 3) has 3 classes": (
+        1,
+        None,
+        [],
+        ["run", "m.toml", "--set", 'models[0].name="cnn"', "--set", 'models[0].model="izitorch.models:SmallCNN"', "--set", "models[0].params={num_classes=3}"],
+    ),
 }
 
 
 def readme_pattern(line: str) -> str:
     """The README line as a regex; only a pid, a host, a time and a label vary."""
     pattern = re.escape(line)
-    pattern = pattern.replace(r"pid\ 4242\ on\ host,\ since\ 2026\-11\-25T02:10:00",
-                              r"pid\ \d+\ on\ \S+,\ since\ \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+    pattern = pattern.replace(r"pid\ 4242\ on\ host,\ since\ 2026\-11\-25T02:10:00", r"pid\ \d+\ on\ \S+,\ since\ \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
     pattern = re.sub(r"labels\\ [0-9a-f]{12}", r"labels\\ [0-9a-f]{12}", pattern)
     return pattern.replace(r"Target\ 7\ is", r"Target\ \d+\ is")
 

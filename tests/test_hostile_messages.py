@@ -5,6 +5,7 @@ matters: a FIFO must not block it) and checks the exit code, that stderr is exac
 ``izitorch: error:`` line without a traceback, and the line itself, built from the manifest's
 path and the key path as the manifest spells them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,9 +39,6 @@ from izitorch.plugins.kfold import KFoldOptions
 from conftest import TINY_MANIFEST, cli, error_of, run_cli
 
 
-
-
-
 def write(tmp_path: Path, text: str | None = None, name: str = "m.toml", **replace: str) -> Path:
     body = TINY_MANIFEST.format(res_dir=(tmp_path / "res").as_posix()) if text is None else text
     for old, new in replace.items():
@@ -53,12 +51,16 @@ def write(tmp_path: Path, text: str | None = None, name: str = "m.toml", **repla
 
 # -- hostile values ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    ("-1", "run.rdm_seed: expected an integer from 0 to 4294967295 (numpy's seed range), got -1"),
-    ("4294967296", "run.rdm_seed: expected an integer from 0 to 4294967295 (numpy's seed range), got 4294967296"),
-    ("1e23", "run.rdm_seed: expected an integer, got 1e+23 (a float): write an integer"),
-    ("3.0", "run.rdm_seed: expected an integer, got 3.0 (a float): write an integer, e.g. 3"),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("-1", "run.rdm_seed: expected an integer from 0 to 4294967295 (numpy's seed range), got -1"),
+        ("4294967296", "run.rdm_seed: expected an integer from 0 to 4294967295 (numpy's seed range), got 4294967296"),
+        ("1e23", "run.rdm_seed: expected an integer, got 1e+23 (a float): write an integer"),
+        ("3.0", "run.rdm_seed: expected an integer, got 3.0 (a float): write an integer, e.g. 3"),
+    ],
+)
 def test_rdm_seed_outside_numpys_range_is_one_line(tmp_path, capsys, value, expected):
     path = write(tmp_path, **{"epochs = 2": f"epochs = 2\nrdm_seed = {value}"})
     code, out, err = cli(capsys, "validate", path)
@@ -110,21 +112,20 @@ def test_nesting_up_to_the_limit_still_loads(tmp_path):
 
 def test_a_5mb_value_is_cut_in_the_message(tmp_path, capsys):
     huge = "x" * 5_000_000
-    path = write(tmp_path, **{'[run]\n': f'[run]\ndevice = "{huge}"\n'})
+    path = write(tmp_path, **{"[run]\n": f'[run]\ndevice = "{huge}"\n'})
     code, _, err = cli(capsys, "validate", path)
     assert code == 2
     line = error_of(err)
-    assert line == (f'{path}: run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", '
-                    f'got "{"x" * 60}..." (5,000,000 characters)')
+    assert line == (f'{path}: run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "{"x" * 60}..." (5,000,000 characters)')
 
 
 def test_a_5mb_key_is_cut_in_the_message(tmp_path, capsys):
-    path = write(tmp_path, **{'[run]\n': f'[run]\n{"k" * 5_000_000} = 1\n'})
+    path = write(tmp_path, **{"[run]\n": f"[run]\n{'k' * 5_000_000} = 1\n"})
     code, _, err = cli(capsys, "validate", path)
     assert code == 2
     line = error_of(err)
     assert len(line) <= MAX_MESSAGE_CHARS + 100
-    assert line.startswith(f'{path}: run.kkkk') and "characters cut" in line
+    assert line.startswith(f"{path}: run.kkkk") and "characters cut" in line
     assert line.endswith('kkk"')
 
 
@@ -162,12 +163,14 @@ def test_a_fifo_given_as_the_manifest_is_refused_without_blocking(tmp_path):
 
 # -- the manifest file and the key path in every error after the manifest is read ----------------
 
+
 def test_num_classes_errors_name_data_num_classes_and_the_file(tmp_path, capsys):
     path = write(tmp_path)
     code, _, err = cli(capsys, "run", path, "--set", "data.num_classes=5")
     assert code == 2
-    assert error_of(err) == (f"{path}: data.num_classes: labels range from 0 to 9 but num_classes = 5; labels must lie in "
-                             "[0, num_classes): fix num_classes or the labels")
+    assert error_of(err) == (
+        f"{path}: data.num_classes: labels range from 0 to 9 but num_classes = 5; labels must lie in [0, num_classes): fix num_classes or the labels"
+    )
 
 
 def test_a_component_failing_to_build_names_the_file_and_key(tmp_path, capsys):
@@ -181,16 +184,16 @@ def test_a_split_error_names_the_file_and_key(tmp_path, capsys):
     path = write(tmp_path)
     code, _, err = cli(capsys, "run", path, "--set", "data.params.limit=5", "--set", "data.train_ratio=0.1")
     assert code == 2
-    assert error_of(err) == (f"{path}: data.train_ratio: 0.1 leaves 0 training and 5 held-out samples out of 5; "
-                             "use more data or a ratio that leaves both sides non-empty")
+    assert error_of(err) == (
+        f"{path}: data.train_ratio: 0.1 leaves 0 training and 5 held-out samples out of 5; use more data or a ratio that leaves both sides non-empty"
+    )
 
 
 def test_a_plugin_failing_to_load_names_the_file_and_key(tmp_path, capsys):
     path = write(tmp_path, **{"[run]": '[plugins]\nenable = ["no_such_pkg.plugin"]\n\n[run]'})
     code, _, err = cli(capsys, "validate", path)
     assert code == 2
-    assert error_of(err) == (f"{path}: plugins.enable: plugin \"no_such_pkg.plugin\" failed to load: "
-                             "ModuleNotFoundError: No module named 'no_such_pkg'")
+    assert error_of(err) == (f"{path}: plugins.enable: plugin \"no_such_pkg.plugin\" failed to load: ModuleNotFoundError: No module named 'no_such_pkg'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -219,14 +222,19 @@ def fingerprint_of(tmp_path: Path, *overrides: str) -> dict[str, str]:
     return resume.fingerprint(load_manifest(write(tmp_path), overrides, check_references=False))
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (['models[0].optimizer.lr=0.5'], "models[0].optimizer.lr changed (0.01 -> 0.5)"),
-    (['models[0].optimizer.class="torch.optim:SGD"'], "models[0].optimizer.class changed (torch.optim:Adam -> torch.optim:SGD)"),
-    (['models[0].criterion="torch.nn:NLLLoss"'], "models[0].criterion changed (torch.nn:CrossEntropyLoss -> torch.nn:NLLLoss)"),
-    (['models[0].criterion={ class = "torch.nn:CrossEntropyLoss", label_smoothing = 0.1 }'],
-     "models[0].criterion.label_smoothing changed ((absent) -> 0.1)"),
-    (["models[0].params.hidden=8"], "models[0].params.hidden changed (16 -> 8)"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["models[0].optimizer.lr=0.5"], "models[0].optimizer.lr changed (0.01 -> 0.5)"),
+        (['models[0].optimizer.class="torch.optim:SGD"'], "models[0].optimizer.class changed (torch.optim:Adam -> torch.optim:SGD)"),
+        (['models[0].criterion="torch.nn:NLLLoss"'], "models[0].criterion changed (torch.nn:CrossEntropyLoss -> torch.nn:NLLLoss)"),
+        (
+            ['models[0].criterion={ class = "torch.nn:CrossEntropyLoss", label_smoothing = 0.1 }'],
+            "models[0].criterion.label_smoothing changed ((absent) -> 0.1)",
+        ),
+        (["models[0].params.hidden=8"], "models[0].params.hidden changed (16 -> 8)"),
+    ],
+)
 def test_a_resume_refusal_spells_keys_as_the_manifest_does(tmp_path, overrides, expected):
     saved = fingerprint_of(tmp_path)
     assert resume.first_difference(saved, fingerprint_of(tmp_path, *overrides)) == expected
@@ -234,12 +242,16 @@ def test_a_resume_refusal_spells_keys_as_the_manifest_does(tmp_path, overrides, 
 
 # -- the command line ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, expected", [
-    (["validate", "m.toml", "--set"], "argument --set: expected one argument"),
-    (["run", "m.toml", "--frobnicate"], "unrecognized arguments: --frobnicate"),
-    ([], "the following arguments are required: COMMAND"),
-    (["trian", "m.toml"], "argument COMMAND: invalid choice: 'trian'"),
-])
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["validate", "m.toml", "--set"], "argument --set: expected one argument"),
+        (["run", "m.toml", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        ([], "the following arguments are required: COMMAND"),
+        (["trian", "m.toml"], "argument COMMAND: invalid choice: 'trian'"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(tmp_path, capsys, args, expected):
     code, out, err = cli(capsys, *args)
     assert (code, out) == (2, "")
@@ -263,10 +275,9 @@ def test_plugins_lists_the_loop_and_each_plugins_options(capsys):
     lines = out.splitlines()
     assert lines[0] == f"loop {izitorch.__version__} (essential) -> izitorch.loop"
     assert lines[1].startswith("    hooks: izitorch_") and "izitorch_run_folds" in lines[1]
-    for name, cls in [("checkpoint", CheckpointOptions), ("early_stop", EarlyStopOptions), ("grad_clip", GradClipOptions),
-                      ("kfold", KFoldOptions)]:
+    for name, cls in [("checkpoint", CheckpointOptions), ("early_stop", EarlyStopOptions), ("grad_clip", GradClipOptions), ("kfold", KFoldOptions)]:
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
-        shown = [line for line in lines[head + 2:head + 2 + len(attrs.fields(cls))]]
+        shown = [line for line in lines[head + 2 : head + 2 + len(attrs.fields(cls))]]
         expected = [f"    [plugins.{name}] {field.name} = {toml(field.default)}: {field.metadata['doc']}" for field in attrs.fields(cls)]
         assert shown == expected
         assert all(field.metadata["doc"] for field in attrs.fields(cls))
@@ -288,6 +299,7 @@ def test_declared_options_reads_a_third_party_attrs_class():
 
 
 # -- saved files that are not what they should be ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory):
@@ -325,23 +337,37 @@ STATE_CASES = {
     "a list": (lambda f: torch.save([1, 2, 3], f), "the resume state is not one izitorch wrote (it holds a list, not a table)"),
     "missing rng": (edited(lambda s: s.pop("rng")), "the resume state is not one izitorch wrote (rng: missing)"),
     "missing slots": (edited(lambda s: s["folds"][0].pop("slots")), "the resume state is not one izitorch wrote (folds[0].slots: missing)"),
-    "slot not a table": (edited(lambda s: s["folds"][0]["slots"].update(mlp=[1])),
-                         "the resume state is not one izitorch wrote (folds[0].slots.mlp: expected a table, found a list)"),
+    "slot not a table": (
+        edited(lambda s: s["folds"][0]["slots"].update(mlp=[1])),
+        "the resume state is not one izitorch wrote (folds[0].slots.mlp: expected a table, found a list)",
+    ),
     "epoch a string": (edited(lambda s: s.update(epoch="1")), "the resume state is not one izitorch wrote (epoch: unexpected str)"),
-    "torch rng too short": (edited(lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
-                            "the resume state is not one izitorch wrote (rng: not a generator state (RuntimeError))"),
-    "numpy rng too short": (edited(lambda s: s["rng"]["numpy"].__setitem__(1, torch.zeros(3, dtype=torch.int64))),
-                            "the resume state is not one izitorch wrote (rng: not a generator state (IndexError))"),
-    "python rng wrong": (edited(lambda s: s["rng"].update(python=[3, torch.zeros(2, dtype=torch.int64), None])),
-                         "the resume state is not one izitorch wrote (rng: not a generator state (ValueError))"),
-    "format unknown": (edited(lambda s: s.update(format="x" * 100)),
-                       f'written by another izitorch version (format "{"x" * 60}..." (100 characters)); start over with --overwrite'),
+    "torch rng too short": (
+        edited(lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
+        "the resume state is not one izitorch wrote (rng: not a generator state (RuntimeError))",
+    ),
+    "numpy rng too short": (
+        edited(lambda s: s["rng"]["numpy"].__setitem__(1, torch.zeros(3, dtype=torch.int64))),
+        "the resume state is not one izitorch wrote (rng: not a generator state (IndexError))",
+    ),
+    "python rng wrong": (
+        edited(lambda s: s["rng"].update(python=[3, torch.zeros(2, dtype=torch.int64), None])),
+        "the resume state is not one izitorch wrote (rng: not a generator state (ValueError))",
+    ),
+    "format unknown": (
+        edited(lambda s: s.update(format="x" * 100)),
+        f'written by another izitorch version (format "{"x" * 60}..." (100 characters)); start over with --overwrite',
+    ),
     "random bytes": (lambda f: f.write_bytes(os.urandom(4096)), "the resume state cannot be read ("),
     "truncated": (lambda f: f.write_bytes(f.read_bytes()[:1000]), "the resume state cannot be read ("),
-    "foreign object": (lambda f: torch.save({"format": 4, "x": Foreign()}, f),
-                       "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)"),
-    "a plain pickle": (lambda f: f.write_bytes(pickle.dumps({"format": 4})),  # torch warns about its protocol
-                       "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)"),
+    "foreign object": (
+        lambda f: torch.save({"format": 4, "x": Foreign()}, f),
+        "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)",
+    ),
+    "a plain pickle": (
+        lambda f: f.write_bytes(pickle.dumps({"format": 4})),  # torch warns about its protocol
+        "the resume state cannot be read (UnpicklingError: it is damaged or not a file izitorch wrote)",
+    ),
 }
 
 
@@ -378,16 +404,19 @@ def results_dir(tmp_path: Path, content: bytes) -> Path:
 GOOD = {"mlp": {"folds": 1, "mean": {"loss": 0.5, "accuracy": 90.0}, "std": {"loss": 0.0, "accuracy": 0.0}}}
 
 
-@pytest.mark.parametrize("content, expected", [
-    (json.dumps(GOOD).encode()[:25], "not a results file izitorch wrote (JSONDecodeError: "),
-    (bytes(range(256)) * 4, "not a results file izitorch wrote (UnicodeDecodeError: "),
-    (b"", "not a results file izitorch wrote (JSONDecodeError: "),
-    (b"[1, 2]", "expected a table of models, found a list; run the manifest again (--overwrite) to rewrite it"),
-    (b'{"mlp": 3}', 'mlp.mean: expected the model\'s scores with a "mean" table, found 3;'),
-    (b'{"mlp": {"mean": [1]}}', 'mlp.mean: expected the model\'s scores with a "mean" table, found a table;'),
-    (b'{"mlp": {"mean": {"accuracy": "high"}}}', 'mlp.mean.accuracy: expected a number, found "high";'),
-    (b'{"mlp": {"mean": {"loss": null}}}', "mlp.mean.loss: expected a number, found None;"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (json.dumps(GOOD).encode()[:25], "not a results file izitorch wrote (JSONDecodeError: "),
+        (bytes(range(256)) * 4, "not a results file izitorch wrote (UnicodeDecodeError: "),
+        (b"", "not a results file izitorch wrote (JSONDecodeError: "),
+        (b"[1, 2]", "expected a table of models, found a list; run the manifest again (--overwrite) to rewrite it"),
+        (b'{"mlp": 3}', 'mlp.mean: expected the model\'s scores with a "mean" table, found 3;'),
+        (b'{"mlp": {"mean": [1]}}', 'mlp.mean: expected the model\'s scores with a "mean" table, found a table;'),
+        (b'{"mlp": {"mean": {"accuracy": "high"}}}', 'mlp.mean.accuracy: expected a number, found "high";'),
+        (b'{"mlp": {"mean": {"loss": null}}}', "mlp.mean.loss: expected a number, found None;"),
+    ],
+)
 def test_report_of_a_damaged_results_json_is_one_line(tmp_path, capsys, content, expected):
     res_dir = results_dir(tmp_path, content)
     code, out, err = cli(capsys, "report", res_dir)
@@ -404,9 +433,34 @@ def test_report_of_a_good_results_json_prints_the_table(tmp_path, capsys):
 
 # -- command lines at random ------------------------------------------------------------------------
 
-TOKENS = st.sampled_from(["validate", "plugins", "report", "run", "--set", "--resume", "--overwrite", "--version", "--help",
-                          "-h", "--", "-", "--set=", "m.toml", "missing.toml", "res", "run.epochs=1e9", "run.rdm_seed=-1",
-                          "run.epochs=2", 'plugins.enable=["x.y"]', "data.params={a={a={a=1}}}", "=", "[", "models[9].name=x"])
+TOKENS = st.sampled_from(
+    [
+        "validate",
+        "plugins",
+        "report",
+        "run",
+        "--set",
+        "--resume",
+        "--overwrite",
+        "--version",
+        "--help",
+        "-h",
+        "--",
+        "-",
+        "--set=",
+        "m.toml",
+        "missing.toml",
+        "res",
+        "run.epochs=1e9",
+        "run.rdm_seed=-1",
+        "run.epochs=2",
+        'plugins.enable=["x.y"]',
+        "data.params={a={a={a=1}}}",
+        "=",
+        "[",
+        "models[9].name=x",
+    ]
+)
 ARGV = st.lists(st.one_of(TOKENS, st.text(max_size=12)), max_size=6).filter(lambda argv: "run" not in argv)
 
 

@@ -6,6 +6,7 @@ the exit code is 0, 1 or 2; a failure prints exactly one line on stderr, ``izito
 and never a traceback; nothing outside ``res_dir`` is written or deleted, and the user's files
 next to the manifest are intact.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,7 @@ VALID = {
     "run": {"res_dir": "res", "epochs": 1, "batch_size": 32, "display_step": 1000, "rdm_seed": 3},
     "data": {"dataset": "izitorch.datasets:digits", "params": {"limit": 120}, "num_classes": 10, "train_ratio": 0.75},
     "models": [
-        {"name": "mlp", "model": "izitorch.models:MLP", "params": {"hidden": 8},
-         "optimizer": {"class": "torch.optim:SGD", "lr": 0.05}},
+        {"name": "mlp", "model": "izitorch.models:MLP", "params": {"hidden": 8}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.05}},
         {"name": "mlp2", "model": "izitorch.models:MLP", "params": {"hidden": 4}},
     ],
     "plugins": {"checkpoint": {"policy": "last"}},
@@ -39,12 +39,33 @@ scalars = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=True, allow_infinity=True),
     st.booleans(),
-    st.sampled_from(["", ".", "..", "/", "~", "a:b", "torch.nn:Linear", "torch.nn:Identity", "torch.optim:SGD",
-                     "izitorch.models:MLP", "nope:Nope", "x.py:Y", "results.json", ".izitorch", "auto", "cuda", "\u2028", "\x00"]),
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "/",
+            "~",
+            "a:b",
+            "torch.nn:Linear",
+            "torch.nn:Identity",
+            "torch.optim:SGD",
+            "izitorch.models:MLP",
+            "nope:Nope",
+            "x.py:Y",
+            "results.json",
+            ".izitorch",
+            "auto",
+            "cuda",
+            "\u2028",
+            "\x00",
+        ]
+    ),
     st.text(max_size=40),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3)),
-                      max_leaves=6)
+values = st.recursive(
+    scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3)), max_leaves=6
+)
 
 
 def paths(tree, prefix=()):
@@ -130,8 +151,11 @@ def sandbox(tmp_path_factory):
 counter = iter(range(10**9))
 
 
-@settings(max_examples=int(os.environ.get("IZITORCH_HOSTILE_EXAMPLES", "30")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("IZITORCH_HOSTILE_EXAMPLES", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=mutations(), command=st.sampled_from(["validate", "validate", "run"]))
 def test_a_random_mistake_is_one_line_and_touches_nothing_else(sandbox, case, command, monkeypatch):
     manifest, extra = case

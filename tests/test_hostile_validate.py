@@ -11,6 +11,7 @@ Every CLI case asserts the exit code, exactly one stderr line and no traceback. 
 in-process through ``izitorch.cli.main`` with ``capfd``, so that what DataLoader worker processes
 write to the terminal is seen too; the real entry point is used once for each kind of failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -125,7 +126,7 @@ class Triples(Flagged):
 '''
 
 # Creates the dataset's flag file at the end of epoch 1: the dataset fails from epoch 2 on.
-FLAG_PLUGIN = '''\
+FLAG_PLUGIN = """\
 from pathlib import Path
 from izitorch import hookimpl
 
@@ -133,11 +134,12 @@ from izitorch import hookimpl
 def izitorch_epoch_finish(run, fold, epoch, scores):
     if epoch == 1:
         Path(run.config.data.params["flag"]).write_text("on")
-'''
+"""
 
 
-def write_run(tmp_path: Path, *, models: list[dict] = (), data: dict | None = None, run: dict | None = None,
-              plugins: dict | None = None, epochs: int = 2) -> Path:
+def write_run(
+    tmp_path: Path, *, models: list[dict] = (), data: dict | None = None, run: dict | None = None, plugins: dict | None = None, epochs: int = 2
+) -> Path:
     """A manifest (and hostile.py) in tmp_path: 300 digits, holdout 80/20, batch 32, an MLP and
     ``models``; ``data``, ``run`` and ``plugins`` laid over those tables."""
     (tmp_path / "hostile.py").write_text(HOSTILE, encoding="utf-8")
@@ -163,36 +165,90 @@ def assert_epoch_1_kept(res: Path) -> None:
 
 SAME_LINE = [
     # (id, --set overrides, exit code, the line after "<manifest>: " or the whole line)
-    ("no-parameters", ['models[0].model="torch.nn:Sequential"', "models[0].params={}"], 2,
-     ('{path}: models[0].model: "torch.nn:Sequential" built a model with no parameters: there is nothing to train; '
-      "check its class and params")),
-    ("model-keyerror", ['models[0].model="hostile.py:KeyNet"', "models[0].params={}"], 1,
-     "{path}: model mlp: forward failed on input of shape (4, 64): KeyError: 'features'"),
-    ("criterion-keyerror", ['models[0].criterion="hostile.py:LookupLoss"'], 1,
-     ("{path}: model mlp: the criterion failed on output (4, 10) and target (4,): KeyError: 'weights'; check that the model's output "
-      "size matches num_classes and that labels lie in [0, num_classes)")),
-    ("criterion-not-scalar", ['models[0].criterion="hostile.py:PerSample"'], 1,
-     '{path}: model mlp: the criterion returned (4,), not a scalar loss; give it reduction = "mean" or "sum", or make it return one value'),
-    ("output-too-narrow", ["models[0].params.num_classes=3"], 1,
-     ("{path}: model mlp: output (4, 3) has 3 classes but num_classes = 10 (target (4,)); check that the model's output size matches "
-      "num_classes and that labels lie in [0, num_classes)")),
-    ("sample-raises", ['data.dataset="hostile.py:Flagged"', "data.params={}"], 1,
-     ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 299: ValueError: '
-      "corrupt record 299")),
-    ("items-do-not-collate", ['data.dataset="hostile.py:Flagged"', 'data.params={bad="ragged"}'], 1,
-     ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: RuntimeError: stack expects '
-      "each tensor to be equal size, but got [64] at entry 0 and [63] at entry 1; every sample must have the same shape to be batched")),
-    ("len-beyond-data", ['data.dataset="hostile.py:Flagged"', 'data.params={bad="none", extra=5}'], 1,
-     ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 304: IndexError: '
-      "index 304 is out of bounds for dimension 0 with size 300; check that __len__ counts only the samples that exist")),
-    ("not-pairs", ['data.dataset="hostile.py:Triples"', "data.params={}"], 1,
-     "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__"),
-    ("scheduler-factory-plateau", ['models[0].scheduler="hostile.py:plateau"'], 2,
-     ("{path}: models[0].scheduler: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without "
-      'a metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"')),
-    ("optimizer-factory-linear", ['models[0].optimizer="hostile.py:linear_optimizer"'], 2,
-     ('{path}: models[0].optimizer: "hostile.py:linear_optimizer" gave a Linear, not an optimizer: optimizer expects a '
-      'torch.optim.Optimizer, e.g. "torch.optim:Adam"')),
+    (
+        "no-parameters",
+        ['models[0].model="torch.nn:Sequential"', "models[0].params={}"],
+        2,
+        ('{path}: models[0].model: "torch.nn:Sequential" built a model with no parameters: there is nothing to train; check its class and params'),
+    ),
+    (
+        "model-keyerror",
+        ['models[0].model="hostile.py:KeyNet"', "models[0].params={}"],
+        1,
+        "{path}: model mlp: forward failed on input of shape (4, 64): KeyError: 'features'",
+    ),
+    (
+        "criterion-keyerror",
+        ['models[0].criterion="hostile.py:LookupLoss"'],
+        1,
+        (
+            "{path}: model mlp: the criterion failed on output (4, 10) and target (4,): KeyError: 'weights'; check that the model's output "
+            "size matches num_classes and that labels lie in [0, num_classes)"
+        ),
+    ),
+    (
+        "criterion-not-scalar",
+        ['models[0].criterion="hostile.py:PerSample"'],
+        1,
+        '{path}: model mlp: the criterion returned (4,), not a scalar loss; give it reduction = "mean" or "sum", or make it return one value',
+    ),
+    (
+        "output-too-narrow",
+        ["models[0].params.num_classes=3"],
+        1,
+        (
+            "{path}: model mlp: output (4, 3) has 3 classes but num_classes = 10 (target (4,)); check that the model's output size matches "
+            "num_classes and that labels lie in [0, num_classes)"
+        ),
+    ),
+    (
+        "sample-raises",
+        ['data.dataset="hostile.py:Flagged"', "data.params={}"],
+        1,
+        ('{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 299: ValueError: corrupt record 299'),
+    ),
+    (
+        "items-do-not-collate",
+        ['data.dataset="hostile.py:Flagged"', 'data.params={bad="ragged"}'],
+        1,
+        (
+            '{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: RuntimeError: stack expects '
+            "each tensor to be equal size, but got [64] at entry 0 and [63] at entry 1; every sample must have the same shape to be batched"
+        ),
+    ),
+    (
+        "len-beyond-data",
+        ['data.dataset="hostile.py:Flagged"', 'data.params={bad="none", extra=5}'],
+        1,
+        (
+            '{path}: data.dataset: "hostile.py:Flagged" failed loading a batch checked before training: sample 304: IndexError: '
+            "index 304 is out of bounds for dimension 0 with size 300; check that __len__ counts only the samples that exist"
+        ),
+    ),
+    (
+        "not-pairs",
+        ['data.dataset="hostile.py:Triples"', "data.params={}"],
+        1,
+        "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__",
+    ),
+    (
+        "scheduler-factory-plateau",
+        ['models[0].scheduler="hostile.py:plateau"'],
+        2,
+        (
+            "{path}: models[0].scheduler: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without "
+            'a metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
+        ),
+    ),
+    (
+        "optimizer-factory-linear",
+        ['models[0].optimizer="hostile.py:linear_optimizer"'],
+        2,
+        (
+            '{path}: models[0].optimizer: "hostile.py:linear_optimizer" gave a Linear, not an optimizer: optimizer expects a '
+            'torch.optim.Optimizer, e.g. "torch.optim:Adam"'
+        ),
+    ),
 ]
 
 
@@ -211,8 +267,11 @@ def test_validate_fails_with_the_line_run_gives_and_writes_nothing(tmp_path, cap
 
 def test_validate_says_ok_to_what_trains_and_its_dry_run_moves_nothing(tmp_path, capfd):
     """The dry run keeps every random generator, each module's mode and every weight and buffer."""
-    path = write_run(tmp_path, data={"dataset": "hostile.py:Noisy", "params": {"limit": None, "bad": "none"}},
-                     models=[{"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "batch_norm": True}, "optimizer": None}])
+    path = write_run(
+        tmp_path,
+        data={"dataset": "hostile.py:Noisy", "params": {"limit": None, "bad": "none"}},
+        models=[{"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "batch_norm": True}, "optimizer": None}],
+    )
     code, out, err = cli(capfd, "validate", path)
     assert (code, err) == (0, "") and out.startswith(f"{path}: OK (2 model(s): mlp, cnn; ")
     config = load_manifest(path)
@@ -241,28 +300,55 @@ def test_the_dry_run_gives_each_submodule_its_own_mode_back():
 # -- components that are not what their key says --------------------------------------------------
 
 KINDS = [
-    ("optimizer-identity", 'models[0].optimizer={class="torch.nn:Identity"}',
-     ('models[0].optimizer.class: "torch.nn:Identity" is not an optimizer: optimizer expects a torch.optim.Optimizer class, '
-      'e.g. "torch.optim:Adam"')),
-    ("optimizer-linear", 'models[0].optimizer={class="torch.nn:Linear", lr=0.1}',
-     ('models[0].optimizer.class: "torch.nn:Linear" is not an optimizer: optimizer expects a torch.optim.Optimizer class, '
-      'e.g. "torch.optim:Adam"')),
-    ("scheduler-relu", 'models[0].scheduler="torch.nn:ReLU"',
-     ('models[0].scheduler.class: "torch.nn:ReLU" is not a learning-rate scheduler: scheduler expects a '
-      'torch.optim.lr_scheduler.LRScheduler class, e.g. "torch.optim.lr_scheduler:StepLR"')),
-    ("scheduler-sgd", 'models[0].scheduler={class="torch.optim:SGD", lr=0.1}',
-     ('models[0].scheduler.class: "torch.optim:SGD" is not a learning-rate scheduler: scheduler expects a '
-      'torch.optim.lr_scheduler.LRScheduler class, e.g. "torch.optim.lr_scheduler:StepLR"')),
-    ("scheduler-plateau", 'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"',
-     ("models[0].scheduler.class: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a "
-      'metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"')),
-    ("model-not-a-module", 'models[0].model="collections:OrderedDict"',
-     'models[0].model: "collections:OrderedDict" is not a model: model expects a torch.nn.Module class, e.g. "izitorch.models:MLP"'),
-    ("model-factory-gives-data", 'models[0].model="izitorch.datasets:digits"',
-     ('models[0].model: "izitorch.datasets:digits" gave a TensorDataset, not a model: model expects a torch.nn.Module, '
-      'e.g. "izitorch.models:MLP"')),
-    ("criterion-reduction-none", 'models[0].criterion={class="torch.nn:CrossEntropyLoss", reduction="none"}',
-     'models[0].criterion.reduction: reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"'),
+    (
+        "optimizer-identity",
+        'models[0].optimizer={class="torch.nn:Identity"}',
+        ('models[0].optimizer.class: "torch.nn:Identity" is not an optimizer: optimizer expects a torch.optim.Optimizer class, e.g. "torch.optim:Adam"'),
+    ),
+    (
+        "optimizer-linear",
+        'models[0].optimizer={class="torch.nn:Linear", lr=0.1}',
+        ('models[0].optimizer.class: "torch.nn:Linear" is not an optimizer: optimizer expects a torch.optim.Optimizer class, e.g. "torch.optim:Adam"'),
+    ),
+    (
+        "scheduler-relu",
+        'models[0].scheduler="torch.nn:ReLU"',
+        (
+            'models[0].scheduler.class: "torch.nn:ReLU" is not a learning-rate scheduler: scheduler expects a '
+            'torch.optim.lr_scheduler.LRScheduler class, e.g. "torch.optim.lr_scheduler:StepLR"'
+        ),
+    ),
+    (
+        "scheduler-sgd",
+        'models[0].scheduler={class="torch.optim:SGD", lr=0.1}',
+        (
+            'models[0].scheduler.class: "torch.optim:SGD" is not a learning-rate scheduler: scheduler expects a '
+            'torch.optim.lr_scheduler.LRScheduler class, e.g. "torch.optim.lr_scheduler:StepLR"'
+        ),
+    ),
+    (
+        "scheduler-plateau",
+        'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"',
+        (
+            "models[0].scheduler.class: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a "
+            'metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
+        ),
+    ),
+    (
+        "model-not-a-module",
+        'models[0].model="collections:OrderedDict"',
+        'models[0].model: "collections:OrderedDict" is not a model: model expects a torch.nn.Module class, e.g. "izitorch.models:MLP"',
+    ),
+    (
+        "model-factory-gives-data",
+        'models[0].model="izitorch.datasets:digits"',
+        ('models[0].model: "izitorch.datasets:digits" gave a TensorDataset, not a model: model expects a torch.nn.Module, e.g. "izitorch.models:MLP"'),
+    ),
+    (
+        "criterion-reduction-none",
+        'models[0].criterion={class="torch.nn:CrossEntropyLoss", reduction="none"}',
+        'models[0].criterion.reduction: reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"',
+    ),
 ]
 
 
@@ -277,22 +363,31 @@ def test_a_component_of_another_kind_is_refused_saying_what_the_key_expects(tmp_
     assert not (tmp_path / "res" / "mlp").exists()
 
 
-@pytest.mark.parametrize("part, component, expected", [
-    ("optimizer", torch.nn.Linear(2, 2),
-     'models[0].optimizer: Linear gave a Linear, not an optimizer: optimizer expects a torch.optim.Optimizer, e.g. "torch.optim:Adam"'),
-    ("criterion", torch.nn.CrossEntropyLoss(reduction="none"),
-     'models[0].criterion: reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"'),
-])
+@pytest.mark.parametrize(
+    "part, component, expected",
+    [
+        (
+            "optimizer",
+            torch.nn.Linear(2, 2),
+            'models[0].optimizer: Linear gave a Linear, not an optimizer: optimizer expects a torch.optim.Optimizer, e.g. "torch.optim:Adam"',
+        ),
+        (
+            "criterion",
+            torch.nn.CrossEntropyLoss(reduction="none"),
+            'models[0].criterion: reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"',
+        ),
+    ],
+)
 def test_built_objects_given_from_python_are_checked_too(tmp_path, part, component, expected):
     spec = ModelSpec(name="m", model=MLP(hidden=4), **{part: ComponentSpec(component)})
-    config = Config(RunConfig(res_dir=str(tmp_path / "res")), DataConfig(dataset="izitorch.datasets:digits", params={"limit": 50}),
-                    [spec], source="")
+    config = Config(RunConfig(res_dir=str(tmp_path / "res")), DataConfig(dataset="izitorch.datasets:digits", params={"limit": 50}), [spec], source="")
     with pytest.raises(IzitorchError) as caught:
         dry_run(config, torch.device("cpu"))
     assert str(caught.value) == expected
 
 
 # -- a model or criterion raising anything during training ------------------------------------------
+
 
 def test_a_model_raising_keyerror_in_epoch_2_is_one_line_naming_it_and_epoch_1_is_kept(tmp_path, capfd):
     path = write_run(tmp_path)
@@ -337,13 +432,22 @@ def test_an_interrupt_or_exit_in_a_forward_is_not_turned_into_an_error_line(rais
 
 # -- the dataset failing during training ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("workers", [0, 1])
-@pytest.mark.parametrize("bad, cause", [
-    ("raise", r"sample (?P<index>\d+): ValueError: corrupt record (?P=index)"),
-    ("ragged", r"RuntimeError: .*; every sample must have the same shape to be batched"),
-    ("short", (r"sample (?P<index>\d+): IndexError: index (?P=index) is out of bounds for dimension 0 with size 250; "
-               r"check that __len__ counts only the samples that exist")),
-])
+@pytest.mark.parametrize(
+    "bad, cause",
+    [
+        ("raise", r"sample (?P<index>\d+): ValueError: corrupt record (?P=index)"),
+        ("ragged", r"RuntimeError: .*; every sample must have the same shape to be batched"),
+        (
+            "short",
+            (
+                r"sample (?P<index>\d+): IndexError: index (?P=index) is out of bounds for dimension 0 with size 250; "
+                r"check that __len__ counts only the samples that exist"
+            ),
+        ),
+    ],
+)
 def test_a_dataset_failing_in_epoch_2_is_one_line_naming_dataset_phase_and_sample(tmp_path, capfd, bad, cause, workers):
     (tmp_path / "flag.py").write_text(FLAG_PLUGIN, encoding="utf-8")
     flag = (tmp_path / "flag").as_posix()
@@ -353,8 +457,8 @@ def test_a_dataset_failing_in_epoch_2_is_one_line_naming_dataset_phase_and_sampl
     assert code == 1
     line = error_of(err)
     head = f'{path}: data.dataset: "hostile.py:Flagged" failed loading the train set (fold 1, epoch 2): '
-    assert line.startswith(head) and re.fullmatch(cause, line[len(head):]), line
-    match = re.fullmatch(cause, line[len(head):])
+    assert line.startswith(head) and re.fullmatch(cause, line[len(head) :]), line
+    match = re.fullmatch(cause, line[len(head) :])
     if "index" in match.groupdict():  # the sample named is one that fails, among the training samples
         index = int(match["index"])
         assert (index % 2 == 1) if bad == "raise" else index >= 250
@@ -366,17 +470,25 @@ def test_a_dataset_failing_in_epoch_2_is_one_line_naming_dataset_phase_and_sampl
 # -- a plugin raising in a hook ---------------------------------------------------------------------------
 
 HOOK_CALLS = {
-    "izitorch_run_start": "run", "izitorch_fold_start": "run, fold", "izitorch_epoch_start": "run, fold, epoch",
-    "izitorch_batch_finish": "run, fold, step, losses", "izitorch_before_optimizer_step": "run, slot",
-    "izitorch_should_stop": "run, fold, epoch, scores", "izitorch_state_dict": "run", "izitorch_fold_finish": "run, fold",
-    "izitorch_run_finish": "run, results", "izitorch_make_splits": "run, dataset", "izitorch_register_metrics": "register",
+    "izitorch_run_start": "run",
+    "izitorch_fold_start": "run, fold",
+    "izitorch_epoch_start": "run, fold, epoch",
+    "izitorch_batch_finish": "run, fold, step, losses",
+    "izitorch_before_optimizer_step": "run, slot",
+    "izitorch_should_stop": "run, fold, epoch, scores",
+    "izitorch_state_dict": "run",
+    "izitorch_fold_finish": "run, fold",
+    "izitorch_run_finish": "run, results",
+    "izitorch_make_splits": "run, dataset",
+    "izitorch_register_metrics": "register",
 }
 
 
 def boom_plugin(hook: str, raise_: str = 'ValueError("boom")', when: str = "True") -> str:
     """A local plugin whose ``hook`` raises ``raise_`` when ``when`` holds."""
-    return (f"from izitorch import hookimpl\n\n@hookimpl\ndef {hook}({HOOK_CALLS.get(hook, 'run, fold, epoch, scores')}):\n"
-            f"    if {when}:\n        raise {raise_}\n")
+    return (
+        f"from izitorch import hookimpl\n\n@hookimpl\ndef {hook}({HOOK_CALLS.get(hook, 'run, fold, epoch, scores')}):\n    if {when}:\n        raise {raise_}\n"
+    )
 
 
 @pytest.mark.parametrize("hook", sorted(HOOK_CALLS))
@@ -399,8 +511,9 @@ def test_a_plugin_raising_at_epoch_2_keeps_epoch_1_through_the_real_entry_point(
 
 
 def test_a_plugin_raising_while_configured_fails_validate_with_exit_2(tmp_path, capfd):
-    (tmp_path / "boom.py").write_text("from izitorch import hookimpl\n\n@hookimpl\ndef izitorch_configure(config):\n"
-                                      "    raise RuntimeError('no table\\nsecond line')\n", encoding="utf-8")
+    (tmp_path / "boom.py").write_text(
+        "from izitorch import hookimpl\n\n@hookimpl\ndef izitorch_configure(config):\n    raise RuntimeError('no table\\nsecond line')\n", encoding="utf-8"
+    )
     path = write_run(tmp_path, plugins={"enable": ["boom.py"]})
     code, _, err = cli(capfd, "validate", path)
     assert (code, error_of(err)) == (2, f'{path}: plugin "boom.py": izitorch_configure raised RuntimeError: no table')

@@ -6,6 +6,7 @@ lazy import only postpones a cycle; imports under ``if TYPE_CHECKING:`` never ru
 count. ``from package import name`` is an edge to the submodule ``package.name`` when there is
 one, else to the package itself (its ``__init__``).
 """
+
 from __future__ import annotations
 
 import ast

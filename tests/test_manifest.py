@@ -3,6 +3,7 @@
 Every mistake must surface as an :class:`izitorch.errors.ManifestError` (or another
 ``IzitorchError``) whose text is a single line ``<file>: <key.path>: <cause and fix>``.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,28 +41,18 @@ def model(name: str = "mlp", ref: str = "izitorch.models:MLP", extra: str = "") 
 # "{dir}" stands for the manifest's folder, resolved.
 CATALOGUE = [
     # -- the file itself
-    ("invalid-toml", "[run\nepochs = 3\n",
-     re.compile(r"invalid TOML: .+ \(at line 1, column 5\)")),
-    ("invalid-toml-value", "[run]\nepochs = three\n",
-     re.compile(r"invalid TOML: .+ \(at line 2, column 10\)")),
-    ("duplicate-key", "[run]\nepochs = 1\nepochs = 2\n",
-     re.compile(r"invalid TOML: .+ \(at line 3, column .+\)")),
+    ("invalid-toml", "[run\nepochs = 3\n", re.compile(r"invalid TOML: .+ \(at line 1, column 5\)")),
+    ("invalid-toml-value", "[run]\nepochs = three\n", re.compile(r"invalid TOML: .+ \(at line 2, column 10\)")),
+    ("duplicate-key", "[run]\nepochs = 1\nepochs = 2\n", re.compile(r"invalid TOML: .+ \(at line 3, column .+\)")),
     # -- sections
-    ("unknown-section", manifest(tail="[plugin]\nenable = []\n"),
-     'plugin: unknown section "plugin" (did you mean "plugins"?)'),
-    ("unknown-section-no-close-match", manifest(tail="[training]\nlr = 1\n"),
-     'training: unknown section "training"'),
-    ("run-not-a-table", 'run = 3\n[data]\n' + DATASET + MLP,
-     'run: expected a table ([run]), got 3'),
+    ("unknown-section", manifest(tail="[plugin]\nenable = []\n"), 'plugin: unknown section "plugin" (did you mean "plugins"?)'),
+    ("unknown-section-no-close-match", manifest(tail="[training]\nlr = 1\n"), 'training: unknown section "training"'),
+    ("run-not-a-table", "run = 3\n[data]\n" + DATASET + MLP, "run: expected a table ([run]), got 3"),
     # -- unknown keys
-    ("unknown-run-key", manifest(run="epoch = 3"),
-     'run.epoch: unknown key "epoch" (did you mean "epochs"?)'),
-    ("unknown-data-key", manifest(data="num_class = 3"),
-     'data.num_class: unknown key "num_class" (did you mean "num_classes"?)'),
-    ("unknown-model-key", manifest(model='optimiser = "torch.optim:SGD"'),
-     'models[0].optimiser: unknown key "optimiser" (did you mean "optimizer"?)'),
-    ("unknown-run-key-original-name", manifest(run="seed = 3"),
-     'run.seed: unknown key "seed" (did you mean "rdm_seed"?)'),
+    ("unknown-run-key", manifest(run="epoch = 3"), 'run.epoch: unknown key "epoch" (did you mean "epochs"?)'),
+    ("unknown-data-key", manifest(data="num_class = 3"), 'data.num_class: unknown key "num_class" (did you mean "num_classes"?)'),
+    ("unknown-model-key", manifest(model='optimiser = "torch.optim:SGD"'), 'models[0].optimiser: unknown key "optimiser" (did you mean "optimizer"?)'),
+    ("unknown-run-key-original-name", manifest(run="seed = 3"), 'run.seed: unknown key "seed" (did you mean "rdm_seed"?)'),
     # -- scalar types
     ("string-for-int", manifest(run='epochs = "3"'), 'run.epochs: expected an integer, got "3"'),
     ("float-for-int", manifest(run="batch_size = 3.5"), "run.batch_size: expected an integer, got 3.5 (a float): write an integer"),
@@ -74,122 +65,187 @@ CATALOGUE = [
     # -- ranges
     ("epochs-0", manifest(run="epochs = 0"), "run.epochs: expected an integer >= 1, got 0"),
     ("batch-size-0", manifest(run="batch_size = 0"), "run.batch_size: expected an integer >= 1, got 0"),
-    ("train-ratio-0", manifest(data="train_ratio = 0"),
-     "data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
-    ("train-ratio-1", manifest(data="train_ratio = 1"),
-     "data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
-    ("train-ratio-1.5", manifest(data="train_ratio = 1.5"),
-     "data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.5"),
+    ("train-ratio-0", manifest(data="train_ratio = 0"), "data.train_ratio: expected a number between 0 and 1 (exclusive), got 0.0"),
+    ("train-ratio-1", manifest(data="train_ratio = 1"), "data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.0"),
+    ("train-ratio-1.5", manifest(data="train_ratio = 1.5"), "data.train_ratio: expected a number between 0 and 1 (exclusive), got 1.5"),
     ("test-epoch-0", manifest(run="test_epoch = 0"), "run.test_epoch: expected an integer >= 1, got 0"),
     ("display-step-0", manifest(run="display_step = 0"), "run.display_step: expected an integer >= 1, got 0"),
     ("num-workers-negative", manifest(run="num_workers = -1"), "run.num_workers: expected an integer >= 0, got -1"),
     ("num-classes-1", manifest(data="num_classes = 1"), "data.num_classes: expected an integer >= 2, got 1"),
     # -- choices
-    ("bad-device", manifest(run='device = "gpu"'),
-     'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "gpu"'),
-    ("bad-device-index", manifest(run='device = "cuda:x"'),
-     'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "cuda:x"'),
-    ("device-with-trailing-newline", manifest(run='device = "cpu\\n"'),
-     'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "cpu\\n"'),
-    ("bad-multi-model", manifest(run='multi_model = "vectorised"'),
-     'run.multi_model: expected one of "auto", "sequential", "vectorized", got "vectorised" (did you mean "vectorized"?)'),
+    ("bad-device", manifest(run='device = "gpu"'), 'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "gpu"'),
+    ("bad-device-index", manifest(run='device = "cuda:x"'), 'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "cuda:x"'),
+    ("device-with-trailing-newline", manifest(run='device = "cpu\\n"'), 'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "cpu\\n"'),
+    (
+        "bad-multi-model",
+        manifest(run='multi_model = "vectorised"'),
+        'run.multi_model: expected one of "auto", "sequential", "vectorized", got "vectorised" (did you mean "vectorized"?)',
+    ),
     # -- [[models]]
     ("no-models", manifest(models=""), "models: no [[models]] entry: a run needs at least one model"),
     ("empty-models-array", "models = []\n" + manifest(models=""), "models: expected at least one [[models]] entry"),
-    ("models-as-table", manifest(models='[models]\nname = "a"\nmodel = "izitorch.models:MLP"\n'),
-     "models: expected an array of tables ([[models]] entries)"),
+    ("models-as-table", manifest(models='[models]\nname = "a"\nmodel = "izitorch.models:MLP"\n'), "models: expected an array of tables ([[models]] entries)"),
     ("models-item-not-table", "models = [1]\n" + manifest(models=""), "models[0]: expected a table, got 1"),
-    ("duplicate-model-names", manifest(models=model("a") + model("b") + model("a")),
-     'models[2].name: duplicate model name "a"; every model needs its own name'),
-    ("bad-model-name", manifest(models=model("my model")),
-     "models[0].name: expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got \"my model\""),
-    ("model-name-with-trailing-newline", manifest(models=model("mlp\\n")),
-     "models[0].name: expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got \"mlp\\n\""),
-    ("model-name-missing", manifest(models='[[models]]\nmodel = "izitorch.models:MLP"\n'),
-     'models[0].name: missing required key "name"'),
-    ("model-reference-missing", manifest(models='[[models]]\nname = "a"\n'),
-     'models[0].model: missing required key "model"'),
-    ("model-reference-malformed", manifest(models=model(ref="izitorch.models.MLP")),
-     'models[0].model: expected a reference "module:attr" or "file.py:attr", got "izitorch.models.MLP"'),
-    ("model-reference-empty-attr", manifest(models=model(ref="izitorch.models:")),
-     'models[0].model: expected a reference "module:attr" or "file.py:attr", got "izitorch.models:"'),
-    ("model-reference-date", manifest(models='[[models]]\nname = "a"\nmodel = 1979-05-27\n'),
-     'models[0].model: expected a reference "module:attr" or "file.py:attr", got datetime.date(1979, 5, 27)'),
-    ("model-module-not-importable", manifest(models=model(ref="izitorch.modelz:MLP")),
-     "models[0].model: cannot import module \"izitorch.modelz\" (No module named 'izitorch.modelz'); check the spelling or install it"),
-    ("model-attribute-missing", manifest(models=model(ref="izitorch.models:MPL")),
-     'models[0].model: "izitorch.models" has no attribute "MPL" (did you mean "MLP"?)'),
-    ("model-not-callable", manifest(models=model(ref="izitorch.pluginmanager:DEFAULT_PLUGINS")),
-     'models[0].model: "izitorch.pluginmanager:DEFAULT_PLUGINS" is not callable'),
-    ("second-model-bad", manifest(models=model("a") + model("b", "izitorch.models:SmallCN")),
-     'models[1].model: "izitorch.models" has no attribute "SmallCN" (did you mean "SmallCNN"?)'),
-    ("unknown-model-param", manifest(model="params = { hiden = 3 }"),
-     'models[0].params.hiden: unexpected argument "hiden" for izitorch.models.MLP (did you mean "hidden"?)'),
-    ("model-param-wrong-type", manifest(model='params = { hidden = "big" }'),
-     'models[0].params.hidden: expected a number, got "big"'),
-    ("missing-required-param", manifest(models=model(ref="torch.nn:Linear", extra="params = { in_features = 3 }")),
-     'models[0].params: missing argument "out_features" for torch.nn.modules.linear.Linear'),
-    ("model-file-missing", manifest(models=model(ref="nofile.py:Net")),
-     'models[0].model: file "nofile.py" not found (looked in {dir})'),
+    (
+        "duplicate-model-names",
+        manifest(models=model("a") + model("b") + model("a")),
+        'models[2].name: duplicate model name "a"; every model needs its own name',
+    ),
+    (
+        "bad-model-name",
+        manifest(models=model("my model")),
+        "models[0].name: expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got \"my model\"",
+    ),
+    (
+        "model-name-with-trailing-newline",
+        manifest(models=model("mlp\\n")),
+        "models[0].name: expected a name made of letters, digits, '_', '-', '.', '+' (it names a folder), got \"mlp\\n\"",
+    ),
+    ("model-name-missing", manifest(models='[[models]]\nmodel = "izitorch.models:MLP"\n'), 'models[0].name: missing required key "name"'),
+    ("model-reference-missing", manifest(models='[[models]]\nname = "a"\n'), 'models[0].model: missing required key "model"'),
+    (
+        "model-reference-malformed",
+        manifest(models=model(ref="izitorch.models.MLP")),
+        'models[0].model: expected a reference "module:attr" or "file.py:attr", got "izitorch.models.MLP"',
+    ),
+    (
+        "model-reference-empty-attr",
+        manifest(models=model(ref="izitorch.models:")),
+        'models[0].model: expected a reference "module:attr" or "file.py:attr", got "izitorch.models:"',
+    ),
+    (
+        "model-reference-date",
+        manifest(models='[[models]]\nname = "a"\nmodel = 1979-05-27\n'),
+        'models[0].model: expected a reference "module:attr" or "file.py:attr", got datetime.date(1979, 5, 27)',
+    ),
+    (
+        "model-module-not-importable",
+        manifest(models=model(ref="izitorch.modelz:MLP")),
+        "models[0].model: cannot import module \"izitorch.modelz\" (No module named 'izitorch.modelz'); check the spelling or install it",
+    ),
+    (
+        "model-attribute-missing",
+        manifest(models=model(ref="izitorch.models:MPL")),
+        'models[0].model: "izitorch.models" has no attribute "MPL" (did you mean "MLP"?)',
+    ),
+    (
+        "model-not-callable",
+        manifest(models=model(ref="izitorch.pluginmanager:DEFAULT_PLUGINS")),
+        'models[0].model: "izitorch.pluginmanager:DEFAULT_PLUGINS" is not callable',
+    ),
+    (
+        "second-model-bad",
+        manifest(models=model("a") + model("b", "izitorch.models:SmallCN")),
+        'models[1].model: "izitorch.models" has no attribute "SmallCN" (did you mean "SmallCNN"?)',
+    ),
+    (
+        "unknown-model-param",
+        manifest(model="params = { hiden = 3 }"),
+        'models[0].params.hiden: unexpected argument "hiden" for izitorch.models.MLP (did you mean "hidden"?)',
+    ),
+    ("model-param-wrong-type", manifest(model='params = { hidden = "big" }'), 'models[0].params.hidden: expected a number, got "big"'),
+    (
+        "missing-required-param",
+        manifest(models=model(ref="torch.nn:Linear", extra="params = { in_features = 3 }")),
+        'models[0].params: missing argument "out_features" for torch.nn.modules.linear.Linear',
+    ),
+    ("model-file-missing", manifest(models=model(ref="nofile.py:Net")), 'models[0].model: file "nofile.py" not found (looked in {dir})'),
     # -- criterion / optimizer / scheduler
-    ("optimizer-without-class", manifest(model="optimizer = { lr = 0.1 }"),
-     'models[0].optimizer: expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }'),
-    ("optimizer-lr-string", manifest(model='optimizer = { class = "torch.optim:Adam", lr = "fast" }'),
-     'models[0].optimizer.lr: expected a number, got "fast"'),
-    ("optimizer-unknown-argument", manifest(model='optimizer = { class = "torch.optim:SGD", lr = 0.1, momentun = 0.9 }'),
-     'models[0].optimizer.momentun: unexpected argument "momentun" for torch.optim.sgd.SGD (did you mean "momentum"?)'),
-    ("optimizer-a-number", manifest(model="optimizer = 3"),
-     'models[0].optimizer: expected a reference "module:attr" or a table with a "class" key, got 3'),
-    ("optimizer-class-malformed", manifest(model='optimizer = { class = "Adam" }'),
-     'models[0].optimizer.class: expected a reference "module:attr" or "file.py:attr", got "Adam"'),
-    ("scheduler-missing-argument", manifest(model='scheduler = { class = "torch.optim.lr_scheduler:StepLR" }'),
-     'models[0].scheduler: missing argument "step_size" for torch.optim.lr_scheduler.StepLR'),
-    ("criterion-bad-reference", manifest(model='criterion = "torch.nn:CrossEntropyLos"'),
-     'models[0].criterion: "torch.nn" has no attribute "CrossEntropyLos" (did you mean "CrossEntropyLoss"?)'),
-    ("criterion-module-missing", manifest(model='criterion = "torch.nnn:CrossEntropyLoss"'),
-     "models[0].criterion: cannot import module \"torch.nnn\" (No module named 'torch.nnn'); check the spelling or install it"),
+    (
+        "optimizer-without-class",
+        manifest(model="optimizer = { lr = 0.1 }"),
+        'models[0].optimizer: expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }',
+    ),
+    ("optimizer-lr-string", manifest(model='optimizer = { class = "torch.optim:Adam", lr = "fast" }'), 'models[0].optimizer.lr: expected a number, got "fast"'),
+    (
+        "optimizer-unknown-argument",
+        manifest(model='optimizer = { class = "torch.optim:SGD", lr = 0.1, momentun = 0.9 }'),
+        'models[0].optimizer.momentun: unexpected argument "momentun" for torch.optim.sgd.SGD (did you mean "momentum"?)',
+    ),
+    ("optimizer-a-number", manifest(model="optimizer = 3"), 'models[0].optimizer: expected a reference "module:attr" or a table with a "class" key, got 3'),
+    (
+        "optimizer-class-malformed",
+        manifest(model='optimizer = { class = "Adam" }'),
+        'models[0].optimizer.class: expected a reference "module:attr" or "file.py:attr", got "Adam"',
+    ),
+    (
+        "scheduler-missing-argument",
+        manifest(model='scheduler = { class = "torch.optim.lr_scheduler:StepLR" }'),
+        'models[0].scheduler: missing argument "step_size" for torch.optim.lr_scheduler.StepLR',
+    ),
+    (
+        "criterion-bad-reference",
+        manifest(model='criterion = "torch.nn:CrossEntropyLos"'),
+        'models[0].criterion: "torch.nn" has no attribute "CrossEntropyLos" (did you mean "CrossEntropyLoss"?)',
+    ),
+    (
+        "criterion-module-missing",
+        manifest(model='criterion = "torch.nnn:CrossEntropyLoss"'),
+        "models[0].criterion: cannot import module \"torch.nnn\" (No module named 'torch.nnn'); check the spelling or install it",
+    ),
     # -- [data]
-    ("dataset-missing", "[run]\n\n" + MLP,
-     'data.dataset: missing: name a dataset, e.g. dataset = "izitorch.datasets:digits"'),
-    ("dataset-unknown-param", manifest(data="params = { limt = 3 }"),
-     'data.params.limt: unexpected argument "limt" for izitorch.datasets.digits (did you mean "limit"?)'),
-    ("dataset-param-wrong-type", manifest(data='params = { normalize = "no" }'),
-     'data.params.normalize: expected true or false, got "no"'),
+    ("dataset-missing", "[run]\n\n" + MLP, 'data.dataset: missing: name a dataset, e.g. dataset = "izitorch.datasets:digits"'),
+    (
+        "dataset-unknown-param",
+        manifest(data="params = { limt = 3 }"),
+        'data.params.limt: unexpected argument "limt" for izitorch.datasets.digits (did you mean "limit"?)',
+    ),
+    ("dataset-param-wrong-type", manifest(data='params = { normalize = "no" }'), 'data.params.normalize: expected true or false, got "no"'),
     # -- [plugins]
-    ("unknown-plugin-enabled", manifest(tail='[plugins]\nenable = ["kfld"]\n'),
-     'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones'),
-    ("enable-not-a-list", manifest(tail='[plugins]\nenable = "kfold"\n'),
-     'plugins.enable: expected a list of plugin names, got "kfold"'),
-    ("disable-loop", manifest(tail='[plugins]\ndisable = ["loop"]\n'),
-     'plugins.disable: "loop" is the essential plugin and cannot be disabled'),
-    ("disable-unknown-plugin", manifest(tail='[plugins]\ndisable = ["consol"]\n'),
-     'plugins.disable: unknown plugin "consol" (did you mean "console"?); `izitorch plugins` lists them'),
-    ("table-for-unknown-plugin", manifest(tail="[plugins.xyz]\na = 1\n"),
-     'plugins.xyz: unknown plugin "xyz"; `izitorch plugins` lists the installed ones'),
-    ("table-for-misspelled-plugin", manifest(tail="[plugins.kfodl]\nk = 3\n"),
-     'plugins.kfodl: unknown plugin "kfodl" (did you mean "kfold"?); `izitorch plugins` lists the installed ones'),
-    ("table-for-disabled-plugin", manifest(tail='[plugins]\ndisable = ["checkpoint"]\n[plugins.checkpoint]\npolicy = "best"\n'),
-     'plugins.checkpoint: [plugins.checkpoint] configures a plugin that is disabled; remove the table or the "disable" entry'),
-    ("plugin-entry-not-table", manifest(tail="[plugins]\nkfold = 3\n"),
-     "plugins.kfold: expected a table [plugins.kfold] (or the lists enable / disable), got 3"),
+    (
+        "unknown-plugin-enabled",
+        manifest(tail='[plugins]\nenable = ["kfld"]\n'),
+        'plugins.enable: unknown plugin "kfld" (did you mean "kfold"?); `izitorch plugins` lists the installed ones',
+    ),
+    ("enable-not-a-list", manifest(tail='[plugins]\nenable = "kfold"\n'), 'plugins.enable: expected a list of plugin names, got "kfold"'),
+    ("disable-loop", manifest(tail='[plugins]\ndisable = ["loop"]\n'), 'plugins.disable: "loop" is the essential plugin and cannot be disabled'),
+    (
+        "disable-unknown-plugin",
+        manifest(tail='[plugins]\ndisable = ["consol"]\n'),
+        'plugins.disable: unknown plugin "consol" (did you mean "console"?); `izitorch plugins` lists them',
+    ),
+    ("table-for-unknown-plugin", manifest(tail="[plugins.xyz]\na = 1\n"), 'plugins.xyz: unknown plugin "xyz"; `izitorch plugins` lists the installed ones'),
+    (
+        "table-for-misspelled-plugin",
+        manifest(tail="[plugins.kfodl]\nk = 3\n"),
+        'plugins.kfodl: unknown plugin "kfodl" (did you mean "kfold"?); `izitorch plugins` lists the installed ones',
+    ),
+    (
+        "table-for-disabled-plugin",
+        manifest(tail='[plugins]\ndisable = ["checkpoint"]\n[plugins.checkpoint]\npolicy = "best"\n'),
+        'plugins.checkpoint: [plugins.checkpoint] configures a plugin that is disabled; remove the table or the "disable" entry',
+    ),
+    (
+        "plugin-entry-not-table",
+        manifest(tail="[plugins]\nkfold = 3\n"),
+        "plugins.kfold: expected a table [plugins.kfold] (or the lists enable / disable), got 3",
+    ),
     ("kfold-k-1", manifest(tail="[plugins.kfold]\nk = 1\n"), "plugins.kfold.k: expected an integer >= 2, got 1"),
     ("kfold-k-string", manifest(tail='[plugins.kfold]\nk = "5"\n'), 'plugins.kfold.k: expected an integer, got "5"'),
-    ("kfold-unknown-key", manifest(tail="[plugins.kfold]\nkk = 3\n"),
-     'plugins.kfold.kk: unknown key "kk" (did you mean "k"?)'),
-    ("checkpoint-policy", manifest(tail='[plugins.checkpoint]\npolicy = "bets"\n'),
-     'plugins.checkpoint.policy: expected one of "last", "all", "best", got "bets" (did you mean "best"?)'),
-    ("checkpoint-unknown-key", manifest(tail='[plugins.checkpoint]\nmetric_best = "acc"\n'),
-     'plugins.checkpoint.metric_best: unknown key "metric_best" (did you mean "metric"?)'),
-    ("grad-clip-both", manifest(tail="[plugins.grad_clip]\nvalue = 1.0\nmax_norm = 1.0\n"),
-     "plugins.grad_clip: set exactly one of value (clip each element) or max_norm (clip the norm)"),
-    ("grad-clip-neither", manifest(tail="[plugins.grad_clip]\n"),
-     "plugins.grad_clip: set exactly one of value (clip each element) or max_norm (clip the norm)"),
-    ("grad-clip-negative", manifest(tail="[plugins.grad_clip]\nvalue = -1.0\n"),
-     "plugins.grad_clip.value: expected a number > 0, got -1.0"),
-    ("grad-clip-string", manifest(tail='[plugins.grad_clip]\nmax_norm = "big"\n'),
-     'plugins.grad_clip.max_norm: expected a number, got "big"'),
-    ("early-stop-patience-0", manifest(tail="[plugins.early_stop]\npatience = 0\n"),
-     "plugins.early_stop.patience: expected an integer >= 1, got 0"),
+    ("kfold-unknown-key", manifest(tail="[plugins.kfold]\nkk = 3\n"), 'plugins.kfold.kk: unknown key "kk" (did you mean "k"?)'),
+    (
+        "checkpoint-policy",
+        manifest(tail='[plugins.checkpoint]\npolicy = "bets"\n'),
+        'plugins.checkpoint.policy: expected one of "last", "all", "best", got "bets" (did you mean "best"?)',
+    ),
+    (
+        "checkpoint-unknown-key",
+        manifest(tail='[plugins.checkpoint]\nmetric_best = "acc"\n'),
+        'plugins.checkpoint.metric_best: unknown key "metric_best" (did you mean "metric"?)',
+    ),
+    (
+        "grad-clip-both",
+        manifest(tail="[plugins.grad_clip]\nvalue = 1.0\nmax_norm = 1.0\n"),
+        "plugins.grad_clip: set exactly one of value (clip each element) or max_norm (clip the norm)",
+    ),
+    (
+        "grad-clip-neither",
+        manifest(tail="[plugins.grad_clip]\n"),
+        "plugins.grad_clip: set exactly one of value (clip each element) or max_norm (clip the norm)",
+    ),
+    ("grad-clip-negative", manifest(tail="[plugins.grad_clip]\nvalue = -1.0\n"), "plugins.grad_clip.value: expected a number > 0, got -1.0"),
+    ("grad-clip-string", manifest(tail='[plugins.grad_clip]\nmax_norm = "big"\n'), 'plugins.grad_clip.max_norm: expected a number, got "big"'),
+    ("early-stop-patience-0", manifest(tail="[plugins.early_stop]\npatience = 0\n"), "plugins.early_stop.patience: expected an integer >= 1, got 0"),
 ]
 
 
@@ -206,7 +262,7 @@ def assert_one_line_error(error: BaseException, path: Path, expected) -> None:
     assert "\n" not in text and "\r" not in text, text
     prefix = f"{path}: "
     assert text.startswith(prefix), text
-    message = text[len(prefix):]
+    message = text[len(prefix) :]
     if isinstance(expected, re.Pattern):
         assert expected.fullmatch(message), message
     else:
@@ -305,7 +361,10 @@ def test_file_reference_unknown_argument(tmp_path, write_manifest):
     path = write_manifest(manifest(models=model("net", "models.py:Net", "params = { widht = 7 }")))
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert str(info.value) == f'{path}: models[0].params.widht: unexpected argument "widht" for {resolve("models.py:Net", str(tmp_path)).__module__}.Net (did you mean "width"?)'
+    assert (
+        str(info.value)
+        == f'{path}: models[0].params.widht: unexpected argument "widht" for {resolve("models.py:Net", str(tmp_path)).__module__}.Net (did you mean "width"?)'
+    )
 
 
 def test_file_reference_that_fails_to_import(tmp_path, write_manifest):
@@ -370,22 +429,37 @@ max_norm = 1.0
 def test_valid_manifest_structures_into_the_config(write_manifest):
     path = write_manifest(FULL)
     config = load_and_configure(path)
-    assert config.run == RunConfig(res_dir="out/full", device="cpu", rdm_seed=7, epochs=3, batch_size=16, num_workers=0,
-                                   pin_memory=True, shuffle=False, test_epoch=2, display_step=5, overwrite=False,
-                                   multi_model="sequential")
-    assert config.data == DataConfig(dataset="izitorch.datasets:digits", params={"limit": 100, "normalize": False},
-                                     num_classes=10, train_ratio=0.75, validation=True)
+    assert config.run == RunConfig(
+        res_dir="out/full",
+        device="cpu",
+        rdm_seed=7,
+        epochs=3,
+        batch_size=16,
+        num_workers=0,
+        pin_memory=True,
+        shuffle=False,
+        test_epoch=2,
+        display_step=5,
+        overwrite=False,
+        multi_model="sequential",
+    )
+    assert config.data == DataConfig(
+        dataset="izitorch.datasets:digits", params={"limit": 100, "normalize": False}, num_classes=10, train_ratio=0.75, validation=True
+    )
     assert isinstance(config.data.train_ratio, float)
     first, second = config.models
     assert first == ModelSpec(
-        name="mlp64", model="izitorch.models:MLP", params={"hidden": 64, "layers": 2},
+        name="mlp64",
+        model="izitorch.models:MLP",
+        params={"hidden": 64, "layers": 2},
         criterion=ComponentSpec("torch.nn:CrossEntropyLoss"),
         optimizer=ComponentSpec("torch.optim:SGD", {"lr": 0.05, "momentum": 0.9}),
         scheduler=ComponentSpec("torch.optim.lr_scheduler:StepLR", {"step_size": 10, "gamma": 0.5}),
     )
     assert second.criterion == ComponentSpec("torch.nn:CrossEntropyLoss", {"label_smoothing": 0.1})
     assert config.plugins == PluginsConfig(
-        enable=("kfold", "grad_clip"), disable=(),
+        enable=("kfold", "grad_clip"),
+        disable=(),
         tables={"kfold": {"k": 3}, "checkpoint": {"policy": "best", "metric": "acc"}, "grad_clip": {"max_norm": 1.0}},
     )
     assert config.plugin_table("kfold") == {"k": 3}
@@ -477,10 +551,16 @@ def test_override_strings_quoted_or_bare(write_manifest):
 
 
 def test_override_toml_values(write_manifest):
-    config = load_manifest(write_manifest(BASE), overrides=[
-        "run.shuffle=false", "data.train_ratio=0.5", 'plugins.enable=["grad_clip"]', "plugins.grad_clip.value=0.5",
-        "models[0].optimizer={ class = \"torch.optim:SGD\", lr = 0.1 }",
-    ])
+    config = load_manifest(
+        write_manifest(BASE),
+        overrides=[
+            "run.shuffle=false",
+            "data.train_ratio=0.5",
+            'plugins.enable=["grad_clip"]',
+            "plugins.grad_clip.value=0.5",
+            'models[0].optimizer={ class = "torch.optim:SGD", lr = 0.1 }',
+        ],
+    )
     assert config.run.shuffle is False
     assert config.data.train_ratio == 0.5
     assert config.plugins.enable == ("grad_clip",)
@@ -499,23 +579,27 @@ def test_overrides_do_not_touch_the_file(write_manifest):
     assert load_manifest(path).run.epochs == 2
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("run.epochs", '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
-    ("=3", '--set "=3": expected key.path=value, e.g. --set run.epochs=3'),
-    ("models[3].name=x", '--set "models[3].name=x": index [3] does not exist'),
-    ("models[0].params.hidden[2]=3", '--set "models[0].params.hidden[2]=3": index [2] does not exist'),
-    ("run.epochs.x=1", '--set "run.epochs.x=1": "x" is not inside a table'),
-    ("ru n.epochs=1", '--set "ru n.epochs=1": cannot read the key path "ru n.epochs"'),
-    ("run..epochs=1", '--set "run..epochs=1": cannot read the key path "run..epochs"'),
-    # a wrong type or an unknown key from --set reads exactly like the same mistake in the file
-    ("run.epochs=three", 'run.epochs: expected an integer, got "three"'),
-    ("run.epochs=2.5", "run.epochs: expected an integer, got 2.5 (a float): write an integer"),
-    ("run.epochs=0", "run.epochs: expected an integer >= 1, got 0"),
-    ('models[0].optimizer.lr="fast"', 'models[0].optimizer: expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }'),
-    ("run.epoch=3", 'run.epoch: unknown key "epoch" (did you mean "epochs"?)'),
-    ("models[0].params.hiden=3", 'models[0].params.hiden: unexpected argument "hiden" for izitorch.models.MLP (did you mean "hidden"?)'),
-    ("newsection.a=1", 'newsection: unknown section "newsection"'),
-], ids=lambda value: value if isinstance(value, str) and "=" in value and len(value) < 40 else None)
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("run.epochs", '--set "run.epochs": expected key.path=value, e.g. --set run.epochs=3'),
+        ("=3", '--set "=3": expected key.path=value, e.g. --set run.epochs=3'),
+        ("models[3].name=x", '--set "models[3].name=x": index [3] does not exist'),
+        ("models[0].params.hidden[2]=3", '--set "models[0].params.hidden[2]=3": index [2] does not exist'),
+        ("run.epochs.x=1", '--set "run.epochs.x=1": "x" is not inside a table'),
+        ("ru n.epochs=1", '--set "ru n.epochs=1": cannot read the key path "ru n.epochs"'),
+        ("run..epochs=1", '--set "run..epochs=1": cannot read the key path "run..epochs"'),
+        # a wrong type or an unknown key from --set reads exactly like the same mistake in the file
+        ("run.epochs=three", 'run.epochs: expected an integer, got "three"'),
+        ("run.epochs=2.5", "run.epochs: expected an integer, got 2.5 (a float): write an integer"),
+        ("run.epochs=0", "run.epochs: expected an integer >= 1, got 0"),
+        ('models[0].optimizer.lr="fast"', 'models[0].optimizer: expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }'),
+        ("run.epoch=3", 'run.epoch: unknown key "epoch" (did you mean "epochs"?)'),
+        ("models[0].params.hiden=3", 'models[0].params.hiden: unexpected argument "hiden" for izitorch.models.MLP (did you mean "hidden"?)'),
+        ("newsection.a=1", 'newsection: unknown section "newsection"'),
+    ],
+    ids=lambda value: value if isinstance(value, str) and "=" in value and len(value) < 40 else None,
+)
 def test_bad_override(write_manifest, override, expected):
     path = write_manifest(BASE)
     with pytest.raises(ManifestError) as info:
@@ -543,21 +627,40 @@ RUN_KEYS = [f.name for f in RunConfig.__attrs_attrs__]
 DATA_KEYS = [f.name for f in DataConfig.__attrs_attrs__]
 MODEL_KEYS = [f.name for f in ModelSpec.__attrs_attrs__]
 REFERENCES = [
-    "izitorch.models:MLP", "izitorch.models:SmallCNN", "izitorch.datasets:digits", "torch.nn:CrossEntropyLoss",
-    "torch.optim:Adam", "torch.optim:SGD", "torch.optim.lr_scheduler:StepLR", "izitorch.models:Nope",
-    "izitorch_no_such_module_xyz:A", "no_such_file_xyz.py:Net", "izitorch.pluginmanager:GROUP", ":", "a:b:c", "mlp",
+    "izitorch.models:MLP",
+    "izitorch.models:SmallCNN",
+    "izitorch.datasets:digits",
+    "torch.nn:CrossEntropyLoss",
+    "torch.optim:Adam",
+    "torch.optim:SGD",
+    "torch.optim.lr_scheduler:StepLR",
+    "izitorch.models:Nope",
+    "izitorch_no_such_module_xyz:A",
+    "no_such_file_xyz.py:Net",
+    "izitorch.pluginmanager:GROUP",
+    ":",
+    "a:b:c",
+    "mlp",
 ]
 # Text without ":" never names a module, so random strings cannot import anything.
 TEXT = st.text(alphabet=st.characters(blacklist_characters=":", blacklist_categories=("Cs",)), max_size=12)
-KEYS = st.sampled_from(RUN_KEYS + DATA_KEYS + MODEL_KEYS + ["class", "lr", "hidden", "k", "limit", "enable", "disable",
-                                                            "kfold", "grad_clip", "step_size", "epoch"]) | TEXT
-SCALARS = (
-    st.booleans() | st.integers(min_value=-3, max_value=10**20) | st.floats(allow_nan=True, allow_infinity=True)
-    | TEXT | st.sampled_from(REFERENCES + ["auto", "cpu", "cuda:1", "sequential", "vectorized", "best"])
-    | st.dates() | st.datetimes() | st.times()
+KEYS = (
+    st.sampled_from(
+        RUN_KEYS + DATA_KEYS + MODEL_KEYS + ["class", "lr", "hidden", "k", "limit", "enable", "disable", "kfold", "grad_clip", "step_size", "epoch"]
+    )
+    | TEXT
 )
-TREES = st.recursive(SCALARS, lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=4),
-                     max_leaves=12)
+SCALARS = (
+    st.booleans()
+    | st.integers(min_value=-3, max_value=10**20)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | TEXT
+    | st.sampled_from(REFERENCES + ["auto", "cpu", "cuda:1", "sequential", "vectorized", "best"])
+    | st.dates()
+    | st.datetimes()
+    | st.times()
+)
+TREES = st.recursive(SCALARS, lambda children: st.lists(children, max_size=3) | st.dictionaries(KEYS, children, max_size=4), max_leaves=12)
 
 
 def mostly(good, bad=SCALARS | TREES):
@@ -567,10 +670,10 @@ def mostly(good, bad=SCALARS | TREES):
 
 def table(fields: dict, required: tuple = (), unknown=KEYS):
     """Some of ``fields`` (mostly plausible values; ``required`` ones always), sometimes an unknown key."""
-    plausible = st.fixed_dictionaries({key: mostly(fields[key]) for key in required},
-                                      optional={key: mostly(value) for key, value in fields.items() if key not in required})
-    return mostly(plausible, st.tuples(plausible, st.dictionaries(unknown, SCALARS, min_size=1, max_size=1)).map(
-        lambda pair: {**pair[0], **pair[1]}))
+    plausible = st.fixed_dictionaries(
+        {key: mostly(fields[key]) for key in required}, optional={key: mostly(value) for key, value in fields.items() if key not in required}
+    )
+    return mostly(plausible, st.tuples(plausible, st.dictionaries(unknown, SCALARS, min_size=1, max_size=1)).map(lambda pair: {**pair[0], **pair[1]}))
 
 
 def component(classes: list[str], params: dict):
@@ -578,32 +681,54 @@ def component(classes: list[str], params: dict):
 
 
 SMALL_INT = st.integers(min_value=-1, max_value=5)
-RUN = table({
-    "res_dir": TEXT, "device": st.sampled_from(["auto", "cpu", "cuda", "cuda:1", "mps", "gpu"]), "rdm_seed": SMALL_INT,
-    "epochs": SMALL_INT, "batch_size": SMALL_INT, "num_workers": SMALL_INT, "pin_memory": st.booleans(),
-    "shuffle": st.booleans(), "test_epoch": SMALL_INT, "display_step": SMALL_INT, "overwrite": st.booleans(),
-    "multi_model": st.sampled_from(["auto", "sequential", "vectorized", "vectorised"]),
-})
-DATA = table({
-    "dataset": mostly(st.just("izitorch.datasets:digits"), st.sampled_from(REFERENCES)), "params": table({"limit": SMALL_INT, "normalize": st.booleans(), "images": st.booleans()}),
-    "num_classes": SMALL_INT, "train_ratio": st.floats(min_value=-0.5, max_value=1.5), "validation": st.booleans(),
-}, ("dataset",))
-MODEL_ENTRY = table({
-    "name": st.sampled_from(["mlp", "cnn", "a.b+c", "bad name"]),
-    "model": mostly(st.sampled_from(["izitorch.models:MLP", "izitorch.models:SmallCNN"]), st.sampled_from(REFERENCES)),
-    "params": table({"hidden": SMALL_INT, "num_classes": SMALL_INT, "dropout": st.floats(0, 1)}),
-    "criterion": component(["torch.nn:CrossEntropyLoss", "torch.nn:NLLLoss"], {"label_smoothing": st.floats(0, 1)}),
-    "optimizer": component(["torch.optim:Adam", "torch.optim:SGD"], {"lr": st.floats(0, 1) | TEXT, "momentum": st.floats(0, 1)}),
-    "scheduler": component(["torch.optim.lr_scheduler:StepLR"], {"step_size": SMALL_INT, "gamma": st.floats(0, 1)}),
-}, ("name", "model"))
+RUN = table(
+    {
+        "res_dir": TEXT,
+        "device": st.sampled_from(["auto", "cpu", "cuda", "cuda:1", "mps", "gpu"]),
+        "rdm_seed": SMALL_INT,
+        "epochs": SMALL_INT,
+        "batch_size": SMALL_INT,
+        "num_workers": SMALL_INT,
+        "pin_memory": st.booleans(),
+        "shuffle": st.booleans(),
+        "test_epoch": SMALL_INT,
+        "display_step": SMALL_INT,
+        "overwrite": st.booleans(),
+        "multi_model": st.sampled_from(["auto", "sequential", "vectorized", "vectorised"]),
+    }
+)
+DATA = table(
+    {
+        "dataset": mostly(st.just("izitorch.datasets:digits"), st.sampled_from(REFERENCES)),
+        "params": table({"limit": SMALL_INT, "normalize": st.booleans(), "images": st.booleans()}),
+        "num_classes": SMALL_INT,
+        "train_ratio": st.floats(min_value=-0.5, max_value=1.5),
+        "validation": st.booleans(),
+    },
+    ("dataset",),
+)
+MODEL_ENTRY = table(
+    {
+        "name": st.sampled_from(["mlp", "cnn", "a.b+c", "bad name"]),
+        "model": mostly(st.sampled_from(["izitorch.models:MLP", "izitorch.models:SmallCNN"]), st.sampled_from(REFERENCES)),
+        "params": table({"hidden": SMALL_INT, "num_classes": SMALL_INT, "dropout": st.floats(0, 1)}),
+        "criterion": component(["torch.nn:CrossEntropyLoss", "torch.nn:NLLLoss"], {"label_smoothing": st.floats(0, 1)}),
+        "optimizer": component(["torch.optim:Adam", "torch.optim:SGD"], {"lr": st.floats(0, 1) | TEXT, "momentum": st.floats(0, 1)}),
+        "scheduler": component(["torch.optim.lr_scheduler:StepLR"], {"step_size": SMALL_INT, "gamma": st.floats(0, 1)}),
+    },
+    ("name", "model"),
+)
 PLUGIN_NAMES = st.sampled_from(["kfold", "grad_clip", "early_stop", "checkpoint", "loop", "kfld", "no:console"])
-PLUGINS = table({
-    "enable": st.lists(PLUGIN_NAMES, max_size=3), "disable": st.lists(PLUGIN_NAMES, max_size=2),
-    "kfold": table({"k": SMALL_INT}), "checkpoint": table({"policy": st.sampled_from(["last", "all", "best", "bets"])}),
-})
+PLUGINS = table(
+    {
+        "enable": st.lists(PLUGIN_NAMES, max_size=3),
+        "disable": st.lists(PLUGIN_NAMES, max_size=2),
+        "kfold": table({"k": SMALL_INT}),
+        "checkpoint": table({"policy": st.sampled_from(["last", "all", "best", "bets"])}),
+    }
+)
 MANIFESTS = mostly(
-    table({"run": RUN, "data": DATA, "models": st.lists(MODEL_ENTRY, min_size=1, max_size=3), "plugins": PLUGINS},
-          ("data", "models")),
+    table({"run": RUN, "data": DATA, "models": st.lists(MODEL_ENTRY, min_size=1, max_size=3), "plugins": PLUGINS}, ("data", "models")),
     st.dictionaries(KEYS, TREES, max_size=4),
 )
 
@@ -628,10 +753,11 @@ def test_random_tree_examples_that_matter():
     """Fixed examples the strategy may miss: NaN ratio, a date as a reference, a newline in a key."""
     base = {"data": {"dataset": "izitorch.datasets:digits"}, "models": [{"name": "a", "model": "izitorch.models:MLP"}]}
     cases = [
-        ({**base, "data": {**base["data"], "train_ratio": math.nan}},
-         "data.train_ratio: expected a number between 0 and 1 (exclusive), got nan"),
-        ({**base, "data": {"dataset": datetime.date(2020, 1, 2)}},
-         'data.dataset: expected a reference "module:attr" or "file.py:attr", got datetime.date(2020, 1, 2)'),
+        ({**base, "data": {**base["data"], "train_ratio": math.nan}}, "data.train_ratio: expected a number between 0 and 1 (exclusive), got nan"),
+        (
+            {**base, "data": {"dataset": datetime.date(2020, 1, 2)}},
+            'data.dataset: expected a reference "module:attr" or "file.py:attr", got datetime.date(2020, 1, 2)',
+        ),
         ({**base, "run": {"epochs": datetime.time(1, 2)}}, "run.epochs: expected an integer, got datetime.time(1, 2)"),
     ]
     for raw, expected in cases:
@@ -664,8 +790,9 @@ def test_the_manifest_factory_lays_changes_over_the_tiny_run(manifest):
     leaves a key out, also a key of the default laid under it later."""
     from izitorch.manifest import tomllib
 
-    path = manifest({"run.epochs": 5, "data.params": None}, name="x.toml", run={"seed_note": "kept"},
-                    models=[{"params": None}, {"name": "b", "optimizer": {"lr": 0.5}}])
+    path = manifest(
+        {"run.epochs": 5, "data.params": None}, name="x.toml", run={"seed_note": "kept"}, models=[{"params": None}, {"name": "b", "optimizer": {"lr": 0.5}}]
+    )
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     assert path.name == "x.toml" and data["run"]["epochs"] == 5 and data["run"]["batch_size"] == 32 and data["run"]["seed_note"] == "kept"
     assert "params" not in data["data"] and data["data"]["num_classes"] == 10

@@ -2,6 +2,7 @@
 
 The meters follow the metric protocol (izitorch/metrics.py): outputs ``[K, B, ...]``, losses
 ``[K]``, an optional ``[K, B]`` mask, one dict per member; a lone model is K = 1."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from izitorch.plugins import metrics
-from izitorch.plugins.metrics import (ConfusionMeter, LossMeter, _CellCounts, accuracies, accuracy, izitorch_register_metrics,
-                                      mean_iou, mean_ious)
+from izitorch.plugins.metrics import ConfusionMeter, LossMeter, _CellCounts, accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
 
@@ -59,7 +59,7 @@ def test_classification_against_sklearn_over_uneven_batches(generator, num_class
     assert values["IoU"] == pytest.approx(sk_iou(truth, predicted))
     once = ConfusionMeter(num_classes)
     once.update(logits.unsqueeze(0), targets, torch.zeros(1))
-    at_once, = once.compute()
+    (at_once,) = once.compute()
     assert (at_once["confusion_matrix"] == values["confusion_matrix"]).all()
     assert at_once["accuracy"] == pytest.approx(values["accuracy"])
     assert at_once["IoU"] == pytest.approx(values["IoU"])

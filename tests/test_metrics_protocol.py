@@ -8,6 +8,7 @@ name is one line, exit 2, at ``validate``. A metric of the previous protocol sti
 the new one counts for a lone model, a vectorized group and parallel folds; masks count only
 their samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from izitorch.plugins.metrics import ConfusionMeter, LossMeter
 def readme_mae() -> str:
     """The README's example of a metric plugin (section ``izitorch_register_metrics``)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### `izitorch_register_metrics`"):]
+    section = readme[readme.index("### `izitorch_register_metrics`") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -69,25 +70,26 @@ def regression(limit=300):
     return TensorDataset(inputs, (labels.float() / 9.0).reshape(-1, 1))
 '''
 
-MODEL = '''
+MODEL = """
 [[models]]
 name = "{name}"
 model = "izitorch.models:MLP"
 params = {{ hidden = 16, num_classes = 1 }}
 criterion = "torch.nn:MSELoss"
 optimizer = {{ class = "torch.optim:SGD", lr = {lr} }}
-'''
+"""
 
 
-def regression_manifest(tmp_path, tail: str = "", epochs: int = 4, models=(("mlp", 0.5),), run: str = "",
-                        plugins: str = '"mae.py"') -> Path:
+def regression_manifest(tmp_path, tail: str = "", epochs: int = 4, models=(("mlp", 0.5),), run: str = "", plugins: str = '"mae.py"') -> Path:
     (tmp_path / "mae.py").write_text(readme_mae(), encoding="utf-8")
     (tmp_path / "legacy.py").write_text(LEGACY, encoding="utf-8")
     (tmp_path / "reg.py").write_text(REGRESSION, encoding="utf-8")
-    text = (f'[run]\nres_dir = "{(tmp_path / "res").as_posix()}"\nepochs = {epochs}\nbatch_size = 32\ndisplay_step = 1000\n{run}\n'
-            '[data]\ndataset = "reg.py:regression"\nvalidation = true\n'
-            + "".join(MODEL.format(name=name, lr=lr) for name, lr in models)
-            + f"\n[plugins]\nenable = [{plugins}]\n{tail}")
+    text = (
+        f'[run]\nres_dir = "{(tmp_path / "res").as_posix()}"\nepochs = {epochs}\nbatch_size = 32\ndisplay_step = 1000\n{run}\n'
+        '[data]\ndataset = "reg.py:regression"\nvalidation = true\n'
+        + "".join(MODEL.format(name=name, lr=lr) for name, lr in models)
+        + f"\n[plugins]\nenable = [{plugins}]\n{tail}"
+    )
     path = tmp_path / "m.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -131,7 +133,7 @@ def test_a_registered_mae_is_logged_shown_reported_and_picks_the_best_epoch(tmp_
     for epoch in range(1, 5):
         line = next(line for line in lines if line.startswith(f"epoch {epoch}/4: "))
         assert line.endswith(f"mlp [val] loss {log[str(epoch)]['val_loss']:.4f} mae↓ {val[epoch]:.4f}")
-    table = lines[lines.index("final test scores:") + 1:]
+    table = lines[lines.index("final test scores:") + 1 :]
     assert table[0].split() == ["model", "params", "folds", "loss", "mae↓"]
     assert table[2].split()[-1] == f"{expected:.4f}"
 
@@ -154,14 +156,23 @@ def test_early_stop_on_mae_stops_when_it_does_not_improve(tmp_path, capsys):
 MAE_KNOWN = "known: loss, accuracy/acc, IoU/iou, mae"
 
 
-@pytest.mark.parametrize("tail, expected", [
-    ('[plugins.checkpoint]\npolicy = "best"\nmetric = "mea"\n',
-     f'plugins.checkpoint.metric: "mea" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name'),
-    ('[plugins.checkpoint]\nmetric = "f1"\n',  # written, so checked even when "last" does not compare it
-     f'plugins.checkpoint.metric: "f1" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name'),
-    ('[plugins.early_stop]\nmetric = "MAE"\n',
-     f'plugins.early_stop.metric: "MAE" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name'),
-])
+@pytest.mark.parametrize(
+    "tail, expected",
+    [
+        (
+            '[plugins.checkpoint]\npolicy = "best"\nmetric = "mea"\n',
+            f'plugins.checkpoint.metric: "mea" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
+        ),
+        (
+            '[plugins.checkpoint]\nmetric = "f1"\n',  # written, so checked even when "last" does not compare it
+            f'plugins.checkpoint.metric: "f1" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
+        ),
+        (
+            '[plugins.early_stop]\nmetric = "MAE"\n',
+            f'plugins.early_stop.metric: "MAE" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
+        ),
+    ],
+)
 def test_an_unknown_metric_name_is_one_line_at_validate_and_run(tmp_path, capsys, tail, expected):
     path = regression_manifest(tmp_path, tail)
     code, out, err = cli(capsys, "validate", path)
@@ -177,15 +188,17 @@ def test_a_legacy_metric_cannot_pick_the_best_epoch(tmp_path, capsys):
     path = regression_manifest(tmp_path, '[plugins.checkpoint]\npolicy = "best"\nmetric = "legacy_mae"\n', plugins='"legacy.py"')
     code, out, err = cli(capsys, "validate", path)
     assert (code, out) == (2, "")
-    assert error_of(err) == (f'{path}: plugins.checkpoint.metric: "legacy_mae" is not a registered metric (known: loss, accuracy/acc, '
-                             "IoU/iou); metrics registered without declared names (legacy) cannot be compared: give the factory "
-                             'names = {"<value>": "higher" | "lower"}, or fix the name')
+    assert error_of(err) == (
+        f'{path}: plugins.checkpoint.metric: "legacy_mae" is not a registered metric (known: loss, accuracy/acc, '
+        "IoU/iou); metrics registered without declared names (legacy) cannot be compared: give the factory "
+        'names = {"<value>": "higher" | "lower"}, or fix the name'
+    )
 
 
 def test_without_the_metrics_plugin_only_a_used_metric_is_checked(tmp_path, capsys):
     path = regression_manifest(tmp_path, plugins='"no:metrics"')
     assert cli(capsys, "validate", path)[0] == 0  # checkpoint "last": its default metric is not used
-    path = regression_manifest(tmp_path, '[plugins.early_stop]\npatience = 2\n', plugins='"no:metrics"')
+    path = regression_manifest(tmp_path, "[plugins.early_stop]\npatience = 2\n", plugins='"no:metrics"')
     code, _, err = cli(capsys, "validate", path)
     assert code == 2
     assert error_of(err).startswith(f'{path}: plugins.early_stop.metric: "loss" is not a registered metric (known: none); ')
@@ -217,7 +230,7 @@ def test_a_legacy_metric_counts_what_the_new_protocol_counts(tmp_path, capsys, l
     assert "legacy_mae" in out.split("final test scores:")[1].splitlines()[1].split()  # shown, without a direction
 
 
-BROKEN = '''\
+BROKEN = """\
 from izitorch import hookimpl
 
 
@@ -237,13 +250,16 @@ class Broken:
 @hookimpl
 def izitorch_register_metrics(register):
     register("broken", Broken)
-'''
+"""
 
 
-@pytest.mark.parametrize("update, expected", [
-    ('raise KeyError("pred")', 'metric "broken": update raised KeyError: \'pred\''),
-    ("pass", 'metric "broken": compute() returned a table; it must return one dict per member (here 1), such as [{"mae": 0.31}]'),
-])
+@pytest.mark.parametrize(
+    "update, expected",
+    [
+        ('raise KeyError("pred")', "metric \"broken\": update raised KeyError: 'pred'"),
+        ("pass", 'metric "broken": compute() returned a table; it must return one dict per member (here 1), such as [{"mae": 0.31}]'),
+    ],
+)
 def test_a_failing_metric_is_one_line_exit_1(tmp_path, capsys, update, expected):
     path = regression_manifest(tmp_path, plugins='"broken.py"')
     (tmp_path / "broken.py").write_text(BROKEN.replace("UPDATE", update), encoding="utf-8")
@@ -253,6 +269,7 @@ def test_a_failing_metric_is_one_line_exit_1(tmp_path, capsys, update, expected)
 
 
 # -- units: masks, directions, names ----------------------------------------------------------------
+
 
 def mae_factory():
     namespace: dict = {}
@@ -273,8 +290,7 @@ def test_a_mask_counts_only_its_samples():
     for meter in (mae, loss):
         meter.update(OUTPUTS, TARGET, losses, MASK)
         meter.update(OUTPUTS, TARGET, torch.tensor([1.0, 2.0]))
-    assert mae.compute() == [{"mae": pytest.approx((0.5 + 2.0 + 0.5 + 1.0 + 2.0 + 0.0) / 6)},
-                             {"mae": pytest.approx((0.5 + 1.0 + 3.0 + 2.0) / 4)}]
+    assert mae.compute() == [{"mae": pytest.approx((0.5 + 2.0 + 0.5 + 1.0 + 2.0 + 0.0) / 6)}, {"mae": pytest.approx((0.5 + 1.0 + 3.0 + 2.0) / 4)}]
     assert loss.compute() == [{"loss": pytest.approx((0.25 * 2 + 1.0 * 4) / 6)}, {"loss": pytest.approx(2.0)}]
 
     classes = ConfusionMeter(3, 2)
@@ -309,14 +325,14 @@ FACTORIES = {"loss": LossMeter, "classification": ConfusionMeter, "mae": mae_fac
 
 
 def test_directions_and_names_come_from_the_registered_metrics():
-    assert directions(FACTORIES) == {"loss": "lower", "accuracy": "higher", "IoU": "higher", "mae": "lower",
-                                     "acc": "higher", "iou": "higher"}
-    assert [resolve(name, FACTORIES) for name in ("loss", "acc", "accuracy", "iou", "IoU", "mae")] == \
-        ["loss", "accuracy", "accuracy", "IoU", "IoU", "mae"]
+    assert directions(FACTORIES) == {"loss": "lower", "accuracy": "higher", "IoU": "higher", "mae": "lower", "acc": "higher", "iou": "higher"}
+    assert [resolve(name, FACTORIES) for name in ("loss", "acc", "accuracy", "iou", "IoU", "mae")] == ["loss", "accuracy", "accuracy", "IoU", "IoU", "mae"]
     with pytest.raises(ManifestError) as info:
         resolve("Loss", FACTORIES, "plugins.x.metric")
-    assert str(info.value) == ('plugins.x.metric: "Loss" is not a registered metric (known: loss, accuracy/acc, IoU/iou, mae); '
-                               "register it with izitorch_register_metrics or fix the name")
+    assert str(info.value) == (
+        'plugins.x.metric: "Loss" is not a registered metric (known: loss, accuracy/acc, IoU/iou, mae); '
+        "register it with izitorch_register_metrics or fix the name"
+    )
     assert better("lower", 0.1, 0.2) and not better("lower", 0.2, 0.1) and better("higher", 0.2, 0.1)
     assert not better("lower", 0.15, 0.2, min_delta=0.1) and better("higher", 1.0, None)
     nan = float("nan")
@@ -326,6 +342,7 @@ def test_directions_and_names_come_from_the_registered_metrics():
 @pytest.mark.parametrize("names", [{"mae": "down"}, ["mae"], {1: "lower"}])
 def test_a_metric_declaring_no_direction_is_refused_in_one_line(names):
     """The registry refuses it, before anything is built."""
+
     class Hook:
         @staticmethod
         def izitorch_register_metrics(register):
@@ -350,20 +367,26 @@ def test_two_metrics_computing_the_same_value_are_refused():
 
     with pytest.raises(IzitorchError) as info:
         registered(Hook)
-    assert str(info.value) == ('plugins: metrics "loss" and "my_loss" both compute "loss"; a value needs one metric: '
-                               "rename it in one of them, or disable one plugin")
+    assert str(info.value) == (
+        'plugins: metrics "loss" and "my_loss" both compute "loss"; a value needs one metric: rename it in one of them, or disable one plugin'
+    )
 
 
-@pytest.mark.parametrize("entry, expected", [
-    ({"directions": {"mae": "lower"}}, ["mlp", "-", "1", "0.5000", "0.2000"]),  # sorted on mae, lower first
-    ({"directions": {"mae": "sideways"}}, 'mlp.directions: expected a table of "higher" / "lower", found a table;'),
-    ({"mean": {"loss": 0.5, "mae": "low"}}, 'mlp.mean.mae: expected a number, found "low";'),
-])
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"directions": {"mae": "lower"}}, ["mlp", "-", "1", "0.5000", "0.2000"]),  # sorted on mae, lower first
+        ({"directions": {"mae": "sideways"}}, 'mlp.directions: expected a table of "higher" / "lower", found a table;'),
+        ({"mean": {"loss": 0.5, "mae": "low"}}, 'mlp.mean.mae: expected a number, found "low";'),
+    ],
+)
 def test_report_reads_the_directions_results_json_holds(tmp_path, capsys, entry, expected):
     res = tmp_path / "res"
     res.mkdir()
-    summary = {"mlp": {"folds": 1, "mean": {"loss": 0.5, "mae": 0.2}, **entry},
-               "cnn": {"folds": 1, "mean": {"loss": 0.4, "mae": 0.3}, "directions": {"mae": "lower"}}}
+    summary = {
+        "mlp": {"folds": 1, "mean": {"loss": 0.5, "mae": 0.2}, **entry},
+        "cnn": {"folds": 1, "mean": {"loss": 0.4, "mae": 0.3}, "directions": {"mae": "lower"}},
+    }
     (res / "results.json").write_text(json.dumps(summary), encoding="utf-8")
     code, out, err = cli(capsys, "report", res)
     if isinstance(expected, list):
@@ -391,8 +414,12 @@ def test_a_third_party_option_declared_with_metric_option_is_checked(write_manif
         watch: str = metric_option("f1", "what to watch", used=lambda options: options.on)
 
     plugin = type("Watch", (), {"izitorch_options": WatchOptions})
-    for table, refused in (("", False), ("[plugins.watch]\non = true\n", True), ('[plugins.watch]\nwatch = "f1"\n', True),
-                           ('[plugins.watch]\nwatch = "acc"\non = true\n', False)):
+    for table, refused in (
+        ("", False),
+        ("[plugins.watch]\non = true\n", True),
+        ('[plugins.watch]\nwatch = "f1"\n', True),
+        ('[plugins.watch]\nwatch = "acc"\non = true\n', False),
+    ):
         config = load_manifest(write_manifest(TINY_MANIFEST_HEAD + table))
         if not refused:
             check_metric_options([("watch", plugin)], config, FACTORIES)

@@ -1,4 +1,5 @@
 """The output files (README, "Outputs"): their presence, their names and what they contain."""
+
 from __future__ import annotations
 
 import json
@@ -103,7 +104,7 @@ def test_holdout_split_follows_train_ratio_and_covers_the_dataset(manifest, rati
 
 def test_holdout_split_with_validation_has_three_disjoint_parts(manifest):
     res, _ = tiny(manifest, "run.epochs=1", "data.validation=true", "data.train_ratio=0.7")
-    (train, val, test), = read(res / "Dataset_split.pkl")
+    ((train, val, test),) = read(res / "Dataset_split.pkl")
     assert len(train) == 210
     assert len(val) + len(test) == 90 and abs(len(val) - len(test)) <= 1
     assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
@@ -126,8 +127,7 @@ def test_model_conf_json_describes_the_scheduler_the_same_way_every_run(manifest
     """Its class and settings, not its repr (``<... object at 0x...>``, another address each run)."""
     step = 'models[0].scheduler={class="torch.optim.lr_scheduler:StepLR", step_size=2, gamma=0.5}'
     res, _ = tiny(manifest, "run.epochs=1", step)
-    assert read(res / "mlp" / "conf.json")["scheduler"] == (
-        "torch.optim.lr_scheduler.StepLR(base_lrs=[0.01], gamma=0.5, last_epoch=0, step_size=2)")
+    assert read(res / "mlp" / "conf.json")["scheduler"] == ("torch.optim.lr_scheduler.StepLR(base_lrs=[0.01], gamma=0.5, last_epoch=0, step_size=2)")
 
 
 # -- trainlog.json --------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_trainlog_keys_per_epoch_without_validation(manifest):
         assert 0.0 <= entry["accuracy"] <= 100.0 and 0.0 <= entry["IoU"] <= 1.0
         assert entry["loss"] > 0 and entry["train_step_time"] > 0 and entry["inference_time"] > 0
     # the last epoch's test scores are those of the saved (last) weights, computed independently
-    (_, test), = read(res / "Dataset_split.pkl")
+    ((_, test),) = read(res / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), res / "mlp" / "model.pth.tar", test)
     for key in SCORES:
         assert log["2"][f"test_{key}"] == pytest.approx(expected[key], rel=1e-5), key
@@ -173,7 +173,7 @@ def test_test_epoch_cadence_and_last_epoch_always_evaluated(manifest, epochs, te
 
 def test_confusion_matrix_matches_the_checkpointed_weights(manifest):
     res, results = tiny(manifest, "run.epochs=2")
-    (_, test), = read(res / "Dataset_split.pkl")
+    ((_, test),) = read(res / "Dataset_split.pkl")
     matrix = read(res / "mlp" / "confusion_matrix.pkl")
     assert isinstance(matrix, np.ndarray) and matrix.dtype == np.int64 and matrix.shape == (10, 10)
     assert matrix.sum() == len(test)
@@ -185,8 +185,9 @@ def test_confusion_matrix_matches_the_checkpointed_weights(manifest):
 @pytest.mark.parametrize("validation", [False, True], ids=["test", "val"])
 def test_confusion_matrix_comes_from_the_best_epoch_not_the_last(manifest, validation):
     # SGD with a large step makes the accuracy peak before the last epoch on this tiny set.
-    res, results = tiny(manifest, "run.epochs=4", f"data.validation={str(validation).lower()}", NOISY_SGD,
-                        'plugins.checkpoint.policy="best"', 'plugins.checkpoint.metric="acc"')
+    res, results = tiny(
+        manifest, "run.epochs=4", f"data.validation={str(validation).lower()}", NOISY_SGD, 'plugins.checkpoint.policy="best"', 'plugins.checkpoint.metric="acc"'
+    )
     test = read(res / "Dataset_split.pkl")[0][-1]
     log = read(res / "mlp" / "trainlog.json")
     best = read(res / "mlp" / "best_epoch.json")["epoch"]
@@ -211,7 +212,7 @@ def test_test_metrics_and_results_json(manifest):
     """run()'s return, test_metrics.json and results.json hold the scores that the saved weights
     get on the saved test samples, computed independently (``conftest.plain_scores``)."""
     res, results = tiny(manifest, "run.epochs=2")
-    (_, test), = read(res / "Dataset_split.pkl")
+    ((_, test),) = read(res / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), res / "mlp" / "model.pth.tar", test)
     metrics = read(res / "mlp" / "test_metrics.json")
     final = results["mlp"][0]
@@ -236,8 +237,10 @@ def test_test_metrics_and_results_json(manifest):
 
 
 # The tiny run's MLP with a scheduler, and a wider one trained by SGD with momentum.
-TWO_MODELS = [{"scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.5}},
-              {"name": "wide", "params": {"hidden": 24}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9}}]
+TWO_MODELS = [
+    {"scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.5}},
+    {"name": "wide", "params": {"hidden": 24}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9}},
+]
 
 
 def test_kfold_writes_one_folder_per_fold_and_partitions_the_data(manifest, tmp_path):
@@ -359,8 +362,12 @@ def test_checkpoint_policy_last(manifest):
 
 
 def test_checkpoint_policy_all_with_scheduler(manifest):
-    res, _ = tiny(manifest, "run.epochs=3", 'plugins.checkpoint.policy="all"',
-                  'models[0].scheduler={ class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }')
+    res, _ = tiny(
+        manifest,
+        "run.epochs=3",
+        'plugins.checkpoint.policy="all"',
+        'models[0].scheduler={ class = "torch.optim.lr_scheduler:StepLR", step_size = 1, gamma = 0.5 }',
+    )
     files = sorted(p.name for p in (res / "mlp").glob("model_epoch*.pth.tar"))
     assert files == ["model_epoch1.pth.tar", "model_epoch2.pth.tar", "model_epoch3.pth.tar"]
     weights = []
@@ -378,8 +385,14 @@ def test_checkpoint_policy_all_with_scheduler(manifest):
 @pytest.mark.parametrize("metric,key,pick", [("loss", "loss", np.argmin), ("acc", "accuracy", np.argmax), ("IoU", "IoU", np.argmax)])
 def test_checkpoint_policy_best_picks_the_right_epoch(manifest, metric, key, pick, validation):
     epochs = 4
-    res, _ = tiny(manifest, f"run.epochs={epochs}", f"data.validation={str(validation).lower()}",
-                  NOISY_SGD, 'plugins.checkpoint.policy="best"', f'plugins.checkpoint.metric="{metric}"')
+    res, _ = tiny(
+        manifest,
+        f"run.epochs={epochs}",
+        f"data.validation={str(validation).lower()}",
+        NOISY_SGD,
+        'plugins.checkpoint.policy="best"',
+        f'plugins.checkpoint.metric="{metric}"',
+    )
     log = read(res / "mlp" / "trainlog.json")
     column = eval_prefix(validation) + key
     values = [log[str(e)][column] for e in range(1, epochs + 1)]

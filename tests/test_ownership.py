@@ -3,6 +3,7 @@
 Each case runs the real command line in-process (``cli.main``) and checks the exit code, the
 one line on stderr, and that the user's files, and everything outside res_dir, are untouched.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,15 @@ def one_error(err: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` with its bytes (symbolic links as their target)."""
-    return {p.relative_to(folder).as_posix(): (os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
+    return {
+        p.relative_to(folder).as_posix(): (os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
 
 
 # -- the ledger ---------------------------------------------------------------------------------
+
 
 def test_a_claim_records_the_file_and_each_new_folder_above_it(tmp_path):
     ledger = Ledger(tmp_path)
@@ -43,7 +48,13 @@ def test_a_claim_records_the_file_and_each_new_folder_above_it(tmp_path):
     ledger.claim(tmp_path / "mlp" / "FOLD_1" / "trainlog.json")
     ledger.claim(tmp_path / "mlp" / "conf.json")
     assert read_record(tmp_path / ".izitorch" / "owned.txt") == [
-        ".izitorch/", ".izitorch/owned.txt", "mlp/", "mlp/FOLD_1/", "mlp/FOLD_1/trainlog.json", "mlp/conf.json"]
+        ".izitorch/",
+        ".izitorch/owned.txt",
+        "mlp/",
+        "mlp/FOLD_1/",
+        "mlp/FOLD_1/trainlog.json",
+        "mlp/conf.json",
+    ]
 
 
 def test_a_claim_that_resolves_outside_res_dir_is_refused(tmp_path):
@@ -73,8 +84,7 @@ def test_a_record_cut_by_a_kill_loses_only_its_last_line(tmp_path):
 def test_foreign_entries_and_own_temporary_files(tmp_path):
     ledger = Ledger(tmp_path)
     ledger.claim(tmp_path / "mlp" / "trainlog.json")
-    for name in ("mlp/trainlog.json", "mlp/.trainlog.json.123-4.tmp", "mlp/.other.json.1-2.tmp", "raw.csv",
-                 ".izitorch.lock", "notes/.draft.tmp"):
+    for name in ("mlp/trainlog.json", "mlp/.trainlog.json.123-4.tmp", "mlp/.other.json.1-2.tmp", "raw.csv", ".izitorch.lock", "notes/.draft.tmp"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in ledger.foreign()) == ["mlp/.other.json.1-2.tmp", "notes", "raw.csv"]
@@ -82,6 +92,7 @@ def test_foreign_entries_and_own_temporary_files(tmp_path):
 
 
 # -- a new run, --overwrite, forbidden folders --------------------------------------------------
+
 
 def test_a_new_run_refuses_a_folder_holding_other_files(tmp_path, capsys):
     res_dir = tmp_path / "res"
@@ -120,20 +131,23 @@ def test_overwrite_deletes_only_the_runs_own_files_and_refuses_when_others_joine
 def test_overwrite_of_a_run_with_only_its_own_files_leaves_no_old_file(tmp_path, capsys):
     manifest = make_manifest(tmp_path)
     res_dir = tmp_path / "res"
-    assert run(capsys, "run", str(manifest), "--set", "plugins.checkpoint.policy=\"all\"")[0] == 0
+    assert run(capsys, "run", str(manifest), "--set", 'plugins.checkpoint.policy="all"')[0] == 0
     assert (res_dir / "mlp" / "model_epoch2.pth.tar").is_file()
     assert run(capsys, "run", str(manifest), "--overwrite")[0] == 0
     assert not list((res_dir / "mlp").glob("model_epoch*"))  # the first run's files are gone with it
 
 
-@pytest.mark.parametrize("res_dir, what", [
-    ("", "the working directory"),
-    (".", "the working directory"),
-    ("/", "the root of a file system"),
-    ("HOME", "your home folder"),
-    ("MANIFEST_DIR", "a folder that holds the manifest"),
-    ("MANIFEST_PARENT", "a folder that holds the manifest"),
-])
+@pytest.mark.parametrize(
+    "res_dir, what",
+    [
+        ("", "the working directory"),
+        (".", "the working directory"),
+        ("/", "the root of a file system"),
+        ("HOME", "your home folder"),
+        ("MANIFEST_DIR", "a folder that holds the manifest"),
+        ("MANIFEST_PARENT", "a folder that holds the manifest"),
+    ],
+)
 def test_shared_folders_are_refused_as_res_dir(tmp_path, capsys, monkeypatch, res_dir, what):
     work = tmp_path / "work"
     work.mkdir()
@@ -149,7 +163,7 @@ def test_shared_folders_are_refused_as_res_dir(tmp_path, capsys, monkeypatch, re
         code, err = run(capsys, "run", str(manifest), *extra)
         assert code == 2
         line = one_error(err)
-        assert f"run.res_dir: res_dir \"{folder}\" is {what}" in line and "a run needs a folder of its own" in line
+        assert f'run.res_dir: res_dir "{folder}" is {what}' in line and "a run needs a folder of its own" in line
     assert snapshot(tmp_path) == before
 
 
@@ -159,8 +173,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     assert "run.resume: --resume and --overwrite cannot go together" in one_error(err)
 
 
-@pytest.mark.parametrize("name", ["..", ".", "...", ".izitorch", ".izitorch.lock", ".hidden", "conf.json", "results.json",
-                                  "Dataset_split.pkl", "CONF.JSON"])
+@pytest.mark.parametrize("name", ["..", ".", "...", ".izitorch", ".izitorch.lock", ".hidden", "conf.json", "results.json", "Dataset_split.pkl", "CONF.JSON"])
 def test_model_names_that_leave_res_dir_or_replace_a_run_file_are_refused(name):
     raw = {"models": [{"name": name, "model": "izitorch.models:MLP"}]}
     with pytest.raises(IzitorchError, match=r"m.toml: models\[0\].name: ") as caught:
@@ -171,6 +184,7 @@ def test_model_names_that_leave_res_dir_or_replace_a_run_file_are_refused(name):
 
 
 # -- --resume -----------------------------------------------------------------------------------
+
 
 def test_resume_of_a_copy_without_its_saved_state_is_refused(tmp_path, capsys):
     manifest = make_manifest(tmp_path)
@@ -304,6 +318,7 @@ def test_resume_removes_only_izitorchs_own_temporary_files(tmp_path, capsys):
 
 
 # -- creating and locking res_dir ---------------------------------------------------------------
+
 
 def test_res_dir_under_a_file_or_too_long_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")

@@ -1,6 +1,7 @@
 """Parallel folds (``[plugins.kfold] parallel = true``): every fold trained at once, each blind
 to its own test samples, with the same outputs, hooks and per-fold plugin state as sequential
 folds, and clear refusals for what it cannot do faithfully."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,14 @@ from conftest import make_manifest, merged, plain_scores, run_cli
 from izitorch import load_manifest
 
 # Two MLPs ("adam", and "sgd" with dropout and Nesterov momentum) over k parallel folds.
-MODELS = [{"name": "adam"},
-          {"name": "sgd", "params": {"dropout": 0.1}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True}}]
+MODELS = [
+    {"name": "adam"},
+    {"name": "sgd", "params": {"dropout": 0.1}, "optimizer": {"class": "torch.optim:SGD", "lr": 0.1, "momentum": 0.9, "nesterov": True}},
+]
 
 
 # A digits dataset whose chosen samples are garbage: noise inputs and shifted labels.
-NOISY = '''\
+NOISY = """\
 import torch
 from torch.utils.data import TensorDataset
 
@@ -36,20 +39,37 @@ def noisy_digits(limit=300, noisy=()):
     inputs[rows] = 5 * torch.randn(len(rows), inputs.shape[1], generator=generator)
     targets[rows] = (targets[rows] + 3) % 10
     return TensorDataset(inputs, targets)
-'''
+"""
 
 
-def write(folder: Path, name: str = "m.toml", *, epochs: int = 3, k: int = 3, parallel: object = True, dataset: str = "izitorch.datasets:digits",
-          params: dict | None = None, run: dict | None = None, data: dict | None = None, adam: dict | None = None, sgd: dict | None = None,
-          enable: tuple[str, ...] = ("kfold",), plugins: dict | None = None) -> Path:
+def write(
+    folder: Path,
+    name: str = "m.toml",
+    *,
+    epochs: int = 3,
+    k: int = 3,
+    parallel: object = True,
+    dataset: str = "izitorch.datasets:digits",
+    params: dict | None = None,
+    run: dict | None = None,
+    data: dict | None = None,
+    adam: dict | None = None,
+    sgd: dict | None = None,
+    enable: tuple[str, ...] = ("kfold",),
+    plugins: dict | None = None,
+) -> Path:
     """folder/NAME, results in folder/res_<stem>: MODELS (``adam`` and ``sgd`` laid over them)
     over ``k`` folds of the dataset (``params``: 300 digits), with ``run``, ``data`` and
     ``plugins`` laid over those tables."""
-    return make_manifest(folder, name=name, models=[merged(MODELS[0], adam or {}), merged(MODELS[1], sgd or {})],
-                         run={"res_dir": (folder / f"res_{Path(name).stem}").as_posix(), "epochs": epochs, "rdm_seed": 3, **(run or {})},
-                         data={"dataset": dataset, "params": None, **(data or {})},
-                         plugins={"enable": list(enable), "kfold": {"k": k, "parallel": parallel}, **(plugins or {})},
-                         overrides={"data.params": params if params is not None else {"limit": 300}})
+    return make_manifest(
+        folder,
+        name=name,
+        models=[merged(MODELS[0], adam or {}), merged(MODELS[1], sgd or {})],
+        run={"res_dir": (folder / f"res_{Path(name).stem}").as_posix(), "epochs": epochs, "rdm_seed": 3, **(run or {})},
+        data={"dataset": dataset, "params": None, **(data or {})},
+        plugins={"enable": list(enable), "kfold": {"k": k, "parallel": parallel}, **(plugins or {})},
+        overrides={"data.params": params if params is not None else {"limit": 300}},
+    )
 
 
 def run(path: Path, *overrides: str) -> dict:
@@ -76,8 +96,7 @@ def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp
     assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
     assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
     spoiled_rows = sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1])
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params={"noisy": spoiled_rows},
-                    data={"validation": True})
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params={"noisy": spoiled_rows}, data={"validation": True})
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
     for model in ("adam", "sgd"):
@@ -163,7 +182,8 @@ def test_train_metrics_count_each_folds_own_samples_only(tmp_path):
     """A fold's training accuracy comes from a confusion matrix of its own training samples."""
     path = write(tmp_path, epochs=1, k=4)
     recorder = tmp_path / "recorder.py"
-    recorder.write_text('''\
+    recorder.write_text(
+        """\
 import json
 from izitorch import hookimpl
 SEEN = {}
@@ -176,7 +196,9 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 def izitorch_run_finish(run, results):
     with open(run.res_dir / "seen.json", "w") as handle:
         json.dump(SEEN, handle)
-''', encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     run(path, 'plugins.enable=["kfold", "recorder.py"]')
     seen = read_json(tmp_path / "res_m" / "seen.json")
     split = pickle.loads((tmp_path / "res_m" / "Dataset_split.pkl").read_bytes())
@@ -256,8 +278,14 @@ def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
     those the same run saves for that epoch under policy all."""
     runs = {}
     for policy in ("best", "all"):
-        path = write(tmp_path, f"{policy}.toml", epochs=4, data={"validation": True}, adam={"optimizer": {"lr": 0.3}},
-                     plugins={"checkpoint": {"policy": policy, "metric": "loss"}})
+        path = write(
+            tmp_path,
+            f"{policy}.toml",
+            epochs=4,
+            data={"validation": True},
+            adam={"optimizer": {"lr": 0.3}},
+            plugins={"checkpoint": {"policy": policy, "metric": "loss"}},
+        )
         runs[policy] = run(path)
     res, every = tmp_path / "res_best", tmp_path / "res_all"
     best_epochs = []
@@ -279,17 +307,21 @@ def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
     assert len(runs["best"]["adam"]) == 3
 
 
-@pytest.mark.parametrize("change, message", [
-    ("batchnorm", None),
-    ("criterion", "needs a CrossEntropyLoss, MSELoss or L1Loss criterion"),
-    ("multi_model", 'cannot run with multi_model = "sequential"'),
-    ("optimizer", "trains every model as a vectorized group, but adam: optimizer RMSprop is not vectorized"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("batchnorm", None),
+        ("criterion", "needs a CrossEntropyLoss, MSELoss or L1Loss criterion"),
+        ("multi_model", 'cannot run with multi_model = "sequential"'),
+        ("optimizer", "trains every model as a vectorized group, but adam: optimizer RMSprop is not vectorized"),
+    ],
+)
 def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, message):
     if change == "batchnorm":
         (tmp_path / "bn.py").write_text(
             "import torch\n\ndef mlp_bn(hidden=16, batchnorm=True):\n"
-            "    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))\n")
+            "    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))\n"
+        )
         path = write(tmp_path, adam={"model": "bn.py:mlp_bn", "params": None})
         message = "model adam: module '1' is a BatchNorm, whose batch statistics would mix each fold's test samples into its training"
     elif change == "criterion":
@@ -390,16 +422,17 @@ def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
 
 
 def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp_path):
-    (tmp_path / "odd.py").write_text(
-        "import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
+    (tmp_path / "odd.py").write_text("import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
     path = write(tmp_path, adam={"model": "odd.py:pairs", "params": None})
     done = run_cli("run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     # the dry run before training (validate's too) takes each model on its own, on four samples
-    assert lines == [f"izitorch: error: {path}: model adam: the criterion failed on output (4, 10, 2) and target (4,): Expected target "
-                     "size [4, 2], got [4]; check that the model's output size matches num_classes and that labels lie in "
-                     "[0, num_classes)"]
+    assert lines == [
+        f"izitorch: error: {path}: model adam: the criterion failed on output (4, 10, 2) and target (4,): Expected target "
+        "size [4, 2], got [4]; check that the model's output size matches num_classes and that labels lie in "
+        "[0, num_classes)"
+    ]
     checked = run_cli("validate", str(path), cwd=tmp_path)
     assert (checked.returncode, checked.stderr) == (1, done.stderr)
 
@@ -433,8 +466,10 @@ def test_each_members_scheduler_drives_its_own_learning_rate(tmp_path):
     # each member's scheduler knows its optimizer stepped (torch warns otherwise, at its first step)
     assert [str(w.message) for w in caught if "optimizer.step()" in str(w.message)] == []
     for fold in (1, 2, 3):
-        lrs = [torch.load(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)
-               ["optimizer"]["param_groups"][0]["lr"] for name in ("scheduled", "constant", "sequential")]
+        lrs = [
+            torch.load(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "model.pth.tar", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+            for name in ("scheduled", "constant", "sequential")
+        ]
         assert lrs == [pytest.approx(1e-2 / 4), pytest.approx(1e-2), pytest.approx(1e-2 / 4)], fold
         logs = [read_json(tmp_path / f"res_{name}" / "adam" / f"FOLD_{fold}" / "trainlog.json") for name in ("scheduled", "constant")]
         assert logs[0]["1"]["loss"] == logs[1]["1"]["loss"]
@@ -447,14 +482,14 @@ def without_times(log: dict) -> dict:
     return {epoch: {k: v for k, v in entry.items() if not k.endswith("_time")} for epoch, entry in log.items()}
 
 
-STOP_FOLD_1 = '''\
+STOP_FOLD_1 = """\
 from izitorch import hookimpl
 
 
 @hookimpl
 def izitorch_should_stop(run, fold, epoch, scores):
     return "fold 1 is done" if fold.index == 0 and epoch == 1 else None
-'''
+"""
 
 
 def test_the_folds_still_training_train_in_train_mode_after_the_first_fold_stopped(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The original izitorch API (its README's): ``Rack``, ``ModelConfig``, its argparse menu, and
 the programmatic ways in (``Rack.from_manifest``, ``izitorch.run(Config(...))``)."""
+
 from __future__ import annotations
 
 import functools
@@ -98,9 +99,12 @@ def test_readme_getting_started_runs_verbatim(tmp_path):
     (tmp_path / "mydatasets.py").write_text(MYDATASETS, encoding="utf-8")
     res = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "train_model.py", "--batch_size", "32", "--lr", "0.005", "--save_all", "1",
-         "--epochs", "3", "--res_dir", str(res), "--device", "cpu"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, "train_model.py", "--batch_size", "32", "--lr", "0.005", "--save_all", "1", "--epochs", "3", "--res_dir", str(res), "--device", "cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     conf = read(res / "conf.json")
@@ -109,7 +113,12 @@ def test_readme_getting_started_runs_verbatim(tmp_path):
     assert conf["device"] == "cpu"
     # and, as the original conf.json did, the parameters passed to the script
     assert {k: conf["args"][k] for k in ("batch_size", "lr", "save_all", "epochs", "device")} == {
-        "batch_size": 32, "lr": 0.005, "save_all": 1, "epochs": 3, "device": "cpu"}
+        "batch_size": 32,
+        "lr": 0.005,
+        "save_all": 1,
+        "epochs": 3,
+        "device": "cpu",
+    }
     sys.path.insert(0, str(tmp_path))
     try:
         from mymodels import Model  # the user's own module, as the script imported it
@@ -178,8 +187,7 @@ class Model(nn.Module):
 def make_rack(res_dir: Path, *argv: str, optimizer=None, model=None, dataset=None) -> Rack:
     """``rack.parse_args(...)`` with tiny defaults (later flags win), one model, the digits."""
     rack = Rack()
-    rack.parse_args(["--res_dir", str(res_dir), "--device", "cpu", "--epochs", "2", "--batch_size", "32",
-                     "--display_step", "1000", *argv])
+    rack.parse_args(["--res_dir", str(res_dir), "--device", "cpu", "--epochs", "2", "--batch_size", "32", "--display_step", "1000", *argv])
     torch.manual_seed(0)
     m = model or Model()
     opt = optimizer(m) if optimizer else torch.optim.Adam(m.parameters(), lr=rack.args.lr)
@@ -308,17 +316,20 @@ def test_launch_without_models_or_dataset(tmp_path):
     assert not (tmp_path / "res").exists()
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["--epochs", "0"], "--epochs"),
-    (["--train_ratio", "2"], "--train_ratio"),
-    (["--batch_size", "0"], "--batch_size"),
-    (["--test_epoch", "0"], "--test_epoch"),
-    (["--device", "gpu"], "--device"),
-    (["--num_workers", "-1"], "--num_workers"),
-    (["--kfold", "1"], "--kfold"),  # checked by the kfold plugin, still named by its flag
-    (["--metric_best", "f1"], "--metric_best"),
-    (["--grad_clip", "-1"], "--grad_clip"),
-])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--train_ratio", "2"], "--train_ratio"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--test_epoch", "0"], "--test_epoch"),
+        (["--device", "gpu"], "--device"),
+        (["--num_workers", "-1"], "--num_workers"),
+        (["--kfold", "1"], "--kfold"),  # checked by the kfold plugin, still named by its flag
+        (["--metric_best", "f1"], "--metric_best"),
+        (["--grad_clip", "-1"], "--grad_clip"),
+    ],
+)
 def test_invalid_values_name_the_flag(tmp_path, argv, flag):
     rack = bare_rack()
     rack.parse_args(["--res_dir", str(tmp_path / "res"), *argv])
@@ -503,8 +514,8 @@ def test_shuffle_controls_the_training_order(tmp_path):
         make_rack(tmp_path / flag, "--shuffle", flag, "--epochs", "1", dataset=dataset).launch()
         train = read(tmp_path / flag / "Dataset_split.pkl")[0][0]
         dry_run = [len(dataset) - 1, *range(DRY_RUN_SAMPLES)]  # before training: the last sample, then the first ones
-        assert record[:len(dry_run)] == dry_run
-        orders[flag] = (record[len(dry_run):len(dry_run) + len(train)], train)
+        assert record[: len(dry_run)] == dry_run
+        orders[flag] = (record[len(dry_run) : len(dry_run) + len(train)], train)
     seen, train = orders["0"]
     assert seen == train  # the split's order, untouched
     seen, train = orders["1"]
@@ -516,8 +527,7 @@ def test_grad_clip_clamps_every_gradient_element(tmp_path):
         torch.manual_seed(0)
         model = Model()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        rack = make_rack(tmp_path / name, "--epochs", "1", "--save_all", "1", *argv, model=model,
-                         optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+        rack = make_rack(tmp_path / name, "--epochs", "1", "--save_all", "1", *argv, model=model, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
         rack.launch()
         final = flat_state(tmp_path / name / "mlp" / "model_epoch1.pth.tar")
         return max((final[k] - initial[k]).abs().max().item() for k in initial)
@@ -537,7 +547,7 @@ def test_from_manifest_launch(manifest, tmp_path):
     rack = Rack.from_manifest(manifest())
     results = rack.launch()
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
-    (_, test), = read(tmp_path / "res" / "Dataset_split.pkl")
+    ((_, test),) = read(tmp_path / "res" / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), tmp_path / "res" / "mlp" / "model.pth.tar", test)
     assert results["mlp"][0]["accuracy"] == pytest.approx(expected["accuracy"], rel=1e-5)
     assert list(read(tmp_path / "res" / "mlp" / "trainlog.json")) == ["1", "2"]
@@ -548,8 +558,7 @@ def python_config(res_dir: Path) -> Config:
     return Config(
         run=RunConfig(res_dir=str(res_dir), device="cpu", epochs=2, batch_size=32, display_step=1000),
         data=DataConfig(dataset="izitorch.datasets:digits", params={"limit": SIZE}, num_classes=10),
-        models=(ModelSpec(name="mlp", model="izitorch.models:MLP", params={"hidden": 16},
-                          optimizer=ComponentSpec("torch.optim:Adam", {"lr": 1e-2})),),
+        models=(ModelSpec(name="mlp", model="izitorch.models:MLP", params={"hidden": 16}, optimizer=ComponentSpec("torch.optim:Adam", {"lr": 1e-2})),),
         plugins=PluginsConfig(),
     )
 
@@ -562,15 +571,14 @@ def test_config_in_python_then_run_matches_the_cli(manifest, tmp_path):
     results = izitorch.run(python_config(tmp_path / "py"))
     assert list(results) == ["mlp"] and len(results["mlp"]) == 1
     scores = results["mlp"][0]
-    (_, test), = read(tmp_path / "py" / "Dataset_split.pkl")
+    ((_, test),) = read(tmp_path / "py" / "Dataset_split.pkl")
     expected = plain_scores(MLP(hidden=16), tmp_path / "py" / "mlp" / "model.pth.tar", test)
     assert {key: scores[key] for key in expected} == pytest.approx(expected, rel=1e-5)
     proc = run_cli("run", str(manifest()))  # the same run described by the tiny manifest
     assert proc.returncode == 0, proc.stderr[-3000:]
     py, cli = tmp_path / "py", tmp_path / "res"
     assert tree(py) == tree(cli)
-    assert {"conf.json", "Dataset_split.pkl", "results.json", "mlp/trainlog.json", "mlp/model.pth.tar",
-            "mlp/confusion_matrix.pkl", "mlp/conf.json"} <= tree(py)
+    assert {"conf.json", "Dataset_split.pkl", "results.json", "mlp/trainlog.json", "mlp/model.pth.tar", "mlp/confusion_matrix.pkl", "mlp/conf.json"} <= tree(py)
     assert read(py / "Dataset_split.pkl") == read(cli / "Dataset_split.pkl")
     py_log, cli_log = (without_times(read(d / "mlp" / "trainlog.json")) for d in (py, cli))
     assert list(py_log) == list(cli_log) == ["1", "2"]
@@ -589,8 +597,9 @@ def test_user_initialisation_is_kept_in_every_fold(tmp_path):
     with torch.no_grad():
         model.net[2].bias.fill_(0.25)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    rack = make_rack(tmp_path / "res", "--kfold", "2", "--epochs", "1", "--save_all", "1", model=model,
-                     optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+    rack = make_rack(
+        tmp_path / "res", "--kfold", "2", "--epochs", "1", "--save_all", "1", model=model, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.0)
+    )
     rack.launch()
     for fold in (1, 2):
         saved = flat_state(tmp_path / "res" / "mlp" / f"FOLD_{fold}" / "model_epoch1.pth.tar")
@@ -604,8 +613,19 @@ def test_every_fold_starts_from_the_initial_weights_with_a_fresh_optimizer(tmp_p
     torch.manual_seed(99)
     model = Model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    rack = make_rack(tmp_path / "res", "--kfold", "2", "--epochs", "2", "--save_all", "1", "--batch_size", "150",
-                     model=model, optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))
+    rack = make_rack(
+        tmp_path / "res",
+        "--kfold",
+        "2",
+        "--epochs",
+        "2",
+        "--save_all",
+        "1",
+        "--batch_size",
+        "150",
+        model=model,
+        optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+    )
     rack.launch()
     splits = read(tmp_path / "res" / "Dataset_split.pkl")
     x, y = _digits()
@@ -713,21 +733,28 @@ def test_a_manifest_model_factory_returning_one_module_twice_is_refused(manifest
     path = manifest(models=[shared, {**shared, "name": "again"}])
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [(f'izitorch: error: {path}: models[1].model: model "again" is the same nn.Module object as model "mlp", so both '
-                                 "would train one set of weights; give each model its own module (build another, or copy.deepcopy it) and "
-                                 "its optimizer on that module's parameters")]
+    assert err.splitlines() == [
+        (
+            f'izitorch: error: {path}: models[1].model: model "again" is the same nn.Module object as model "mlp", so both '
+            "would train one set of weights; give each model its own module (build another, or copy.deepcopy it) and "
+            "its optimizer on that module's parameters"
+        )
+    ]
     assert not list((tmp_path / "res").rglob("trainlog.json"))
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("epochs", "ten", 'epochs: expected an integer, got "ten"'),
-    ("epochs", 2.5, "epochs: expected an integer, got 2.5"),
-    ("batch_size", True, "batch_size: expected an integer, got true"),
-    ("lr", "fast", 'lr: expected a number, got "fast"'),
-    ("train_ratio", None, "train_ratio: expected a number, got None"),
-    ("device", 0, "device: expected a string, got 0"),
-    ("shuffle", "no", 'shuffle: expected 0 or 1 (or True / False), got "no"'),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("epochs", "ten", 'epochs: expected an integer, got "ten"'),
+        ("epochs", 2.5, "epochs: expected an integer, got 2.5"),
+        ("batch_size", True, "batch_size: expected an integer, got true"),
+        ("lr", "fast", 'lr: expected a number, got "fast"'),
+        ("train_ratio", None, "train_ratio: expected a number, got None"),
+        ("device", 0, "device: expected a string, got 0"),
+        ("shuffle", "no", 'shuffle: expected 0 or 1 (or True / False), got "no"'),
+    ],
+)
 def test_set_args_with_a_value_of_the_wrong_type_names_the_parameter(tmp_path, name, value, expected):
     rack = bare_rack()
     before = getattr(rack.args, name)

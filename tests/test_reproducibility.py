@@ -1,6 +1,7 @@
 """Reproducibility: ``rdm_seed`` seeds torch, numpy and Python's ``random`` per fold (DataLoader
 workers apart), and ``[run] deterministic = true`` turns on torch's deterministic-only mode
 during the run, and only then."""
+
 from __future__ import annotations
 
 import json
@@ -156,8 +157,7 @@ def outputs(res: Path) -> dict:
     found = {}
     for log in sorted(res.rglob("trainlog.json")):
         entries = json.loads(log.read_text())
-        found[f"{log.parent.relative_to(res)}/trainlog"] = {e: {k: v for k, v in entry.items() if not k.endswith("_time")}
-                                                           for e, entry in entries.items()}
+        found[f"{log.parent.relative_to(res)}/trainlog"] = {e: {k: v for k, v in entry.items() if not k.endswith("_time")} for e, entry in entries.items()}
         found[f"{log.parent.relative_to(res)}/weights"] = torch.load(log.parent / "model.pth.tar", weights_only=True)["state_dict"]
     assert found, f"no trainlog under {res}"
     return found
@@ -165,8 +165,7 @@ def outputs(res: Path) -> dict:
 
 def same_outputs(a: dict, b: dict) -> bool:
     assert a.keys() == b.keys()
-    return all(a[k] == b[k] if k.endswith("trainlog") else
-               all(torch.equal(a[k][name], b[k][name]) for name in a[k]) for k in a)
+    return all(a[k] == b[k] if k.endswith("trainlog") else all(torch.equal(a[k][name], b[k][name]) for name in a[k]) for k in a)
 
 
 def run_manifest(path: Path, *overrides: str, caller_seed: int = 0) -> Path:

@@ -14,6 +14,7 @@ after the temporary file of that write is complete, before ``os.replace`` moves 
 or ``{"hook": "await_signal", "at": [1, 2, 1], "ready": "<file>"}`` (creates the file at that
 step and holds it until a SIGINT / SIGTERM has arrived). The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -119,36 +120,62 @@ def izitorch_run_finish(run, results):
 HEAD = {"run": {"device": "cpu"}, "data": {"params": {"limit": 240}}}
 
 # (a) holdout, one model with dropout, Adam, every-epoch checkpoints, evaluation every 2 epochs
-HOLDOUT = {"run": {"epochs": 3, "test_epoch": 2},
-           "models": [{"params": {"dropout": 0.2}}],
-           "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "all"}}}
+HOLDOUT = {
+    "run": {"epochs": 3, "test_epoch": 2},
+    "models": [{"params": {"dropout": 0.2}}],
+    "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "all"}},
+}
 
 # (b) 3-fold with validation, SGD, best-loss checkpoints, early stopping that always ends every
 # fold at epoch 3 of 4 (min_delta too large to ever improve): its counters must survive a resume
-KFOLD = {"run": {"epochs": 4}, "data": {"validation": True},
-         "models": [{"optimizer": {"class": "torch.optim:SGD", "lr": 0.1}}],
-         "plugins": {"enable": ["probe.py", "early_stop"], "kfold": {"k": 3}, "checkpoint": {"policy": "best", "metric": "loss"},
-                     "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0}}}
+KFOLD = {
+    "run": {"epochs": 4},
+    "data": {"validation": True},
+    "models": [{"optimizer": {"class": "torch.optim:SGD", "lr": 0.1}}],
+    "plugins": {
+        "enable": ["probe.py", "early_stop"],
+        "kfold": {"k": 3},
+        "checkpoint": {"policy": "best", "metric": "loss"},
+        "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0},
+    },
+}
 
 # (c) two models (MLP with dropout, CNN) with SGD momentum and StepLR, validation, best-acc
 # checkpoints, gradient clipping
 SGD = {"class": "torch.optim:SGD", "lr": 0.05, "momentum": 0.9}
-TWO = {"run": {"epochs": 4}, "data": {"validation": True},
-       "models": [{"params": {"hidden": 32, "dropout": 0.3}, "optimizer": SGD,
-                   "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
-                  {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 4}, "optimizer": SGD,
-                   "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 2, "gamma": 0.5}}],
-       "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "best", "metric": "acc"}, "grad_clip": {"max_norm": 1.0}}}
+TWO = {
+    "run": {"epochs": 4},
+    "data": {"validation": True},
+    "models": [
+        {"params": {"hidden": 32, "dropout": 0.3}, "optimizer": SGD, "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
+        {
+            "name": "cnn",
+            "model": "izitorch.models:SmallCNN",
+            "params": {"hidden": None, "channels": 4},
+            "optimizer": SGD,
+            "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 2, "gamma": 0.5},
+        },
+    ],
+    "plugins": {"enable": ["probe.py"], "checkpoint": {"policy": "best", "metric": "acc"}, "grad_clip": {"max_norm": 1.0}},
+}
 
 # (d) parallel folds: 3 folds of two models (Adam; SGD with momentum, dropout and StepLR) trained
 # at once, validation, best-acc checkpoints, early stopping that ends every fold at epoch 3 of 4:
 # each fold's plugin state (swapped around its hooks) must survive a resume
-PARALLEL = {"run": {"epochs": 4}, "data": {"validation": True},
-            "models": [{"name": "adam"},
-                       {"name": "sgd", "params": {"dropout": 0.2}, "optimizer": SGD,
-                        "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}}],
-            "plugins": {"enable": ["probe.py", "kfold", "early_stop"], "kfold": {"k": 3, "parallel": True},
-                        "checkpoint": {"policy": "best", "metric": "acc"}, "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0}}}
+PARALLEL = {
+    "run": {"epochs": 4},
+    "data": {"validation": True},
+    "models": [
+        {"name": "adam"},
+        {"name": "sgd", "params": {"dropout": 0.2}, "optimizer": SGD, "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
+    ],
+    "plugins": {
+        "enable": ["probe.py", "kfold", "early_stop"],
+        "kfold": {"k": 3, "parallel": True},
+        "checkpoint": {"policy": "best", "metric": "acc"},
+        "early_stop": {"patience": 2, "metric": "loss", "min_delta": 100.0},
+    },
+}
 
 # (e) a user's dataset that augments every sample with noise from numpy's and Python's global
 # generators (see NOISY): a resume must restore both to continue the same noise
@@ -179,10 +206,15 @@ class NoisyDigits(torch.utils.data.Dataset):
 
 # (f) fp16 with a loss scaler per stack and gradients accumulated over 4 batches, for a vectorized
 # pair (a, b) and a lone CNN: the scalers and the windows must survive a resume
-MIXED = {"run": {"epochs": 3, "precision": "fp16", "accumulate": 4},
-         "models": [{"name": "a"}, {"name": "b", "optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}},
-                    {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 4}}],
-         "plugins": {"enable": ["probe.py"]}}
+MIXED = {
+    "run": {"epochs": 3, "precision": "fp16", "accumulate": 4},
+    "models": [
+        {"name": "a"},
+        {"name": "b", "optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}},
+        {"name": "cnn", "model": "izitorch.models:SmallCNN", "params": {"hidden": None, "channels": 4}},
+    ],
+    "plugins": {"enable": ["probe.py"]},
+}
 
 SCENARIOS = {
     "holdout": merged(HEAD, HOLDOUT),
@@ -202,70 +234,140 @@ def _batch(fold, epoch, step):
 # parallel: one pass over all 240 samples -> 8 steps, batch_finish once per fold and step
 KILL_POINTS = {
     "holdout": [
-        _batch(1, 1, 1), _batch(1, 1, 3), _batch(1, 1, 6), _batch(1, 2, 1), _batch(1, 2, 4), _batch(1, 3, 6),
-        {"hook": "epoch_start", "fold": 1, "epoch": 1}, {"hook": "epoch_start", "fold": 1, "epoch": 3},
-        {"hook": "epoch_finish", "fold": 1, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        _batch(1, 1, 1),
+        _batch(1, 1, 3),
+        _batch(1, 1, 6),
+        _batch(1, 2, 1),
+        _batch(1, 2, 4),
+        _batch(1, 3, 6),
+        {"hook": "epoch_start", "fold": 1, "epoch": 1},
+        {"hook": "epoch_start", "fold": 1, "epoch": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 1},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
         {"hook": "epoch_finish", "fold": 1, "epoch": 3},
-        {"hook": "fold_finish", "fold": 1}, {"hook": "run_finish"},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 1}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
+        {"hook": "fold_finish", "fold": 1},
+        {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
         {"hook": "replace", "file": "fold_1.pth.tar", "nth": 4},  # the final state (after the test)
-        {"hook": "replace", "file": "trainlog.json", "nth": 2}, {"hook": "replace", "file": "model_epoch3.pth.tar", "nth": 1},
-        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 1}, {"hook": "replace", "file": "results.json", "nth": 1},
-        _batch(1, 2, 6), _batch(1, 3, 1), {"hook": "epoch_start", "fold": 1, "epoch": 2}, {"hook": "fold_start", "fold": 1},
-        {"hook": "replace", "file": "trainlog.json", "nth": 1}, {"hook": "replace", "file": "trainlog.json", "nth": 3},
-        {"hook": "replace", "file": "model_epoch1.pth.tar", "nth": 1}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3},
-        [_batch(1, 1, 4), _batch(1, 2, 2)], [_batch(1, 2, 5), {"hook": "epoch_start", "fold": 1, "epoch": 2}],
+        {"hook": "replace", "file": "trainlog.json", "nth": 2},
+        {"hook": "replace", "file": "model_epoch3.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 1},
+        {"hook": "replace", "file": "results.json", "nth": 1},
+        _batch(1, 2, 6),
+        _batch(1, 3, 1),
+        {"hook": "epoch_start", "fold": 1, "epoch": 2},
+        {"hook": "fold_start", "fold": 1},
+        {"hook": "replace", "file": "trainlog.json", "nth": 1},
+        {"hook": "replace", "file": "trainlog.json", "nth": 3},
+        {"hook": "replace", "file": "model_epoch1.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3},
+        [_batch(1, 1, 4), _batch(1, 2, 2)],
+        [_batch(1, 2, 5), {"hook": "epoch_start", "fold": 1, "epoch": 2}],
         [{"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "replace", "file": "fold_1.pth.tar", "nth": 1}],
     ],
     "kfold": [
-        _batch(1, 1, 1), _batch(1, 2, 2), _batch(1, 3, 3), _batch(2, 1, 1), _batch(2, 2, 3), _batch(3, 3, 2),
-        {"hook": "fold_start", "fold": 2}, {"hook": "fold_start", "fold": 3},
-        {"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 3, "epoch": 3},
-        {"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 2}, {"hook": "run_finish"},
-        {"hook": "replace", "file": "fold_2.pth.tar", "nth": 3}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
+        _batch(1, 1, 1),
+        _batch(1, 2, 2),
+        _batch(1, 3, 3),
+        _batch(2, 1, 1),
+        _batch(2, 2, 3),
+        _batch(3, 3, 2),
+        {"hook": "fold_start", "fold": 2},
+        {"hook": "fold_start", "fold": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 3, "epoch": 3},
+        {"hook": "fold_finish", "fold": 1},
+        {"hook": "fold_finish", "fold": 2},
+        {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_2.pth.tar", "nth": 3},
+        {"hook": "replace", "file": "best_epoch.json", "nth": 2},
         {"hook": "replace", "file": "overall.json", "nth": 1},
-        _batch(1, 1, 3), _batch(2, 3, 1), _batch(3, 1, 1), _batch(3, 3, 3), {"hook": "fold_start", "fold": 1},
-        {"hook": "epoch_start", "fold": 2, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 1},
-        {"hook": "epoch_finish", "fold": 2, "epoch": 3}, {"hook": "fold_finish", "fold": 3},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 4}, {"hook": "replace", "file": "fold_3.pth.tar", "nth": 1},
-        {"hook": "replace", "file": "results.json", "nth": 1}, {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2},
-        [_batch(1, 2, 1), _batch(2, 2, 2)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 1}],
+        _batch(1, 1, 3),
+        _batch(2, 3, 1),
+        _batch(3, 1, 1),
+        _batch(3, 3, 3),
+        {"hook": "fold_start", "fold": 1},
+        {"hook": "epoch_start", "fold": 2, "epoch": 1},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 1},
+        {"hook": "epoch_finish", "fold": 2, "epoch": 3},
+        {"hook": "fold_finish", "fold": 3},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 4},
+        {"hook": "replace", "file": "fold_3.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "results.json", "nth": 1},
+        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2},
+        [_batch(1, 2, 1), _batch(2, 2, 2)],
+        [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 1}],
         [_batch(2, 3, 3), _batch(2, 3, 3), {"hook": "fold_start", "fold": 3}],
     ],
     "two": [
-        _batch(1, 1, 1), _batch(1, 1, 6), _batch(1, 2, 3), _batch(1, 3, 2), _batch(1, 4, 1), _batch(1, 4, 6),
+        _batch(1, 1, 1),
+        _batch(1, 1, 6),
+        _batch(1, 2, 3),
+        _batch(1, 3, 2),
+        _batch(1, 4, 1),
+        _batch(1, 4, 6),
         {"hook": "epoch_start", "fold": 1, "epoch": 4},
-        {"hook": "epoch_finish", "fold": 1, "epoch": 1}, {"hook": "epoch_finish", "fold": 1, "epoch": 3},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 1},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 3},
         {"hook": "epoch_finish", "fold": 1, "epoch": 4},
-        {"hook": "fold_finish", "fold": 1}, {"hook": "run_finish"},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3}, {"hook": "replace", "file": "model.pth.tar", "nth": 2},
-        {"hook": "replace", "file": "best_epoch.json", "nth": 1}, {"hook": "replace", "file": "test_metrics.json", "nth": 2},
-        _batch(1, 2, 1), _batch(1, 2, 6), _batch(1, 3, 6), {"hook": "epoch_start", "fold": 1, "epoch": 1},
-        {"hook": "epoch_start", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 1, "epoch": 2},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 5}, {"hook": "replace", "file": "trainlog.json", "nth": 3},
-        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2}, {"hook": "replace", "file": "results.json", "nth": 1},
+        {"hook": "fold_finish", "fold": 1},
+        {"hook": "run_finish"},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 3},
+        {"hook": "replace", "file": "model.pth.tar", "nth": 2},
+        {"hook": "replace", "file": "best_epoch.json", "nth": 1},
+        {"hook": "replace", "file": "test_metrics.json", "nth": 2},
+        _batch(1, 2, 1),
+        _batch(1, 2, 6),
+        _batch(1, 3, 6),
+        {"hook": "epoch_start", "fold": 1, "epoch": 1},
+        {"hook": "epoch_start", "fold": 1, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 5},
+        {"hook": "replace", "file": "trainlog.json", "nth": 3},
+        {"hook": "replace", "file": "confusion_matrix.pkl", "nth": 2},
+        {"hook": "replace", "file": "results.json", "nth": 1},
         {"hook": "replace", "file": "model.pth.tar", "nth": 1},
-        [_batch(1, 1, 5), _batch(1, 3, 3)], [_batch(1, 4, 2), {"hook": "epoch_finish", "fold": 1, "epoch": 4}],
+        [_batch(1, 1, 5), _batch(1, 3, 3)],
+        [_batch(1, 4, 2), {"hook": "epoch_finish", "fold": 1, "epoch": 4}],
     ],
     "parallel": [
-        _batch(1, 1, 1), _batch(2, 1, 8), _batch(3, 2, 4), _batch(1, 3, 8), _batch(3, 3, 1),
-        {"hook": "fold_start", "fold": 2}, {"hook": "epoch_start", "fold": 2, "epoch": 2},
-        {"hook": "epoch_finish", "fold": 1, "epoch": 2}, {"hook": "epoch_finish", "fold": 3, "epoch": 3},
-        {"hook": "fold_finish", "fold": 2}, {"hook": "run_finish"},
-        {"hook": "replace", "file": "folds.pth.tar", "nth": 1}, {"hook": "replace", "file": "folds.pth.tar", "nth": 3},
+        _batch(1, 1, 1),
+        _batch(2, 1, 8),
+        _batch(3, 2, 4),
+        _batch(1, 3, 8),
+        _batch(3, 3, 1),
+        {"hook": "fold_start", "fold": 2},
+        {"hook": "epoch_start", "fold": 2, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "epoch_finish", "fold": 3, "epoch": 3},
+        {"hook": "fold_finish", "fold": 2},
+        {"hook": "run_finish"},
+        {"hook": "replace", "file": "folds.pth.tar", "nth": 1},
+        {"hook": "replace", "file": "folds.pth.tar", "nth": 3},
         {"hook": "replace", "file": "folds.pth.tar", "nth": 4},  # the final state (after the tests)
-        {"hook": "replace", "file": "trainlog.json", "nth": 5}, {"hook": "replace", "file": "best_epoch.json", "nth": 2},
-        [_batch(2, 2, 2), _batch(1, 3, 1)], [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 3}],
+        {"hook": "replace", "file": "trainlog.json", "nth": 5},
+        {"hook": "replace", "file": "best_epoch.json", "nth": 2},
+        [_batch(2, 2, 2), _batch(1, 3, 1)],
+        [{"hook": "fold_finish", "fold": 1}, {"hook": "fold_finish", "fold": 3}],
     ],
     # 192 training samples -> 6 steps per epoch: accumulation windows of 4 and 2 batches
     "mixed": [
-        _batch(1, 1, 2), _batch(1, 2, 5), _batch(1, 3, 4), {"hook": "epoch_finish", "fold": 1, "epoch": 2},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2}, [_batch(1, 1, 3), _batch(1, 2, 6)],
+        _batch(1, 1, 2),
+        _batch(1, 2, 5),
+        _batch(1, 3, 4),
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
+        [_batch(1, 1, 3), _batch(1, 2, 6)],
     ],
     # 192 training samples -> 6 steps per epoch
     "noisy": [
-        _batch(1, 1, 3), _batch(1, 2, 4), _batch(1, 3, 6), {"hook": "epoch_finish", "fold": 1, "epoch": 2},
-        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2}, [_batch(1, 2, 2), _batch(1, 3, 1)],
+        _batch(1, 1, 3),
+        _batch(1, 2, 4),
+        _batch(1, 3, 6),
+        {"hook": "epoch_finish", "fold": 1, "epoch": 2},
+        {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
+        [_batch(1, 2, 2), _batch(1, 3, 1)],
     ],
 }
 
@@ -275,7 +377,7 @@ TALLY: dict[str, list[tuple[str, bool]]] = {}
 # ---------------------------------------------------------------------------------------------
 # running izitorch: a fork server for the matrix, real processes elsewhere
 
-ZYGOTE = r'''
+ZYGOTE = r"""
 import json, os, signal, sys, traceback
 import torch
 torch.set_num_threads(1)
@@ -307,7 +409,7 @@ for line in sys.stdin:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-'''
+"""
 
 
 class Result:
@@ -319,8 +421,7 @@ class ForkServer:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.count = 0
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, **ENV})
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV})
 
     def run(self, *argv: str, cwd: Path, env: dict | None = None) -> Result:
         self.count += 1
@@ -454,8 +555,7 @@ def fold_view(state: dict) -> dict:
     plugins = dict(state["plugins"])
     if "trainlog" in plugins:  # each model's trainlog.json text: compared as data, timings aside
         plugins["trainlog"] = {name: json.loads(text) for name, text in plugins["trainlog"]["texts"].items()}
-    return {"plugins": strip_times(plugins),
-            "final_scores": strip_times(state["final_scores"]) if state["final_scores"] is not None else None}
+    return {"plugins": strip_times(plugins), "final_scores": strip_times(state["final_scores"]) if state["final_scores"] is not None else None}
 
 
 def compare_runs(ref: Path, other: Path) -> list[str]:
@@ -569,7 +669,7 @@ def test_references_are_what_the_scenarios_claim(scenarios):
     assert state["final"] and [f["stop_reason"] for f in state["folds"]] == ["every model stopped early (epoch 3)"] * 3
     assert not list((parallel / ".izitorch").glob("fold_*.pth.tar"))
     state = torch.load(two / ".izitorch" / "fold_1.pth.tar", weights_only=True)["folds"][0]
-    assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7 ** 4)]
+    assert [g["lr"] for g in state["slots"]["mlp"]["optimizer"]["param_groups"]] == [pytest.approx(0.05 * 0.7**4)]
     assert state["slots"]["mlp"]["optimizer"]["state"]  # momentum buffers are part of the state
     _, noisy = scenarios["noisy"]  # its dataset drew from numpy's and python's generators since the fold's seeding
     rng = torch.load(noisy / ".izitorch" / "fold_1.pth.tar", weights_only=True)["rng"]
@@ -721,10 +821,13 @@ def snapshot(res: Path) -> dict[str, bytes]:
     return {p.relative_to(res).as_posix(): p.read_bytes() for p in sorted(res.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("override, key, change", [
-    ("models[0].params.hidden=32", "models[0].params.hidden", "(16 -> 32)"),
-    ("run.rdm_seed=7", "run.rdm_seed", "(1 -> 7)"),
-])
+@pytest.mark.parametrize(
+    "override, key, change",
+    [
+        ("models[0].params.hidden=32", "models[0].params.hidden", "(16 -> 32)"),
+        ("run.rdm_seed=7", "run.rdm_seed", "(1 -> 7)"),
+    ],
+)
 def test_resume_with_a_changed_manifest_is_refused_and_touches_nothing(scenarios, tmp_path, override, key, change):
     scenario, ref = scenarios["holdout"]
     res = tmp_path / "res"
@@ -817,9 +920,14 @@ def test_sigint_sent_from_outside(server, scenarios, tmp_path):
     path = scenario.manifest("outside")
     res = scenario.res("outside")
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-m", "izitorch", "run", str(path)], cwd=scenario.folder, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **ENV, **probe({"hook": "await_signal", "at": [1, 2, 1], "ready": str(ready)})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "izitorch", "run", str(path)],
+        cwd=scenario.folder,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **ENV, **probe({"hook": "await_signal", "at": [1, 2, 1], "ready": str(ready)})},
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -951,10 +1059,24 @@ def test_the_rack_resumes_with_resume_1(tmp_path):
     script.write_text(RACK_SCRIPT, encoding="utf-8")
 
     def launch(res: str, *extra: str, kill: int = 0) -> subprocess.CompletedProcess:
-        argv = [sys.executable, str(script), "--res_dir", str(tmp_path / res), "--epochs", "3", "--batch_size", "32",
-                "--lr", "0.01", "--device", "cpu", "--display_step", "1000", *extra]
-        return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                              env={**os.environ, **ENV, "KILL_AT_CALL": str(kill)})
+        argv = [
+            sys.executable,
+            str(script),
+            "--res_dir",
+            str(tmp_path / res),
+            "--epochs",
+            "3",
+            "--batch_size",
+            "32",
+            "--lr",
+            "0.01",
+            "--device",
+            "cpu",
+            "--display_step",
+            "1000",
+            *extra,
+        ]
+        return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, **ENV, "KILL_AT_CALL": str(kill)})
 
     ref = launch("ref")
     assert ref.returncode == 0, ref.stderr[-2000:]

@@ -1,5 +1,6 @@
 """A third-party plugin, installed as its own distribution with a real ``izitorch`` entry point,
 changes a run's behaviour without touching izitorch, and loads only when the manifest names it."""
+
 from __future__ import annotations
 
 import json
@@ -71,6 +72,7 @@ class DemoPlugin:
         (run.res_dir / "demo_marker.txt").write_text(text, encoding="utf-8")
 '''
 
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """The demo plugin built and installed (offline) into its own site folder."""
@@ -79,8 +81,19 @@ def site(tmp_path_factory) -> Path:
     project.mkdir()
     (project / "pyproject.toml").write_text(PYPROJECT, encoding="utf-8")
     (project / "izitorch_demo_plugin.py").write_text(MODULE, encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-               "--disable-pip-version-check", "--target", str(target), str(project)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+        str(project),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     if done.returncode != 0:
         pytest.fail(f"pip install of the demo plugin failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -96,8 +109,9 @@ def env_for(site: Path) -> dict:
 
 def write(folder: Path, plugins: dict, epochs: int = 2) -> Path:
     """A one-MLP run over 200 digits on the CPU, batch 64, with the ``[plugins]`` table ``plugins``."""
-    return make_manifest(folder, run={"device": "cpu", "epochs": epochs, "batch_size": 64}, data={"params": {"limit": 200}},
-                         **({"plugins": plugins} if plugins else {}))
+    return make_manifest(
+        folder, run={"device": "cpu", "epochs": epochs, "batch_size": 64}, data={"params": {"limit": 200}}, **({"plugins": plugins} if plugins else {})
+    )
 
 
 def read_json(path: Path):

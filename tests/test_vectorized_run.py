@@ -1,4 +1,5 @@
 """Vectorized groups inside real runs: same results as sequential, member identity kept."""
+
 from __future__ import annotations
 
 import json
@@ -20,23 +21,37 @@ from conftest import KILLER, make_manifest, merged, run_cli
 # dropout-free groups there).
 # Three members ("a" has its own scheduler, "b" its own Adam settings), two folds, clipped.
 MEMBERS = {
-    "a": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2},
-          "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
+    "a": {"optimizer": {"class": "torch.optim:Adam", "lr": 1e-2}, "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 1, "gamma": 0.7}},
     "b": {"optimizer": {"class": "torch.optim:Adam", "lr": 3e-3, "weight_decay": 1e-3, "betas": [0.8, 0.99]}},
     "c": {"optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}},
 }
 
 
-def manifest(tmp_path: Path, name: str, mode: str = "auto", nan_policy: str = "stop", model: str = "izitorch.models:MLP",
-             plugins: tuple[str, ...] = (), dropout: float = 0.2, members: dict | None = None) -> Path:
+def manifest(
+    tmp_path: Path,
+    name: str,
+    mode: str = "auto",
+    nan_policy: str = "stop",
+    model: str = "izitorch.models:MLP",
+    plugins: tuple[str, ...] = (),
+    dropout: float = 0.2,
+    members: dict | None = None,
+) -> Path:
     """tmp_path/NAME.toml, results in tmp_path/NAME: the MEMBERS, each with ``members[name]``
     laid over it (``None`` leaves it out), 240 digits, 3 epochs."""
-    models = [{"name": member, "model": model, "params": {"hidden": 16, "dropout": dropout}, **entry}
-              for member, entry in merged(MEMBERS, members or {}).items() if entry is not None]
-    return make_manifest(tmp_path, name=f"{name}.toml", models=models,
-                         run={"res_dir": (tmp_path / name).as_posix(), "device": "cpu", "epochs": 3, "display_step": None,
-                              "multi_model": mode, "nan_policy": nan_policy},
-                         data={"params": {"limit": 240}}, plugins={"enable": list(plugins), "kfold": {"k": 2}, "grad_clip": {"max_norm": 0.5}})
+    models = [
+        {"name": member, "model": model, "params": {"hidden": 16, "dropout": dropout}, **entry}
+        for member, entry in merged(MEMBERS, members or {}).items()
+        if entry is not None
+    ]
+    return make_manifest(
+        tmp_path,
+        name=f"{name}.toml",
+        models=models,
+        run={"res_dir": (tmp_path / name).as_posix(), "device": "cpu", "epochs": 3, "display_step": None, "multi_model": mode, "nan_policy": nan_policy},
+        data={"params": {"limit": 240}},
+        plugins={"enable": list(plugins), "kfold": {"k": 2}, "grad_clip": {"max_norm": 0.5}},
+    )
 
 
 def weights(res: Path, model: str, fold: int) -> dict:
@@ -63,7 +78,7 @@ def test_a_vectorized_run_matches_a_sequential_one_and_keeps_each_members_files(
             assert abs(sizes[0] - sizes[1]) < 512
         assert [f["accuracy"] for f in vec[name]] == pytest.approx([f["accuracy"] for f in seq[name]], abs=1.0)
     # the per-member StepLR of "a" acted on a's optimizer only
-    assert weights(tmp_path / "vec", "a", 1)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.7 ** 3)
+    assert weights(tmp_path / "vec", "a", 1)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-2 * 0.7**3)
     assert weights(tmp_path / "vec", "b", 1)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3)
 
 
@@ -73,8 +88,9 @@ def test_vectorized_refuses_a_model_it_cannot_group_naming_it(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert lines[0].startswith(f'izitorch: error: {path}: run.multi_model: "vectorized" needs every model in a group, '
-                               'but c: optimizer RMSprop is not vectorized')
+    assert lines[0].startswith(
+        f'izitorch: error: {path}: run.multi_model: "vectorized" needs every model in a group, but c: optimizer RMSprop is not vectorized'
+    )
 
 
 def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
@@ -85,7 +101,7 @@ def test_a_killed_vectorized_run_resumes_bit_for_bit(tmp_path):
     # a member's entry keeps only the hyper-parameters that moved (a's scheduled lr); its group
     # entry holds the weights and moments
     saved = torch.load(tmp_path / "ref" / ".izitorch" / "fold_2.pth.tar", weights_only=True)["folds"][0]["slots"]
-    assert saved["a"]["optimizer"]["param_groups"] == [{"lr": pytest.approx(1e-2 * 0.7 ** 3)}]
+    assert saved["a"]["optimizer"]["param_groups"] == [{"lr": pytest.approx(1e-2 * 0.7**3)}]
     assert saved["b"]["optimizer"]["param_groups"] == [{}] and saved["b"]["model"] is None
     done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "2,2,3"})
     assert done.returncode == -signal.SIGKILL

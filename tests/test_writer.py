@@ -3,6 +3,7 @@
 The writer's file function is replaced by a recorder whose writes can be held back with events,
 so each guarantee is checked at a moment when it matters (a file still waiting), not by timing.
 """
+
 from __future__ import annotations
 
 import json
@@ -153,6 +154,7 @@ def test_close_writes_what_is_queued():
 
 
 # -- io.background_writes ------------------------------------------------------------------------
+
 
 def test_inside_background_writes_files_are_written_by_the_thread_and_all_there_at_the_end(tmp_path, monkeypatch):
     seen = replaced_by_thread(monkeypatch)

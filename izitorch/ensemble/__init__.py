@@ -6,6 +6,7 @@
 - :mod:`~izitorch.ensemble.optimizer`: :class:`StackedOptimizer`, one update for all members;
 - :mod:`~izitorch.ensemble.kernels`: batched forwards and losses that do without ``vmap``.
 """
+
 from izitorch.ensemble.group import VectorGroup
 from izitorch.ensemble.grouping import VECTORIZED_OPTIMIZERS, why_not_vectorizable
 from izitorch.ensemble.planning import group_slots, plan
@@ -13,5 +14,15 @@ from izitorch.ensemble.kernels import PlainStack, masked_loss, supports_masked_l
 from izitorch.ensemble.optimizer import StackedOptimizer
 from izitorch.state import standalone  # a member as a lone model, part of this package's public names
 
-__all__ = ["VectorGroup", "StackedOptimizer", "group_slots", "standalone", "why_not_vectorizable", "masked_loss", "supports_masked_loss",
-           "plan", "PlainStack", "VECTORIZED_OPTIMIZERS"]
+__all__ = [
+    "VectorGroup",
+    "StackedOptimizer",
+    "group_slots",
+    "standalone",
+    "why_not_vectorizable",
+    "masked_loss",
+    "supports_masked_loss",
+    "plan",
+    "PlainStack",
+    "VECTORIZED_OPTIMIZERS",
+]

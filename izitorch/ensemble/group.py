@@ -16,6 +16,7 @@ so ``slot.optimizer.state_dict()`` is what that optimizer would hold had it step
 Parameters live in one flat ``[K, N]`` tensor (each stacked parameter is a view of a column
 range), and so do their gradients and the optimizer's moments.
 """
+
 from __future__ import annotations
 
 import copy
@@ -203,8 +204,9 @@ class VectorGroup:
                 got = tuple(outputs.shape[1:]) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
                 want = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
                 raise ValueError(f"{type(criterion).__name__} cannot take output {got} with target {want}")
-            raise IzitorchError(f"{type(criterion).__name__} cannot be restricted to each member's samples; "
-                                "parallel folds support CrossEntropyLoss, MSELoss and L1Loss")
+            raise IzitorchError(
+                f"{type(criterion).__name__} cannot be restricted to each member's samples; parallel folds support CrossEntropyLoss, MSELoss and L1Loss"
+            )
         if isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor):
             loss = batched_loss(self.slots[0].criterion, outputs, target)
             if loss is not None:

@@ -4,6 +4,7 @@ Two slots share a group when their models have the same module structure and con
 their optimizers are the same vectorized class with the same structural options, and their
 criteria are configured alike (a :class:`_Signature`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -18,10 +19,17 @@ from izitorch.state import Slot, deep_equal
 VECTORIZED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 # Module attributes that are torch's bookkeeping, not configuration that changes the forward.
-_MODULE_INTERNALS = frozenset({
-    "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules",
-    "_compiled_call_impl", "_is_full_backward_hook",
-})
+_MODULE_INTERNALS = frozenset(
+    {
+        "training",
+        "_parameters",
+        "_buffers",
+        "_non_persistent_buffers_set",
+        "_modules",
+        "_compiled_call_impl",
+        "_is_full_backward_hook",
+    }
+)
 
 
 def partition(slots: Sequence[Slot]) -> tuple[list[list[Slot]], dict[str, str]]:
@@ -68,8 +76,9 @@ def check_groupable(slots: Sequence[Slot]) -> None:
     first = _Signature.of(slots[0])
     for slot in slots[1:]:
         if not _Signature.of(slot).matches(first):
-            raise IzitorchError(f"models {slots[0].name} and {slot.name} cannot share a vectorized group: "
-                                "their architectures, optimizer kinds or criteria differ")
+            raise IzitorchError(
+                f"models {slots[0].name} and {slot.name} cannot share a vectorized group: their architectures, optimizer kinds or criteria differ"
+            )
 
 
 def why_not_vectorizable(slot: Slot) -> str | None:
@@ -117,8 +126,7 @@ class _Signature:
         return cls(_architecture(slot.model), _optimizer_kind(slot.optimizer), _config(slot.criterion, values=True))
 
     def matches(self, other: "_Signature") -> bool:
-        return (self.optimizer == other.optimizer and deep_equal(self.architecture, other.architecture)
-                and deep_equal(self.criterion, other.criterion))
+        return self.optimizer == other.optimizer and deep_equal(self.architecture, other.architecture) and deep_equal(self.criterion, other.criterion)
 
 
 def _architecture(model: nn.Module) -> list:
@@ -165,8 +173,7 @@ def _why_alone(slot: Slot, signature: _Signature, candidates: list, slots: Seque
     same_architecture = [(s, sig) for s, sig in candidates if s is not slot and deep_equal(sig.architecture, signature.architecture)]
     for other, sig in same_architecture:
         if sig.optimizer != signature.optimizer:
-            return (f"optimizer {_describe_optimizer(signature.optimizer)} differs from {other.name}'s "
-                    f"{_describe_optimizer(sig.optimizer)} (same architecture)")
+            return f"optimizer {_describe_optimizer(signature.optimizer)} differs from {other.name}'s {_describe_optimizer(sig.optimizer)} (same architecture)"
     for other, sig in same_architecture:
         if not deep_equal(sig.criterion, signature.criterion):
             return f"criterion {type(slot.criterion).__name__} is configured unlike {other.name}'s (same architecture and optimizer)"

@@ -1,6 +1,7 @@
 """Batched computations of a vectorized group that do without ``vmap``: the forward of a plain
 stack of layers, and losses of the common criteria, per member and per member's samples.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -22,13 +23,13 @@ class PlainStack:
     ``vmap`` path, and so does an input the stack does not expect (one tensor, 2-D at each Linear).
     """
 
-    ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-                   nn.Softplus, nn.Hardtanh, nn.Identity)
+    ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Identity)
 
     def __init__(self, layers: list[nn.Module], names: dict[int, str]) -> None:
         self.layers = layers
-        self.linear_names = {id(layer): (names[id(layer.weight)], names[id(layer.bias)] if layer.bias is not None else None)
-                             for layer in layers if type(layer) is nn.Linear}
+        self.linear_names = {
+            id(layer): (names[id(layer.weight)], names[id(layer.bias)] if layer.bias is not None else None) for layer in layers if type(layer) is nn.Linear
+        }
 
     @classmethod
     def of(cls, model: nn.Module) -> "PlainStack | None":
@@ -104,8 +105,13 @@ def _per_sample_cross_entropy(criterion: nn.CrossEntropyLoss, outputs: torch.Ten
         safe = torch.where(kept, target, 0).view(1, -1, 1).expand(size, -1, 1)
         return torch.where(kept, torch.logsumexp(outputs, 2) - outputs.gather(2, safe).squeeze(2), 0.0)
     return nn.functional.cross_entropy(
-        outputs.flatten(0, 1), target.repeat(size), weight=criterion.weight, ignore_index=criterion.ignore_index,
-        reduction="none", label_smoothing=criterion.label_smoothing).view(size, -1)
+        outputs.flatten(0, 1),
+        target.repeat(size),
+        weight=criterion.weight,
+        ignore_index=criterion.ignore_index,
+        reduction="none",
+        label_smoothing=criterion.label_smoothing,
+    ).view(size, -1)
 
 
 def _class_indices(outputs: torch.Tensor, target: torch.Tensor) -> bool:

@@ -5,6 +5,7 @@ per-member hyper-parameters as ``[K, 1]`` columns, whatever the number of parame
 the CPU, when the members share the hyper-parameters torch's fused kernels take as one value, a
 single fused SGD / Adam call (see :class:`_FusedStep`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,8 +91,7 @@ class StackedOptimizer:
             self.momentum_mask = (momentum != 0).tolist()
         else:
             lr, beta1, beta2, eps, wd = h.unbind(1)
-            columns = {"lr": lr, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps,
-                       "wd": wd, "decay": 1 - lr * wd}
+            columns = {"lr": lr, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2, "eps": eps, "wd": wd, "decay": 1 - lr * wd}
             self.any_wd = bool((wd != 0).any())
             self._lr64, self._beta1_64, self._beta2_64 = lr.numpy(), beta1.numpy(), beta2.numpy()
         flat = self.group.flat
@@ -169,8 +169,8 @@ class StackedOptimizer:
         # torch: bias corrections from the Python float step, in double precision; K numbers, so
         # numpy rather than a dozen tiny torch kernels
         step = self.steps[:, 0].numpy().astype(np.float64)
-        bias1 = 1 - self._beta1_64 ** step
-        bias2_sqrt = np.sqrt(1 - self._beta2_64 ** step)
+        bias1 = 1 - self._beta1_64**step
+        bias2_sqrt = np.sqrt(1 - self._beta2_64**step)
         with np.errstate(divide="ignore"):  # a frozen member that never stepped: inf, in a row left as it was
             neg_step = -(self._lr64 / bias1)
         scalars = host_to_device(torch.from_numpy(np.stack([neg_step, bias2_sqrt])).to(param.dtype), param.device)
@@ -201,14 +201,23 @@ class StackedOptimizer:
         lr = 1.0 if fused.lr is None else fused.lr
         if self.kind == "sgd":
             buffers = fused.rows["momentum_buffer"] if fused.options["momentum"] else []
-            torch._fused_sgd_(target, fused.rows["grad"], buffers, lr=lr, nesterov=self.nesterov, maximize=False,
-                              is_first_step=is_first_step, **fused.options)
+            torch._fused_sgd_(target, fused.rows["grad"], buffers, lr=lr, nesterov=self.nesterov, maximize=False, is_first_step=is_first_step, **fused.options)
         else:
             self.steps += 1  # the kernel reads the step; torch's own fused Adam increments it first
             if self.any_wd and self.decoupled:
                 param.mul_(c["decay"])
-            torch._fused_adam_(target, fused.rows["grad"], fused.rows["exp_avg"], fused.rows["exp_avg_sq"], [], fused.rows["step"],
-                               lr=lr, amsgrad=False, maximize=False, **fused.options)
+            torch._fused_adam_(
+                target,
+                fused.rows["grad"],
+                fused.rows["exp_avg"],
+                fused.rows["exp_avg_sq"],
+                [],
+                fused.rows["step"],
+                lr=lr,
+                amsgrad=False,
+                maximize=False,
+                **fused.options,
+            )
         if fused.lr is None:
             param.addcmul_(fused.scratch, c["lr"])
 
@@ -230,8 +239,7 @@ class StackedOptimizer:
         self._installed[k] = True
 
     def state_dict(self) -> dict:
-        return {"state": {key: value.clone() for key, value in self.state.items()}, "steps": self.steps.clone(),
-                "started": list(self.started)}
+        return {"state": {key: value.clone() for key, value in self.state.items()}, "steps": self.steps.clone(), "started": list(self.started)}
 
     @torch.no_grad()
     def load_state_dict(self, saved: dict) -> None:
@@ -337,10 +345,33 @@ def _has_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     one = torch.ones(2, dtype=dtype)
     try:
-        torch._fused_adam_([one.clone()], [one.clone()], [one.clone()], [one.clone()], [], [torch.ones(())], amsgrad=False,
-                           lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False)
-        torch._fused_sgd_([one.clone()], [one.clone()], [one.clone()], weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0,
-                          nesterov=False, maximize=False, is_first_step=True)
+        torch._fused_adam_(
+            [one.clone()],
+            [one.clone()],
+            [one.clone()],
+            [one.clone()],
+            [],
+            [torch.ones(())],
+            amsgrad=False,
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
+        torch._fused_sgd_(
+            [one.clone()],
+            [one.clone()],
+            [one.clone()],
+            weight_decay=0.0,
+            momentum=0.9,
+            lr=0.1,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=True,
+        )
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     return True

@@ -1,4 +1,5 @@
 """Which models train as vectorized groups: ``run.multi_model``'s plan over the grouping rules."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -32,7 +33,8 @@ def plan(mode: str, slots: Sequence[Slot]) -> tuple[list[VectorGroup], list[Slot
         return [], list(slots), []
     groups, sequential, reasons = group_slots(slots)
     if mode == "vectorized" and sequential:
-        raise IzitorchError(f'"vectorized" needs every model in a group, but {reasons[0]}; use multi_model = "auto" to step such models one by one',
-                            "run.multi_model")
+        raise IzitorchError(
+            f'"vectorized" needs every model in a group, but {reasons[0]}; use multi_model = "auto" to step such models one by one', "run.multi_model"
+        )
     notes = [f"vectorized group of {len(g)}: {', '.join(g.names)} ({type(g.slots[0].optimizer).__name__})" for g in groups]
     return groups, sequential, notes + [f"sequential: {reason}" for reason in reasons]

@@ -1,5 +1,6 @@
 """A local plugin, enabled from custom_model.toml as "examples/lr_logger.py": prints each
 model's learning rate at the end of every epoch."""
+
 from izitorch import hookimpl
 
 
