@@ -170,7 +170,7 @@ class StackPass:
         for meter in self.meters:
             meter.update(outputs, target, losses, mask)
 
-    def member_losses(self, into: dict[str, int]) -> None:
+    def member_losses(self, into: dict[Slot, tuple[StackPass, int]]) -> None:
         """Where the last batch's loss of each member that counted it is: ``into[slot] = (self, k)``."""
         if self.losses is not None:
             for k, slot in enumerate(self.stack.members):

@@ -26,7 +26,10 @@ def check(precision: str, device: torch.device) -> None:
     if precision == "32":
         return
     dtype = DTYPES[precision]
-    if not torch.amp.is_autocast_available(device.type):
+    if precision == "fp16" and not hasattr(torch.amp, "GradScaler"):  # torch < 2.3
+        raise IzitorchError(f'"fp16" needs torch.amp.GradScaler (torch >= 2.3; this is {torch.__version__}); use precision = "bf16" or "32"', KEY)
+    available = getattr(torch.amp, "is_autocast_available", lambda device_type: True)  # older torch: the probe below decides
+    if not available(device.type):
         raise IzitorchError(f'"{precision}" needs autocast, which torch does not offer on {device.type}; use precision = "32"', KEY)
     if device.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise IzitorchError(f'"bf16" is not supported by {torch.cuda.get_device_name(device)}; use precision = "fp16" or "32"', KEY)

@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 import torch
 
-from izitorch.config import Config
+from izitorch.config import Config, DataConfig, RunConfig
 from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.io import commit, save_torch
@@ -358,17 +358,26 @@ def saved_fingerprint(run: Run) -> str:
     return _last_fingerprint[2]
 
 
-#: Keys added to the fingerprint since format 4, with the value that behaves as a state without
-#: them was trained: such a state resumes as long as the manifest keeps that value.
-ADDED_DEFAULTS = {"run.precision": "32", "run.accumulate": "1"}
-
-
 def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:
     for key in sorted(set(saved) | set(current)):
-        before, after = saved.get(key, ADDED_DEFAULTS.get(key, "(absent)")), current.get(key, "(absent)")
+        before, after = saved.get(key, added_default(key)), current.get(key, "(absent)")
         if before != after:
             return f"{manifest_key(key, set(saved) | set(current))} changed ({describe_text(before)} -> {describe_text(after)})"
     return None
+
+
+def added_default(key: str) -> str:
+    """What a state written before ``[run]`` or ``[data]`` had the key ``key`` was trained with:
+    its default, as the fingerprint writes it (such a state resumes while the manifest keeps it);
+    ``"(absent)"`` for any other key."""
+    section, _, name = key.partition(".")
+    schema = {"run": RunConfig, "data": DataConfig}.get(section)
+    field = attrs.fields_dict(schema).get(name) if schema is not None else None
+    if field is None or field.default is attrs.NOTHING or isinstance(field.default, attrs.Factory):
+        return "(absent)"
+    flat: dict[str, str] = {}
+    _flatten(_stable(field.default), key, flat)
+    return flat.get(key, "(absent)")
 
 
 _COMPONENT_KEY = re.compile(r"^(models\[\d+\]\.(?:criterion|optimizer|scheduler))\.(?:params\.(.+)|target)$")

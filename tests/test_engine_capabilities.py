@@ -284,3 +284,15 @@ def test_a_precision_the_device_cannot_autocast_to_is_refused_before_training(tm
     assert code == 2
     assert error_of(err) == f'{tmp_path / "res.toml"}: run.precision: "bf16" needs autocast, which torch does not offer on cpu; use precision = "32"'
     assert not (tmp_path / "res" / "m0").exists()
+
+
+def test_a_state_older_than_the_capabilities_resumes_while_they_keep_their_defaults():
+    """A state written before ``precision`` and ``accumulate`` existed lacks their keys: it was
+    trained as their defaults train, so only a manifest that changes them is refused."""
+    from izitorch import resume
+
+    current = {"run.precision": "32", "run.accumulate": "1", "run.epochs": "2"}
+    older = {"run.epochs": "2"}
+    assert resume.first_difference(older, current) is None
+    assert resume.first_difference(older, {**current, "run.accumulate": "4"}) == "run.accumulate changed (1 -> 4)"
+    assert resume.first_difference(older, {**current, "models[0].name": "x"}) == "models[0].name changed ((absent) -> x)"
