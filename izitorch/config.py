@@ -104,6 +104,14 @@ class RunConfig:
     precision: str = attrs.field(default="32", validator=one_of(*PRECISIONS), metadata=doc('"32", or autocast to "bf16" / "fp16" (with a loss scaler)'))
     accumulate: int = attrs.field(default=1, validator=at_least(1), metadata=doc("batches whose gradients add up before one optimizer step"))
     compile: bool = attrs.field(default=False, metadata=doc("torch.compile each stack's forward (uncompiled, with a warning, where it cannot)"))
+    test_weights: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(one_of("last", "best")),
+        metadata=doc('what the final test scores: the "last" epoch\'s weights or the "best" one\'s (unset: "best" with [plugins.checkpoint] policy = "best")'),
+    )
+    best_metric: str | None = attrs.field(
+        default=None, metadata=doc("a registered metric that picks each model's best epoch on validation (unset: loss, or the checkpoint's metric)")
+    )
 
 
 @attrs.frozen

@@ -18,6 +18,7 @@ from izitorch import cohort as cohorts
 from izitorch import resume
 from izitorch.engine import BatchLosses, StackPass
 from izitorch.guard import Interrupted
+from izitorch.selection import note_epoch
 from izitorch.hookspecs import hookimpl
 from izitorch.state import Fold, Run, Scores, Slot
 
@@ -84,10 +85,12 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
 
 
 def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]]) -> None:
-    """The epoch's scores to the plugins; the fold stops when one gives a reason or every model stopped."""
+    """Each model's best epoch so far (:mod:`izitorch.selection`), then the epoch's scores to the
+    plugins; the fold stops when one gives a reason or every model stopped."""
     scores = Scores(epoch)
     for phase, values in passes.items():
         scores.add(phase, {slot.name: values[slot] for slot in fold.slots if slot in values})
+    note_epoch(run.selection, fold, epoch, scores)
     with cohort.hooks_of(run, fold):
         run.hook.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
         fold.stop_reason = run.hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)
@@ -97,8 +100,9 @@ def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passe
 
 @contextlib.contextmanager
 def kept_weights(slots: list[Slot]) -> Iterator[None]:
-    """Models hold the weights they kept (``Slot.keep_weights``) inside the block, their last
-    epoch's weights after it: the final test uses the kept ones, a resume continues the last."""
+    """Models hold the weights they kept (``Slot.keep_weights``: the best epoch's under ``[run]
+    test_weights = "best"``) inside the block, their last epoch's after it: the final test scores
+    the kept ones, a resume continues from the last."""
     last = {}
     for slot in slots:
         if slot.kept_state is not None:

@@ -177,6 +177,7 @@ _SLOT = {
     "kept_epoch": (int, type(None)),
     "stopped": (str, bool, type(None)),
 }
+_SLOT_ADDED = {"best_epoch": (int, type(None)), "best_value": (float, type(None))}  # absent from a state of format 5
 _FOLD = {"epoch": int, "stop_reason": (str, type(None)), "final_scores": (dict, type(None)), "slots": dict, "plugins": dict}
 _COMMON = {"fingerprint": (str, dict), "epoch": int, "groups": list, "rng": dict}
 _SEQUENTIAL = {**_COMMON, **_FOLD, "fold": int}
@@ -197,6 +198,7 @@ def structure_problem(state: dict) -> str | None:
             _check_keys(fold, _FOLD, where)
             for name, slot in fold["slots"].items():
                 _check_keys(slot, _SLOT, join_path(join_path(where, "slots"), str(name)))
+                _check_keys(slot, {key: kind for key, kind in _SLOT_ADDED.items() if key in slot}, join_path(join_path(where, "slots"), str(name)))
         for index, group in enumerate(state["groups"]):
             _check_keys(group, {"names": list}, f"groups[{index}]")
         _check_keys(state["rng"], _RNG, "rng")
@@ -265,6 +267,8 @@ def restore(run: Run, cohort: Any, state: dict) -> int:
     for fold, entry in zip(cohort.folds, state["folds"]):
         for slot in fold.slots:
             restore_slot(run, slot, entry["slots"].get(slot.name))
+            if "best_value" not in entry["slots"][slot.name]:  # written before the core picked the best epoch
+                restore_legacy_best(slot, entry["plugins"])
         fold.epoch, fold.stop_reason = entry["epoch"], entry["stop_reason"]
         cohort.put_plugin_state(run, fold, entry["plugins"])
     restore_stacks(cohort.stacks, state["groups"])
@@ -295,6 +299,15 @@ def restore_slot(run: Run, slot: Any, saved: dict | None) -> None:
             f"model {slot.name}: the saved state does not fit the model ({first}); the architecture changed since the interrupted run: start over with --overwrite"
         ) from None
     slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
+    slot.best_epoch, slot.best_value = saved.get("best_epoch"), saved.get("best_value")
+
+
+def restore_legacy_best(slot: Any, plugins: dict) -> None:
+    """The best score of a state written when the checkpoint plugin tracked it (its
+    ``{"checkpoint": {"best": {name: value}}}`` state), with the epoch of the weights it kept."""
+    value = plugins.get("checkpoint", {}).get("best", {}).get(slot.name)
+    if value is not None:
+        slot.best_epoch, slot.best_value = slot.kept_epoch, float(value)
 
 
 def restore_stacks(stacks: list[Any], saved_groups: list[dict]) -> None:
@@ -441,7 +454,8 @@ def slot_state(slot, grouped: bool) -> dict:
         "optimizer": {"param_groups": changed_hyper(slot)} if grouped else slot.optimizer.state_dict(),
         "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
     }
-    return {**standalone(own), "kept_state": slot.kept_state, "kept_epoch": slot.kept_epoch, "stopped": slot.stopped}
+    best = {"best_epoch": slot.best_epoch, "best_value": slot.best_value}
+    return {**standalone(own), "kept_state": slot.kept_state, "kept_epoch": slot.kept_epoch, "stopped": slot.stopped, **best}
 
 
 def changed_hyper(slot) -> list[dict]:

@@ -25,6 +25,7 @@ from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
 from izitorch.options import check_metric_options
+from izitorch.selection import resolve_selection
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.stacks import build_stacks
@@ -48,7 +49,8 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     flag = StopFlag()
     with res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic), background_writes(config.run.background_writes):
         ledger, resuming = prepare_res_dir(res_dir, config)
-        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories)
+        selection = resolve_selection(config, factories)
+        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories, selection=selection)
         try:
             with owned_by(ledger):
                 results = _run(session, resuming)
@@ -77,9 +79,11 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
 
 def registered_metrics(pm: pluggy.PluginManager, config: Config) -> dict[str, Any]:
     """The metric factories the plugins register (``izitorch_register_metrics``), once every
-    plugin option that names a metric is checked against them (``run`` and ``validate``)."""
+    plugin option that names a metric, and ``[run] best_metric``, is checked against them (``run``
+    and ``validate``)."""
     factories = metrics.registered(pm.hook)
     check_metric_options(pm.list_name_plugin(), config, factories)
+    resolve_selection(config, factories)
     return factories
 
 

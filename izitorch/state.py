@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from izitorch.config import Config, ModelSpec
+from izitorch.selection import Selection
 
 T = TypeVar("T")
 
@@ -64,6 +65,9 @@ class Slot:
     initial_state: dict = attrs.field(factory=dict, repr=False)
     kept_state: dict | None = attrs.field(default=None, repr=False)
     kept_epoch: int | None = None
+    #: The best evaluated epoch so far and its ``[run] best_metric`` (:mod:`izitorch.selection`)
+    best_epoch: int | None = None
+    best_value: float | None = None
     stopped: str | None = None
 
     def snapshot_initial_state(self) -> None:
@@ -80,13 +84,16 @@ class Slot:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(self.initial_state["scheduler"])
         self.kept_state, self.kept_epoch, self.stopped = None, None, None
+        self.best_epoch, self.best_value = None, None
 
     def grads(self) -> list[torch.Tensor]:
         """This model's gradients (what grad clipping acts on)."""
         return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def keep_weights(self, epoch: int) -> None:
-        """Mark the current weights as the ones the fold reports (e.g. the best epoch's)."""
+        """Keep a copy of the current weights: the fold's final test scores them (the core calls
+        this on the best epoch when ``[run] test_weights = "best"``; a plugin may too, e.g. to
+        test averaged weights)."""
         self.kept_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.kept_epoch = epoch
 
@@ -146,6 +153,7 @@ class Run:
     res_dir: Path
     stash: Stash = attrs.field(factory=Stash)
     metric_factories: dict[str, Any] = attrs.field(factory=dict)
+    selection: Selection = attrs.field(factory=Selection)  # which weights the final test scores
     dataset: Any = None
     splits: list[Split] = attrs.field(factory=list)
     slots: list[Slot] = attrs.field(factory=list)

@@ -25,7 +25,6 @@ from izitorch.cli import main as cli_main
 from izitorch.datasets import digits
 from izitorch.models import MLP
 from izitorch.pluginmanager import DEFAULT_PLUGINS, describe_plugins, make_plugin_manager
-from izitorch.plugins.checkpoint import CheckpointPlugin
 from izitorch.plugins.early_stop import EarlyStopPlugin
 
 from conftest import make_manifest
@@ -537,19 +536,15 @@ def test_epoch_finish_gets_train_and_test_scores(observed):
 
 
 def test_builtin_plugins_round_trip_their_state():
-    checkpoint, early_stop = CheckpointPlugin(), EarlyStopPlugin()
-    checkpoint.best = {"mlp_a": 0.25, "mlp_b": 97.5}
+    early_stop = EarlyStopPlugin()
     early_stop.best, early_stop.waited = {"mlp_a": 0.3}, {"mlp_a": 4}
-    state = {**checkpoint.izitorch_state_dict(run=None), **early_stop.izitorch_state_dict(run=None)}
-    assert state == {"checkpoint": {"best": {"mlp_a": 0.25, "mlp_b": 97.5}}, "early_stop": {"best": {"mlp_a": 0.3}, "waited": {"mlp_a": 4}}}
+    state = early_stop.izitorch_state_dict(run=None)
+    assert state == {"early_stop": {"best": {"mlp_a": 0.3}, "waited": {"mlp_a": 4}}}
     state = pickle.loads(pickle.dumps(state))  # what a checkpoint file would hold
 
-    restored_checkpoint, restored_early_stop = CheckpointPlugin(), EarlyStopPlugin()
-    restored_checkpoint.izitorch_load_state_dict(run=None, state=state)
+    restored_early_stop = EarlyStopPlugin()
     restored_early_stop.izitorch_load_state_dict(run=None, state=state)
-    assert restored_checkpoint.best == checkpoint.best and restored_checkpoint.best is not checkpoint.best
     assert (restored_early_stop.best, restored_early_stop.waited) == ({"mlp_a": 0.3}, {"mlp_a": 4})
-    assert restored_checkpoint.izitorch_state_dict(run=None) == {"checkpoint": state["checkpoint"]}
 
     # the restored counter is live: with patience 5 and 4 evaluations waited, one more stops the model
     slot = SimpleNamespace(name="mlp_a", stopped=None)
@@ -568,17 +563,14 @@ def test_builtin_plugins_round_trip_their_state():
 def test_state_dict_hooks_collect_every_plugins_state_through_the_manager(tmp_path):
     path = setup_run(tmp_path, {}, {"enable": ["early_stop"]}, two_models=False)
     pm, _ = make_plugin_manager(load_manifest(str(path)))
-    pm.get_plugin("checkpoint").best = {"mlp_a": 1.5}
     pm.get_plugin("early_stop").waited = {"mlp_a": 2}
     state = {}
     for part in pm.hook.izitorch_state_dict(run=None):
         state.update(part)
-    assert state["checkpoint"] == {"best": {"mlp_a": 1.5}}
     assert state["early_stop"] == {"best": {}, "waited": {"mlp_a": 2}}
 
     other, _ = make_plugin_manager(load_manifest(str(path)))
     other.hook.izitorch_load_state_dict(run=None, state=state)
-    assert other.get_plugin("checkpoint").best == {"mlp_a": 1.5}
     assert other.get_plugin("early_stop").waited == {"mlp_a": 2}
 
 

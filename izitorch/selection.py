@@ -1,0 +1,86 @@
+"""Which weights the final test scores: the last epoch's, or the best evaluated epoch's.
+
+A core rule, written once for every kind of stack and both fold schedules:
+
+- ``[run] best_metric`` (default ``loss``, any registered metric) judged in its declared
+  direction on the phase evaluated each epoch (validation when there is one) picks each model's
+  best epoch. The core tracks it on every run (``Slot.best_epoch``, ``Slot.best_value``): the
+  checkpoint plugin's ``best`` policy saves those weights, the console and reports can name it.
+- ``[run] test_weights = "best"`` keeps a copy of those weights (``Slot.keep_weights``), and the
+  final test scores them; ``"last"`` scores what the last epoch left.
+
+``[plugins.checkpoint] policy = "best"`` with its ``metric`` is the original izitorch's
+``save_best`` / ``metric_best``, which tested the best epoch: where ``[run]`` leaves
+``test_weights`` / ``best_metric`` unset, they follow it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from izitorch.config import Config
+from izitorch.errors import ManifestError
+from izitorch.metrics import better, directions, resolve
+
+if TYPE_CHECKING:
+    from izitorch.state import Fold, Scores
+
+
+@attrs.frozen
+class Selection:
+    """The run's rule, resolved once its metrics are registered."""
+
+    test_weights: str = "last"
+    key: str | None = "loss"  # the value key of ``best_metric`` (``acc`` -> ``accuracy``); None: no metric to pick with
+    direction: str | None = "lower"
+
+
+def resolve_selection(config: Config, factories: dict) -> Selection:
+    """The run's :class:`Selection`; a one-line ``ManifestError`` for a metric nobody registered,
+    or for best weights picked on the test set they are then scored on."""
+    checkpoint = config.plugin_table("checkpoint") if "checkpoint" not in config.plugins.disable else {}
+    legacy_best = checkpoint.get("policy") == "best"
+    test_weights = config.run.test_weights or ("best" if legacy_best else "last")
+    metric, path = config.run.best_metric, "run.best_metric"
+    if metric is None and legacy_best:
+        metric, path = checkpoint.get("metric", "loss"), "plugins.checkpoint.metric"
+    elif metric is None:  # loss when a plugin registers it; without it, no epoch is picked
+        if "loss" not in directions(factories):
+            if test_weights == "best":
+                raise ManifestError('needs a metric to pick the best epoch, and "loss" is not registered: set [run] best_metric', path, config.source)
+            return Selection(test_weights, None, None)
+        metric = "loss"
+    elif legacy_best and "metric" in checkpoint and checkpoint["metric"] != metric:
+        raise ManifestError(
+            f'differs from [run] best_metric = "{metric}": the checkpoint saves the epoch the run picks; remove one of the two',
+            "plugins.checkpoint.metric",
+            config.source,
+        )
+    try:
+        key = resolve(metric, factories, path)
+    except ManifestError as error:
+        raise error.located(source=config.source) from None
+    if config.run.test_weights == "best" and not config.data.validation:
+        raise ManifestError(
+            'picks the best epoch on the scores it then reports: without a validation set that is the test set; set [data] validation = true, or use "last"',
+            "run.test_weights",
+            config.source,
+        )
+    return Selection(test_weights, key, directions(factories)[key])
+
+
+def note_epoch(selection: Selection, fold: Fold, epoch: int, scores: Scores) -> None:
+    """Record each model's best epoch so far from this epoch's evaluation, keeping its weights
+    when the final test scores the best ones. Runs before ``izitorch_epoch_finish``, so that the
+    plugins see ``slot.best_epoch == epoch`` on the epoch that improved."""
+    if selection.key is None:
+        return
+    for slot in fold.slots:
+        value = scores[slot.name].get(fold.eval_phase, {}).get(selection.key) if slot.name in scores else None
+        if value is None or not better(selection.direction, float(value), slot.best_value):
+            continue
+        slot.best_value, slot.best_epoch = float(value), epoch
+        if selection.test_weights == "best":
+            slot.keep_weights(epoch)
