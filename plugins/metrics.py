@@ -89,7 +89,7 @@ class _CellCounts:
         self.members, self.classes = members, classes
         self.cells = (classes + 2) * classes  # per member
         self.counts: torch.Tensor | None = None
-        self.shift: torch.Tensor | None = None  # [K, 1]: member k's first cell, plus the row of targets below 0
+        self.shift: torch.Tensor | int | None = None  # [K, 1]: member k's first cell, plus the row of targets below 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.pending_elements = 0
         self.masked = False
@@ -112,7 +112,7 @@ class _CellCounts:
             keep = _cat([torch.ones_like(p, dtype=torch.bool) if k is None else k for p, _, k in self.pending], 1)
             row = torch.where(keep, row, -1)
         if self.shift is None:
-            self.shift = (torch.arange(self.members, device=predicted.device) * self.cells + self.classes).reshape(-1, 1)
+            self.shift = self.classes if self.members == 1 else (torch.arange(self.members, device=predicted.device) * self.cells + self.classes).reshape(-1, 1)
         index = torch.add(predicted, row, alpha=self.classes).add_(self.shift)
         counts = count_cells(index.reshape(-1), self.members * self.cells)
         self.counts = counts if self.counts is None else self.counts + counts
