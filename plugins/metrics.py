@@ -80,16 +80,17 @@ class _CellCounts:
     group's optimizer step; here a batch costs the ``argmax`` done by the caller and a list
     append, and the counting (one ``bincount``) runs once per ``FLUSH_ELEMENTS`` predictions,
     at the latest when the phase's values are read. Each member counts into ``C + 2`` rows of
-    ``C``: its true classes, and two rows that are dropped, for the targets below 0 and from
-    ``C`` up (an ``ignore_index``) and for the samples that ``keep`` leaves out. No boolean
-    indexing, so no data-dependent shape and no device synchronisation.
+    ``C`` cells: a row per true class, and two rows that are dropped: before them, targets
+    below 0 (an ``ignore_index``) and the samples that ``keep`` leaves out; after them, targets
+    from ``C`` up. No boolean indexing, so no data-dependent shape and no device
+    synchronisation.
     """
 
     def __init__(self, members: int, classes: int) -> None:
         self.members, self.classes = members, classes
         self.cells = (classes + 2) * classes  # per member
         self.counts: torch.Tensor | None = None
-        self.shift: torch.Tensor | int | None = None  # [K, 1]: member k's first cell, plus the row of targets below 0
+        self.shift: torch.Tensor | int | None = None  # member k's first cell plus one row ([K, 1]; a number for K = 1)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.pending_elements = 0
         self.masked = False
