@@ -298,3 +298,14 @@ def test_masked_stack_against_sklearn(generator, monkeypatch, flush):
         assert values[k]["IoU"] == pytest.approx(sk_iou(truth, predicted))
         assert values[k]["loss"] == pytest.approx(weighted[k] / weights[k], rel=1e-6)
     assert values[1]["confusion_matrix"].sum() < values[0]["confusion_matrix"].sum()
+
+
+def test_narrow_integer_targets_count_in_their_cells(generator):
+    """uint8 labels of many classes: a cell index (target * C + prediction) beyond 255 lands
+    in its own cell, not in a wrapped-around one."""
+    classes = 30
+    logits = torch.randn(200, classes, generator=generator)
+    targets = torch.randint(0, classes, (200,), generator=generator)
+    values = accumulate(ConfusionMeter(classes), split(logits, (120, 80)), split(targets.to(torch.uint8), (120, 80)))
+    expected = confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=list(range(classes)))
+    np.testing.assert_array_equal(values["confusion_matrix"], expected)
