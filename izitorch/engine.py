@@ -23,7 +23,7 @@ import torch
 from izitorch import precision
 from izitorch.diagnose import hint, what
 from izitorch.errors import IzitorchError, TrainingError
-from izitorch.metrics import compute_all, meters_for
+from izitorch.metrics import compute_all, meters_for, update_all
 from izitorch.stacks import Stack
 from izitorch.state import Fold, Run, Slot
 
@@ -167,8 +167,7 @@ class StackPass:
         if not all(counted):  # frozen members count nothing
             flags = torch.tensor(counted, device=losses.device).reshape(-1, 1)
             mask = flags.expand(len(counted), target.shape[0]) if mask is None else mask & flags
-        for meter in self.meters:
-            meter.update(outputs, target, losses, mask)
+        update_all(self.meters, outputs, target, losses, mask)
 
     def member_losses(self, into: dict[Slot, tuple[StackPass, int]]) -> None:
         """Where the last batch's loss of each member that counted it is: ``into[slot] = (self, k)``."""

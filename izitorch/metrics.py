@@ -133,6 +133,19 @@ def meters_for(factories: dict[str, Any], num_classes: int | None, members: int)
     return [_Reported(name, _meter(name, factory, num_classes, members), members) for name, factory in factories.items()]
 
 
+def update_all(meters: list[Any], outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """One batch to every accumulator of :func:`meters_for` (one guard around them all, so a
+    metric costs the step its own work only); a failure is one line naming the metric."""
+    meter = None
+    try:
+        for meter in meters:
+            meter.meter.update(outputs, target, losses, mask)
+    except IzitorchError:
+        raise
+    except Exception as error:  # a plugin's metric may raise anything
+        raise TrainingError(f'metric "{meter.name}": update raised {error_text(error)}') from None
+
+
 def compute_all(meters: list[Any], members: int) -> list[dict[str, Any]]:
     """Every metric's values, one dict per member."""
     values: list[dict[str, Any]] = [{} for _ in range(members)]

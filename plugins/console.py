@@ -23,6 +23,10 @@ from izitorch.streams import say, silence
 from izitorch.table import columns, comparison_table, is_metric
 
 
+def _advance(bar: tqdm) -> None:
+    bar.update(1)
+
+
 class ConsolePlugin:
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
@@ -84,8 +88,9 @@ class ConsolePlugin:
 
     @hookimpl
     def izitorch_batch_finish(self, run, fold, step, losses) -> None:
-        if fold.index == self.bar_fold:
-            self._on_bar(lambda bar: bar.update(1))
+        bar = self.bar
+        if bar is not None and not bar.disable and fold.index == self.bar_fold:  # a disabled bar (no terminal) counts nothing
+            self._on_bar(_advance)
         if step % run.config.run.display_step == 0:
             text = "  ".join(f"{name} {loss.item():.4f}" for name, loss in losses.items())
             label = f"fold {fold.index + 1} " if fold.count > 1 else ""

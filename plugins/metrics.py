@@ -29,41 +29,48 @@ class _WeightedSums:
     Adding a batch's losses to running totals takes a few small tensor operations per batch,
     as much as a small model's forward pass; here a batch is appended to a list and the sums
     take one ``stack`` per ``FLUSH_BATCHES`` batches. A weight of 0 (a member that did not
-    count the batch) leaves out its value, even a NaN.
+    count the batch) leaves out its value, even a NaN. Integer weights (a batch's size: no
+    sample mask) are summed on the host.
     """
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
-        self.pending: list[tuple[torch.Tensor, int | torch.Tensor]] = []
+        self.count: torch.Tensor | int = 0
+        self.values: list[torch.Tensor] = []
+        self.weights: list[int | torch.Tensor] = []
 
     def add(self, values: torch.Tensor, weight: int | torch.Tensor) -> None:
-        self.pending.append((values, weight))
-        if len(self.pending) >= FLUSH_BATCHES:
+        self.values.append(values)
+        self.weights.append(weight)
+        if len(self.values) >= FLUSH_BATCHES:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.values:
             return
-        values = torch.stack([v for v, _ in self.pending]).float()  # [S, *shape]
-        weights = [w for _, w in self.pending]
-        if all(isinstance(w, int) for w in weights):
-            weights = host_to_device(torch.tensor(weights, dtype=torch.float32), values.device)
-            weights = weights.reshape(-1, *([1] * (values.ndim - 1))).expand_as(values)
+        values = torch.stack(self.values).float()  # [S, *shape]
+        weights = self.weights
+        if all(type(w) is int for w in weights):
+            count: torch.Tensor | int = sum(weights)
+            column = host_to_device(torch.tensor(weights, dtype=torch.float32), values.device).reshape(-1, *([1] * (values.ndim - 1)))
+            weighted = values * column
+            total = (weighted if min(weights) > 0 else torch.where(column > 0, weighted, 0.0)).sum(0)
         else:
-            weights = torch.stack([w.float() if isinstance(w, torch.Tensor) else torch.full_like(values[0], w) for w in weights])
-        total = torch.where(weights > 0, values * weights, 0.0).sum(0)
-        count = weights.sum(0)
+            stacked = torch.stack([w.float() if isinstance(w, torch.Tensor) else torch.full_like(values[0], w) for w in weights])
+            total = torch.where(stacked > 0, values * stacked, 0.0).sum(0)
+            count = stacked.sum(0)
         self.total = total if self.total is None else self.total + total
-        self.count = count if self.count is None else self.count + count
-        self.pending = []
+        self.count = self.count + count
+        self.values, self.weights = [], []
 
     def means(self) -> list[float | None] | None:
         """Each member's weighted mean (None for a member with no weight), or None if nothing was added."""
         self.flush()
         if self.total is None:
             return None
-        return [total / count if count else None for total, count in zip(self.total.reshape(-1).tolist(), self.count.reshape(-1).tolist())]
+        totals = self.total.reshape(-1).tolist()
+        counts = self.count.reshape(-1).tolist() if isinstance(self.count, torch.Tensor) else [self.count] * len(totals)
+        return [total / count if count else None for total, count in zip(totals, counts)]
 
 
 class _CellCounts:
@@ -71,23 +78,29 @@ class _CellCounts:
 
     Counting a batch as it comes takes several small tensor operations, as much as a vectorized
     group's optimizer step; here a batch costs the ``argmax`` done by the caller and a list
-    append, and the counting runs once per ``FLUSH_ELEMENTS`` predictions, at the latest
-    when the phase's values are read. Out-of-range targets (an ``ignore_index``) and samples
-    that ``keep`` leaves out go to one extra cell per member that is dropped: no boolean
-    indexing, so no data-dependent shape and no device synchronisation.
+    append, and the counting (one ``bincount``) runs once per ``FLUSH_ELEMENTS`` predictions,
+    at the latest when the phase's values are read. Each member counts into ``C + 2`` rows of
+    ``C`` cells: a row per true class, and two rows that are dropped: before them, targets
+    below 0 (an ``ignore_index``) and the samples that ``keep`` leaves out; after them, targets
+    from ``C`` up. No boolean indexing, so no data-dependent shape and no device
+    synchronisation.
     """
 
     def __init__(self, members: int, classes: int) -> None:
         self.members, self.classes = members, classes
-        self.cells = classes * classes + 1
+        self.cells = (classes + 2) * classes  # per member
         self.counts: torch.Tensor | None = None
+        self.shift: torch.Tensor | int | None = None  # member k's first cell plus one row ([K, 1]; a number for K = 1)
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.pending_elements = 0
+        self.masked = False
 
     def add(self, predicted: torch.Tensor, truth: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """``predicted`` ``[K, n]`` class indices, ``truth`` ``[n]``, ``keep`` ``[K, n]`` bool or None."""
         self.pending.append((predicted, truth, keep))
         self.pending_elements += predicted.numel()
+        if keep is not None:
+            self.masked = True
         if self.pending_elements >= FLUSH_ELEMENTS:
             self.flush()
 
@@ -95,23 +108,24 @@ class _CellCounts:
         if not self.pending:
             return
         predicted = _cat([p for p, _, _ in self.pending], 1)
-        truth = _cat([t for _, t, _ in self.pending], 0).reshape(1, -1)
-        valid = (truth >= 0) & (truth < self.classes)
-        if any(keep is not None for _, _, keep in self.pending):
-            valid = valid & _cat([torch.ones_like(p, dtype=torch.bool) if k is None else k for p, _, k in self.pending], 1)
-        offsets = torch.arange(self.members, device=predicted.device).reshape(-1, 1) * self.cells
-        pairs = torch.where(valid, truth * self.classes + predicted, self.cells - 1) + offsets
-        counts = count_cells(pairs.reshape(-1), self.members * self.cells)
+        row = _cat([t for _, t, _ in self.pending], 0).long().clamp(-1, self.classes)  # -1 and C: the dropped rows
+        if self.masked:
+            keep = _cat([torch.ones_like(p, dtype=torch.bool) if k is None else k for p, _, k in self.pending], 1)
+            row = torch.where(keep, row, -1)
+        if self.shift is None:
+            self.shift = self.classes if self.members == 1 else (torch.arange(self.members, device=predicted.device) * self.cells + self.classes).reshape(-1, 1)
+        index = torch.add(predicted, row, alpha=self.classes).add_(self.shift)
+        counts = count_cells(index.reshape(-1), self.members * self.cells)
         self.counts = counts if self.counts is None else self.counts + counts
-        self.pending, self.pending_elements = [], 0
+        self.pending, self.pending_elements, self.masked = [], 0, False
 
     def matrices(self) -> np.ndarray | None:
         """``[K, C, C]`` int64 confusion matrices (rows true), or None if nothing was added."""
         self.flush()
         if self.counts is None:
             return None
-        per_member = self.counts.reshape(self.members, self.cells)[:, :-1]
-        return per_member.reshape(self.members, self.classes, self.classes).cpu().numpy().astype(np.int64)
+        counts = self.counts.cpu().numpy().reshape(self.members, self.classes + 2, self.classes)
+        return counts[:, 1:-1].astype(np.int64)
 
 
 def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -121,10 +135,11 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
     """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
     for all K at once (one numpy operation each, not one per member)."""
-    return [
-        {"accuracy": acc, "IoU": iou, "confusion_matrix": matrix}
-        for acc, iou, matrix in zip(accuracies(matrices).tolist(), mean_ious(matrices).tolist(), matrices)
-    ]
+    diagonal = np.diagonal(matrices, axis1=1, axis2=2)
+    truths = matrices.sum(axis=2)
+    accs = _accuracies(diagonal, truths)
+    ious = _mean_ious(diagonal, truths, matrices.sum(axis=1))
+    return [{"accuracy": acc, "IoU": iou, "confusion_matrix": matrix} for acc, iou, matrix in zip(accs.tolist(), ious.tolist(), matrices)]
 
 
 class LossMeter:
@@ -142,8 +157,7 @@ class LossMeter:
         self.sums = _WeightedSums()
 
     def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        weight = mask.sum(1) if mask is not None else target.shape[0] if target.ndim else 1
-        self.sums.add(losses.detach(), weight)
+        self.sums.add(losses, mask.sum(1) if mask is not None else target.shape[0] if target.ndim else 1)
 
     def compute(self) -> list[dict[str, Any]]:
         means = self.sums.means()
@@ -178,12 +192,15 @@ class ConfusionMeter:
         members = outputs.shape[0]
         if self.cells is None:
             self.cells = _CellCounts(members, self.num_classes or outputs.shape[2])
-        predicted = outputs.argmax(dim=2).reshape(members, -1)
-        keep = None
-        if mask is not None:
-            per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample (segmentation)
-            keep = mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
-        self.cells.add(predicted, target.reshape(-1), keep)
+        predicted = outputs.argmax(2)
+        if predicted.ndim != 2:  # segmentation: [K, B, *pixels]
+            predicted = predicted.reshape(members, -1)
+        if target.ndim != 1:
+            if mask is not None:
+                per_sample = target.reshape(target.shape[0], -1).shape[1]  # pixels per sample
+                mask = mask.reshape(members, -1, 1).expand(-1, -1, per_sample).reshape(members, -1)
+            target = target.reshape(-1)
+        self.cells.add(predicted, target, mask)
 
     def compute(self) -> list[dict[str, Any]]:
         matrices = self.cells.matrices() if self.applies and self.cells is not None else None
@@ -217,9 +234,7 @@ def mean_iou(matrix: np.ndarray) -> float:
 
 def accuracies(matrices: np.ndarray) -> np.ndarray:
     """:func:`accuracy` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty)."""
-    totals = matrices.sum(axis=(1, 2))
-    correct = np.trace(matrices, axis1=1, axis2=2)
-    return np.divide(100.0 * correct, totals, out=np.zeros(len(matrices)), where=totals > 0)
+    return _accuracies(np.diagonal(matrices, axis1=1, axis2=2), matrices.sum(axis=2))
 
 
 def mean_ious(matrices: np.ndarray) -> np.ndarray:
@@ -228,12 +243,23 @@ def mean_ious(matrices: np.ndarray) -> np.ndarray:
     Absent classes count as zeros in each row's sum, so numpy adds the ratios in another order
     than a mean over the present classes alone: the two may differ in the last bit (~1e-16).
     """
-    tp = np.diagonal(matrices, axis1=1, axis2=2).astype(np.float64)
-    union = matrices.sum(axis=1) + matrices.sum(axis=2) - tp
+    return _mean_ious(np.diagonal(matrices, axis1=1, axis2=2), matrices.sum(axis=2), matrices.sum(axis=1))
+
+
+def _accuracies(diagonal: np.ndarray, truths: np.ndarray) -> np.ndarray:
+    """Accuracies (%) from each matrix's diagonal ``[K, C]`` and its samples per true class ``[K, C]``."""
+    totals = truths.sum(axis=1)
+    return np.divide(100.0 * diagonal.sum(axis=1), totals, out=np.zeros(len(totals)), where=totals > 0)
+
+
+def _mean_ious(diagonal: np.ndarray, truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """Mean IoUs from each matrix's diagonal, samples per true class and per predicted class (``[K, C]`` each)."""
+    tp = diagonal.astype(np.float64)
+    union = predictions + truths - tp
     present = union > 0
     ious = np.divide(tp, union, out=np.zeros_like(tp), where=present)
     classes = present.sum(axis=1)
-    return np.divide(ious.sum(axis=1), classes, out=np.zeros(len(matrices)), where=classes > 0)
+    return np.divide(ious.sum(axis=1), classes, out=np.zeros(len(tp)), where=classes > 0)
 
 
 @hookimpl

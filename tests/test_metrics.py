@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from izitorch.plugins import metrics
-from izitorch.plugins.metrics import ConfusionMeter, LossMeter, _CellCounts, accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious
+from izitorch.plugins.metrics import ConfusionMeter, LossMeter, _scores, accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
 
@@ -175,10 +175,7 @@ def test_scores_of_a_stack_equal_each_matrix_on_its_own():
         union = matrix.sum(0) + matrix.sum(1) - tp
         # the same up to the order of the additions (absent classes are zeros in the sum)
         assert iou == pytest.approx((tp[union > 0] / union[union > 0]).mean() if (union > 0).any() else 0.0, rel=1e-14)
-    stacked = ConfusionMeter(4, 7)
-    stacked.cells = _CellCounts(7, 4)
-    stacked.cells.counts = torch.from_numpy(np.concatenate([matrices.reshape(7, -1), np.zeros((7, 1), dtype=np.int64)], 1).reshape(-1))
-    for k, scores in enumerate(stacked.compute()):
+    for k, scores in enumerate(_scores(matrices)):
         assert scores["accuracy"] == accuracy(matrices[k]) and scores["IoU"] == mean_iou(matrices[k])
         np.testing.assert_array_equal(scores["confusion_matrix"], matrices[k])
 
@@ -259,3 +256,56 @@ def test_single_meters_count_in_bulk_as_batch_by_batch(generator, monkeypatch, f
     sizes = torch.tensor(BATCHES, dtype=torch.float32)
     assert values["loss"] == pytest.approx(float((torch.stack(losses) * sizes).sum() / sizes.sum()), rel=1e-6)
     assert (values["confusion_matrix"] == confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=list(range(4)))).all()
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_masked_stack_against_sklearn(generator, monkeypatch, flush):
+    """K = 3 members with sample masks, ignored targets (-1 and C) and integer targets of
+    another dtype: each member's confusion matrix, accuracy and IoU are scikit-learn's on its
+    own samples with a valid target, its loss the sample-weighted mean of its batch losses."""
+    if flush:
+        monkeypatch.setattr(metrics, "FLUSH_ELEMENTS", 30)
+        monkeypatch.setattr(metrics, "FLUSH_BATCHES", 2)
+    members, classes = 3, 5
+    loss_meter, confusion = LossMeter(classes, members), ConfusionMeter(classes, members)
+    kept: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(members)]
+    weighted = np.zeros(members)
+    weights = np.zeros(members)
+    for i, size in enumerate(BATCHES):
+        outputs = torch.randn(members, size, classes, generator=generator)
+        target = torch.randint(-1, classes + 1, (size,), generator=generator)
+        if i == 2:
+            target = target.clamp(0, classes - 1).to(torch.int32)
+        losses = torch.rand(members, generator=generator)
+        mask = torch.rand(members, size, generator=generator) < 0.6
+        mask[1] = mask[1] & (i % 2 == 0)  # member 1 sits out every other batch
+        for meter in (loss_meter, confusion):
+            meter.update(outputs, target, losses, mask)
+        for k in range(members):
+            rows = mask[k].numpy()
+            truth, predicted = target.numpy()[rows].astype(np.int64), outputs[k].argmax(1).numpy()[rows]
+            valid = (truth >= 0) & (truth < classes)
+            kept[k].append((truth[valid], predicted[valid]))
+            weighted[k] += float(losses[k]) * rows.sum()
+            weights[k] += rows.sum()
+    values = [{**loss, **scores} for loss, scores in zip(loss_meter.compute(), confusion.compute())]
+    for k in range(members):
+        truth = np.concatenate([t for t, _ in kept[k]])
+        predicted = np.concatenate([p for _, p in kept[k]])
+        assert 0 < len(truth) < sum(BATCHES)
+        np.testing.assert_array_equal(values[k]["confusion_matrix"], confusion_matrix(truth, predicted, labels=list(range(classes))))
+        assert values[k]["accuracy"] == pytest.approx(accuracy_score(truth, predicted) * 100)
+        assert values[k]["IoU"] == pytest.approx(sk_iou(truth, predicted))
+        assert values[k]["loss"] == pytest.approx(weighted[k] / weights[k], rel=1e-6)
+    assert values[1]["confusion_matrix"].sum() < values[0]["confusion_matrix"].sum()
+
+
+def test_narrow_integer_targets_count_in_their_cells(generator):
+    """uint8 labels of many classes: a cell index (target * C + prediction) beyond 255 lands
+    in its own cell, not in a wrapped-around one."""
+    classes = 30
+    logits = torch.randn(200, classes, generator=generator)
+    targets = torch.randint(0, classes, (200,), generator=generator)
+    values = accumulate(ConfusionMeter(classes), split(logits, (120, 80)), split(targets.to(torch.uint8), (120, 80)))
+    expected = confusion_matrix(targets.numpy(), logits.argmax(1).numpy(), labels=list(range(classes)))
+    np.testing.assert_array_equal(values["confusion_matrix"], expected)
