@@ -139,7 +139,7 @@ class TrainedRun:
         if which is None:
             tested = _read_json(folder / "test_metrics.json").get("epoch")
             if not isinstance(tested, (int, float)) or isinstance(tested, bool):
-                raise IzitorchError('records no "epoch"; pass which="best" or "last"', source=str(folder / "test_metrics.json"))
+                raise IzitorchError('records no "epoch"; ask for which="best" or "last" (--which)', source=str(folder / "test_metrics.json"))
             return int(tested), "the epoch the final test scored"
         if which == "last":
             return _last_trained(folder), "the last epoch"
@@ -150,8 +150,8 @@ class TrainedRun:
                 return best, "the best epoch"
         selection = self.selection()
         if selection.key is None:
-            raise IzitorchError('the run picks no best epoch (no metric to pick it with); pass which="last"', "which", str(self.res_dir))
-        return _best_in_trainlog(folder, selection), f"the best epoch (by {selection.key})"
+            raise IzitorchError('the run picks no best epoch (no metric to pick it with); ask for which="last" (--which last)', "which", str(self.res_dir))
+        return _best_in_trainlog(folder, selection), f"the best epoch by {selection.key}"
 
     def checkpoint(self, name: str, fold: int, which: str | None) -> Checkpoint:
         """The saved weights of ``which`` epoch; one line naming what was saved when it was not."""
@@ -175,7 +175,7 @@ class TrainedRun:
         message = f'{label} ({epoch}) was not saved: [plugins.checkpoint] policy = "{policy}" kept {kept} of this model'
         others = [w for w in WHICH if w != which]
         if saved:
-            message += f"; load which={' or '.join(repr(w) for w in others)}"
+            message += "; ask for " + " or ".join(f'which="{w}" (--which {w})' for w in others)
         if policy != "all":
             message += ', or train with policy = "all" (every epoch)' + (' or "best"' if which == "best" else "")
         return message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -144,14 +145,14 @@ def test_an_epoch_the_policy_did_not_keep_is_refused_naming_the_policy(frozen):
         izitorch.load_model(best_run, "mlp", which="last")
     assert str(error.value) == (
         f'{best_run / "mlp"}: the last epoch (2) was not saved: [plugins.checkpoint] policy = "best" kept epoch 1 of this model; '
-        "load which='best', or train with policy = \"all\" (every epoch)"
+        'ask for which="best" (--which best), or train with policy = "all" (every epoch)'
     )
     last_run = frozen("last")
     with pytest.raises(izitorch.IzitorchError) as error:
         izitorch.load_model(last_run, "mlp", which="best")
     assert str(error.value) == (
-        f'{last_run / "mlp"}: the best epoch (by loss) (1) was not saved: [plugins.checkpoint] policy = "last" kept epoch 2 of this model; '
-        'load which=\'last\', or train with policy = "all" (every epoch) or "best"'
+        f'{last_run / "mlp"}: the best epoch by loss (1) was not saved: [plugins.checkpoint] policy = "last" kept epoch 2 of this model; '
+        'ask for which="last" (--which last), or train with policy = "all" (every epoch) or "best"'
     )
 
 
@@ -323,6 +324,14 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(holdout, tmp_path, m
 # -- mistakes: one line, exit 2 ----------------------------------------------------------------
 
 
+class Reduce:
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
 def damaged_copy(holdout: Path, tmp_path: Path, damage: str) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(holdout, copy)
@@ -331,6 +340,8 @@ def damaged_copy(holdout: Path, tmp_path: Path, damage: str) -> Path:
     elif damage == "checkpoint":
         path = copy / "wide" / "model_epoch3.pth.tar"
         path.write_bytes(path.read_bytes()[:100])
+    elif damage == "pickle":  # a split file that would make a directory if unpickled naively
+        (copy / "Dataset_split.pkl").write_bytes(pickle.dumps(Reduce(os.mkdir, (str(tmp_path / "pwned"),))))
     elif damage == "conf":
         (copy / "conf.json").write_text('{"config": 3}', encoding="utf-8")
     return copy
@@ -377,6 +388,8 @@ def damaged_copy(holdout: Path, tmp_path: Path, damage: str) -> Path:
             "--out: {run}/p.csv is inside the run's res_dir",
         ),
         ("checkpoint", ["evaluate", "{run}"], "{run}/wide/model_epoch3.pth.tar: not a checkpoint izitorch wrote ("),
+        ("pickle", ["evaluate", "{run}"], "{run}/Dataset_split.pkl: not a split file izitorch wrote (UnpicklingError: "),
+        (None, ["evaluate", "{run}", "--set", "run.epoch=3"], '--set: run.epoch: unknown key "epoch" (did you mean "epochs"?)'),
         ("conf", ["evaluate", "{run}"], '{run}/conf.json: expected the run\'s configuration under "config", found 3; it is not a conf.json izitorch wrote'),
         (None, ["evaluate", "{run}", "--set", "models[0].params.hidden=8"], "{run}/a/model_epoch3.pth.tar: the weights do not fit the model"),
     ],
@@ -392,4 +405,4 @@ def test_each_mistake_is_one_line_exit_2(holdout, tmp_path, monkeypatch, capsys,
     message = error_of(err)
     assert message.startswith(expected.format(**fill)), message
     assert snapshot(run) == before
-    assert not (tmp_path / "p.csv").exists()
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "pwned").exists()
