@@ -60,6 +60,7 @@ def evaluation_data(run: TrainedRun, data: str | None) -> EvaluationData:
             "data.dataset",
             str(run.conf_file),
         )
+    run.check_reference(config.data.dataset, "data.dataset")
     with located_in(str(run.conf_file)), _setup():
         dataset = build_dataset(config)
     splits = read_splits(run.res_dir)

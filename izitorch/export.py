@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from izitorch.errors import IzitorchError, error_text, first_line
+from izitorch.errors import IzitorchError, first_line
 from izitorch.evaluate import _setup, batches, check_out, evaluation_data
 from izitorch.io import atomic_write
 from izitorch.trained import TrainedRun, load_weights
@@ -120,20 +122,29 @@ def onnx_bytes(model: torch.nn.Module, inputs: Any, name: str) -> bytes:
     except IzitorchError:
         raise
     except Exception as error:
+        cause = error.__cause__ or error  # the exporter wraps what torch.export or a conversion met
         raise IzitorchError(
-            f"model {name}: torch.onnx.export failed: {error_text(error) if not first_line(error) else first_line(error)}", "--format"
+            f"model {name}: torch.onnx.export cannot take it: {_plain(first_line(cause))}; a model whose code branches on its data (`if x.sum() > 0`) "
+            "or calls what ONNX lacks cannot be exported: use --format safetensors, or export it with torch.onnx.export yourself",
+            "--format",
         ) from None
+
+
+def _plain(text: str) -> str:
+    """``text`` without the terminal colour codes the exporter puts in its messages."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 @contextlib.contextmanager
 def _exporter_quiet() -> Iterator[None]:
-    """The exporter's warnings and log lines (optional operators it skips, deprecations) kept off
-    stderr, where izitorch prints one line or nothing; its failures still raise."""
-    logger = logging.getLogger("torch.onnx")
+    """The exporter's warnings, log lines and printed graphs (optional operators it skips,
+    deprecations, the graph it failed on) kept off the console, where izitorch prints one line
+    or nothing; its failures still raise."""
+    logger = logging.getLogger("torch")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -73,7 +73,7 @@ class TrainedRun:
         for override in self.overrides:
             apply_override(self.raw, override)
         try:
-            self.config: Config = config_from_dict(self.raw, source=str(self.conf_file), base_dir=self.recorded("base_dir", "."), check=False)
+            self.config: Config = config_from_dict(self.raw, source=str(self.conf_file), base_dir=self.base_dir(), check=False)
         except IzitorchError as error:
             if self.overrides:
                 raise error.located(source="--set") from None
@@ -86,6 +86,32 @@ class TrainedRun:
     def recorded(self, key: str, default: str) -> str:
         value = (self.conf.get("config") or {}).get(key)
         return value if isinstance(value, str) and value else default
+
+    def base_dir(self) -> str:
+        """Where the run looked up its ``"file.py:attr"`` references: the manifest's folder, which
+        ``conf.json`` records as the run saw it, relative to the folder the run started in. That
+        folder is found again from ``res_dir``: the recorded ``run.res_dir`` (relative to it too)
+        ends the path of the ``res_dir`` given, unless the results were moved."""
+        base = Path(self.recorded("base_dir", "."))
+        recorded_res = Path(str(self.raw.get("run", {}).get("res_dir", "")))
+        if base.is_absolute() or recorded_res.is_absolute() or ".." in recorded_res.parts or not recorded_res.parts:
+            return str(base)
+        actual = self.res_dir.resolve().parts
+        depth = len(recorded_res.parts)
+        if actual[-depth:] != recorded_res.parts:
+            return str(base)  # moved: relative to the working directory
+        return str(Path(*actual[:-depth]) / base)
+
+    def check_reference(self, reference: str, where: str) -> None:
+        """Import a recorded reference, or one line naming its key (a run checked them all when it
+        started; a file may have moved since)."""
+        from izitorch.errors import ManifestError
+        from izitorch.references import resolve
+
+        try:
+            resolve(reference, self.config.base_dir)
+        except ManifestError as error:
+            raise IzitorchError(f"{error.message}; the run found it there when it started", where, str(self.conf_file)) from None
 
     # -- names and folders ------------------------------------------------------------------
 
@@ -205,6 +231,7 @@ class TrainedRun:
                     str(self.conf_file),
                 )
             criterion = ComponentSpec("torch.nn:CrossEntropyLoss")
+        self.check_reference(spec.model, f"models[{index}].model")
         # only the model (and its loss) is wanted: a no-op optimizer stands for the recorded one
         bare = attrs.evolve(spec, criterion=criterion, optimizer=ComponentSpec(torch.optim.SGD, {"lr": 0.0}), scheduler=None)
         with located_in(str(self.conf_file)), _random_states_kept():

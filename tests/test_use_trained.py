@@ -33,6 +33,18 @@ def regression(limit=300):
     inputs, labels = digits(limit=limit).tensors
     return TensorDataset(inputs, (labels.float() / 9.0).reshape(-1, 1))
 """
+BRANCHY = """\
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 1), nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)
+"""
 WRONG_SHAPE = """\
 import torch
 from torch.utils.data import TensorDataset
@@ -255,17 +267,36 @@ def test_predict_writes_classes_and_probabilities_and_keeps_an_existing_file(hol
     assert (code, err) == (0, "") and out.read_bytes() == written
 
 
-def test_predict_writes_the_output_values_of_a_regression(tmp_path, capsys):
-    (tmp_path / "reg.py").write_text(REGRESSION, encoding="utf-8")
-    regression = {"model": "izitorch.models:MLP", "params": {"hidden": 8, "num_classes": 1}, "criterion": "torch.nn:MSELoss"}
-    res = train(tmp_path, models=[regression], data={"dataset": "reg.py:regression", "num_classes": None}, run={"epochs": 1})
-    out = tmp_path / "preds.csv"
-    code, _, err = cli(capsys, "predict", res, "--model", "mlp", "--data", tmp_path / "reg.py:regression", "--set", "data.params.limit=40", "--out", out)
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory) -> Path:
+    """A regression (MSE, one output) and a model whose forward branches on its data, run from
+    its own folder with relative paths (res_dir "res", the dataset "reg.py:regression")."""
+    folder = tmp_path_factory.mktemp("regression")
+    (folder / "reg.py").write_text(REGRESSION, encoding="utf-8")
+    (folder / "nets.py").write_text(BRANCHY, encoding="utf-8")
+    models = [
+        {"model": "izitorch.models:MLP", "params": {"hidden": 8, "num_classes": 1}, "criterion": "torch.nn:MSELoss"},
+        {"name": "branchy", "model": "nets.py:Branchy", "params": None, "criterion": "torch.nn:MSELoss"},
+    ]
+    make_manifest(folder, models=models, data={"dataset": "reg.py:regression", "num_classes": None}, run={"epochs": 1, "res_dir": "res"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        izitorch.run(izitorch.load_manifest("m.toml"))
+    return folder / "res"
+
+
+def test_predict_writes_the_output_values_of_a_regression(regression, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded relative references are found from res_dir
+    code, _, err = cli(capsys, "evaluate", regression, "--out", "scores.json")
     assert (code, err) == (0, "")
-    rows = list(csv.reader(out.open(encoding="utf-8")))
+    assert read(tmp_path / "scores.json")["models"]["mlp"]["folds"][0]["loss"] == read(regression / "mlp" / "test_metrics.json")["loss"]
+    data = f"{regression.parent / 'reg.py'}:regression"
+    code, _, err = cli(capsys, "predict", regression, "--model", "mlp", "--data", data, "--set", "data.params.limit=40", "--out", "preds.csv")
+    assert (code, err) == (0, "")
+    rows = list(csv.reader((tmp_path / "preds.csv").open(encoding="utf-8")))
     assert rows[0] == ["index", "target", "output_0"]
     model = MLP(hidden=8, num_classes=1)
-    model.load_state_dict(state_of(res / "mlp" / "model.pth.tar"))
+    model.load_state_dict(state_of(regression / "mlp" / "model.pth.tar"))
     inputs, labels = digits(limit=40).tensors
     with torch.no_grad():
         expected = model.eval()(inputs)[:, 0]
@@ -306,6 +337,16 @@ def test_export_onnx_computes_what_the_model_computes_for_any_batch(holdout, tmp
     model.load_state_dict(state_of(holdout / "wide" / "model_epoch3.pth.tar"))
     with torch.no_grad():
         assert np.allclose(output, model.eval()(inputs).numpy(), atol=1e-5)
+
+
+def test_a_model_the_onnx_exporter_cannot_take_is_one_line(regression, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    code, out, err = cli(capsys, "export", regression, "--model", "branchy", "--format", "onnx", "--out", tmp_path / "b.onnx")
+    assert (code, out) == (2, "")
+    assert error_of(err).startswith("--format: model branchy: torch.onnx.export cannot take it: Could not guard on data-dependent expression")
+    assert error_of(err).endswith("use --format safetensors, or export it with torch.onnx.export yourself")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_missing_extra_is_one_line_naming_the_pip_command(holdout, tmp_path, monkeypatch, capsys):
