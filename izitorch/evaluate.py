@@ -188,6 +188,7 @@ def evaluate(res_dir: str | os.PathLike, data: str | None = None, overrides: Ite
     config = run.config
     with located_in(str(run.conf_file)):
         device = pick_device(config.run.device)
+        precision.check(config.run.precision, device)
         pm, _ = make_plugin_manager(config)
         factories = registered_metrics(pm, config)
     evaluated = evaluation_data(run, data)

@@ -62,6 +62,7 @@ def predict(
     checkpoint = run.checkpoint(name, index, which)
     with located_in(str(run.conf_file)):
         device = pick_device(run.config.run.device)
+        precision.check(run.config.run.precision, device)
     slot = run.build(name)
     load_weights(slot.model, checkpoint).to(device)
     evaluated = evaluation_data(run, data)

@@ -63,12 +63,16 @@ class TrainedRun:
     than the run's will be given (``--data``), so the recorded ``data.params`` are dropped."""
 
     def __init__(self, res_dir: str | os.PathLike, overrides: Iterable[str] = (), other_data: bool = False) -> None:
+        if not isinstance(res_dir, (str, os.PathLike)):
+            raise IzitorchError(f"expected the path of a finished run's res_dir, got {describe(res_dir)}", "res_dir")
         self.res_dir = Path(res_dir)
         self.conf_file = self.res_dir / "conf.json"
         self.conf = _check_finished(self.res_dir, self.conf_file)
         self.raw = manifest_form(self.conf.get("config"), self.conf_file)
         if other_data:  # --data: its parameters are the ones --set data.params.<key> gives, not the run's dataset's
             self.raw.setdefault("data", {})["params"] = {}
+        # the machine using the run need not have the run's device: "auto" unless --set names one
+        self.raw.setdefault("run", {})["device"] = "auto"
         self.overrides = list(overrides)
         for override in self.overrides:
             apply_override(self.raw, override)

@@ -211,6 +211,17 @@ def test_evaluate_reproduces_the_final_test_and_leaves_the_run_as_it_was(holdout
     assert scores["wide"]["folds"][0]["loss"] == recorded["loss"]  # a lone model: the same pass as the run's, bit for bit
 
 
+def test_evaluate_runs_where_the_runs_device_is_missing(holdout, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(holdout, copy)
+    conf = read(copy / "conf.json")
+    conf["config"]["run"]["device"] = "cuda:7"  # trained on a machine with eight GPUs
+    (copy / "conf.json").write_text(json.dumps(conf), encoding="utf-8")
+    code, _, err = cli(capsys, "evaluate", copy, "--out", tmp_path / "scores.json")
+    assert (code, err) == (0, "")
+    assert read(tmp_path / "scores.json")["models"]["wide"]["folds"][0]["loss"] == read(holdout / "wide" / "test_metrics.json")["loss"]
+
+
 def test_evaluate_scores_the_data_given_with_the_weights_asked_for(holdout, tmp_path, capsys):
     out = tmp_path / "scores.json"
     code, _, err = cli(capsys, "evaluate", holdout, "--data", "izitorch.datasets:digits", "--set", "data.params.limit=120", "--which", "best", "--out", out)
