@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands that use a finished run; they write nothing but their --out file, atomically.
+USING = ("evaluate", "predict", "export")
+
+
 def add_use_commands(commands: argparse._SubParsersAction) -> None:
     """``evaluate``, ``predict`` and ``export``: a finished run's models, used (:mod:`izitorch.trained`)."""
     evaluate = commands.add_parser("evaluate", help="score every model (every fold) of a finished run on its test split or on --data")
@@ -99,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"izitorch: error: {error}", sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
+        if args is not None and args.command in USING:  # a run's first Ctrl-C stops it cleanly; these have nothing to save
+            say(f"izitorch: {args.command} interrupted; nothing was written", sys.stderr)
+            return 130
         say("izitorch: aborted by a second interrupt; the epochs finished before the first one are saved (use --resume)", sys.stderr)
         return 130
     except OSError as error:

@@ -373,6 +373,20 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(holdout, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
+def test_ctrl_c_while_predicting_leaves_no_file(holdout, tmp_path, monkeypatch, capsys):
+    from izitorch import predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict.torch, "softmax", interrupted)  # in the middle of writing the rows
+    out = tmp_path / "preds.csv"
+    code, _, err = cli(capsys, "predict", holdout, "--model", "a", "--data", "izitorch.datasets:digits", "--out", out)
+    assert code == 130
+    assert err == "izitorch: predict interrupted; nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- mistakes: one line, exit 2 ----------------------------------------------------------------
 
 
