@@ -1,7 +1,7 @@
 """izitorch: train and compare several PyTorch models on one dataset from a manifest.
 
 Public surface: :data:`hookimpl` for plugins, :class:`Rack` / :class:`ModelConfig` (the original
-API), :func:`load_manifest` and :func:`run`.
+API), :func:`load_manifest`, :func:`run`, and :func:`load_model` for a finished run's models.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from izitorch.errors import IzitorchError, ManifestError, TrainingError
 from izitorch.manifest import load_manifest
 from izitorch.hookspecs import hookimpl
 from izitorch.runner import run
+from izitorch.trained import load_model
 from izitorch.state import Fold, Run, Scores, Slot, Split, Stash, StashKey
 from izitorch.trainRack import ModelConfig, Rack
 
@@ -63,5 +64,6 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load_manifest",
+    "load_model",
     "run",
 ]

@@ -1,4 +1,4 @@
-"""``izitorch`` / ``python -m izitorch``: run, validate, plugins, report.
+"""``izitorch`` / ``python -m izitorch``: run, validate, plugins, report, evaluate, predict, export.
 
 The only argparse of the manifest world. A user's mistake prints one line,
 ``izitorch: error: <cause and fix>``, and exits 2 (1 for a failure during training).
@@ -53,7 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", help="list the installed plugins, their versions and hooks")
     report = commands.add_parser("report", help="print the comparison table of a finished run")
     report.add_argument("res_dir", help="the run's res_dir")
+    add_use_commands(commands)
     return parser
+
+
+#: The commands that use a finished run; they write nothing but their --out file, atomically.
+USING = ("evaluate", "predict", "export")
+
+
+def add_use_commands(commands: argparse._SubParsersAction) -> None:
+    """``evaluate``, ``predict`` and ``export``: a finished run's models, used (:mod:`izitorch.trained`)."""
+    evaluate = commands.add_parser("evaluate", help="score every model (every fold) of a finished run on its test split or on --data")
+    predict = commands.add_parser("predict", help="write one model's predictions on a dataset to a CSV file")
+    export = commands.add_parser("export", help="write one model as safetensors (weights) or ONNX (graph and weights)")
+    for sub in (evaluate, predict, export):
+        sub.add_argument("res_dir", help="the finished run's res_dir")
+        if sub is not evaluate:
+            sub.add_argument("--model", required=True, help="the model's name")
+            sub.add_argument("--fold", type=int, default=None, help="the fold (1 to k) of a k-fold run")
+        sub.add_argument(
+            "--which",
+            choices=("best", "last"),
+            default=None,
+            help="the best or the last epoch's weights (default: those the run's final test scored)",
+        )
+        data_help = 'a dataset "module:callable" (or "file.py:callable"), called with --set data.params.<key>=<value>'
+        sub.add_argument("--data", required=sub is predict, metavar="REF", help=data_help + ("" if sub is predict else "; default: the run's own"))
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recorded value, e.g. --set run.batch_size=256"
+        )
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    evaluate.add_argument("--out", metavar="FILE.json", help="also write the scores to this JSON file (outside RES_DIR)")
+    predict.add_argument("--out", required=True, metavar="FILE.csv", help="the CSV file to write (outside RES_DIR)")
+    export.add_argument("--format", required=True, choices=("safetensors", "onnx"), help="safetensors (weights) or onnx")
+    export.add_argument("--out", metavar="PATH", help="the file to write (default: <model>[_fold<k>].<format> here)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"izitorch: error: {error}", sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
+        if args is not None and args.command in USING:  # a run's first Ctrl-C stops it cleanly; these have nothing to save
+            say(f"izitorch: {args.command} interrupted; nothing was written", sys.stderr)
+            return 130
         say("izitorch: aborted by a second interrupt; the epochs finished before the first one are saved (use --resume)", sys.stderr)
         return 130
     except OSError as error:
@@ -186,4 +222,44 @@ def load_summary(path: Path) -> dict[str, dict]:
     return summary
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "report": cmd_report}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from izitorch.evaluate import check_out, evaluate, report
+    from izitorch.io import write_json
+    from izitorch.table import comparison_table
+
+    if args.out is not None:
+        check_out(args.out, args.res_dir, args.overwrite)
+    evaluation = evaluate(args.res_dir, args.data, args.overrides, args.which)
+    table = comparison_table(evaluation.scores, evaluation.parameters, evaluation.directions)
+    print(table.replace("final test scores:", f"scores on {evaluation.data} ({args.which or 'weights the run tested'}):", 1))
+    if args.out is not None:
+        write_json(check_out(args.out, args.res_dir, args.overwrite), report(evaluation, args.which))
+        print(f"izitorch: scores written to {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from izitorch.predict import predict
+
+    rows = predict(args.res_dir, args.model, args.data, args.out, args.fold, args.which, args.overrides, args.overwrite)
+    print(f"izitorch: {rows} prediction(s) of {args.model} written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from izitorch.export import export
+
+    path = export(args.res_dir, args.model, args.format, args.out, args.fold, args.which, args.data, args.overrides, args.overwrite)
+    print(f"izitorch: {args.model} exported to {path}")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "report": cmd_report,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+}
