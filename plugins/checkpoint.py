@@ -64,9 +64,9 @@ class CheckpointPlugin:
                 continue  # not trained this epoch: nothing new to save
             folder = run.model_dir(slot, fold)
             if self.options.policy == "all":
-                save_torch(folder / f"model_epoch{epoch}.pth.tar", checkpoint(slot, epoch))
+                save_torch(folder / f"model_epoch{epoch}.pth.tar", checkpoint(slot, epoch), snapshot=True)
             elif self.options.policy == "last":
-                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch))
+                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch), snapshot=True)
             else:
                 self._save_if_best(run, fold, slot, epoch, scores)
 
@@ -78,7 +78,7 @@ class CheckpointPlugin:
         self.best[slot.name] = evaluated[key]
         slot.keep_weights(epoch)
         folder = run.model_dir(slot, fold)
-        save_torch(folder / "model.pth.tar", checkpoint(slot, epoch))
+        save_torch(folder / "model.pth.tar", checkpoint(slot, epoch), snapshot=True)
         write_json(folder / "best_epoch.json", {"epoch": epoch, "metric": key, "value": evaluated[key], "phase": fold.eval_phase})
 
     @hookimpl
@@ -91,7 +91,8 @@ class CheckpointPlugin:
 
 
 def checkpoint(slot, epoch: int) -> dict:
-    """The original izitorch's checkpoint layout, plus the scheduler when there is one."""
+    """The original izitorch's checkpoint layout, plus the scheduler when there is one: a
+    snapshot (copies of every tensor and container) that may be serialised later."""
     state = {"epoch": epoch, "state_dict": slot.model.state_dict(), "optimizer": slot.optimizer.state_dict()}
     if slot.scheduler is not None:
         state["scheduler"] = slot.scheduler.state_dict()
