@@ -1,4 +1,5 @@
-"""Exact resume: the state of a cohort of folds, written atomically after every epoch.
+"""Exact resume: the state of a cohort of folds, saved after every epoch (on disk at the run's
+next flush, :mod:`izitorch.held`).
 
 One writer for both fold schedules: ``res_dir/.izitorch/fold_<k>.pth.tar`` for fold k trained
 on its own, ``folds.pth.tar`` for parallel folds. A state holds, for the last finished epoch,

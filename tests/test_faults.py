@@ -295,25 +295,26 @@ def test_outputs_get_the_mode_a_plain_open_would_give_them(tmp_path):
 
 
 def test_a_checkpoint_rewrite_failing_in_a_run_keeps_the_last_one(tmp_path, monkeypatch, capsys):
-    """A 2-epoch run, extended to 3 with --resume; the epoch-3 checkpoint hits a full disk."""
+    """A 2-epoch run, extended to 3 with --resume; the epoch-3 checkpoint hits a full disk
+    (when the run's held files are flushed, at its end: the resume state after it is dropped)."""
     path = write_run(tmp_path, epochs=2)
     res = tmp_path / "res"
     assert cli(capsys, "run", path)[0] == 0
     before = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
     assert before["epoch"] == 2
-    real_atomic_write = izio.atomic_write
+    real_write = izio._write
 
-    def full_for_checkpoints(target, write):
+    def full_for_checkpoints(target, write, snapshot_bytes):
         if Path(target).name != "model.pth.tar":
-            return real_atomic_write(target, write)
+            return real_write(target, write, snapshot_bytes)
 
         def full(handle):
             handle.write(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        return real_atomic_write(target, full)
+        return real_write(target, full, snapshot_bytes)
 
-    monkeypatch.setattr(izio, "atomic_write", full_for_checkpoints)
+    monkeypatch.setattr(izio, "_write", full_for_checkpoints)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
     assert code == 1
     assert error_of(err) == (
@@ -433,7 +434,7 @@ def test_a_kill_in_the_middle_of_a_write_keeps_the_previous_file_and_resume_comp
     trains): epoch 1's state is intact, and --resume ends with the uninterrupted run's results."""
     target = ".izitorch/fold_1.pth.tar"
     (tmp_path / "cut_write.py").write_text(CUT_WRITE_PLUGIN, encoding="utf-8")
-    path = write_run(tmp_path, epochs=3, plugins={"enable": ["cut_write.py"]})
+    path = write_run(tmp_path, epochs=3, run={"flush_interval": 0}, plugins={"enable": ["cut_write.py"]})
     res = tmp_path / "res"
     file = res / target
     killed = run_cli("run", path.name, cwd=tmp_path, env={**ENV, "CUT": f"{file.name}:2"})
@@ -775,7 +776,7 @@ def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, cap
 def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it_lands(tmp_path, capsys, monkeypatch):
     """Epoch 3's checkpoint fails on the writer thread: exit 1 with the one line, and epoch 3's
     resume state, queued after it, is not written; --resume then completes the run."""
-    path = write_run(tmp_path, epochs=3)
+    path = write_run(tmp_path, epochs=3, run={"flush_interval": 0})
     res = tmp_path / "res"
     failed_on = []
     real_replace = os.replace
