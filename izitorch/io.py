@@ -14,7 +14,8 @@ held in memory (:class:`~izitorch.held.HeldFiles`) and handed, with the others, 
   call serialises at once;
 - files land in the order they were written (a newer version of a path replaces the held one);
 - the end of the block (the run's end, an error, Ctrl-C, SIGTERM) puts every file on disk; a
-  hard kill loses at most the last ``flush_interval`` seconds of files, plus the epoch in flight.
+  hard kill loses at most the epochs of the last ``flush_interval`` seconds, the one before them
+  and the one in flight (see :mod:`izitorch.held`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def owned_by(ledger: Ledger) -> Iterator[None]:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
 
-    Inside :func:`background_writes`, ``write`` fills a memory buffer now and the writer's
-    thread puts the bytes in place later (a failure there is raised by a later call)."""
+    Inside :func:`background_writes`, ``write`` fills a memory buffer now; the bytes are held
+    until the run's next flush and the writer's thread puts them in place (a failure there is
+    raised by a later call)."""
     return _write(Path(path), write, None)
 
 
