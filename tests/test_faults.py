@@ -909,3 +909,14 @@ def test_the_files_flushed_later_hold_what_was_saved_at_the_call(tmp_path, capsy
     for model, optimizer in [(fold["slots"]["mlp"]["model"], fold["slots"]["mlp"]["optimizer"]), (checkpoint["state_dict"], checkpoint["optimizer"])]:
         assert_tensors_equal(model, record["model"])
         assert deep_equal(optimizer, record["optimizer"])
+
+
+def test_a_run_may_resume_with_another_flush_interval(tmp_path):
+    """The interval changes when files reach the disk, not what they hold: the resume fingerprint
+    leaves it out (a manifest's and the Rack's)."""
+    path = write_run(tmp_path)
+    configs = [izitorch.load_manifest(path, [f"run.flush_interval={value}"]) for value in (0, 30, 1e9)]
+    assert configs[0].run.flush_interval == 0 and configs[2].run.flush_interval == 1e9
+    assert resume.fingerprint(configs[0]) == resume.fingerprint(configs[1]) == resume.fingerprint(configs[2])
+    assert not any("flush_interval" in key for key in resume.fingerprint(configs[0]))
+    assert {"run.flush_interval", "args.flush_interval"} <= resume.TOLERATED
