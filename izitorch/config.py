@@ -65,6 +65,11 @@ def open_unit_interval(_instance: object, attribute: attrs.Attribute, value: flo
         raise FieldError(attribute.name, f"expected a number between 0 and 1 (exclusive), got {describe(value)}")
 
 
+def seconds(_instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not value >= 0:  # NaN too
+        raise FieldError(attribute.name, f"expected a number of seconds >= 0, got {describe(value)}")
+
+
 def device_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
     if not DEVICE_PATTERN.fullmatch(value):
         raise FieldError(attribute.name, f'expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got {describe(value)}')
@@ -100,7 +105,10 @@ class RunConfig:
     nan_policy: str = attrs.field(default="stop", validator=one_of(*NAN_POLICIES), metadata=doc("what a non-finite training loss does to its model"))
     multi_model: str = attrs.field(default="auto", validator=one_of(*MULTI_MODEL_MODES), metadata=doc("how several models share a batch"))
     deterministic: bool = attrs.field(default=False, metadata=doc("deterministic algorithms only: the same bits on a GPU too"))
-    background_writes: bool = attrs.field(default=True, metadata=doc("write files on a background thread, at most one epoch behind"))
+    background_writes: bool = attrs.field(default=True, metadata=doc("write files on a background thread, at most one flush behind"))
+    flush_interval: float = attrs.field(
+        default=30.0, validator=seconds, metadata=doc("seconds between two flushes of the run's files to disk (0: after every epoch)")
+    )
     precision: str = attrs.field(default="32", validator=one_of(*PRECISIONS), metadata=doc('"32", or autocast to "bf16" / "fp16" (with a loss scaler)'))
     accumulate: int = attrs.field(default=1, validator=at_least(1), metadata=doc("batches whose gradients add up before one optimizer step"))
     compile: bool = attrs.field(default=False, metadata=doc("torch.compile each stack's forward (uncompiled, with a warning, where it cannot)"))

@@ -4,8 +4,9 @@ The lock (``res_dir/.izitorch.lock``: pid, host, start time) stops two runs from
 folder; a lock left by a killed run is recognised (its process is gone) and taken over.
 
 SIGINT and SIGTERM do not kill a run in the middle of a step: the first one asks the loop to stop
-after the current step (the state of the last finished epoch is already on disk), and the run
-ends with :class:`Interrupted` (exit 130 / 143). A second signal aborts at once.
+after the current step, and the run ends with :class:`Interrupted` (exit 130 / 143) once the
+files of the last finished epoch are on disk (:func:`izitorch.io.background_writes`). A second
+signal aborts at once.
 """
 
 from __future__ import annotations

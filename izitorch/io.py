@@ -1,9 +1,21 @@
 """Every file izitorch writes goes through here: temp file, flush, fsync, ``os.replace``.
 
 A crash at any moment leaves either the previous file or the new one, never half of one, so a
-checkpoint or trainlog that existed before a failure still loads after it. Inside
-:func:`background_writes` (a run, unless ``run.background_writes = false``) a file is serialised
-at once and written by :class:`~izitorch.writer.BackgroundWriter`'s thread, in order.
+checkpoint or trainlog that existed before a failure still loads after it.
+
+Inside :func:`background_writes` (a run, unless ``run.background_writes = false``) a file is
+held in memory (:class:`~izitorch.held.HeldFiles`) and handed, with the others, to
+:class:`~izitorch.writer.BackgroundWriter`'s thread at the first epoch end after
+``run.flush_interval`` seconds; the thread writes them in order. What a run can count on:
+
+- what a file holds is what was asked for at the call: :func:`save_torch` with
+  ``snapshot=True`` (the caller's promise that ``data`` never changes afterwards: tensors that
+  own their memory, containers of its own) serialises when the file is flushed; every other
+  call serialises at once;
+- files land in the order they were written (a newer version of a path replaces the held one);
+- the end of the block (the run's end, an error, Ctrl-C, SIGTERM) puts every file on disk; a
+  hard kill loses at most the epochs of the last ``flush_interval`` seconds, the one before them
+  and the one in flight (see :mod:`izitorch.held`).
 """
 
 from __future__ import annotations
@@ -23,14 +35,20 @@ import torch
 
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.guard import Interrupted
+from izitorch.held import HeldFiles
 from izitorch.ownership import Ledger
 from izitorch.writer import BackgroundWriter
 
-_local = threading.local()  # .writer: this thread's BackgroundWriter (background_writes); .ledger: its run's Ledger (owned_by)
+_local = threading.local()  # .files: this thread's HeldFiles (background_writes); .ledger: its run's Ledger (owned_by)
+
+
+def _files() -> HeldFiles | None:
+    return getattr(_local, "files", None)
 
 
 def _writer() -> BackgroundWriter | None:
-    return getattr(_local, "writer", None)
+    files = _files()
+    return files.writer if files is not None else None
 
 
 @contextlib.contextmanager
@@ -48,69 +66,85 @@ def owned_by(ledger: Ledger) -> Iterator[None]:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
 
-    Inside :func:`background_writes`, ``write`` fills a memory buffer now and the writer's
-    thread puts the bytes in place later (a failure there is raised by a later call)."""
-    path = Path(path)
+    Inside :func:`background_writes`, ``write`` fills a memory buffer now; the bytes are held
+    until the run's next flush and the writer's thread puts them in place (a failure there is
+    raised by a later call)."""
+    return _write(Path(path), write, None)
+
+
+def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int | None) -> Path:
+    """:func:`atomic_write`; ``snapshot_bytes`` (not None: what ``write`` writes never changes,
+    about that many bytes) lets a run that holds its files call ``write`` at the flush."""
     ledger = getattr(_local, "ledger", None)
     if ledger is not None:
         ledger.claim(path)
-    writer = _writer()
-    if writer is None:
+    files = _files()
+    if files is None:
         return _write_file(path, write)
+    if snapshot_bytes is not None and files.holds:
+        files.put(path, lambda: _serialised(path, write), snapshot_bytes)
+    else:
+        data = _serialised(path, write)
+        files.put(path, data, len(data))
+    return path
+
+
+def _serialised(path: Path, write: Callable[[IO[bytes]], None]) -> memoryview:
     buffer = BytesIO()
     try:
         write(buffer)
     except OSError as error:
         raise _write_error(path, error) from None
-    writer.submit(path, buffer.getbuffer())
-    return path
+    return buffer.getbuffer()
 
 
 @contextlib.contextmanager
-def background_writes(enabled: bool = True) -> Iterator[None]:
-    """Write this thread's files on a background thread for the duration of the block; every
-    file is on disk when it ends. A write error is raised then; when the block ends on an
-    interrupt (whose message says the finished epochs are saved), the write error replaces it.
+def background_writes(enabled: bool = True, interval: float = 0.0) -> Iterator[None]:
+    """Write this thread's files on a background thread for the duration of the block, held
+    in memory between flushes ``interval`` seconds apart (0: each file is handed over at once; see
+    :mod:`izitorch.held`); every file is on disk when the block ends. A write error is raised
+    then; when the block ends on an interrupt (whose message says the finished epochs are saved),
+    the write error replaces it.
 
     Each thread has its own writer (two runs in two threads do not share one). Nested in the
     same thread, ``enabled=True`` keeps the outer writer and ``enabled=False`` writes in line
-    after the outer writer's files."""
-    outer = _writer()
+    after the outer writer's files (``interval`` is then of no use: nothing is held)."""
+    outer = _files()
     if outer is not None:
         if enabled:
             yield
             return
         outer.flush()
-        _local.writer = None
+        _local.files = None
         try:
             yield
         finally:
-            _local.writer = outer
+            _local.files = outer
         return
     if not enabled:
         yield
         return
-    writer = _local.writer = BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data)))
-    stop = None
+    files = _local.files = HeldFiles(BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data))), interval)
     try:
         yield
-    except (KeyboardInterrupt, Interrupted) as error:
-        stop = error
+    except BaseException as error:
+        _local.files = None
+        failure = files.close()
+        if failure is not None and isinstance(error, (KeyboardInterrupt, Interrupted)):
+            raise failure from None
         raise
-    finally:
-        _local.writer = None
-        writer.close()
-        if stop is not None and writer.error is not None:
-            raise writer.error from None
-    writer.flush()  # everything is written (or dropped after a failure): raises that failure
+    _local.files = None
+    failure = files.close()  # everything is written (or dropped after a failure)
+    if failure is not None:
+        raise failure
 
 
 def commit() -> None:
-    """An epoch's files are all written: wait until the previous epoch's are on disk (writes lag
-    at most one epoch behind training; see :mod:`izitorch.writer`)."""
-    writer = _writer()
-    if writer is not None:
-        writer.commit()
+    """An epoch's files are all written (its resume state last): flush the held files when the
+    interval has passed, and wait until the previous flush is on disk (see :mod:`izitorch.held`)."""
+    files = _files()
+    if files is not None:
+        files.commit()
 
 
 def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -170,8 +204,22 @@ def write_pickle(path: str | Path, data: Any) -> Path:
     return atomic_write(path, lambda f: pickle.dump(data, f))
 
 
-def save_torch(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda f: torch.save(data, f))
+def save_torch(path: str | Path, data: Any, snapshot: bool = False) -> Path:
+    """``torch.save(data)`` to ``path``. ``snapshot=True`` promises that ``data`` is not changed
+    after the call (its tensors own their memory, its containers are its own): a run that holds
+    its files then serialises it when the file is flushed, not now."""
+    return _write(Path(path), lambda f: torch.save(data, f), tensor_bytes(data) if snapshot else None)
+
+
+def tensor_bytes(data: Any) -> int:
+    """The bytes of the tensors in nested dicts, lists and tuples (what holding them costs)."""
+    if isinstance(data, torch.Tensor):
+        return data.nbytes
+    if isinstance(data, dict):
+        return sum(tensor_bytes(value) for value in data.values())
+    if isinstance(data, (list, tuple)):
+        return sum(tensor_bytes(value) for value in data)
+    return 0
 
 
 def read_json(path: str | Path) -> Any:

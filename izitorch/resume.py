@@ -1,4 +1,5 @@
-"""Exact resume: the state of a cohort of folds, written atomically after every epoch.
+"""Exact resume: the state of a cohort of folds, saved after every epoch (on disk at the run's
+next flush, :mod:`izitorch.held`).
 
 One writer for both fold schedules: ``res_dir/.izitorch/fold_<k>.pth.tar`` for fold k trained
 on its own, ``folds.pth.tar`` for parallel folds. A state holds, for the last finished epoch,
@@ -49,6 +50,7 @@ TOLERATED = {
     "run.overwrite",
     "run.resume",
     "run.background_writes",
+    "run.flush_interval",
     "run.compile",
     "args.epochs",
     "args.display_step",
@@ -57,6 +59,7 @@ TOLERATED = {
     "args.device",
     "args.resume",
     "args.overwrite",
+    "args.flush_interval",
     "args.res_dir",
 }
 
@@ -77,7 +80,13 @@ def has_state(res_dir: Path) -> bool:
 
 def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
     """Write the state of a cohort of folds after ``epoch`` (``final``: its folds are done,
-    their final scores included), to ``cohort.state_path``."""
+    their final scores included), to ``cohort.state_path``.
+
+    The state is a snapshot, serialised only when the run flushes its files (``io.save_torch``
+    with ``snapshot=True``): nothing in it may change after this call. Its tensors are copies
+    (``slot_state``, the stacks' ``state_dict``, the generators' states) and its other values
+    immutable, or copied here: the plugins' states (a plugin may keep mutating what it
+    returned) and the final scores (numpy arrays the fold keeps)."""
     vectorized = {slot for stack in cohort.stacks if stack.vectorized for slot in stack.members}
     state = {
         "format": FORMAT,
@@ -90,9 +99,9 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
                 "index": fold.index,
                 "epoch": fold.epoch,
                 "stop_reason": fold.stop_reason,
-                "final_scores": tensorise(fold.final_scores) if final else None,
+                "final_scores": standalone(tensorise(fold.final_scores)) if final else None,
                 "slots": {slot.name: slot_state(slot, grouped=slot in vectorized) for slot in fold.slots},
-                "plugins": cohort.plugin_state(run, fold),
+                "plugins": standalone(cohort.plugin_state(run, fold)),
             }
             for fold in cohort.folds
         ],
@@ -100,7 +109,7 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
         "scalers": [scaler.state_dict() if scaler is not None else None for scaler in cohort.scalers],
         "rng": rng_state(cohort.loaders),
     }
-    save_torch(cohort.state_path, state)
+    save_torch(cohort.state_path, state, snapshot=True)
     commit()  # the state is the epoch's last file
 
 

@@ -47,7 +47,12 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     res_dir = Path(config.run.res_dir)
     check_res_dir(res_dir, config)
     flag = StopFlag()
-    with res_dir_lock(res_dir), stop_on_signals(flag), deterministic_algorithms(config.run.deterministic), background_writes(config.run.background_writes):
+    with (
+        res_dir_lock(res_dir),
+        stop_on_signals(flag),
+        deterministic_algorithms(config.run.deterministic),
+        background_writes(config.run.background_writes, config.run.flush_interval),
+    ):
         ledger, resuming = prepare_res_dir(res_dir, config)
         selection = resolve_selection(config, factories)
         session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories, selection=selection)

@@ -45,6 +45,7 @@ DEFAULT_PARAMETERS: dict[str, tuple[type, Any, str]] = {
     "overwrite": (int, 0, "1 to replace the results of an earlier run in res_dir"),
     "resume": (int, 0, "1 to continue the interrupted run in res_dir"),
     "nan_policy": (str, "stop", "what a non-finite loss does to its model: stop, skip_batch or raise"),
+    "flush_interval": (float, 30.0, "seconds between two flushes of the run's files to disk (0: after every epoch)"),
 }
 
 #: The 0/1 flags, which also take True and False from Python.
@@ -207,6 +208,7 @@ def config_from_args(args: argparse.Namespace, dataset: Any, model_configs: list
         overwrite=bool(args.overwrite),
         resume=bool(args.resume),
         nan_policy=args.nan_policy,
+        flush_interval=args.flush_interval,
     )
     data = DataConfig(dataset=dataset, num_classes=args.num_classes or None, train_ratio=args.train_ratio, validation=bool(args.validation))
     config = Config(

@@ -3,17 +3,18 @@
 Why: every file izitorch writes is fsynced before it replaces the previous version
 (:mod:`izitorch.io`), and an epoch writes several (trainlog, checkpoint, resume state). For a
 small model these system calls cost as much as the epoch's training. The main thread still
-serialises each file, so what is written is the state at the moment of the call; only the
-temporary file, its fsync and the rename move to the thread.
+serialises each file, so what is written is the state at the moment it was handed over; only
+the temporary file, its fsync and the rename move to the thread. A run hands its files over in
+batches, every ``[run] flush_interval`` seconds (:mod:`izitorch.held`).
 
 What a run can count on:
 
 - **order**: files land in the order they were written, so an epoch's resume state (its last
   file) never lands before that epoch's outputs;
-- **bounded lag**: :meth:`BackgroundWriter.commit`, called after each resume state, waits until
-  the previous epoch's files are on disk. A hard kill (SIGKILL, power loss) loses at most the last
-  finished epoch, which ``--resume`` trains again; Ctrl-C (a second one too), errors and the end
-  of a run wait for every file;
+- **bounded lag**: :meth:`BackgroundWriter.commit` marks the end of a flush (an epoch's files,
+  its resume state last, or several epochs') and waits until the flush before it is on disk;
+  :meth:`BackgroundWriter.settle`, at the end of an epoch that does not flush, waits until the
+  last flush is. Ctrl-C (a second one too), errors and the end of a run wait for every file;
 - **errors**: a failed write stops every later one (nothing after it lands, so the resume state
   never points past it) and is raised in the main thread by the next write, commit or flush;
 - **memory**: the serialised bytes waiting for the disk are bounded by ``max_pending_bytes``;
@@ -30,11 +31,15 @@ from typing import Callable
 
 WriteFile = Callable[[Path, memoryview], None]
 
+#: The default bound of the bytes waiting for the disk (and of the files a run holds between
+#: flushes, :mod:`izitorch.held`).
+MAX_PENDING_BYTES = 256 << 20
+
 
 class BackgroundWriter:
     """One thread writing ``(path, bytes)`` pairs in order with ``write_file``."""
 
-    def __init__(self, write_file: WriteFile, max_pending_bytes: int = 256 << 20) -> None:
+    def __init__(self, write_file: WriteFile, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
         self._write_file = write_file
         self._max_pending_bytes = max_pending_bytes
         self._cond = threading.Condition()
@@ -67,10 +72,16 @@ class BackgroundWriter:
             self._cond.notify_all()
 
     def commit(self) -> None:
-        """Mark the end of an epoch's files and wait until the previous epoch's are on disk."""
+        """Mark the end of a flush (an epoch's files, or several epochs') and wait until the
+        files of the previous flush are on disk."""
         with self._cond:
             previous, self._last_commit = self._last_commit, self._submitted
             self._wait_for(previous)
+
+    def settle(self) -> None:
+        """Wait until the files before the last :meth:`commit` are on disk; raise a write's error."""
+        with self._cond:
+            self._wait_for(self._last_commit)
 
     def flush(self) -> None:
         """Wait until every queued file is on disk; raise a write's error."""

@@ -57,17 +57,18 @@ class CheckpointPlugin:
                 continue  # not trained this epoch: nothing new to save
             folder = run.model_dir(slot, fold)
             if self.options.policy == "all":
-                save_torch(folder / f"model_epoch{epoch}.pth.tar", checkpoint(slot, epoch))
+                save_torch(folder / f"model_epoch{epoch}.pth.tar", checkpoint(slot, epoch), snapshot=True)
             elif self.options.policy == "last":
-                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch))
+                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch), snapshot=True)
             elif slot.best_epoch == epoch:  # the run's best epoch so far (izitorch.selection)
-                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch))
+                save_torch(folder / "model.pth.tar", checkpoint(slot, epoch), snapshot=True)
                 best = {"epoch": epoch, "metric": run.selection.key, "value": slot.best_value, "phase": fold.eval_phase}
                 write_json(folder / "best_epoch.json", best)
 
 
 def checkpoint(slot, epoch: int) -> dict:
-    """The original izitorch's checkpoint layout, plus the scheduler when there is one."""
+    """The original izitorch's checkpoint layout, plus the scheduler when there is one: a
+    snapshot (copies of every tensor and container) that may be serialised later."""
     state = {"epoch": epoch, "state_dict": slot.model.state_dict(), "optimizer": slot.optimizer.state_dict()}
     if slot.scheduler is not None:
         state["scheduler"] = slot.scheduler.state_dict()

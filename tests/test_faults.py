@@ -21,12 +21,15 @@ call 8 is epoch 2, step 3). Most runs go in-process through ``izitorch.cli.main`
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
+import pickle
 import signal
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,12 +37,13 @@ import torch
 import izitorch
 from izitorch.cohort import Cohort
 from izitorch.stacks import LoneStack
+from izitorch import held
 from izitorch import io as izio
 from izitorch import resume
 from izitorch.data import build_slot
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.models import MLP
-from izitorch.state import Fold, Run, Split
+from izitorch.state import Fold, Run, Split, deep_equal
 
 from conftest import cli, error_of, make_manifest, replaced_by_thread, run_cli
 
@@ -291,25 +295,26 @@ def test_outputs_get_the_mode_a_plain_open_would_give_them(tmp_path):
 
 
 def test_a_checkpoint_rewrite_failing_in_a_run_keeps_the_last_one(tmp_path, monkeypatch, capsys):
-    """A 2-epoch run, extended to 3 with --resume; the epoch-3 checkpoint hits a full disk."""
+    """A 2-epoch run, extended to 3 with --resume; the epoch-3 checkpoint hits a full disk
+    (when the run's held files are flushed, at its end: the resume state after it is dropped)."""
     path = write_run(tmp_path, epochs=2)
     res = tmp_path / "res"
     assert cli(capsys, "run", path)[0] == 0
     before = torch.load(res / "mlp" / "model.pth.tar", weights_only=True)
     assert before["epoch"] == 2
-    real_atomic_write = izio.atomic_write
+    real_write = izio._write
 
-    def full_for_checkpoints(target, write):
+    def full_for_checkpoints(target, write, snapshot_bytes):
         if Path(target).name != "model.pth.tar":
-            return real_atomic_write(target, write)
+            return real_write(target, write, snapshot_bytes)
 
         def full(handle):
             handle.write(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        return real_atomic_write(target, full)
+        return real_write(target, full, snapshot_bytes)
 
-    monkeypatch.setattr(izio, "atomic_write", full_for_checkpoints)
+    monkeypatch.setattr(izio, "_write", full_for_checkpoints)
     code, _, err = cli(capsys, "run", path, "--resume", "--set", "run.epochs=3")
     assert code == 1
     assert error_of(err) == (
@@ -429,7 +434,7 @@ def test_a_kill_in_the_middle_of_a_write_keeps_the_previous_file_and_resume_comp
     trains): epoch 1's state is intact, and --resume ends with the uninterrupted run's results."""
     target = ".izitorch/fold_1.pth.tar"
     (tmp_path / "cut_write.py").write_text(CUT_WRITE_PLUGIN, encoding="utf-8")
-    path = write_run(tmp_path, epochs=3, plugins={"enable": ["cut_write.py"]})
+    path = write_run(tmp_path, epochs=3, run={"flush_interval": 0}, plugins={"enable": ["cut_write.py"]})
     res = tmp_path / "res"
     file = res / target
     killed = run_cli("run", path.name, cwd=tmp_path, env={**ENV, "CUT": f"{file.name}:2"})
@@ -771,7 +776,7 @@ def test_a_run_writes_its_files_behind_training_unless_told_not_to(tmp_path, cap
 def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it_lands(tmp_path, capsys, monkeypatch):
     """Epoch 3's checkpoint fails on the writer thread: exit 1 with the one line, and epoch 3's
     resume state, queued after it, is not written; --resume then completes the run."""
-    path = write_run(tmp_path, epochs=3)
+    path = write_run(tmp_path, epochs=3, run={"flush_interval": 0})
     res = tmp_path / "res"
     failed_on = []
     real_replace = os.replace
@@ -797,3 +802,121 @@ def test_a_full_disk_met_by_the_writer_thread_stops_the_run_and_nothing_after_it
     assert code == 0, err
     assert torch.load(res / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 3
     assert list(trainlog(res, "mlp")) == ["1", "2", "3"]
+
+
+# -- files held between flushes (run.flush_interval) ------------------------------------------------
+
+
+def test_a_run_flushes_its_files_at_the_first_epoch_end_past_the_interval(tmp_path, capsys, monkeypatch):
+    """A clock read once when the run starts and once at each epoch end moves one second a read:
+    with an interval of 2.5 s, nothing lands before epoch 3 ends; then epoch 3's files land
+    together (the resume state last), and the rest when the run ends."""
+    ticks = itertools.count()
+    monkeypatch.setattr(held, "monotonic", lambda: float(next(ticks)))  # start 0, epochs 1..4 at 1..4, the final state at 5
+    landed: list[tuple[str, Any]] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        name = Path(dst).name
+        content = None
+        if name == "fold_1.pth.tar":
+            content = torch.load(src, weights_only=True)["epoch"]
+        elif name == "trainlog.json":
+            content = list(json.loads(Path(src).read_text()))
+        landed.append((name, content))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(izio.os, "replace", replace)
+    path = write_run(tmp_path, epochs=4, run={"flush_interval": 2.5})
+    code, _, err = cli(capsys, "run", path)
+    assert code == 0, err
+    first = [name for name, _ in landed].index("fold_1.pth.tar")
+    assert landed[: first + 1] == [
+        ("conf.json", None),
+        ("Dataset_split.pkl", None),
+        ("conf.json", None),  # mlp/conf.json
+        ("trainlog.json", ["1", "2", "3"]),  # the first trainlog on disk is epoch 3's
+        ("model.pth.tar", None),
+        ("fold_1.pth.tar", 3),
+    ]
+    assert [content for name, content in landed if name == "fold_1.pth.tar"] == [3, 4]  # epoch 4's and the final one: one file
+    assert [content for name, content in landed if name == "trainlog.json"] == [["1", "2", "3"], ["1", "2", "3", "4"]]
+    assert saved_state(tmp_path / "res")["final"] and torch.load(tmp_path / "res" / "mlp" / "model.pth.tar", weights_only=True)["epoch"] == 4
+
+
+MUTATOR = '''\
+"""Keeps a state that it changes, with the model and its optimizer, after the run's last save
+(before the run's files are flushed); records what they were at that save in record.pkl."""
+import copy
+import pickle
+from pathlib import Path
+
+import torch
+
+from izitorch import hookimpl
+
+DATA = {"values": [1, 2], "tensor": torch.zeros(3)}
+
+
+@hookimpl
+def izitorch_state_dict(run):
+    return {"mutable": DATA}
+
+
+@hookimpl
+def izitorch_run_finish(run, results):
+    slot = run.slots[0]
+    record = {
+        "plugin": copy.deepcopy(DATA),
+        "model": {key: value.clone() for key, value in slot.model.state_dict().items()},
+        "optimizer": copy.deepcopy(slot.optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+    }
+    Path(__file__).with_name("record.pkl").write_bytes(pickle.dumps(record))
+    DATA["values"].append(3)
+    DATA["tensor"] += 1
+    with torch.no_grad():
+        for parameter in slot.model.parameters():
+            parameter.add_(1)
+    for state in slot.optimizer.state.values():
+        for value in state.values():
+            value.add_(1)
+    for group in slot.optimizer.param_groups:
+        group["lr"], group["betas"] = 123.0, (0.5, 0.5)
+    torch.rand(100)
+'''
+
+
+def test_the_files_flushed_later_hold_what_was_saved_at_the_call(tmp_path, capsys, monkeypatch):
+    """The resume state and the checkpoint are serialised when the run ends, after a plugin
+    changed in place its own state, the model's weights, the optimizer's state and
+    hyper-parameters and the generator: the files hold the values of the last save."""
+    monkeypatch.setattr(held, "monotonic", lambda: 0.0)  # the interval never passes
+    (tmp_path / "mutator.py").write_text(MUTATOR, encoding="utf-8")
+    saved = []
+    monkeypatch.setattr(izio.torch, "save", lambda obj, f, *a, real=torch.save, **k: (saved.append(type(obj).__name__), real(obj, f, *a, **k))[1])
+    path = write_run(tmp_path, epochs=2, run={"flush_interval": 3600.0}, plugins={"enable": ["mutator.py"]})
+    code, _, err = cli(capsys, "run", path)
+    assert code == 0, err
+    # the checkpoint and the state, each serialised once, at the end (pickling the record of
+    # tensors calls torch.save on their storages)
+    assert [name for name in saved if name != "TypedStorage"] == ["dict", "dict"]
+    record = pickle.loads((tmp_path / "record.pkl").read_bytes())
+    fold = saved_fold(tmp_path / "res")
+    assert fold["plugins"]["mutable"]["values"] == [1, 2] and torch.equal(fold["plugins"]["mutable"]["tensor"], torch.zeros(3))
+    assert torch.equal(saved_state(tmp_path / "res")["rng"]["torch"], record["rng"])
+    checkpoint = torch.load(tmp_path / "res" / "mlp" / "model.pth.tar", weights_only=True)
+    for model, optimizer in [(fold["slots"]["mlp"]["model"], fold["slots"]["mlp"]["optimizer"]), (checkpoint["state_dict"], checkpoint["optimizer"])]:
+        assert_tensors_equal(model, record["model"])
+        assert deep_equal(optimizer, record["optimizer"])
+
+
+def test_a_run_may_resume_with_another_flush_interval(tmp_path):
+    """The interval changes when files reach the disk, not what they hold: the resume fingerprint
+    leaves it out (a manifest's and the Rack's)."""
+    path = write_run(tmp_path)
+    configs = [izitorch.load_manifest(path, [f"run.flush_interval={value}"]) for value in (0, 30, 1e9)]
+    assert configs[0].run.flush_interval == 0 and configs[2].run.flush_interval == 1e9
+    assert resume.fingerprint(configs[0]) == resume.fingerprint(configs[1]) == resume.fingerprint(configs[2])
+    assert not any("flush_interval" in key for key in resume.fingerprint(configs[0]))
+    assert {"run.flush_interval", "args.flush_interval"} <= resume.TOLERATED

@@ -71,6 +71,8 @@ CATALOGUE = [
     ("test-epoch-0", manifest(run="test_epoch = 0"), "run.test_epoch: expected an integer >= 1, got 0"),
     ("display-step-0", manifest(run="display_step = 0"), "run.display_step: expected an integer >= 1, got 0"),
     ("num-workers-negative", manifest(run="num_workers = -1"), "run.num_workers: expected an integer >= 0, got -1"),
+    ("flush-interval-negative", manifest(run="flush_interval = -1"), "run.flush_interval: expected a number of seconds >= 0, got -1.0"),
+    ("flush-interval-nan", manifest(run="flush_interval = nan"), "run.flush_interval: expected a number of seconds >= 0, got nan"),
     ("num-classes-1", manifest(data="num_classes = 1"), "data.num_classes: expected an integer >= 2, got 1"),
     # -- choices
     ("bad-device", manifest(run='device = "gpu"'), 'run.device: expected "auto", "cpu", "cuda", "cuda:<index>" or "mps", got "gpu"'),

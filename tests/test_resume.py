@@ -12,7 +12,13 @@ A local plugin (``probe.py``) kills or signals its own process at a chosen point
 (folds and epochs 1-based), or ``{"hook": "replace", "file": "trainlog.json", "nth": 2}`` (killed
 after the temporary file of that write is complete, before ``os.replace`` moves it into place),
 or ``{"hook": "await_signal", "at": [1, 2, 1], "ready": "<file>"}`` (creates the file at that
-step and holds it until a SIGINT / SIGTERM has arrived). The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
+step and holds it until a SIGINT / SIGTERM has arrived); with ``"clock": [t0, t1, ...]`` the
+clock of ``izitorch.held`` (read when the run starts and at each epoch end) reads those times in
+turn. The same plugin is enabled in every run of a scenario, killed or not, so the manifests agree.
+
+The scenarios flush their files after every epoch (``flush_interval = 0``), so that a kill point
+finds every finished epoch on disk but the last; the signal tests and the interval tests hold
+them longer.
 """
 
 from __future__ import annotations
@@ -61,6 +67,18 @@ def _fire():
 def _at(hook, **where):
     if SPEC.get("hook") == hook and all(SPEC.get(key) == value for key, value in where.items()):
         _fire()
+
+
+if "clock" in SPEC:  # izitorch.held's clock reads these times in turn, then stays at the last
+    import izitorch.held
+
+    _times, _now = iter(SPEC["clock"]), [0.0]
+
+    def _clock():
+        _now[0] = float(next(_times, _now[0]))
+        return _now[0]
+
+    izitorch.held.monotonic = _clock
 
 
 if SPEC.get("hook") == "replace":  # die with the temporary file written, before it is moved
@@ -117,7 +135,8 @@ def izitorch_run_finish(run, results):
 '''
 
 # What every scenario shares: 240 digits on the CPU (the tiny run's batch and display_step).
-HEAD = {"run": {"device": "cpu"}, "data": {"params": {"limit": 240}}}
+HEAD = {"run": {"device": "cpu", "flush_interval": 0}, "data": {"params": {"limit": 240}}}
+HOUR = {"run": {"flush_interval": 3600}}  # files held until the run stops
 
 # (a) holdout, one model with dropout, Adam, every-epoch checkpoints, evaluation every 2 epochs
 HOLDOUT = {
@@ -866,6 +885,32 @@ def test_resume_with_nothing_saved_starts_a_new_run(server, scenarios):
     assert compare_runs(ref, scenario.res("fresh")) == []
 
 
+@pytest.mark.parametrize("interval, on_disk", [(4, 1), (3600, None)])
+def test_a_sigkill_loses_at_most_the_flush_interval_and_the_run_resumes_exactly(server, scenarios, interval, on_disk):
+    """Killed in epoch 3 while files are held. The run's clock reads 0 s at its start, then 5, 6
+    and 7 s at the epoch ends: an interval of 4 s flushes epoch 1 only (on disk once epoch 2
+    ended), an hour nothing at all. ``--resume`` continues from epoch 1, or starts again, and
+    ends where the uninterrupted run did."""
+    scenario, ref = scenarios["holdout"]
+    tag = f"held{interval}"
+    path = scenario.manifest(tag, run={"flush_interval": interval})
+    res = scenario.res(tag)
+    killed = server.run("run", str(path), cwd=scenario.folder, env=probe({**_batch(1, 3, 3), "clock": [0, 5, 6, 7]}))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if on_disk:
+        assert saved_epoch(res) == on_disk and list(json.loads((res / "mlp" / "trainlog.json").read_text())) == ["1"]
+        assert sorted(p.name for p in (res / "mlp").glob("model_epoch*")) == ["model_epoch1.pth.tar"]
+    else:
+        assert sorted(p.relative_to(res).as_posix() for p in res.rglob("*") if p.is_file()) == [".izitorch.lock", ".izitorch/owned.txt"]
+    resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    fresh = f'izitorch: nothing to resume in "{res.as_posix()}"; starting a new run'
+    assert resumed.stderr.splitlines() == ([] if on_disk else [fresh])
+    diffs = compare_runs(ref, res)
+    TALLY.setdefault("flush interval (SIGKILL)", []).append((f"interval {interval} s, killed at batch 1,3,3", not diffs))
+    assert diffs == []
+
+
 # ---------------------------------------------------------------------------------------------
 # SIGINT / SIGTERM
 
@@ -878,7 +923,7 @@ def saved_epoch(res: Path, fold: int = 1) -> int:
 def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(scenarios, sig, code):
     scenario, ref = scenarios["two"]
     tag = sig.lower()
-    path = scenario.manifest(tag)
+    path = scenario.manifest(tag, **HOUR)  # nothing on disk before the signal: the stop flushes
     stopped = cli("run", str(path), cwd=scenario.folder, env=probe({**_batch(1, 3, 2), "sig": sig}))
     assert stopped.returncode == code, stopped.stderr[-2000:]
     line = one_line(stopped.stderr)
@@ -898,7 +943,7 @@ def test_a_signal_stops_cleanly_and_the_run_resumes_exactly(scenarios, sig, code
 
 def test_a_second_sigint_aborts_at_once_and_the_run_still_resumes(server, scenarios):
     scenario, ref = scenarios["holdout"]
-    path = scenario.manifest("twice")
+    path = scenario.manifest("twice", **HOUR)
     aborted = cli("run", str(path), cwd=scenario.folder, env=probe({**_batch(1, 2, 4), "sig": "SIGINT", "times": 2}))
     assert aborted.returncode == 130, aborted.stderr[-2000:]
     line = one_line(aborted.stderr)
@@ -917,7 +962,7 @@ def test_sigint_sent_from_outside(server, scenarios, tmp_path):
     """SIGINT from another process, sent while the run is in epoch 2 (the probe holds step 1 of
     epoch 2 until the signal has arrived: no sleep decides when it comes)."""
     scenario, ref = scenarios["holdout"]
-    path = scenario.manifest("outside")
+    path = scenario.manifest("outside", **HOUR)
     res = scenario.res("outside")
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
@@ -1074,6 +1119,8 @@ def test_the_rack_resumes_with_resume_1(tmp_path):
             "cpu",
             "--display_step",
             "1000",
+            "--flush_interval",
+            "0",
             *extra,
         ]
         return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=240, env={**os.environ, **ENV, "KILL_AT_CALL": str(kill)})

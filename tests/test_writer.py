@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from izitorch import held
 from izitorch import io as izio
 from izitorch.errors import TrainingError
 from izitorch.guard import Interrupted
@@ -272,3 +274,145 @@ def test_a_closed_writer_takes_no_more_files():
     writer.close()
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(Path("late"), memoryview(b"x"))
+
+
+# -- held files between flushes (izitorch/held.py, run.flush_interval) -----------------------------
+
+
+class Clock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(held, "monotonic", fake)
+    return fake
+
+
+@pytest.fixture
+def saves(monkeypatch) -> list[str]:
+    """The ``torch.save`` calls izitorch makes (the serialisation a held snapshot defers)."""
+    calls: list[str] = []
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(repr(obj))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(izio.torch, "save", save)
+    return calls
+
+
+def write_epoch(folder: Path, epoch: int) -> None:
+    """An epoch's files as a run writes them: a trainlog, a checkpoint, the resume state last."""
+    izio.write_json(folder / "trainlog.json", list(range(1, epoch + 1)))
+    izio.save_torch(folder / "model.pth.tar", {"w": torch.full((3,), float(epoch))}, snapshot=True)
+    izio.save_torch(folder / "state.pth.tar", {"epoch": epoch}, snapshot=True)
+    izio.commit()
+
+
+def test_held_files_land_together_once_the_interval_has_passed_in_order(tmp_path, monkeypatch, clock, saves):
+    seen = replaced_by_thread(monkeypatch)
+    with izio.background_writes(interval=10.0):
+        for epoch in (1, 2, 3):
+            clock.now = 3.0 * epoch  # 3, 6, 9 s: within the interval
+            write_epoch(tmp_path, epoch)
+        assert seen == [] and saves == [] and list(tmp_path.iterdir()) == []  # nothing serialised, nothing on disk
+        clock.now = 10.0
+        write_epoch(tmp_path, 4)  # the interval has passed: epoch 4's files go out
+        izio._writer().flush()
+        assert [name for name, _ in seen] == ["trainlog.json", "model.pth.tar", "state.pth.tar"]
+        assert {thread for _, thread in seen} == {"izitorch-writer"}
+        assert len(saves) == 2  # one torch.save per file, of its latest version only
+        assert json.loads((tmp_path / "trainlog.json").read_text()) == [1, 2, 3, 4]
+        assert torch.load(tmp_path / "state.pth.tar", weights_only=True) == {"epoch": 4}
+        clock.now = 19.0
+        write_epoch(tmp_path, 5)  # 9 s since the last flush: held
+        assert len(seen) == 3 and torch.load(tmp_path / "state.pth.tar", weights_only=True) == {"epoch": 4}
+    # the end of the block flushes what is held
+    assert [name for name, _ in seen[3:]] == ["trainlog.json", "model.pth.tar", "state.pth.tar"]
+    assert torch.load(tmp_path / "state.pth.tar", weights_only=True) == {"epoch": 5}
+    assert torch.equal(torch.load(tmp_path / "model.pth.tar", weights_only=True)["w"], torch.full((3,), 5.0))
+
+
+def test_with_no_interval_nothing_is_held_and_each_file_is_serialised_at_the_call(tmp_path, clock, saves):
+    recorder = Recorder()
+    with izio.background_writes(interval=0.0):
+        izio._writer()._write_file = recorder
+        write_epoch(tmp_path, 1)
+        assert len(saves) == 2  # serialised at the call...
+        izio._writer().flush()  # ...and handed to the writer at once
+        assert recorder.names() == [str(tmp_path / name) for name in ("trainlog.json", "model.pth.tar", "state.pth.tar")]
+
+
+def test_a_newer_version_replaces_the_held_one_and_goes_behind_the_others(tmp_path, clock):
+    recorder = Recorder()
+    with izio.background_writes(interval=10.0):
+        izio._writer()._write_file = recorder
+        for name, value in [("a", 1), ("state", 1), ("b", 2), ("a", 2), ("state", 2)]:
+            izio.write_json(tmp_path / name, value)
+    assert [(Path(path).name, json.loads(data)) for path, data in recorder.written] == [("b", 2), ("a", 2), ("state", 2)]
+
+
+def test_held_bytes_are_bounded_whatever_the_interval(clock):
+    recorder = Recorder()
+    files = held.HeldFiles(BackgroundWriter(recorder), interval=3600.0, max_bytes=10)
+    files.put(Path("a"), memoryview(b"aaaa"), 4)
+    files.put(Path("b"), lambda: memoryview(b"bbbb"), 4)
+    files.writer.flush()
+    assert recorder.written == []  # 8 bytes held: under the bound
+    files.put(Path("c"), memoryview(b"cccc"), 4)  # 12 bytes: every held file goes out
+    files.writer.flush()
+    assert recorder.names() == ["a", "b", "c"]
+    assert files.close() is None
+    # a snapshot counts its tensors' bytes
+    assert izio.tensor_bytes({"w": torch.zeros(5, 2), "rest": [torch.zeros(3, dtype=torch.int64), 1, "x"]}) == 5 * 2 * 4 + 3 * 8
+
+
+def test_a_snapshot_is_serialised_at_the_flush_and_anything_else_at_the_call(tmp_path, clock):
+    """``snapshot=True`` is the caller's promise: a change after the call shows in the file
+    (which is how this test tells when it was serialised); without it the file holds the call's value."""
+    live = {"w": torch.zeros(2), "plain": [0]}
+    with izio.background_writes(interval=10.0):
+        izio.save_torch(tmp_path / "at_call.pth", live)
+        izio.save_torch(tmp_path / "at_flush.pth", live, snapshot=True)
+        live["w"] += 1
+        live["plain"].append(1)
+    assert torch.equal(torch.load(tmp_path / "at_call.pth", weights_only=True)["w"], torch.zeros(2))
+    assert torch.load(tmp_path / "at_call.pth", weights_only=True)["plain"] == [0]
+    assert torch.equal(torch.load(tmp_path / "at_flush.pth", weights_only=True)["w"], torch.ones(2))
+    assert torch.load(tmp_path / "at_flush.pth", weights_only=True)["plain"] == [0, 1]
+
+
+def test_a_second_ctrl_c_while_held_files_are_serialised_waits_for_them(clock):
+    recorder = Recorder()
+    files = held.HeldFiles(BackgroundWriter(recorder), interval=3600.0)
+    interrupted = []
+
+    def serialise_after_a_ctrl_c() -> memoryview:
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # what a second Ctrl-C raises in the middle of torch.save
+        return memoryview(b"state")
+
+    files.put(Path("log"), memoryview(b"log"), 3)
+    files.put(Path("state"), serialise_after_a_ctrl_c, 5)
+    with pytest.raises(KeyboardInterrupt):
+        files.close()
+    assert interrupted and recorder.written == [("log", b"log"), ("state", b"state")]
+
+
+def test_a_held_file_that_cannot_be_serialised_stops_the_later_ones(tmp_path, clock):
+    with pytest.raises(ValueError, match="cannot serialise"):
+        with izio.background_writes(interval=10.0):
+            izio.write_json(tmp_path / "before.json", 1)
+            izio._files().put(tmp_path / "broken", lambda: (_ for _ in ()).throw(ValueError("cannot serialise")), 0)
+            izio.write_json(tmp_path / "after.json", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before.json"]
