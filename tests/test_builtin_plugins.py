@@ -309,8 +309,9 @@ class RecordingBar:
 
     made: list["RecordingBar"] = []
 
-    def __init__(self, total, desc, **_options):
+    def __init__(self, total, desc, disable=None, **_options):
         self.total, self.desc, self.updates, self.closed = total, desc, 0, False
+        self.disable = False  # drawn as on a terminal: tqdm's None resolves to False there
         RecordingBar.made.append(self)
 
     def update(self, count):
