@@ -9,6 +9,7 @@ optional (checkpoints, logs, early stopping, clipping, progress bars) hooks in f
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Iterator
 
@@ -50,7 +51,9 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
     See ``izitorch_run_fold`` in :mod:`izitorch.hookspecs` for the order of the hooks.
     """
     hook, epochs, folds = run.hook, run.config.run.epochs, cohort.folds
-    schedules.check_total_steps(cohort.slots, len(cohort.loaders["train"]), run.config.run.accumulate, epochs, run.config.models)
+    # every fold's batches, so that the first fold already refuses what a later one would meet
+    batches = max([len(cohort.loaders["train"])] + [math.ceil(len(split.train) / run.config.run.batch_size) for split in run.splits])
+    schedules.check_total_steps(cohort.slots, batches, run.config.run.accumulate, epochs, run.config.models)
     for fold in folds:
         hook.izitorch_fold_start(run=run, fold=fold)
         cohort.take_plugin_state(run, fold)

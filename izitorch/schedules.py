@@ -30,7 +30,7 @@ import torch
 
 from izitorch.config import SchedulerSpec
 from izitorch.diagnose import what
-from izitorch.errors import ManifestError, TrainingError
+from izitorch.errors import ManifestError, TrainingError, describe
 from izitorch.references import resolve
 from izitorch.selection import Selection
 from izitorch.state import Fold, Scores, Slot
@@ -58,7 +58,10 @@ def arguments(spec: SchedulerSpec, where: str, base_dir: str, selection: Selecti
     """The keyword arguments ``spec``'s scheduler is built with: its own, and for a
     ``ReduceLROnPlateau`` class the ``mode`` of the metric it watches (a ``mode`` that disagrees
     is refused in one line naming it)."""
-    target = resolve(spec.target, base_dir) if isinstance(spec.target, str) else spec.target
+    try:
+        target = resolve(spec.target, base_dir) if isinstance(spec.target, str) else spec.target
+    except ManifestError:  # building it says what is wrong, at its key
+        return spec.params
     if not (inspect.isclass(target) and issubclass(target, PLATEAU)):
         return spec.params
     check_plateau(spec, where, selection, validation)
@@ -96,10 +99,10 @@ def check_plateau(spec: SchedulerSpec, where: str, selection: Selection, validat
         )
 
 
-def _mode_mismatch(mode: str, selection: Selection) -> str:
+def _mode_mismatch(mode: Any, selection: Selection) -> str:
     wanted = MODES[selection.direction]
     return (
-        f'ReduceLROnPlateau has mode = "{mode}" but watches [run] best_metric "{selection.key}", which is better {selection.direction}: '
+        f'ReduceLROnPlateau has mode = {describe(mode)} but watches [run] best_metric "{selection.key}", which is better {selection.direction}: '
         f'use mode = "{wanted}", or leave mode out (izitorch sets it)'
     )
 
@@ -107,7 +110,8 @@ def _mode_mismatch(mode: str, selection: Selection) -> str:
 def check_total_steps(slots: Sequence[Slot], batches: int, accumulate: int, epochs: int, models: Sequence[Any]) -> None:
     """Refuse, before training, a scheduler with a ``total_steps`` (``OneCycleLR``) shorter than
     the steps the run may take: it would raise at the step past it, in the middle of the run.
-    A model steps at most ``ceil(batches / accumulate)`` times an epoch."""
+    A model steps at most ``ceil(batches / accumulate)`` times an epoch (``batches``: the most
+    training batches an epoch of any fold has)."""
     per_epoch = math.ceil(batches / accumulate)
     for slot in slots:
         total = getattr(slot.scheduler, "total_steps", None)

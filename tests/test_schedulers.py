@@ -320,6 +320,20 @@ def test_a_total_steps_shorter_than_the_run_is_refused_before_training(tmp_path,
     assert not (tmp_path / "res" / "m0" / "trainlog.json").exists()
 
 
+def test_a_later_fold_with_one_batch_more_is_refused_before_the_first_trains(tmp_path, capsys):
+    """241 samples in 3 folds train on 160, 161 and 161: 5 batches of 32 in fold 1, 6 after."""
+    scheduler = {"class": ONE_CYCLE, "max_lr": 0.5, "total_steps": 10, "interval": "step"}
+    path = write(tmp_path, "res", [model(0, 0.1, scheduler)], data={"params": {"limit": 241}}, plugins={"kfold": {"k": 3}})
+    code, _, err = cli(capsys, "run", path)
+    assert (code, error_of(err)) == (
+        2,
+        f"{path}: models[0].scheduler.total_steps: OneCycleLR has total_steps = 10, fewer than the 12 steps of this run "
+        "(2 epochs of 6 optimizer steps); set total_steps = 12",
+    )
+    assert [len(fold[0]) for fold in splits(tmp_path / "res")] == [160, 161, 161]
+    assert not (tmp_path / "res" / "m0" / "FOLD_1" / "trainlog.json").exists()
+
+
 def test_the_rack_checks_a_built_plateau_and_steps_a_built_scheduler_per_step(tmp_path):
     import izitorch
 
