@@ -537,8 +537,9 @@ def test_the_cli_validate_prints_the_same_one_line(tmp_path_factory, document):
     except IzitorchError as error:
         expected = error
     done = run_cli("validate", str(path), env={"OMP_NUM_THREADS": "1"}, timeout=60)
-    if expected is None:
-        assert done.returncode == 0 and done.stderr == "", done.stderr
+    if expected is None:  # at most the warning of choices made on the test set (BASE has no validation set)
+        assert done.returncode == 0 and len(done.stderr.splitlines()) <= 1, done.stderr
+        assert done.stderr in ("", *(line + "\n" for line in done.stderr.splitlines() if line.startswith("izitorch: warning: "))), done.stderr
         assert done.stdout.startswith(f"{path}: OK (")
     else:
         assert done.returncode == expected.exit_code == 2
