@@ -91,7 +91,7 @@ def checkpoint_table(config: Config) -> dict:
     return config.plugin_table("checkpoint") if "checkpoint" not in config.plugins.disable else {}
 
 
-def test_set_choices(config: Config, plugins: Iterable[str]) -> list[tuple[str, str]]:
+def choices_on_test_set(config: Config, plugins: Iterable[str]) -> list[tuple[str, str]]:
     """The options of the original izitorch that, without a validation set, choose epochs by the
     test scores: ``(key path, what)`` for each one this run uses (``plugins``: the enabled ones)."""
     if has_validation(config):
@@ -105,9 +105,9 @@ def test_set_choices(config: Config, plugins: Iterable[str]) -> list[tuple[str, 
 
 
 def warn_test_set_choices(config: Config, plugins: Iterable[str]) -> None:
-    """One warning line on stderr when :func:`test_set_choices` finds any: they still run (the
+    """One warning line on stderr when :func:`choices_on_test_set` finds any: they still run (the
     original izitorch's manifests keep working), but the test scores they report are biased."""
-    found = test_set_choices(config, plugins)
+    found = choices_on_test_set(config, plugins)
     if not found:
         return
     keys = ", ".join(key for key, _ in found)
