@@ -46,11 +46,6 @@ def interval(slot: Slot) -> str:
     return getattr(spec, "interval", "epoch")
 
 
-def first_lr(slot: Slot) -> float:
-    """The learning rate of the first parameter group of ``slot``'s optimizer."""
-    return float(slot.optimizer.param_groups[0]["lr"])
-
-
 # -- building ---------------------------------------------------------------------------------
 
 
