@@ -33,7 +33,7 @@ def _plugins_of_a_source_checkout() -> None:
 
 _plugins_of_a_source_checkout()
 
-from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig
+from izitorch.config import ComponentSpec, Config, DataConfig, ModelSpec, PluginsConfig, RunConfig, SchedulerSpec
 from izitorch.errors import IzitorchError, ManifestError, TrainingError
 from izitorch.manifest import load_manifest
 from izitorch.hookspecs import hookimpl
@@ -55,6 +55,7 @@ __all__ = [
     "Rack",
     "Run",
     "RunConfig",
+    "SchedulerSpec",
     "Scores",
     "Slot",
     "Split",

@@ -23,23 +23,25 @@ from izitorch.data import Guarded, build_dataset, build_slots, loading_error, to
 from izitorch.cohort import unpack
 from izitorch.stacks import forward_loss
 from izitorch.reproducibility import deterministic_algorithms
+from izitorch.selection import Selection
 from izitorch.state import Slot
 
 #: Samples in the dry run's batch: enough for a model that needs more than one, and cheap.
 DRY_RUN_SAMPLES = 4
 
 
-def dry_run(config: Config, device: torch.device) -> tuple[Dataset, list[Slot]]:
+def dry_run(config: Config, device: torch.device, selection: Selection | None = None) -> tuple[Dataset, list[Slot]]:
     """Build the dataset and every slot, then one forward and loss per model on a few samples.
 
     Whatever would fail at the first training step fails here with the line training would
     give (under ``deterministic`` too). Nothing is written and nothing the run depends on moves:
     the random generators are restored, the models are evaluated without gradients and get
-    their modes back.
+    their modes back. ``selection``: the run's metric (:mod:`izitorch.selection`), which a
+    ``ReduceLROnPlateau`` watches.
     """
     precision.check(config.run.precision, device)
     dataset = build_dataset(config)
-    slots = build_slots(config, device)
+    slots = build_slots(config, device, selection)
     with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
         for slot in slots:

@@ -138,12 +138,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.manifest import load_manifest
     from izitorch.pluginmanager import make_plugin_manager
     from izitorch.runner import registered_metrics
+    from izitorch.selection import resolve_selection, warn_test_set_choices
 
     config = load_manifest(args.manifest, args.overrides)
     with located_in(config.source):
         pm, versions = make_plugin_manager(config)
-        registered_metrics(pm, config)
-        dry_run(config, pick_device(config.run.device))
+        factories = registered_metrics(pm, config)
+        dry_run(config, pick_device(config.run.device), resolve_selection(config, factories))
+    warn_test_set_choices(config, versions)
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)
     print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins})")

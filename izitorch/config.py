@@ -20,6 +20,7 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 MULTI_MODEL_MODES = ("auto", "sequential", "vectorized")
 NAN_POLICIES = ("stop", "skip_batch", "raise")
+SCHEDULER_INTERVALS = ("epoch", "step")
 PRECISIONS = ("32", "bf16", "fp16")
 
 
@@ -147,6 +148,29 @@ class ComponentSpec:
     params: dict = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class SchedulerSpec(ComponentSpec):
+    """A learning-rate scheduler: called as ``target(optimizer, **params)``, and stepped after
+    every ``interval``: each ``"epoch"`` (after its training pass) or each optimizer ``"step"``.
+
+    In TOML: ``{ class = "torch.optim.lr_scheduler:OneCycleLR", interval = "step", ... }``;
+    ``interval`` is izitorch's key, every other one an argument of the class.
+    """
+
+    interval: str = attrs.field(
+        default="epoch",
+        validator=one_of(*SCHEDULER_INTERVALS),
+        metadata=doc('step after every "epoch" or after every optimizer "step" (ReduceLROnPlateau: after every evaluation)'),
+    )
+
+
+def as_scheduler(value: ComponentSpec | None) -> SchedulerSpec | None:
+    """A plain :class:`ComponentSpec` given as a scheduler steps every epoch."""
+    if value is None or isinstance(value, SchedulerSpec):
+        return value
+    return SchedulerSpec(value.target, value.params)
+
+
 def _default_criterion() -> ComponentSpec:
     return ComponentSpec("torch.nn:CrossEntropyLoss")
 
@@ -182,7 +206,9 @@ class ModelSpec:
     params: dict = attrs.field(factory=dict, metadata=doc("keyword arguments for the model"))
     criterion: ComponentSpec = attrs.field(factory=_default_criterion, metadata=doc("the loss"))
     optimizer: ComponentSpec = attrs.field(factory=_default_optimizer, metadata=doc("{ class = ..., lr = ... }"))
-    scheduler: ComponentSpec | None = attrs.field(default=None, metadata=doc("stepped once per epoch, after the optimizer"))
+    scheduler: SchedulerSpec | None = attrs.field(
+        default=None, converter=as_scheduler, metadata=doc('{ class = ..., interval = "epoch" | "step", ... }: stepped after every epoch or optimizer step')
+    )
 
 
 @attrs.frozen

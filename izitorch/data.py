@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
+from izitorch import schedules
 from izitorch.config import ComponentSpec, Config, ModelSpec
 from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
 from izitorch.kinds import built_mismatch, class_mismatch
 from izitorch.references import resolve
 from izitorch.reproducibility import seed_everything
+from izitorch.selection import Selection, has_validation
 from izitorch.state import Run, Slot, Split
 
 
@@ -111,8 +113,10 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
         return None
 
 
-def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str) -> Slot:
-    """Model on its device, then its criterion, optimizer and scheduler, each of its kind."""
+def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str, selection: Selection | None = None, validation: bool = False) -> Slot:
+    """Model on its device, then its criterion, optimizer and scheduler, each of its kind. A
+    ``ReduceLROnPlateau`` watches ``selection``'s metric on the validation set (``validation``:
+    whether the run has one), see :mod:`izitorch.schedules`."""
     where = f"models[{index}]"
     model = _build(spec.model, spec.params, f"{where}.model", base_dir, kind="model")
     move_to(model, device)
@@ -120,7 +124,12 @@ def build_slot(spec: ModelSpec, index: int, device: torch.device, base_dir: str)
     if isinstance(criterion, torch.nn.Module):
         move_to(criterion, device)
     optimizer = _component(spec.optimizer, f"{where}.optimizer", base_dir, model.parameters(), kind="optimizer")
-    scheduler = _component(spec.scheduler, f"{where}.scheduler", base_dir, optimizer, kind="scheduler") if spec.scheduler else None
+    scheduler = None
+    if spec.scheduler:
+        selection = selection or Selection()
+        arguments = schedules.arguments(spec.scheduler, f"{where}.scheduler", base_dir, selection, validation)
+        scheduler = _build(spec.scheduler.target, arguments, f"{where}.scheduler", base_dir, optimizer, kind="scheduler")
+        schedules.check_built(scheduler, spec.scheduler, f"{where}.scheduler", selection, validation)
     slot = Slot(spec.name, spec, model, criterion, optimizer, scheduler)
     slot.snapshot_initial_state()
     return slot
@@ -146,11 +155,13 @@ def _component(component: ComponentSpec, where: str, base_dir: str, *leading: An
     return _build(component.target, component.params, where, base_dir, *leading, kind=kind)
 
 
-def build_slots(config: Config, device: torch.device) -> list[Slot]:
+def build_slots(config: Config, device: torch.device, selection: Selection | None = None) -> list[Slot]:
     """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
-    model and optimizer must own its parameters (:func:`check_ownership`)."""
+    model and optimizer must own its parameters (:func:`check_ownership`). ``selection``: the
+    run's metric, which a ``ReduceLROnPlateau`` watches."""
     seed_everything(config.run.rdm_seed)
-    slots = [build_slot(spec, i, device, config.base_dir) for i, spec in enumerate(config.models)]
+    validation = has_validation(config)
+    slots = [build_slot(spec, i, device, config.base_dir, selection, validation) for i, spec in enumerate(config.models)]
     check_ownership(slots)
     return slots
 

@@ -7,7 +7,8 @@ never asks which kind it holds.
 
 A training batch: forward and loss of the active members, then the NaN policy on the losses
 (one device synchronisation for the whole stack), then backward, ``izitorch_before_optimizer_step``
-per member that steps, and the optimizer step of those members. Members that are frozen (a
+per member that steps, the optimizer step of those members, then the per-step scheduler of each
+member whose optimizer stepped (:mod:`izitorch.schedules`). Members that are frozen (a
 stopped model, another fold's member in an evaluation of parallel folds, a member without a
 sample of its own in the batch) neither move nor count in the metrics.
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from izitorch import precision
+from izitorch import precision, schedules
 from izitorch.diagnose import hint, what
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.metrics import compute_all, meters_for, update_all
@@ -55,6 +56,7 @@ class StackPass:
         self.by_count = self.accumulate > 1 and getattr(stack.members[0].criterion, "reduction", "mean") != "sum"
         self.window_left, self.window_ok, self.window_samples, self.scale = 0, [], 0, None
         self.batch = self._train if train else self._evaluate
+        self.schedulers = schedules.per_step(stack.members) if train else None  # those stepping with the optimizer
         self.step = 0
 
     def _train(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
@@ -78,15 +80,18 @@ class StackPass:
             samples = target.shape[0] if mask is None else mask.sum(1)
             self.window_samples = self.window_samples + samples
             factor = samples if factor is None else factor * samples
+        stepped = False
         try:
             if any(stepping):
                 stack.backward(losses, factor)
             if not self.window_left and any(self.window_ok):
-                self._optimizer_step(self.window_ok)
+                stepped = self._optimizer_step(self.window_ok)
         except IzitorchError:  # a plugin's before-step hook already said what failed
             raise
         except Exception as error:  # a user's optimizer may raise anything
             raise TrainingError(f"{stack.label}: the backward pass or optimizer step failed: {what(error)}{hint(error)}") from None
+        if stepped and self.schedulers is not None:
+            schedules.after_optimizer_step(stack.members, self.schedulers, self.window_ok)
         self._count(outputs.detach(), target, losses.detach(), mask, stepping)
 
     def _open_window(self) -> None:
@@ -100,9 +105,10 @@ class StackPass:
         if self.scaler is not None:  # the scale as a tensor: reading it back would synchronise the device
             self.scale = self.scaler.scale(torch.ones((), device=self.run.device))
 
-    def _optimizer_step(self, stepping: list[bool]) -> None:
+    def _optimizer_step(self, stepping: list[bool]) -> bool:
         """``izitorch_before_optimizer_step`` for each member that steps, then the update (fp16:
-        on unscaled gradients, skipped when they overflowed, as ``GradScaler.step`` does)."""
+        on unscaled gradients, skipped when they overflowed, as ``GradScaler.step`` does).
+        Return whether the update took place."""
         if self.scaler is not None:
             self.scaler.unscale_(self.scaled)
         if self.by_count:
@@ -114,10 +120,11 @@ class StackPass:
                     self.before_step(run=self.run, slot=slot)
         if self.scaler is None:
             self.stack.step(stepping)
-            return
-        self.scaled.stepping = stepping
+            return True
+        self.scaled.stepping, self.scaled.stepped = stepping, False
         self.scaler.step(self.scaled)
         self.scaler.update()
+        return self.scaled.stepped
 
     def _evaluate(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
         self.step += 1

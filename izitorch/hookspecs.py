@@ -109,10 +109,12 @@ def izitorch_run_fold(run: "Run", fold: "Fold") -> "dict[str, dict] | None":
             train pass: per batch, per stack of models (one model, or a vectorized group):
                         forward, losses, finiteness check (nan_policy), backward; at the end of
                         each accumulation window (every batch by default), per model that steps
-                        izitorch_before_optimizer_step(run, slot), then the optimizer step;
+                        izitorch_before_optimizer_step(run, slot), then the optimizer step
+                        and the schedulers with interval = "step" of the models that stepped;
                         then izitorch_batch_finish(run, fold, step, losses)
-            schedulers step (once per epoch, after the optimizer)
+            schedulers with interval = "epoch" step (ReduceLROnPlateau: after the evaluation)
             evaluation pass on val or test (every test_epoch epochs and at the last epoch)
+            each model's best epoch so far, ReduceLROnPlateau steps on its metric
             izitorch_epoch_finish(run, fold, epoch, scores)
             izitorch_should_stop(run, fold, epoch, scores) -> stop when a reason is returned
             resume state saved (izitorch_state_dict(run) gathered from every plugin)

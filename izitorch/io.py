@@ -124,7 +124,7 @@ def background_writes(enabled: bool = True, interval: float = 0.0) -> Iterator[N
     if not enabled:
         yield
         return
-    files = _local.files = HeldFiles(BackgroundWriter(lambda path, data: _write_file(path, lambda handle: handle.write(data))), interval)
+    files = _local.files = HeldFiles(BackgroundWriter(_write_or_remove), interval)
     try:
         yield
     except BaseException as error:
@@ -137,6 +137,42 @@ def background_writes(enabled: bool = True, interval: float = 0.0) -> Iterator[N
     failure = files.close()  # everything is written (or dropped after a failure)
     if failure is not None:
         raise failure
+
+
+#: What :func:`remove` hands the background writer as the bytes of a file to delete (told apart
+#: by identity: a write's bytes are always another object).
+_REMOVAL = memoryview(b"")
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file the run wrote, in order with its writes (a file still waiting to be written
+    is written, then deleted). Only a file recorded in the run's ledger (:mod:`izitorch.ownership`)
+    may be deleted: izitorch removes nothing it did not write."""
+    path = Path(path)
+    ledger = getattr(_local, "ledger", None)
+    if ledger is None or not ledger.recorded(path):
+        raise IzitorchError(f"refusing to delete {path}: this run did not write it, and izitorch deletes only its own files")
+    ledger.forget(path)
+    files = _files()
+    if files is None:
+        _remove_file(path)
+    else:
+        files.put(path, _REMOVAL, 0)  # in place of a held version of the file, in order
+
+
+def _write_or_remove(path: Path, data: memoryview) -> None:
+    """What the background writer does with a queued file: write its bytes, or delete it."""
+    if data is _REMOVAL:
+        _remove_file(path)
+    else:
+        _write_file(path, lambda handle: handle.write(data))
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        raise IzitorchError(f"cannot delete {path}: {error.strerror or error}; check the permissions of res_dir") from None
 
 
 def commit() -> None:

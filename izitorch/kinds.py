@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 #: key -> (the class a component must derive from, what it is, what the key expects, an example)
-KINDS: dict[str, tuple[type, str, str, str]] = {
+KINDS: dict[str, tuple[type | tuple[type, ...], str, str, str]] = {
     "model": (torch.nn.Module, "a model", "a torch.nn.Module", "izitorch.models:MLP"),
     "optimizer": (torch.optim.Optimizer, "an optimizer", "a torch.optim.Optimizer", "torch.optim:Adam"),
     "scheduler": (
-        torch.optim.lr_scheduler.LRScheduler,
+        (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau),
         "a learning-rate scheduler",
         "a torch.optim.lr_scheduler.LRScheduler",
         "torch.optim.lr_scheduler:StepLR",
@@ -27,11 +27,6 @@ KINDS: dict[str, tuple[type, str, str, str]] = {
 }
 
 NO_REDUCTION = 'reduction = "none" gives one loss per sample, but the loss must be a scalar: use "mean" or "sum"'
-
-UNSUPPORTED_SCHEDULER = (
-    "ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a metric; "
-    'use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
-)
 
 
 def class_mismatch(key: str, target: Any, label: str) -> str | None:
@@ -42,8 +37,6 @@ def class_mismatch(key: str, target: Any, label: str) -> str | None:
     """
     if key not in KINDS or not inspect.isclass(target):
         return None
-    if key == "scheduler" and issubclass(target, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        return UNSUPPORTED_SCHEDULER
     base, kind, expected, example = KINDS[key]
     if not issubclass(target, base):
         return f'{label} is not {kind}: {key} expects {expected} class, e.g. "{example}"'
@@ -56,8 +49,6 @@ def built_mismatch(key: str, obj: Any, label: str) -> str | None:
         if getattr(obj, "reduction", None) == "none":
             return NO_REDUCTION
         return None
-    if key == "scheduler" and isinstance(obj, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        return UNSUPPORTED_SCHEDULER
     base, kind, expected, example = KINDS[key]
     if not isinstance(obj, base):
         return f'{label} gave a {type(obj).__name__}, not {kind}: {key} expects {expected}, e.g. "{example}"'

@@ -9,13 +9,14 @@ optional (checkpoints, logs, early stopping, clipping, progress bars) hooks in f
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Iterator
 
 import torch
 
 from izitorch import cohort as cohorts
-from izitorch import resume
+from izitorch import resume, schedules
 from izitorch.engine import BatchLosses, StackPass
 from izitorch.guard import Interrupted
 from izitorch.selection import note_epoch
@@ -50,6 +51,9 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
     See ``izitorch_run_fold`` in :mod:`izitorch.hookspecs` for the order of the hooks.
     """
     hook, epochs, folds = run.hook, run.config.run.epochs, cohort.folds
+    # every fold's batches, so that the first fold already refuses what a later one would meet
+    batches = max([len(cohort.loaders["train"])] + [math.ceil(len(split.train) / run.config.run.batch_size) for split in run.splits])
+    schedules.check_total_steps(cohort.slots, batches, run.config.run.accumulate, epochs, run.config.models)
     for fold in folds:
         hook.izitorch_fold_start(run=run, fold=fold)
         cohort.take_plugin_state(run, fold)
@@ -65,9 +69,7 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
             with cohort.hooks_of(run, fold):
                 hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
         passes = {"train": epoch_pass(run, cohort, "train", running)}
-        for slot in (slot for fold in running for slot in fold.slots):
-            if slot.scheduler is not None and not slot.stopped:
-                slot.scheduler.step()
+        schedules.after_training([slot for fold in running for slot in fold.slots])
         phase = folds[0].eval_phase
         if epoch % run.config.run.test_epoch == 0 or epoch == epochs:
             passes[phase] = epoch_pass(run, cohort, phase, running)
@@ -85,12 +87,14 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
 
 
 def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]]) -> None:
-    """Each model's best epoch so far (:mod:`izitorch.selection`), then the epoch's scores to the
-    plugins; the fold stops when one gives a reason or every model stopped."""
+    """Each model's best epoch so far (:mod:`izitorch.selection`) and its ``ReduceLROnPlateau``
+    step, then the epoch's scores to the plugins; the fold stops when one gives a reason or every
+    model stopped."""
     scores = Scores(epoch)
     for phase, values in passes.items():
         scores.add(phase, {slot.name: values[slot] for slot in fold.slots if slot in values})
     note_epoch(run.selection, fold, epoch, scores)
+    schedules.after_evaluation(run.selection, fold, scores)
     with cohort.hooks_of(run, fold):
         run.hook.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
         fold.stop_reason = run.hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)

@@ -16,7 +16,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig
+from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig, SchedulerSpec
 from izitorch.errors import ManifestError, describe, did_you_mean, join_path
 from izitorch.kinds import NO_REDUCTION, class_mismatch
 from izitorch.references import check_arguments, resolve
@@ -196,21 +196,31 @@ def _structure_names(value: Any, _type: type) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _structure_component(value: Any, _type: type) -> ComponentSpec:
+def _structure_component(value: Any, kind: type) -> ComponentSpec:
+    """A component (``kind``: :class:`ComponentSpec`, or :class:`SchedulerSpec`, whose table may
+    also hold izitorch's own ``interval``) from a reference or a table with a ``class`` key."""
     if isinstance(value, str):
         try:
-            return ComponentSpec(value)
+            return kind(value)
         except FieldError as error:  # the key is the component's own, not ComponentSpec's "target"
             raise ValueTypeError(error.message) from None
     if isinstance(value, dict):
         if "class" not in value:
             raise ValueTypeError('expected a table with a "class" key, e.g. { class = "torch.optim:Adam", lr = 1e-3 }')
-        params = {k: v for k, v in value.items() if k != "class"}
+        own = {key: value[key] for key in OWN_KEYS.get(kind, ()) if key in value}
+        params = {k: v for k, v in value.items() if k != "class" and k not in own}
+        for key, item in own.items():
+            if not isinstance(item, str):
+                raise ManifestError(f"expected a string, got {describe(item)}", key)
         try:
-            return ComponentSpec(value["class"], params)
+            return kind(value["class"], params, **own)
         except FieldError as error:
-            raise ManifestError(error.message, "class") from None
+            raise ManifestError(error.message, "class" if error.field == "target" else error.field) from None
     raise ValueTypeError(f'expected a reference "module:attr" or a table with a "class" key, got {describe(value)}')
+
+
+#: izitorch's own keys in a component's table (the others are the callable's arguments).
+OWN_KEYS = {SchedulerSpec: ("interval",)}
 
 
 def _structure_plugins(value: Any, _type: type) -> PluginsConfig:
@@ -231,6 +241,7 @@ def _structure_plugins(value: Any, _type: type) -> PluginsConfig:
 
 converter.register_structure_hook(float, _structure_float)
 converter.register_structure_hook(ComponentSpec, _structure_component)
+converter.register_structure_hook(SchedulerSpec, _structure_component)
 converter.register_structure_hook(PluginsConfig, _structure_plugins)
 
 

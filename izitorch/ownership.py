@@ -9,6 +9,12 @@ anything else, and a resume cleans up only the temporary files of recorded names
 
 A claim also checks that the path, with every symbolic link resolved, lies inside ``res_dir``:
 a second guard behind the validation of model names.
+
+A run may delete a file it wrote (the checkpoint's ``top_k`` drops the epochs that fall out):
+:meth:`Ledger.forget` appends a line ``/removed <path>`` first. The path stays the run's (so that
+``--overwrite`` still deletes it if a kill left it on disk), but it is no longer missed by
+:meth:`Ledger.missing`. A recorded path never starts with ``/``, so the two kinds of lines never
+mix, and a record read by an older izitorch keeps its paths.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ LOCK_NAME = ".izitorch.lock"
 #: ``.<name>.<pid>-<n>.tmp``: a temporary file of :mod:`izitorch.io` for ``<name>`` (a write cut
 #: short by a kill).
 TEMPORARY = re.compile(r"^\.(?P<target>.+)\.\d+-\d+\.tmp$")
+#: A record line saying that the run deleted the path after it.
+REMOVED = "/removed "
 
 
 class Ledger:
@@ -37,7 +45,8 @@ class Ledger:
         self.root = Path(os.path.abspath(res_dir))
         self.resolved_root = self.root.resolve()
         self.file = self.root / STATE_DIR / RECORD
-        self.entries: set[str] = set(read_record(self.file))
+        entries, self.removed = read_entries(self.file)
+        self.entries: set[str] = set(entries)  # every path the run recorded, the removed ones too
         self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
 
     def claim(self, path: str | Path) -> None:
@@ -63,10 +72,15 @@ class Ledger:
         failed before writing anything leaves no record behind."""
         if not self.entries:
             entries = [f"{STATE_DIR}/", f"{STATE_DIR}/{RECORD}", *entries]
-        entries = [entry for entry in entries if entry not in self.entries]
+        entries = [entry for entry in entries if entry not in self.entries or entry in self.removed]  # a removed file written again
         if not entries:
             return
-        text = "".join(f"{entry}\n" for entry in entries).encode("utf-8")
+        self._write_lines(entries)
+        self.entries.update(entries)
+        self.removed.difference_update(entries)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        text = "".join(f"{line}\n" for line in lines).encode("utf-8")
         try:  # appended, not replaced: a kill leaves at most a cut last line, which read_record skips
             self.file.parent.mkdir(exist_ok=True)
             fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -76,7 +90,26 @@ class Ledger:
                 os.close(fd)
         except OSError as error:
             raise res_dir_error(self.root, error) from None
-        self.entries.update(entries)
+
+    def recorded(self, path: str | Path) -> bool:
+        """Whether the file ``path`` is recorded as the run's and not removed since."""
+        relative = self._relative(path)
+        return relative is not None and relative in self.entries and relative not in self.removed
+
+    def forget(self, path: str | Path) -> None:
+        """Record that the run deletes its file ``path`` (before deleting it: see the module's doc)."""
+        relative = self._relative(path)
+        if relative is None or relative not in self.entries or relative in self.removed:
+            return
+        self._write_lines([f"{REMOVED}{relative}"])
+        self.removed.add(relative)
+        self._claimed.discard(str(path))  # written again later, it is recorded again
+
+    def _relative(self, path: str | Path) -> str | None:
+        try:
+            return Path(os.path.abspath(path)).relative_to(self.root).as_posix()
+        except ValueError:  # outside res_dir
+            return None
 
     def owns(self, relative: str, is_dir: bool) -> bool:
         """Whether an entry (relative to ``res_dir``, ``/``-separated) is the run's: recorded, the
@@ -119,7 +152,7 @@ class Ledger:
 
     def missing(self) -> list[str]:
         """Recorded files that are no longer on disk (deleted after the run wrote them)."""
-        return sorted(entry for entry in self.entries if not entry.endswith("/") and not (self.root / entry).is_file())
+        return sorted(entry for entry in self.entries - self.removed if not entry.endswith("/") and not (self.root / entry).is_file())
 
     def remove_all(self) -> None:
         """Delete every recorded entry and temporary file; the record itself goes last, so that an
@@ -137,20 +170,34 @@ class Ledger:
         except OSError as error:
             raise res_dir_error(self.root, error) from None
         self.entries.clear()
+        self.removed.clear()
         self._claimed.clear()
 
 
 def read_record(file: Path) -> list[str]:
     """The entries of a record; a line cut by a kill (no newline) is skipped, as is anything
     that is not a plain relative path."""
+    return read_entries(file)[0]
+
+
+def read_entries(file: Path) -> tuple[list[str], set[str]]:
+    """The entries of a record (as :func:`read_record`) and those removed since they were
+    last recorded (``/removed <path>`` lines)."""
     try:
         text = file.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
-        return []
+        return [], set()
     except OSError as error:
         raise IzitorchError(f"cannot read {file}: {error.strerror or error}; check the permissions of res_dir") from None
-    lines = text.split("\n")[:-1]  # the last piece has no newline: empty, or cut short
-    return [line for line in lines if line and not line.startswith("/") and ".." not in line.split("/")]
+    entries: list[str] = []
+    removed: set[str] = set()
+    for line in text.split("\n")[:-1]:  # the last piece has no newline: empty, or cut short
+        if line.startswith(REMOVED):
+            removed.add(line[len(REMOVED) :])
+        elif line and not line.startswith("/") and ".." not in line.split("/"):
+            entries.append(line)
+            removed.discard(line)
+    return entries, removed
 
 
 def finished_path(res_dir: Path) -> Path:

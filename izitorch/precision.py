@@ -57,12 +57,15 @@ def new_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | N
 class ScaledStep:
     """What ``GradScaler.unscale_`` and ``GradScaler.step`` take as an optimizer for a stack:
     its parameters (whose gradients are unscaled in place and checked for overflow) and a
-    ``step`` that updates the members in ``stepping``."""
+    ``step`` that updates the members in ``stepping`` (``GradScaler.step`` skips it when the
+    gradients overflowed: ``stepped`` says whether it ran)."""
 
     def __init__(self, stack: Any) -> None:
         self.stack = stack
         self.param_groups = [{"params": stack.scaled_params()}]
         self.stepping: list[bool] = []
+        self.stepped = False
 
     def step(self) -> None:
         self.stack.step(self.stepping)
+        self.stepped = True

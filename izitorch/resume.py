@@ -27,7 +27,7 @@ import attrs
 import numpy as np
 import torch
 
-from izitorch.config import Config, DataConfig, RunConfig
+from izitorch.config import Config, DataConfig, RunConfig, SchedulerSpec
 from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.io import commit, save_torch
@@ -389,11 +389,14 @@ def first_difference(saved: dict[str, str], current: dict[str, str]) -> str | No
 
 
 def added_default(key: str) -> str:
-    """What a state written before ``[run]`` or ``[data]`` had the key ``key`` was trained with:
-    its default, as the fingerprint writes it (such a state resumes while the manifest keeps it);
-    ``"(absent)"`` for any other key."""
+    """What a state written before ``[run]``, ``[data]`` or a model's ``scheduler`` had the key
+    ``key`` was trained with: its default, as the fingerprint writes it (such a state resumes
+    while the manifest keeps it); ``"(absent)"`` for any other key."""
     section, _, name = key.partition(".")
     schema = {"run": RunConfig, "data": DataConfig}.get(section)
+    scheduler = _SCHEDULER_KEY.match(key)
+    if scheduler is not None:
+        schema, name = SchedulerSpec, scheduler[1]
     field = attrs.fields_dict(schema).get(name) if schema is not None else None
     if field is None or field.default is attrs.NOTHING or isinstance(field.default, attrs.Factory):
         return "(absent)"
@@ -402,6 +405,7 @@ def added_default(key: str) -> str:
     return flat.get(key, "(absent)")
 
 
+_SCHEDULER_KEY = re.compile(r"^models\[\d+\]\.scheduler\.(\w+)$")
 _COMPONENT_KEY = re.compile(r"^(models\[\d+\]\.(?:criterion|optimizer|scheduler))\.(?:params\.(.+)|target)$")
 
 

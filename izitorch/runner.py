@@ -25,7 +25,7 @@ from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
 from izitorch.options import check_metric_options
-from izitorch.selection import resolve_selection
+from izitorch.selection import resolve_selection, warn_test_set_choices
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.stacks import build_stacks
@@ -69,13 +69,14 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
-    session.dataset, session.slots = dry_run(config, session.device)
+    session.dataset, session.slots = dry_run(config, session.device, session.selection)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
+    warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
     hook.izitorch_run_start(run=session)
     results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)

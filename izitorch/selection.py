@@ -11,18 +11,27 @@ A core rule, written once for every kind of stack and both fold schedules:
 
 ``[plugins.checkpoint] policy = "best"`` with its ``metric`` is the original izitorch's
 ``save_best`` / ``metric_best``, which tested the best epoch: where ``[run]`` leaves
-``test_weights`` / ``best_metric`` unset, they follow it.
+``test_weights`` / ``best_metric`` unset, they follow it. The checkpoint's ``metric`` also names
+``best_metric`` for its other options that save best epochs (``"best_and_last"``, ``top_k``).
+
+Without a validation set, the epoch evaluated each epoch is the test set's: choosing on it biases
+the test scores reported upward. The options of the original izitorch that do so (``policy =
+"best"``, early stopping) still run, after one warning line (:func:`warn_test_set_choices`), so
+that its manifests keep working; every newer option that would (``test_weights = "best"``, the
+checkpoint's ``"best_and_last"`` and ``top_k``, ``ReduceLROnPlateau``) is refused.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Iterable
 
 import attrs
 
 from izitorch.config import Config
 from izitorch.errors import ManifestError
 from izitorch.metrics import better, directions, resolve
+from izitorch.streams import say
 
 if TYPE_CHECKING:
     from izitorch.state import Fold, Scores
@@ -40,11 +49,12 @@ class Selection:
 def resolve_selection(config: Config, factories: dict) -> Selection:
     """The run's :class:`Selection`; a one-line ``ManifestError`` for a metric nobody registered,
     or for best weights picked on the test set they are then scored on."""
-    checkpoint = config.plugin_table("checkpoint") if "checkpoint" not in config.plugins.disable else {}
+    checkpoint = checkpoint_table(config)
     legacy_best = checkpoint.get("policy") == "best"
+    saves_best = legacy_best or checkpoint.get("policy") == "best_and_last" or bool(checkpoint.get("top_k"))
     test_weights = config.run.test_weights or ("best" if legacy_best else "last")
     metric, path = config.run.best_metric, "run.best_metric"
-    if metric is None and legacy_best:
+    if metric is None and saves_best:
         metric, path = checkpoint.get("metric", "loss"), "plugins.checkpoint.metric"
     elif metric is None:  # loss when a plugin registers it; without it, no epoch is picked
         if "loss" not in directions(factories):
@@ -52,7 +62,7 @@ def resolve_selection(config: Config, factories: dict) -> Selection:
                 raise ManifestError('needs a metric to pick the best epoch, and "loss" is not registered: set [run] best_metric', path, config.source)
             return Selection(test_weights, None, None)
         metric = "loss"
-    elif legacy_best and "metric" in checkpoint and checkpoint["metric"] != metric:
+    elif saves_best and "metric" in checkpoint and checkpoint["metric"] != metric:
         raise ManifestError(
             f'differs from [run] best_metric = "{metric}": the checkpoint saves the epoch the run picks; remove one of the two',
             "plugins.checkpoint.metric",
@@ -62,13 +72,53 @@ def resolve_selection(config: Config, factories: dict) -> Selection:
         key = resolve(metric, factories, path)
     except ManifestError as error:
         raise error.located(source=config.source) from None
-    if config.run.test_weights == "best" and not config.data.validation:
+    if config.run.test_weights == "best" and not has_validation(config):
         raise ManifestError(
             'picks the best epoch on the scores it then reports: without a validation set that is the test set; set [data] validation = true, or use "last"',
             "run.test_weights",
             config.source,
         )
     return Selection(test_weights, key, directions(factories)[key])
+
+
+def has_validation(config: Config) -> bool:
+    """Whether the run evaluates a validation set each epoch (else it evaluates the test set)."""
+    return config.data.validation
+
+
+def checkpoint_table(config: Config) -> dict:
+    """``[plugins.checkpoint]`` as written, empty when the plugin is disabled."""
+    return config.plugin_table("checkpoint") if "checkpoint" not in config.plugins.disable else {}
+
+
+def choices_on_test_set(config: Config, plugins: Iterable[str]) -> list[tuple[str, str]]:
+    """The options of the original izitorch that, without a validation set, choose epochs by the
+    test scores: ``(key path, what)`` for each one this run uses (``plugins``: the enabled ones)."""
+    if has_validation(config):
+        return []
+    found = []
+    if "checkpoint" in plugins and checkpoint_table(config).get("policy") == "best":
+        found.append(("plugins.checkpoint.policy", 'policy = "best"'))
+    if "early_stop" in plugins:
+        found.append(("plugins.early_stop", "early stopping"))
+    return found
+
+
+def warn_test_set_choices(config: Config, plugins: Iterable[str]) -> None:
+    """One warning line on stderr when :func:`choices_on_test_set` finds any: they still run (the
+    original izitorch's manifests keep working), but the test scores they report are biased."""
+    found = choices_on_test_set(config, plugins)
+    if not found:
+        return
+    keys = ", ".join(key for key, _ in found)
+    what = " and ".join(text for _, text in found)
+    where = ": ".join(part for part in (config.source, keys) if part)
+    verb = "chooses" if len(found) == 1 else "choose"
+    say(
+        f"izitorch: warning: {where}: without a validation set, {what} {verb} epochs on the test set, so the test scores reported "
+        "are biased upward; set [data] validation = true",
+        sys.stderr,
+    )
 
 
 def note_epoch(selection: Selection, fold: Fold, epoch: int, scores: Scores) -> None:

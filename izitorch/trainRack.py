@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import attrs
 
-from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig
+from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig, SchedulerSpec
 from izitorch.errors import ManifestError, describe, did_you_mean
 
 #: The original menu: name -> (type, default, help). Flags that were 0/1 integers stay so.
@@ -61,6 +61,8 @@ class ModelConfig:
     criterion: Any
     optimizer: Any
     scheduler: Any = None
+    #: When the scheduler steps: after every "epoch" or every optimizer "step"
+    scheduler_interval: str = "epoch"
 
 
 class Rack:
@@ -163,8 +165,17 @@ def _model_spec(conf: ModelConfig) -> ModelSpec:
         model=conf.model,
         criterion=ComponentSpec(conf.criterion),
         optimizer=ComponentSpec(conf.optimizer),
-        scheduler=ComponentSpec(conf.scheduler) if conf.scheduler is not None else None,
+        scheduler=_scheduler_spec(conf),
     )
+
+
+def _scheduler_spec(conf: ModelConfig) -> SchedulerSpec | None:
+    if conf.scheduler is None:
+        return None
+    try:
+        return SchedulerSpec(conf.scheduler, interval=conf.scheduler_interval)
+    except FieldError as error:
+        raise ManifestError(error.message, f"ModelConfig({conf.name!r}).scheduler_{error.field}", "Rack") from None
 
 
 def checked_value(name: str, value: Any) -> Any:

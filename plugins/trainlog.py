@@ -1,7 +1,8 @@
 """Output files compatible with the original izitorch (default plugin).
 
 ``res_dir/conf.json`` (resolved config, plugins and versions), ``res_dir/Dataset_split.pkl``,
-``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch),
+``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch, with each epoch's
+learning rate),
 ``<model>/confusion_matrix.pkl`` and ``<model>/test_metrics.json`` (final test with the kept
 weights), per fold under ``FOLD_<k>`` with k-fold, where ``<model>/overall.json`` then holds the
 mean and standard deviation over folds; ``res_dir/results.json`` summarises every model: the
@@ -77,6 +78,7 @@ class EpochLog:
 class TrainlogPlugin:
     def __init__(self) -> None:
         self.logs: dict[str, EpochLog] = {}
+        self.lrs: dict[tuple[int, str], float] = {}  # by fold and model: the learning rate its epoch starts with
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
@@ -90,9 +92,16 @@ class TrainlogPlugin:
         self.logs = {slot.name: EpochLog() for slot in fold.slots}
 
     @hookimpl
+    def izitorch_epoch_start(self, run, fold, epoch) -> None:
+        # the learning rate of the epoch's first optimizer step (a per-step scheduler moves it after)
+        self.lrs.update(((fold.index, slot.name), float(slot.optimizer.param_groups[0]["lr"])) for slot in fold.slots)
+
+    @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         for slot in fold.slots:
             entry = flatten(scores[slot.name])
+            if "train" in scores[slot.name] and (fold.index, slot.name) in self.lrs:
+                entry["lr"] = self.lrs[fold.index, slot.name]
             if slot.stopped:
                 entry["stopped"] = slot.stopped
             log = self.logs[slot.name]

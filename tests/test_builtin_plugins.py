@@ -446,7 +446,7 @@ def test_the_trainlog_encodes_each_epoch_once_and_its_text_is_the_log(tmp_path, 
     monkeypatch.setattr(trainlog.json, "dumps", lambda value, *a, **k: encoded.append(value) or real_dumps(value, *a, **k))
     plugin = trainlog.TrainlogPlugin()
     slots = [SimpleNamespace(name=name, stopped=None, kept_epoch=None) for name in ("a", "b")]
-    fold = SimpleNamespace(slots=slots)
+    fold = SimpleNamespace(slots=slots, index=0)
     run = SimpleNamespace(model_dir=lambda slot, _fold: tmp_path / slot.name)
     plugin.izitorch_fold_start(run=run, fold=fold)
     for epoch in range(1, 6):

@@ -236,8 +236,8 @@ SAME_LINE = [
         ['models[0].scheduler="hostile.py:plateau"'],
         2,
         (
-            "{path}: models[0].scheduler: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without "
-            'a metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
+            '{path}: models[0].scheduler: ReduceLROnPlateau steps on [run] best_metric ("loss") of the evaluated set; without a '
+            "validation set that is the test set, whose scores would then steer training: set [data] validation = true"
         ),
     ),
     (
@@ -324,14 +324,6 @@ KINDS = [
         (
             'models[0].scheduler.class: "torch.optim:SGD" is not a learning-rate scheduler: scheduler expects a '
             'torch.optim.lr_scheduler.LRScheduler class, e.g. "torch.optim.lr_scheduler:StepLR"'
-        ),
-    ),
-    (
-        "scheduler-plateau",
-        'models[0].scheduler="torch.optim.lr_scheduler:ReduceLROnPlateau"',
-        (
-            "models[0].scheduler.class: ReduceLROnPlateau is not supported yet: izitorch steps schedulers once per epoch without a "
-            'metric; use an epoch-based scheduler such as "torch.optim.lr_scheduler:StepLR"'
         ),
     ),
     (

@@ -228,7 +228,7 @@ CATALOGUE = [
     (
         "checkpoint-policy",
         manifest(tail='[plugins.checkpoint]\npolicy = "bets"\n'),
-        'plugins.checkpoint.policy: expected one of "last", "all", "best", got "bets" (did you mean "best"?)',
+        'plugins.checkpoint.policy: expected one of "last", "all", "best", "best_and_last", got "bets" (did you mean "best"?)',
     ),
     (
         "checkpoint-unknown-key",

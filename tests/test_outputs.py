@@ -19,7 +19,7 @@ from izitorch.models import MLP
 from conftest import ROOT, plain_scores, run_cli
 
 SIZE = 300  # the tiny manifest's dataset
-TRAIN_KEYS = {"loss", "accuracy", "IoU", "train_step_time"}
+TRAIN_KEYS = {"loss", "accuracy", "IoU", "train_step_time", "lr"}
 TEST_KEYS = {"test_loss", "test_accuracy", "test_IoU", "inference_time"}
 VAL_KEYS = {"val_loss", "val_accuracy", "val_IoU", "inference_time"}
 SCORES = ("loss", "accuracy", "IoU")

@@ -96,7 +96,7 @@ class StackedOptimizer:
             self._lr64, self._beta1_64, self._beta2_64 = lr.numpy(), beta1.numpy(), beta2.numpy()
         flat = self.group.flat
         self._columns = {k: v.to(dtype=flat.dtype, device=flat.device).unsqueeze(1) for k, v in columns.items()}
-        self._fused = _FusedStep.of(self, values) if self.use_fused else None
+        self._fused = _FusedStep.of(self, values, self._fused) if self.use_fused else None
         if self.kind == "sgd":
             mask = torch.tensor(self.momentum_mask, device=flat.device).unsqueeze(1)
             self._columns["has_momentum"] = mask
@@ -309,7 +309,11 @@ class _FusedStep:
     rows: dict
 
     @classmethod
-    def of(cls, optimizer: "StackedOptimizer", values: list[tuple]) -> "_FusedStep | None":
+    def of(cls, optimizer: "StackedOptimizer", values: list[tuple], previous: "_FusedStep | None" = None) -> "_FusedStep | None":
+        """The fused step for these hyper-parameter ``values``, or None where it does not apply.
+        ``previous`` (the last one made for this optimizer) lends its scratch tensor and row
+        views, which depend on the stacked tensors only: a scheduler stepping per optimizer
+        step changes the values at every step."""
         flat = optimizer.group.flat
         columns = list(zip(*values))  # sgd: lr, wd, momentum, dampening; adam: lr, beta1, beta2, eps, wd
         if optimizer.kind == "sgd":
@@ -327,6 +331,8 @@ class _FusedStep:
             if lr is None or len(set(wds)) > 1:
                 return None
             options["weight_decay"] = wds[0]
+        if previous is not None:
+            return cls(lr, options, previous.scratch, previous.rows)
         scratch = torch.zeros_like(flat)
         tensors = {"param": flat, "grad": optimizer.group.flat_grad, "scratch": scratch, **optimizer.state}
         rows = {name: list(tensor.unbind(0)) for name, tensor in tensors.items()}
