@@ -114,6 +114,39 @@ class RunConfig:
     )
 
 
+#: ``[data] sampler = "balanced"``: draw the training samples with weights inverse to their class's count
+BALANCED = "balanced"
+
+
+def group_reference(_instance: object, attribute: attrs.Attribute, value: Any) -> None:
+    """An attribute name of the dataset, a ``"module:callable"`` reference, or (from Python) a callable."""
+    if isinstance(value, str) and (value.isidentifier() or (value.count(":") == 1 and all(value.split(":")))):
+        return
+    if callable(value) and not isinstance(value, str):
+        return
+    raise FieldError(attribute.name, f'expected a dataset attribute name or a reference "module:callable", got {describe(value)}')
+
+
+def sampler_spec(value: Any) -> Any:
+    """``[data] sampler`` as ``None``, ``"balanced"`` or a :class:`ComponentSpec` (a reference,
+    a ``{ class = ..., ... }`` table, or from Python a sampler class or factory)."""
+    if value is None or value == BALANCED or isinstance(value, ComponentSpec):
+        return value
+    if isinstance(value, dict):
+        if "class" not in value:
+            raise FieldError("sampler", 'expected a table with a "class" key, e.g. { class = "torch.utils.data:WeightedRandomSampler", ... }')
+        try:
+            return ComponentSpec(value["class"], {k: v for k, v in value.items() if k != "class"})
+        except FieldError as error:
+            raise FieldError("sampler.class", error.message) from None
+    if isinstance(value, str) and ":" not in value:
+        raise FieldError("sampler", f'expected "{BALANCED}", a reference "module:attr" or a table {{ class = ..., ... }}, got {describe(value)}')
+    try:
+        return ComponentSpec(value)
+    except FieldError as error:
+        raise FieldError("sampler", error.message) from None
+
+
 @attrs.frozen
 class DataConfig:
     """``[data]``: the dataset and how it is split."""
@@ -125,6 +158,22 @@ class DataConfig:
     )
     train_ratio: float = attrs.field(default=0.8, validator=open_unit_interval, metadata=doc("share of the samples trained on (holdout)"))
     validation: bool = attrs.field(default=False, metadata=doc("hold out a validation set to pick the best epoch"))
+    stratify: bool | None = attrs.field(
+        default=None, metadata=doc("keep the class proportions in every split (unset: when the dataset's integer labels are at hand)")
+    )
+    group_by: Any = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(group_reference),
+        metadata=doc('k-fold keeps each group in one fold: a per-sample attribute of the dataset, or "module:callable" (dataset) -> groups'),
+    )
+    collate_fn: Any = attrs.field(default=None, validator=attrs.validators.optional(reference), metadata=doc('"module:callable" that batches samples'))
+    sampler: Any = attrs.field(
+        default=None, converter=sampler_spec, metadata=doc('"balanced" (class-weighted), or a sampler "module:callable" / { class = ..., ... }')
+    )
+    drop_last: bool = attrs.field(default=False, metadata=doc("drop the last incomplete training batch of every epoch"))
+    eval_batch_size: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(at_least(1)), metadata=doc("samples per validation and test batch (unset: batch_size)")
+    )
 
 
 @attrs.frozen

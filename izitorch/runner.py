@@ -26,6 +26,7 @@ from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
 from izitorch.options import check_metric_options
 from izitorch.selection import resolve_selection
+from izitorch.splits import recorded_splits
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.stacks import build_stacks
@@ -67,7 +68,10 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     session.dataset, session.slots = dry_run(config, session.device)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
-    session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
+    made = hook.izitorch_make_splits(run=session, dataset=session.dataset)
+    if resuming and made:  # the folds go on with the samples they were given, however a split is drawn today
+        made = recorded_splits(session.res_dir, made)
+    session.splits = check_splits(made, len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)

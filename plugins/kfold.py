@@ -1,7 +1,9 @@
 """k-fold cross-validation: ``[plugins.kfold] k = 5``.
 
-The k test sets partition the dataset (every sample is tested exactly once). With
-``data.validation``, fold i validates on chunk i+1 (mod k) and trains on the other k-2 chunks.
+The k test sets partition the dataset (every sample is tested exactly once); they keep the class
+proportions with ``data.stratify`` and each group of ``data.group_by`` in one fold
+(:mod:`izitorch.splits`). With ``data.validation``, fold i validates on chunk i+1 (mod k) and
+trains on the other k-2 chunks.
 Every fold starts from the models' initial weights with fresh optimizers (done by the core).
 
 ``parallel = true`` trains the k folds at once, as vectorized groups over one pass of the data,
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
-from sklearn.model_selection import KFold
 
+from izitorch import splits as splitting
 from izitorch.hookspecs import hookimpl
 from izitorch.state import Run, Split
 from izitorch.config import at_least, doc
@@ -57,8 +59,8 @@ class KFoldPlugin:
         if self.options.parallel:  # refuse before anything is written, and say how the models run
             check_parallel(run)
             run.grouping = [f"parallel folds: the {k} folds of each model train at once as members of vectorized groups"]
-        splitter = KFold(n_splits=k, shuffle=True, random_state=run.config.run.rdm_seed)
-        chunks = [test for _, test in splitter.split(np.arange(size))]
+        labels, groups = splitting.class_labels(run.config, dataset), splitting.sample_groups(run.config, dataset)
+        chunks = splitting.kfold_chunks(size, k, run.config.run.rdm_seed, labels, groups)
         splits = []
         for i, test in enumerate(chunks):
             if run.config.data.validation:
