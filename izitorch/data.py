@@ -13,10 +13,10 @@ import itertools
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
-from izitorch.config import ComponentSpec, Config, ModelSpec
-from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
+from izitorch.config import BALANCED, ComponentSpec, Config, ModelSpec
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line
 from izitorch.kinds import built_mismatch, class_mismatch
 from izitorch.references import resolve
 from izitorch.reproducibility import seed_everything
@@ -198,34 +198,47 @@ class TensorBatchLoader:
     A DataLoader calls ``__getitem__`` once per sample and collates the results; for tensors
     already in memory that is most of a small model's step time. This loader gathers a split's
     rows once per fold (onto the device when it fits), then slices (evaluation) or indexes with
-    the sampler's permutation (training). It draws from the same seeded sampler and generator
-    as the DataLoader path, so the same seeds give exactly the same batches.
+    the sampler's positions (training). It draws from the same seeded sampler and generator as
+    the DataLoader path and drops the same last batch (``drop_last``), so the same seeds give
+    exactly the same batches.
     """
 
     def __init__(
-        self, tensors: tuple[torch.Tensor, ...], batch_size: int, sampler: RandomSampler | None, generator: torch.Generator, device: torch.device
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        batch_size: int,
+        sampler: Any,
+        generator: torch.Generator,
+        device: torch.device,
+        drop_last: bool = False,
     ) -> None:
         self.tensors = tensors
         self.batch_size = batch_size
         self.sampler = sampler
         self.generator = generator
         self.device = device
+        self.drop_last = drop_last
         self.size = len(tensors[0])
         self.on_device = all(t.device == device for t in tensors)  # its batches need no move
 
     def __len__(self) -> int:
-        return (self.size + self.batch_size - 1) // self.batch_size
+        count = len(self.sampler) if self.sampler is not None else self.size
+        return count // self.batch_size if self.drop_last else (count + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # as DataLoader's base seed
         if self.sampler is None:
-            for start in range(0, self.size, self.batch_size):
+            for start in range(0, self._stop(self.size), self.batch_size):
                 yield tuple(t[start : start + self.batch_size] for t in self.tensors)
             return
         order = host_to_device(torch.tensor(list(self.sampler), dtype=torch.long), self.device)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, self._stop(len(order)), self.batch_size):
             rows = order[start : start + self.batch_size]
             yield tuple(t.index_select(0, rows) for t in self.tensors)
+
+    def _stop(self, count: int) -> int:
+        """Where the batches of ``count`` samples end: before an incomplete last one with ``drop_last``."""
+        return count - count % self.batch_size if self.drop_last else count
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -259,20 +272,23 @@ def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, Any]:
     """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``."""
     seed = run.config.run.rdm_seed + fold_index
     return {
-        phase: make_loader(run, getattr(split, phase), seed, shuffle=phase == "train" and run.config.run.shuffle)
+        phase: make_loader(run, getattr(split, phase), seed, training=phase == "train")
         for phase in ("train", "val", "test")
         if getattr(split, phase) is not None
     }
 
 
-def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = False) -> Any:
-    """Batches of ``run.dataset[indices]``, shuffled by a sampler seeded with ``seed``.
+def make_loader(run: Run, indices, seed: int, training: bool, with_rows: bool = False) -> Any:
+    """Batches of ``run.dataset[indices]``: for ``training``, drawn by the sampler (``[data]
+    sampler``, else shuffled with ``shuffle``) seeded with ``seed``, of ``batch_size``, the last
+    one dropped with ``drop_last``; else in order, of ``eval_batch_size``.
 
-    In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path; any other
-    dataset goes through a ``DataLoader`` (workers, pinned memory). ``with_rows`` adds each
-    sample's dataset index as a third element of the batch (parallel folds mask by it).
+    In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path unless a
+    ``collate_fn`` makes the batches; any other dataset goes through a ``DataLoader`` (workers,
+    pinned memory). ``with_rows`` adds each sample's dataset index as a third element of the
+    batch (parallel folds mask by it).
     """
-    cfg = run.config.run
+    cfg, data = run.config.run, run.config.data
     # The sampler owns its generator, so the batch order does not depend on num_workers. The
     # DataLoader draws its workers' base seed from ``generator=`` at each epoch's start, and each
     # worker seeds its torch, numpy and random from it and its id. Workers are not persistent:
@@ -281,22 +297,132 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
     # generator, whose state the resume state carries, so a resumed run draws the same numbers.
     dataset = Guarded(run.dataset)  # a failing sample is reported with its index, from a worker too
     subset = Subset(WithRows(dataset) if with_rows else dataset, indices.tolist())
-    sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    sampler = training_sampler(run, indices, subset, seed) if training else None
     generator = torch.Generator().manual_seed(seed)
-    tensors = gather_tensors(run.dataset, indices, run.device)
+    batch_size = cfg.batch_size if training else data.eval_batch_size or cfg.batch_size
+    drop_last = training and data.drop_last
+    collate = collate_function(run.config)
+    tensors = gather_tensors(run.dataset, indices, run.device) if collate is None else None
     if tensors is not None:
         if with_rows:
             tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
-        return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
-    return DataLoader(
-        subset,
-        sampler=sampler,
-        generator=generator,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory and run.device.type == "cuda",
-        persistent_workers=False,
-    )
+        loader: Any = TensorBatchLoader(tensors, batch_size, sampler, generator, run.device, drop_last)
+    else:
+        loader = DataLoader(
+            subset,
+            sampler=sampler,
+            generator=generator,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            collate_fn=RowsCollate(collate) if with_rows and collate is not None else collate,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and run.device.type == "cuda",
+            persistent_workers=False,
+        )
+    if training and len(loader) == 0:
+        raise IzitorchError(
+            f"the training set has {len(sampler) if sampler is not None else len(indices)} samples per epoch, fewer than batch_size = {batch_size}: "
+            "drop_last leaves no batch; lower batch_size or set drop_last = false",
+            "data.drop_last",
+        )
+    return loader
+
+
+def collate_function(config: Config) -> Any:
+    """``[data] collate_fn`` resolved, or None (torch's default collation)."""
+    collate = config.data.collate_fn
+    if collate is None:
+        return None
+    if isinstance(collate, str):
+        try:
+            collate = resolve(collate, config.base_dir)
+        except ManifestError as error:
+            raise ManifestError(error.message, "data.collate_fn") from None
+    if not callable(collate):
+        raise ManifestError(f"{describe(config.data.collate_fn)} is not callable; collate_fn takes a list of samples and returns a batch", "data.collate_fn")
+    return collate
+
+
+class RowsCollate:
+    """A ``collate_fn`` for samples that carry their dataset index (:class:`WithRows`): the
+    user's function batches the ``(input, target)`` pairs, the indices become a tensor."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list) -> tuple:
+        batch = self.collate([(item[0], item[1]) for item in items])
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise IzitorchError(f"collate_fn returned {describe(batch)}; izitorch expects an (inputs, target) pair", "data.collate_fn")
+        return batch[0], batch[1], torch.tensor([item[2] for item in items], dtype=torch.long)
+
+
+def training_sampler(run: Run, indices, subset: Dataset, seed: int) -> Any:
+    """The sampler of a training split, seeded with ``seed``: ``[data] sampler`` (``"balanced"``
+    weighs each sample by the inverse of its class's count in the split), else a shuffling
+    ``RandomSampler`` (``shuffle = true``), else None (the split's order)."""
+    spec, generator = run.config.data.sampler, torch.Generator().manual_seed(seed)
+    if spec is None:
+        return RandomSampler(subset, generator=generator) if run.config.run.shuffle else None
+    if spec == BALANCED:
+        labels = balanced_labels(run.dataset)[torch.as_tensor(indices, dtype=torch.long)]
+        counts = torch.bincount(labels - labels.min())
+        weights = 1.0 / counts[labels - labels.min()].double()
+        return WeightedRandomSampler(weights, num_samples=len(indices), replacement=True, generator=generator)
+    factory = resolve(spec.target, run.config.base_dir) if isinstance(spec.target, str) else spec.target
+    label = f'"{spec.target}"' if isinstance(spec.target, str) else _label(spec.target)
+    params = dict(spec.params)
+    if "generator" not in params and takes_keyword(factory, "generator"):
+        params["generator"] = generator
+    try:
+        sampler = factory(Subset(run.dataset, indices.tolist()), **params)
+    except Exception as error:
+        raise IzitorchError(f"{label}(...) raised {error_text(error)}", "data.sampler") from None
+    if not hasattr(sampler, "__iter__") or not hasattr(sampler, "__len__"):
+        raise IzitorchError(f"{label} gave {describe(sampler)}, not a sampler (an iterable of positions with a len())", "data.sampler")
+    return CheckedSampler(sampler, len(indices), label)
+
+
+def balanced_labels(dataset: Dataset) -> torch.Tensor:
+    """The integer class of every sample, which ``sampler = "balanced"`` weighs by; refused
+    in one line when the dataset does not have them at hand."""
+    labels = dataset_labels(dataset)
+    if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or len(labels) != len(dataset):
+        raise ManifestError(
+            'sampler = "balanced" needs one integer class per sample at hand: a TensorDataset whose last tensor holds them, or a `targets` attribute',
+            "data.sampler",
+        )
+    return labels.cpu().long()
+
+
+def takes_keyword(factory: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+class CheckedSampler(Sampler):
+    """A user's sampler whose positions must fall in the training split: one out of it is a
+    one-line error naming the sampler, not an index error deep in a loader. Its ``generator``
+    is the wrapped sampler's, which the resume state saves and restores."""
+
+    def __init__(self, sampler: Any, size: int, label: str) -> None:
+        self.sampler, self.size, self.label = sampler, size, label
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.sampler, "generator", None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for position in self.sampler:
+            if not 0 <= int(position) < self.size:
+                raise TrainingError(f"{self.label} yielded position {int(position)}, outside the training split's {self.size} samples", "data.sampler")
+            yield int(position)
 
 
 class SampleError(Exception):
