@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import types
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
-from izitorch.config import BALANCED, ComponentSpec, Config, ModelSpec
-from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line
+from izitorch.config import BALANCED, GIVEN_SPLITS, ComponentSpec, Config, ModelSpec
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line, join_path
 from izitorch.kinds import built_mismatch, class_mismatch
-from izitorch.references import resolve
+from izitorch.references import check_arguments, resolve
 from izitorch.reproducibility import seed_everything
 from izitorch.state import Run, Slot, Split
 
@@ -63,7 +65,12 @@ def _label(target: Any) -> str:
 
 
 def build_dataset(config: Config) -> Dataset:
-    """The dataset named by ``[data]`` (or the object the Rack was given); never empty."""
+    """The dataset named by ``[data]`` (or the object the Rack was given); never empty. Given
+    splits (``[data] train``, ``val``, ``test``) are built each and joined (:func:`join_splits`)."""
+    if config.data.train is not None:
+        dataset = join_splits({name: build_split(config, name) for name in GIVEN_SPLITS if getattr(config.data, name) is not None})
+        check_labels(dataset, config.data.num_classes)
+        return dataset
     dataset = config.data.dataset
     if dataset is None:
         raise ManifestError("no dataset given: set [data] dataset (or call rack.set_dataset)", "data.dataset", config.source)
@@ -78,6 +85,100 @@ def build_dataset(config: Config) -> Dataset:
         raise IzitorchError("the dataset is empty; check its path or parameters", "data.dataset")
     check_labels(dataset, config.data.num_classes)
     return dataset
+
+
+def build_split(config: Config, name: str) -> Dataset:
+    """The given split ``[data] <name>``: its own callable, or ``[data] dataset``'s, called with
+    ``[data] params`` and the split's own parameters over them."""
+    spec = getattr(config.data, name)
+    target = spec.target if spec.target is not None else config.data.dataset
+    where = f"data.{name}" if spec.target is None or not spec.params else f"data.{name}.class"
+    params = {**config.data.params, **spec.params}
+    if isinstance(target, str):
+        try:
+            factory = resolve(target, config.base_dir)
+            check_arguments(factory, params)
+        except ManifestError as error:
+            raise ManifestError(error.message, join_path(f"data.{name}", error.path) if error.path else where) from None
+        seed_everything(config.run.rdm_seed)  # a dataset that draws random numbers when built
+    dataset = _build(target, params, where, config.base_dir) if isinstance(target, str) or inspect.isclass(target) else target
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise IzitorchError(f"{type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset", where) from None
+    if size == 0:
+        raise IzitorchError(f"the {name} set is empty; check its path or parameters", where)
+    return dataset
+
+
+class JoinedAttributes:
+    """A per-sample attribute (``group_by``) of joined given splits: every split's, joined."""
+
+    _given_datasets: list[Dataset]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # (unpickling looks up dunders before the state is set)
+            raise AttributeError(name)
+        values = [getattr(part, name, None) for part in self.__dict__.get("_given_datasets", ())]
+        if not values or any(value is None for value in values):
+            raise AttributeError(name)
+        try:
+            return np.concatenate([value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value) for value in values])
+        except ValueError:
+            raise AttributeError(name) from None
+
+
+class GivenSplits(JoinedAttributes, ConcatDataset):
+    """Given splits joined into one dataset, in the order train, val, test: what a run indexes
+    (``Dataset_split.pkl`` numbers the samples this way). ``izitorch_parts`` holds each split's
+    indices; ``targets`` the labels when every split has them at hand."""
+
+    def __init__(self, parts: dict[str, Dataset]) -> None:
+        super().__init__(list(parts.values()))
+        self._given_datasets = list(parts.values())
+        self.izitorch_parts = _ranges(parts)
+        self.targets = _joined([dataset_labels(part) for part in parts.values()])
+
+
+class GivenTensorSplits(JoinedAttributes, torch.utils.data.TensorDataset):
+    """Given splits that are all ``TensorDataset`` objects, joined into one (the fast path)."""
+
+    def __init__(self, parts: dict[str, torch.utils.data.TensorDataset], tensors: list[torch.Tensor]) -> None:
+        super().__init__(*tensors)
+        # each split's own attributes, without its tensors (joined above: no second copy kept)
+        self._given_datasets = [types.SimpleNamespace(**{k: v for k, v in vars(part).items() if k != "tensors"}) for part in parts.values()]
+        self.izitorch_parts = _ranges(parts)
+
+
+def join_splits(parts: dict[str, Dataset]) -> Dataset:
+    """The given splits as one dataset (:class:`GivenTensorSplits` when they are tensors alike,
+    else :class:`GivenSplits`), each split's indices in ``izitorch_parts``."""
+    datasets = list(parts.values())
+    if all(isinstance(d, torch.utils.data.TensorDataset) for d in datasets) and len({len(d.tensors) for d in datasets}) == 1:
+        try:
+            tensors = [torch.cat(group) for group in zip(*(d.tensors for d in datasets))]
+        except (RuntimeError, TypeError):  # shapes or dtypes that do not join: served per sample
+            pass
+        else:
+            return GivenTensorSplits(parts, tensors)
+    return GivenSplits(parts)
+
+
+def _ranges(parts: dict[str, Dataset]) -> dict[str, np.ndarray]:
+    ranges, start = {}, 0
+    for name, dataset in parts.items():
+        ranges[name] = np.arange(start, start + len(dataset))
+        start += len(dataset)
+    return ranges
+
+
+def _joined(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if any(v is None for v in values):
+        return None
+    try:
+        return torch.cat([v.reshape(len(v), *v.shape[1:]) if v.dim() else v.reshape(1) for v in values])
+    except (RuntimeError, TypeError):
+        return None
 
 
 def check_labels(dataset: Dataset, num_classes: int | None) -> None:

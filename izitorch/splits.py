@@ -89,6 +89,12 @@ def sample_groups(config: Config, dataset: Any) -> np.ndarray | None:
     return groups
 
 
+def given_parts(dataset: Any) -> dict[str, np.ndarray] | None:
+    """Each given split's indices in the joined dataset (:class:`izitorch.data.GivenSplits`),
+    or None when the run splits one dataset."""
+    return getattr(dataset, "izitorch_parts", None)
+
+
 def check_class_counts(labels: np.ndarray, needed: int, what: str, advice: str) -> None:
     """Every class must have ``needed`` samples; the least populated is named otherwise."""
     values, counts = np.unique(labels, return_counts=True)

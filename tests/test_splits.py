@@ -230,3 +230,143 @@ def test_a_state_from_before_stratification_resumes_with_its_own_split(manifest,
     for fold, (_train, test) in enumerate(before, 1):  # the resumed epochs tested the recorded test sets
         matrix = pickle.loads((tmp_path / "res" / "mlp" / f"FOLD_{fold}" / "confusion_matrix.pkl").read_bytes())
         assert matrix.sum(axis=1).tolist() == np.bincount(labels[test], minlength=10).tolist()
+
+
+# -- given splits ---------------------------------------------------------------------------------
+
+GIVEN = """\
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from izitorch.datasets import digits
+
+ROWS = {"train": slice(0, 200), "val": slice(200, 250), "test": slice(250, 300)}
+
+
+def part(split="train", augment=False):
+    inputs, targets = digits(limit=300).tensors
+    rows = ROWS[split]
+    return TensorDataset(inputs[rows] + (1.0 if augment else 0.0), targets[rows])  # "augmentation": the training inputs shifted
+
+
+def test_set():
+    return part("test")
+
+
+class Patients(Dataset):
+    '''The same samples one by one (the DataLoader path), four per patient.'''
+
+    def __init__(self, split="train"):
+        self.base = part(split)
+        self.targets = self.base.tensors[1]
+        self.patient = [f"{split}-{i // 4}" for i in range(len(self.base))]
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index]
+"""
+
+GIVEN_DATA = {"data.dataset": "given.py:part", "data.params": None, "data.train": {"split": "train", "augment": True}, "data.test": {"split": "test"}}
+
+
+@pytest.fixture
+def given(tmp_path):
+    (tmp_path / "given.py").write_text(GIVEN, encoding="utf-8")
+    return dict(GIVEN_DATA)
+
+
+def test_given_splits_train_and_test_on_what_they_are_given(manifest, given, tmp_path, capsys):
+    """One callable with a split parameter, the augmentation on the training split only."""
+    path = manifest(given, run={"epochs": 1})
+    config = izitorch.load_manifest(path)
+    joined = izitorch.data.build_dataset(config)
+    inputs, targets = izitorch.datasets.digits(limit=300).tensors
+    assert torch.equal(joined.tensors[0][:200], inputs[:200] + 1.0) and torch.equal(joined.tensors[0][200:], inputs[250:])
+    assert torch.equal(joined.tensors[1], torch.cat([targets[:200], targets[250:]]))
+    code, err = run_cli(capsys, "run", str(path))
+    assert code == 0, err
+    assert read_split(tmp_path / "res") == [(list(range(200)), list(range(200, 250)))]
+    matrix = pickle.loads((tmp_path / "res" / "mlp" / "confusion_matrix.pkl").read_bytes())
+    assert matrix.sum(axis=1).tolist() == np.bincount(targets[250:].numpy(), minlength=10).tolist()  # the given test set was scored
+
+
+def test_given_validation_and_a_test_set_of_its_own_callable(manifest, given, tmp_path, capsys):
+    path = manifest({**given, "data.val": {"split": "val"}, "data.test": "given.py:test_set", "data.validation": True}, run={"epochs": 1})
+    code, err = run_cli(capsys, "run", str(path))
+    assert code == 0, err
+    assert read_split(tmp_path / "res") == [(list(range(200)), list(range(200, 250)), list(range(250, 300)))]
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_k_fold_over_the_given_training_set_tests_every_fold_on_the_given_test_set(manifest, given, tmp_path, capsys, validation):
+    path = manifest({**given, "data.validation": validation}, run={"epochs": 1}, plugins={"kfold": {"k": 3}})
+    code, err = run_cli(capsys, "run", str(path))
+    assert code == 0, err
+    splits = read_split(tmp_path / "res")
+    assert len(splits) == 3
+    chunks = []
+    for split in splits:
+        train, test = split[0], split[-1]
+        assert test == list(range(200, 250))
+        chunk = sorted(set(range(200)) - set(train))
+        if validation:
+            assert sorted(split[1]) == chunk
+        chunks.append(chunk)
+    assert sorted(sum(chunks, [])) == list(range(200))  # the folds' own chunks share out the training set
+    labels = izitorch.datasets.digits(limit=300).tensors[1].numpy()
+    for chunk in chunks:  # stratified: each chunk holds a third of every class, within a sample
+        assert np.all(np.abs(np.bincount(labels[chunk], minlength=10) - np.bincount(labels[:200], minlength=10) / 3) <= 1)
+
+
+def test_given_splits_served_per_sample_group_their_k_fold_by_an_attribute(manifest, given, tmp_path, capsys):
+    data = {**given, "data.dataset": "given.py:Patients", "data.train": {"split": "train"}, "data.group_by": "patient"}
+    path = manifest(data, run={"epochs": 1}, plugins={"kfold": {"k": 3, "parallel": True}})
+    code, err = run_cli(capsys, "run", str(path))
+    assert code == 0, err
+    splits = read_split(tmp_path / "res")
+    patient = np.asarray([i // 4 for i in range(200)])
+    held = [set(patient[sorted(set(range(200)) - set(train))].tolist()) for train, _ in splits]
+    assert sum(len(h) for h in held) == 50 and set().union(*held) == set(range(50))  # every patient out of exactly one fold
+
+
+@pytest.mark.parametrize(
+    "overrides,plugins,line",
+    [
+        ({"data.test": None}, {}, "data.test: [data] train is given, so the test set must be given too"),
+        ({"data.val": {"split": "val"}}, {}, "data.val: a given validation set picks the best epoch: set validation = true, or drop val"),
+        ({"data.train_ratio": 0.7}, {}, "data.train_ratio: with given splits ([data] train and test) train_ratio does not apply: drop it"),
+        ({"data.validation": True}, {}, "data.validation: validation = true with given splits needs the validation set"),
+        (
+            {"data.val": {"split": "val"}, "data.validation": True},
+            {"kfold": {"k": 3}},
+            "data.val: k-fold validates each fold on a chunk of the given training set",
+        ),
+        ({"data.dataset": None}, {}, 'data.train: a table without "class" calls [data] dataset with its parameters'),
+        ({"data.train": {"split": "train", "augmnt": True}}, {}, 'data.train.augmnt: unexpected argument "augmnt"'),
+        ({"data.test": "given.py:nope"}, {}, 'data.test: "given.py" has no attribute "nope"'),
+        ({"data.test": 3}, {}, 'data.test: expected a reference "module:callable", a table { class = ..., ... } or a table of parameters'),
+    ],
+)
+def test_given_split_mistakes_are_one_line_exit_2(manifest, given, tmp_path, capsys, overrides, plugins, line):
+    path = manifest({**given, **overrides}, plugins=plugins)
+    for command in ("validate", "run"):
+        code, err = run_cli(capsys, command, str(path))
+        assert code == 2, (command, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert line in err, err
+    assert not (tmp_path / "res" / "mlp").exists()
+
+
+def test_given_splits_resume_to_the_uninterrupted_run(manifest, given, tmp_path, capsys):
+    whole = manifest({**given, "run.res_dir": (tmp_path / "whole").as_posix()}, name="whole.toml")
+    cut = manifest({**given, "run.res_dir": (tmp_path / "cut").as_posix(), "run.epochs": 1}, name="cut.toml")
+    assert run_cli(capsys, "run", str(whole))[0] == 0 and run_cli(capsys, "run", str(cut))[0] == 0
+    code, err = run_cli(capsys, "run", str(cut), "--resume", "--set", "run.epochs=2")
+    assert code == 0, err
+    logs = [json.loads((tmp_path / res / "mlp" / "trainlog.json").read_text()) for res in ("whole", "cut")]
+    strip = lambda log: {e: {k: v for k, v in d.items() if not k.endswith("_time")} for e, d in log.items()}  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])
+    code, err = run_cli(capsys, "run", str(cut), "--resume", "--set", "run.epochs=3", "--set", 'data.train={split="train"}')
+    assert code == 2 and "cannot resume: data.train.params.augment changed" in err, err
