@@ -18,9 +18,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from izitorch import precision
-from izitorch.config import Config
-from izitorch.config import BALANCED
-from izitorch.data import Guarded, takes_keyword, balanced_labels, build_dataset, build_slots, collate_function, loading_error, to_device
+from izitorch.config import BALANCED, Config
+from izitorch.data import Guarded, balanced_labels, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
 from izitorch.errors import ManifestError, join_path
 from izitorch.references import check_arguments, resolve
 from izitorch.splits import class_labels, sample_groups

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from sklearn.model_selection import StratifiedKFold
 import izitorch
 from izitorch import cli
 from izitorch.errors import IzitorchError
-from izitorch.splits import holdout, kfold_chunks
+from izitorch.splits import class_labels, holdout, kfold_chunks
 
 # 7 classes of very different sizes: 90, 60, 40, 25, 15, 7, 3 samples (240 in all)
 COUNTS = [90, 60, 40, 25, 15, 7, 3]
@@ -105,6 +106,29 @@ def test_too_few_samples_of_a_class_or_groups_are_named(call, message):
     assert message in str(caught.value)
 
 
+def test_only_integer_labels_at_hand_are_stratified():
+    """Float targets (regression), per-pixel targets (segmentation) and datasets without
+    labels at hand are split at random unless stratify = true asks, which is refused."""
+    inputs = torch.zeros(12, 3)
+    cases = {
+        "classes": (torch.utils.data.TensorDataset(inputs, torch.arange(12) % 3), True),
+        "regression": (torch.utils.data.TensorDataset(inputs, torch.rand(12)), False),
+        "segmentation": (torch.utils.data.TensorDataset(inputs, torch.zeros(12, 4, 4, dtype=torch.long)), False),
+        "no labels": (torch.utils.data.Subset(torch.utils.data.TensorDataset(inputs, torch.arange(12) % 3), range(12)), False),
+    }
+    for name, (dataset, stratified) in cases.items():
+        config = izitorch.Config(data=izitorch.DataConfig(dataset=dataset), models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),))
+        assert (class_labels(config, dataset) is not None) == stratified, name
+        forced = attrs.evolve(config, data=attrs.evolve(config.data, stratify=True))
+        if stratified:
+            assert class_labels(forced, dataset).tolist() == (torch.arange(12) % 3).tolist()
+        else:
+            with pytest.raises(izitorch.IzitorchError, match="stratify = true needs one integer class per sample at hand"):
+                class_labels(forced, dataset)
+        off = attrs.evolve(config, data=attrs.evolve(config.data, stratify=False))
+        assert class_labels(off, dataset) is None
+
+
 # -- through the command line ---------------------------------------------------------------------
 
 DATA = """\
@@ -125,6 +149,14 @@ def imbalanced():
 
 def patients(dataset):
     return dataset.patient
+
+
+def two_groups(dataset):
+    return [0, 1]
+
+
+def broken(dataset):
+    raise KeyError("ward")
 """
 
 
@@ -176,6 +208,8 @@ def test_a_run_with_k_fold_grouped_by_patient(manifest, imbalanced, tmp_path, ca
         ({"data.group_by": "3 wards"}, 'data.group_by: expected a dataset attribute name or a reference "module:callable", got "3 wards"'),
         ({"data.group_by": "patient", "plugins.kfold": None}, "data.group_by: group_by keeps groups apart in k-fold splits only"),
         ({"data.stratify": "yes"}, 'data.stratify: expected true or false, got "yes"'),
+        ({"data.group_by": "imbalanced.py:two_groups"}, "data.group_by: group_by gives 2 values for 240 samples; it must give one group per sample"),
+        ({"data.group_by": "imbalanced.py:broken"}, "data.group_by: \"imbalanced.py:broken\"(dataset) raised KeyError: 'ward'"),
     ],
 )
 def test_split_mistakes_are_one_line_exit_2(manifest, imbalanced, tmp_path, capsys, overrides, line):
