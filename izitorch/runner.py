@@ -68,13 +68,12 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     session.dataset, session.slots = dry_run(config, session.device)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
-    made = hook.izitorch_make_splits(run=session, dataset=session.dataset)
-    if resuming and made:  # the folds go on with the samples they were given, however a split is drawn today
-        made = recorded_splits(session.res_dir, made)
-    session.splits = check_splits(made, len(session.dataset))
+    session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
+        # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
+        session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
     hook.izitorch_run_start(run=session)
     results = hook.izitorch_run_folds(run=session, resuming=resuming)
     hook.izitorch_run_finish(run=session, results=results)
