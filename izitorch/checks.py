@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, default_collate
 
 from izitorch import precision
 from izitorch.config import BALANCED, Config
-from izitorch.data import Guarded, balanced_labels, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
-from izitorch.errors import ManifestError, join_path
+from izitorch.data import Guarded, balanced_labels, batch_kind, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
+from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.references import check_arguments, resolve
 from izitorch.splits import class_labels, sample_groups
 from izitorch.cohort import unpack
@@ -57,12 +57,21 @@ def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple
     loaded too, so that a ``__len__`` longer than the data shows here."""
     size, guarded = len(dataset), Guarded(dataset)
     count = min(DRY_RUN_SAMPLES, size, config.run.batch_size)
-    collate = collate_function(config) or default_collate
+    collate = collate_function(config)
     try:
         guarded[size - 1]
-        batch = collate([guarded[index] for index in range(count)])
+        items = [guarded[index] for index in range(count)]
+        batch = default_collate(items) if collate is None else None
     except Exception as error:
         raise loading_error(config, error, "a batch checked before training") from None
+    if collate is not None:  # the user's batching: its failures are its own, not the dataset's
+        name = describe(config.data.collate_fn) if isinstance(config.data.collate_fn, str) else "collate_fn"
+        try:
+            batch = collate(items)
+        except Exception as error:
+            raise IzitorchError(f"{name}({count} samples) raised {error_text(error)}", "data.collate_fn") from None
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise ManifestError(f"{name} returned {batch_kind(batch)}; a collate_fn must return an (inputs, target) pair", "data.collate_fn")
     return to_device(unpack(batch), device, non_blocking=False)
 
 

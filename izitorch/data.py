@@ -454,8 +454,13 @@ class RowsCollate:
     def __call__(self, items: list) -> tuple:
         batch = self.collate([(item[0], item[1]) for item in items])
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise IzitorchError(f"collate_fn returned {describe(batch)}; izitorch expects an (inputs, target) pair", "data.collate_fn")
+            raise TrainingError(f"collate_fn returned {batch_kind(batch)}; a collate_fn must return an (inputs, target) pair", "data.collate_fn")
         return batch[0], batch[1], torch.tensor([item[2] for item in items], dtype=torch.long)
+
+
+def batch_kind(batch: Any) -> str:
+    """What a batch is, in a few words for a one-line message (a tensor's repr has many lines)."""
+    return f"{len(batch)} elements" if isinstance(batch, (list, tuple)) else f"a {type(batch).__name__}"
 
 
 def training_sampler(run: Run, indices, subset: Dataset, seed: int) -> Any:

@@ -138,6 +138,14 @@ def first_half(split, generator=None, share=0.5):
 
 def out_of_range(split):
     return [len(split) + 5]
+
+
+def triple(items):
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]), None
+
+
+def failing(items):
+    raise ValueError("no batch today")
 """
 
 OPTIONS = {"data.collate_fn": "helpers.py:doubling", "data.drop_last": True, "data.eval_batch_size": 7}
@@ -206,6 +214,12 @@ def per_sample_digits(limit: int = 300) -> PerSample:
     [
         ({"data.collate_fn": "helpers.py:nope"}, {}, 'data.collate_fn: "helpers.py" has no attribute "nope"'),
         ({"data.collate_fn": 3}, {}, 'data.collate_fn: expected a reference "module:attr" or "file.py:attr", got 3'),
+        (
+            {"data.collate_fn": "helpers.py:triple"},
+            {},
+            'data.collate_fn: "helpers.py:triple" returned 3 elements; a collate_fn must return an (inputs, target) pair',
+        ),
+        ({"data.collate_fn": "helpers.py:failing"}, {}, 'data.collate_fn: "helpers.py:failing"(4 samples) raised ValueError: no batch today'),
         ({"data.sampler": "balance"}, {}, 'data.sampler: expected "balanced", a reference "module:attr" or a table { class = ..., ... }, got "balance"'),
         ({"data.sampler": {"share": 0.5}}, {}, 'data.sampler: expected a table with a "class" key'),
         ({"data.sampler": {"class": "helpers.py:first_half", "shar": 0.5}}, {}, 'data.sampler.shar: unexpected argument "shar"'),
