@@ -239,7 +239,7 @@ def _drop_new_keys(state_file) -> None:
     lacks the key (and the other keys added with it)."""
     state = torch.load(state_file, weights_only=True)
     fingerprint = json.loads(state["fingerprint"])
-    for key in ("stratify", "group_by", "collate_fn", "sampler", "drop_last", "eval_batch_size"):
+    for key in ("stratify", "group_by", "collate_fn", "sampler", "drop_last", "eval_batch_size", "train", "val", "test"):
         fingerprint.pop(f"data.{key}")
     state["fingerprint"] = json.dumps(fingerprint)
     torch.save(state, state_file)
