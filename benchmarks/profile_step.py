@@ -91,7 +91,7 @@ def config_for(path: str, epochs: int, res_dir: str, builder: Any) -> Config:
     dataset = "izitorch.datasets:digits" if path == "in-memory" else bench.Samples()
     return Config(
         run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=BATCH, rdm_seed=bench.SEED, device="cpu"),
-        data=DataConfig(dataset=dataset, num_classes=10),
+        data=DataConfig(dataset=dataset, num_classes=10, stratify=False),  # the hand-written loops' split
         models=(spec,),
         plugins=PluginsConfig(),
     )

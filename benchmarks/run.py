@@ -76,7 +76,8 @@ def izitorch_run(
         models = [attrs.evolve(spec, model=spec.model()) if isinstance(spec.model, BuildModel) else spec for spec in models]
         config = Config(
             run=RunConfig(res_dir=res_dir, epochs=epochs, batch_size=batch, rdm_seed=SEED, device=device, multi_model=multi_model),
-            data=DataConfig(dataset=dataset() if dataset else "izitorch.datasets:digits", num_classes=10),
+            # stratify off: the hand-written loops split by a seeded permutation (holdout above)
+            data=DataConfig(dataset=dataset() if dataset else "izitorch.datasets:digits", num_classes=10, stratify=False),
             models=tuple(models),
             plugins=plugins,
         )

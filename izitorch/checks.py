@@ -18,8 +18,11 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from izitorch import precision
-from izitorch.config import Config
-from izitorch.data import Guarded, build_dataset, build_slots, loading_error, to_device
+from izitorch.config import BALANCED, Config
+from izitorch.data import Guarded, balanced_labels, batch_kind, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
+from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
+from izitorch.references import check_arguments, resolve
+from izitorch.splits import class_labels, sample_groups
 from izitorch.cohort import unpack
 from izitorch.stacks import forward_loss
 from izitorch.reproducibility import deterministic_algorithms
@@ -41,6 +44,7 @@ def dry_run(config: Config, device: torch.device, selection: Selection | None = 
     """
     precision.check(config.run.precision, device)
     dataset = build_dataset(config)
+    check_data_options(config, dataset)
     slots = build_slots(config, device, selection)
     with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
@@ -55,12 +59,50 @@ def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple
     loaded too, so that a ``__len__`` longer than the data shows here."""
     size, guarded = len(dataset), Guarded(dataset)
     count = min(DRY_RUN_SAMPLES, size, config.run.batch_size)
+    collate = collate_function(config)
     try:
         guarded[size - 1]
-        batch = default_collate([guarded[index] for index in range(count)])
+        items = [guarded[index] for index in range(count)]
+        batch = default_collate(items) if collate is None else None
     except Exception as error:
         raise loading_error(config, error, "a batch checked before training") from None
+    if collate is not None:  # the user's batching: its failures are its own, not the dataset's
+        name = describe(config.data.collate_fn) if isinstance(config.data.collate_fn, str) else "collate_fn"
+        try:
+            batch = collate(items)
+        except Exception as error:
+            raise IzitorchError(f"{name}({count} samples) raised {error_text(error)}", "data.collate_fn") from None
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise ManifestError(f"{name} returned {batch_kind(batch)}; a collate_fn must return an (inputs, target) pair", "data.collate_fn")
     return to_device(unpack(batch), device, non_blocking=False)
+
+
+def check_data_options(config: Config, dataset: Dataset) -> None:
+    """``[data]``'s split and loader options against the built dataset: each reference
+    imports and takes its arguments, stratification and ``sampler = "balanced"`` find the
+    labels they need, ``group_by`` gives one group per sample."""
+    data = config.data
+    collate_function(config)
+    class_labels(config, dataset)
+    sample_groups(config, dataset)
+    if data.sampler is None:
+        return
+    if not config.run.shuffle:
+        raise ManifestError("shuffle = false keeps the training split's order, which a sampler replaces with its own; drop one of them", "data.sampler")
+    if data.sampler == BALANCED:
+        balanced_labels(dataset)
+    elif isinstance(data.sampler.target, str):
+        where = "data.sampler.class" if data.sampler.params else "data.sampler"
+        try:
+            factory = resolve(data.sampler.target, config.base_dir)
+        except ManifestError as error:
+            raise ManifestError(error.message, where) from None
+        if not callable(factory):
+            raise ManifestError(f'"{data.sampler.target}" is not callable', where)
+        try:
+            check_arguments(factory, {"generator": None, **data.sampler.params} if takes_keyword(factory, "generator") else data.sampler.params, leading=1)
+        except ManifestError as error:
+            raise ManifestError(error.message, join_path("data.sampler", error.path)) from None
 
 
 @contextlib.contextmanager

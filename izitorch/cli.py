@@ -137,14 +137,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.data import pick_device
     from izitorch.manifest import load_manifest
     from izitorch.pluginmanager import make_plugin_manager
-    from izitorch.runner import registered_metrics
+    from izitorch.runner import check_splits, registered_metrics
     from izitorch.selection import resolve_selection, warn_test_set_choices
+    from izitorch.state import Run
 
     config = load_manifest(args.manifest, args.overrides)
     with located_in(config.source):
         pm, versions = make_plugin_manager(config)
         factories = registered_metrics(pm, config)
-        dry_run(config, pick_device(config.run.device), resolve_selection(config, factories))
+        device = pick_device(config.run.device)
+        dataset, slots = dry_run(config, device, resolve_selection(config, factories))
+        session = Run(config, pm, device, Path(config.run.res_dir), dataset=dataset, slots=slots)
+        check_splits(pm.hook.izitorch_make_splits(run=session, dataset=dataset), len(dataset))  # a class too small for the folds, say
     warn_test_set_choices(config, versions)
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)

@@ -9,6 +9,7 @@ loader can name the exact key path of a bad value.
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from typing import Any
 
@@ -123,6 +124,79 @@ class RunConfig:
     )
 
 
+DEFAULT_TRAIN_RATIO = 0.8
+
+#: ``[data] sampler = "balanced"``: draw the training samples with weights inverse to their class's count
+BALANCED = "balanced"
+
+
+def group_reference(_instance: object, attribute: attrs.Attribute, value: Any) -> None:
+    """An attribute name of the dataset, a ``"module:callable"`` reference, or (from Python) a callable."""
+    if isinstance(value, str) and (value.isidentifier() or (value.count(":") == 1 and all(value.split(":")))):
+        return
+    if callable(value) and not isinstance(value, str):
+        return
+    raise FieldError(attribute.name, f'expected a dataset attribute name or a reference "module:callable", got {describe(value)}')
+
+
+def sampler_spec(value: Any) -> Any:
+    """``[data] sampler`` as ``None``, ``"balanced"`` or a :class:`ComponentSpec` (a reference,
+    a ``{ class = ..., ... }`` table, or from Python a sampler class or factory)."""
+    if value is None or value == BALANCED or isinstance(value, ComponentSpec):
+        return value
+    if isinstance(value, dict):
+        if "class" not in value:
+            raise FieldError("sampler", 'expected a table with a "class" key, e.g. { class = "torch.utils.data:WeightedRandomSampler", ... }')
+        try:
+            return ComponentSpec(value["class"], {k: v for k, v in value.items() if k != "class"})
+        except FieldError as error:
+            raise FieldError("sampler.class", error.message) from None
+    if isinstance(value, str) and ":" not in value:
+        raise FieldError("sampler", f'expected "{BALANCED}", a reference "module:attr" or a table {{ class = ..., ... }}, got {describe(value)}')
+    try:
+        return ComponentSpec(value)
+    except FieldError as error:
+        raise FieldError("sampler", error.message) from None
+
+
+@attrs.frozen
+class SplitSpec:
+    """One given split (``[data] train``, ``val``, ``test``): the callable that builds it, or
+    None for ``[data] dataset``'s, and its keyword arguments, laid over ``[data] params``.
+
+    In TOML: ``train = "data.py:train_set"``, ``test = { class = "data.py:Scans", fold = "test" }``,
+    or ``train = { split = "train", augment = true }`` (``[data] dataset`` called with them).
+    """
+
+    target: Any = attrs.field(default=None, validator=attrs.validators.optional(reference))
+    params: dict = attrs.field(factory=dict)
+
+
+def split_spec(value: Any, name: str) -> Any:
+    """``[data] <name>`` (train, val or test) as None or a :class:`SplitSpec`; from Python, a
+    dataset object or a callable stands for itself."""
+    if value is None or isinstance(value, SplitSpec):
+        return value
+    if isinstance(value, dict):
+        params = {k: v for k, v in value.items() if k != "class"}
+        try:
+            return SplitSpec(value.get("class"), params)
+        except FieldError as error:
+            raise FieldError(f"{name}.class", error.message) from None
+    if isinstance(value, str) and (value.count(":") != 1 or not all(value.split(":"))):
+        raise FieldError(
+            name, f'expected a reference "module:callable", a table {{ class = ..., ... }} or a table of parameters for [data] dataset, got {describe(value)}'
+        )
+    if isinstance(value, (bool, int, float, list)):
+        raise FieldError(
+            name, f'expected a reference "module:callable", a table {{ class = ..., ... }} or a table of parameters for [data] dataset, got {describe(value)}'
+        )
+    return SplitSpec(value)
+
+
+GIVEN_SPLITS = ("train", "val", "test")
+
+
 @attrs.frozen
 class DataConfig:
     """``[data]``: the dataset and how it is split."""
@@ -132,8 +206,51 @@ class DataConfig:
     num_classes: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(at_least(2)), metadata=doc("classes; inferred from the model output when absent")
     )
-    train_ratio: float = attrs.field(default=0.8, validator=open_unit_interval, metadata=doc("share of the samples trained on (holdout)"))
+    train_ratio: float = attrs.field(default=DEFAULT_TRAIN_RATIO, validator=open_unit_interval, metadata=doc("share of the samples trained on (holdout)"))
     validation: bool = attrs.field(default=False, metadata=doc("hold out a validation set to pick the best epoch"))
+    stratify: bool | None = attrs.field(
+        default=None, metadata=doc("keep the class proportions in every split (unset: when the dataset's integer labels are at hand)")
+    )
+    group_by: Any = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(group_reference),
+        metadata=doc('k-fold keeps each group in one fold: a per-sample attribute of the dataset, or "module:callable" (dataset) -> groups'),
+    )
+    collate_fn: Any = attrs.field(default=None, validator=attrs.validators.optional(reference), metadata=doc('"module:callable" that batches samples'))
+    sampler: Any = attrs.field(
+        default=None, converter=sampler_spec, metadata=doc('"balanced" (class-weighted), or a sampler "module:callable" / { class = ..., ... }')
+    )
+    drop_last: bool = attrs.field(default=False, metadata=doc("drop the last incomplete training batch of every epoch"))
+    eval_batch_size: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(at_least(1)), metadata=doc("samples per validation and test batch (unset: batch_size)")
+    )
+    train: Any = attrs.field(
+        default=None,
+        converter=functools.partial(split_spec, name="train"),
+        metadata=doc('the given training set: "module:callable", or a table (its class and parameters)'),
+    )
+    val: Any = attrs.field(default=None, converter=functools.partial(split_spec, name="val"), metadata=doc("the given validation set, as train"))
+    test: Any = attrs.field(
+        default=None, converter=functools.partial(split_spec, name="test"), metadata=doc("the given test set, as train; every fold's final test")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """Given splits come as a training and a test set (a validation set optional); each
+        needs a callable, its own or ``dataset``'s; ``train_ratio`` does not apply to them."""
+        given = [name for name in GIVEN_SPLITS if getattr(self, name) is not None]
+        if not given:
+            return
+        for name in ("train", "test"):
+            if name not in given:
+                other = given[0]
+                raise FieldError(name, f"[data] {other} is given, so the {name} set must be given too (train and test; val is optional)")
+        for name in given:
+            if getattr(self, name).target is None and self.dataset is None:
+                raise FieldError(name, 'a table without "class" calls [data] dataset with its parameters: set dataset, or give the split its own class')
+        if self.val is not None and not self.validation:
+            raise FieldError("val", "a given validation set picks the best epoch: set validation = true, or drop val")
+        if self.train_ratio != DEFAULT_TRAIN_RATIO:
+            raise FieldError("train_ratio", "with given splits ([data] train and test) train_ratio does not apply: drop it")
 
 
 @attrs.frozen

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import types
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
 from izitorch import schedules
-from izitorch.config import ComponentSpec, Config, ModelSpec
-from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
+from izitorch.config import BALANCED, GIVEN_SPLITS, ComponentSpec, Config, ModelSpec
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line, join_path
 from izitorch.kinds import built_mismatch, class_mismatch
-from izitorch.references import resolve
+from izitorch.references import check_arguments, resolve
 from izitorch.reproducibility import seed_everything
 from izitorch.selection import Selection, has_validation
 from izitorch.state import Run, Slot, Split
@@ -65,7 +67,12 @@ def _label(target: Any) -> str:
 
 
 def build_dataset(config: Config) -> Dataset:
-    """The dataset named by ``[data]`` (or the object the Rack was given); never empty."""
+    """The dataset named by ``[data]`` (or the object the Rack was given); never empty. Given
+    splits (``[data] train``, ``val``, ``test``) are built each and joined (:func:`join_splits`)."""
+    if config.data.train is not None:
+        dataset = join_splits({name: build_split(config, name) for name in GIVEN_SPLITS if getattr(config.data, name) is not None})
+        check_labels(dataset, config.data.num_classes)
+        return dataset
     dataset = config.data.dataset
     if dataset is None:
         raise ManifestError("no dataset given: set [data] dataset (or call rack.set_dataset)", "data.dataset", config.source)
@@ -80,6 +87,100 @@ def build_dataset(config: Config) -> Dataset:
         raise IzitorchError("the dataset is empty; check its path or parameters", "data.dataset")
     check_labels(dataset, config.data.num_classes)
     return dataset
+
+
+def build_split(config: Config, name: str) -> Dataset:
+    """The given split ``[data] <name>``: its own callable, or ``[data] dataset``'s, called with
+    ``[data] params`` and the split's own parameters over them."""
+    spec = getattr(config.data, name)
+    target = spec.target if spec.target is not None else config.data.dataset
+    where = f"data.{name}" if spec.target is None or not spec.params else f"data.{name}.class"
+    params = {**config.data.params, **spec.params}
+    if isinstance(target, str):
+        try:
+            factory = resolve(target, config.base_dir)
+            check_arguments(factory, params)
+        except ManifestError as error:
+            raise ManifestError(error.message, join_path(f"data.{name}", error.path) if error.path else where) from None
+        seed_everything(config.run.rdm_seed)  # a dataset that draws random numbers when built
+    dataset = _build(target, params, where, config.base_dir) if isinstance(target, str) or inspect.isclass(target) else target
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise IzitorchError(f"{type(dataset).__name__} has no len(); izitorch needs a map-style torch Dataset", where) from None
+    if size == 0:
+        raise IzitorchError(f"the {name} set is empty; check its path or parameters", where)
+    return dataset
+
+
+class JoinedAttributes:
+    """A per-sample attribute (``group_by``) of joined given splits: every split's, joined."""
+
+    _given_datasets: list[Dataset]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # (unpickling looks up dunders before the state is set)
+            raise AttributeError(name)
+        values = [getattr(part, name, None) for part in self.__dict__.get("_given_datasets", ())]
+        if not values or any(value is None for value in values):
+            raise AttributeError(name)
+        try:
+            return np.concatenate([value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value) for value in values])
+        except ValueError:
+            raise AttributeError(name) from None
+
+
+class GivenSplits(JoinedAttributes, ConcatDataset):
+    """Given splits joined into one dataset, in the order train, val, test: what a run indexes
+    (``Dataset_split.pkl`` numbers the samples this way). ``izitorch_parts`` holds each split's
+    indices; ``targets`` the labels when every split has them at hand."""
+
+    def __init__(self, parts: dict[str, Dataset]) -> None:
+        super().__init__(list(parts.values()))
+        self._given_datasets = list(parts.values())
+        self.izitorch_parts = _ranges(parts)
+        self.targets = _joined([dataset_labels(part) for part in parts.values()])
+
+
+class GivenTensorSplits(JoinedAttributes, torch.utils.data.TensorDataset):
+    """Given splits that are all ``TensorDataset`` objects, joined into one (the fast path)."""
+
+    def __init__(self, parts: dict[str, torch.utils.data.TensorDataset], tensors: list[torch.Tensor]) -> None:
+        super().__init__(*tensors)
+        # each split's own attributes, without its tensors (joined above: no second copy kept)
+        self._given_datasets = [types.SimpleNamespace(**{k: v for k, v in vars(part).items() if k != "tensors"}) for part in parts.values()]
+        self.izitorch_parts = _ranges(parts)
+
+
+def join_splits(parts: dict[str, Dataset]) -> Dataset:
+    """The given splits as one dataset (:class:`GivenTensorSplits` when they are tensors alike,
+    else :class:`GivenSplits`), each split's indices in ``izitorch_parts``."""
+    datasets = list(parts.values())
+    if all(isinstance(d, torch.utils.data.TensorDataset) for d in datasets) and len({len(d.tensors) for d in datasets}) == 1:
+        try:
+            tensors = [torch.cat(group) for group in zip(*(d.tensors for d in datasets))]
+        except (RuntimeError, TypeError):  # shapes or dtypes that do not join: served per sample
+            pass
+        else:
+            return GivenTensorSplits(parts, tensors)
+    return GivenSplits(parts)
+
+
+def _ranges(parts: dict[str, Dataset]) -> dict[str, np.ndarray]:
+    ranges, start = {}, 0
+    for name, dataset in parts.items():
+        ranges[name] = np.arange(start, start + len(dataset))
+        start += len(dataset)
+    return ranges
+
+
+def _joined(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if any(v is None for v in values):
+        return None
+    try:
+        return torch.cat([v.reshape(len(v), *v.shape[1:]) if v.dim() else v.reshape(1) for v in values])
+    except (RuntimeError, TypeError):
+        return None
 
 
 def check_labels(dataset: Dataset, num_classes: int | None) -> None:
@@ -209,34 +310,47 @@ class TensorBatchLoader:
     A DataLoader calls ``__getitem__`` once per sample and collates the results; for tensors
     already in memory that is most of a small model's step time. This loader gathers a split's
     rows once per fold (onto the device when it fits), then slices (evaluation) or indexes with
-    the sampler's permutation (training). It draws from the same seeded sampler and generator
-    as the DataLoader path, so the same seeds give exactly the same batches.
+    the sampler's positions (training). It draws from the same seeded sampler and generator as
+    the DataLoader path and drops the same last batch (``drop_last``), so the same seeds give
+    exactly the same batches.
     """
 
     def __init__(
-        self, tensors: tuple[torch.Tensor, ...], batch_size: int, sampler: RandomSampler | None, generator: torch.Generator, device: torch.device
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        batch_size: int,
+        sampler: Any,
+        generator: torch.Generator,
+        device: torch.device,
+        drop_last: bool = False,
     ) -> None:
         self.tensors = tensors
         self.batch_size = batch_size
         self.sampler = sampler
         self.generator = generator
         self.device = device
+        self.drop_last = drop_last
         self.size = len(tensors[0])
         self.on_device = all(t.device == device for t in tensors)  # its batches need no move
 
     def __len__(self) -> int:
-        return (self.size + self.batch_size - 1) // self.batch_size
+        count = len(self.sampler) if self.sampler is not None else self.size
+        return count // self.batch_size if self.drop_last else (count + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # as DataLoader's base seed
         if self.sampler is None:
-            for start in range(0, self.size, self.batch_size):
+            for start in range(0, self._stop(self.size), self.batch_size):
                 yield tuple(t[start : start + self.batch_size] for t in self.tensors)
             return
         order = host_to_device(torch.tensor(list(self.sampler), dtype=torch.long), self.device)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, self._stop(len(order)), self.batch_size):
             rows = order[start : start + self.batch_size]
             yield tuple(t.index_select(0, rows) for t in self.tensors)
+
+    def _stop(self, count: int) -> int:
+        """Where the batches of ``count`` samples end: before an incomplete last one with ``drop_last``."""
+        return count - count % self.batch_size if self.drop_last else count
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -270,20 +384,23 @@ def make_loaders(run: Run, split: Split, fold_index: int) -> dict[str, Any]:
     """``train`` (shuffled with a per-fold seeded generator), ``val`` when present, and ``test``."""
     seed = run.config.run.rdm_seed + fold_index
     return {
-        phase: make_loader(run, getattr(split, phase), seed, shuffle=phase == "train" and run.config.run.shuffle)
+        phase: make_loader(run, getattr(split, phase), seed, training=phase == "train")
         for phase in ("train", "val", "test")
         if getattr(split, phase) is not None
     }
 
 
-def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = False) -> Any:
-    """Batches of ``run.dataset[indices]``, shuffled by a sampler seeded with ``seed``.
+def make_loader(run: Run, indices, seed: int, training: bool, with_rows: bool = False) -> Any:
+    """Batches of ``run.dataset[indices]``: for ``training``, drawn by the sampler (``[data]
+    sampler``, else shuffled with ``shuffle``) seeded with ``seed``, of ``batch_size``, the last
+    one dropped with ``drop_last``; else in order, of ``eval_batch_size``.
 
-    In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path; any other
-    dataset goes through a ``DataLoader`` (workers, pinned memory). ``with_rows`` adds each
-    sample's dataset index as a third element of the batch (parallel folds mask by it).
+    In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path unless a
+    ``collate_fn`` makes the batches; any other dataset goes through a ``DataLoader`` (workers,
+    pinned memory). ``with_rows`` adds each sample's dataset index as a third element of the
+    batch (parallel folds mask by it).
     """
-    cfg = run.config.run
+    cfg, data = run.config.run, run.config.data
     # The sampler owns its generator, so the batch order does not depend on num_workers. The
     # DataLoader draws its workers' base seed from ``generator=`` at each epoch's start, and each
     # worker seeds its torch, numpy and random from it and its id. Workers are not persistent:
@@ -292,22 +409,137 @@ def make_loader(run: Run, indices, seed: int, shuffle: bool, with_rows: bool = F
     # generator, whose state the resume state carries, so a resumed run draws the same numbers.
     dataset = Guarded(run.dataset)  # a failing sample is reported with its index, from a worker too
     subset = Subset(WithRows(dataset) if with_rows else dataset, indices.tolist())
-    sampler = RandomSampler(subset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    sampler = training_sampler(run, indices, subset, seed) if training else None
     generator = torch.Generator().manual_seed(seed)
-    tensors = gather_tensors(run.dataset, indices, run.device)
+    batch_size = cfg.batch_size if training else data.eval_batch_size or cfg.batch_size
+    drop_last = training and data.drop_last
+    collate = collate_function(run.config)
+    tensors = gather_tensors(run.dataset, indices, run.device) if collate is None else None
     if tensors is not None:
         if with_rows:
             tensors = (*tensors, torch.as_tensor(indices, dtype=torch.long, device=tensors[0].device))
-        return TensorBatchLoader(tensors, cfg.batch_size, sampler, generator, run.device)
-    return DataLoader(
-        subset,
-        sampler=sampler,
-        generator=generator,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory and run.device.type == "cuda",
-        persistent_workers=False,
-    )
+        loader: Any = TensorBatchLoader(tensors, batch_size, sampler, generator, run.device, drop_last)
+    else:
+        loader = DataLoader(
+            subset,
+            sampler=sampler,
+            generator=generator,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            collate_fn=RowsCollate(collate) if with_rows and collate is not None else collate,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and run.device.type == "cuda",
+            persistent_workers=False,
+        )
+    if training and len(loader) == 0:
+        raise IzitorchError(
+            f"the training set has {len(sampler) if sampler is not None else len(indices)} samples per epoch, fewer than batch_size = {batch_size}: "
+            "drop_last leaves no batch; lower batch_size or set drop_last = false",
+            "data.drop_last",
+        )
+    return loader
+
+
+def collate_function(config: Config) -> Any:
+    """``[data] collate_fn`` resolved, or None (torch's default collation)."""
+    collate = config.data.collate_fn
+    if collate is None:
+        return None
+    if isinstance(collate, str):
+        try:
+            collate = resolve(collate, config.base_dir)
+        except ManifestError as error:
+            raise ManifestError(error.message, "data.collate_fn") from None
+    if not callable(collate):
+        raise ManifestError(f"{describe(config.data.collate_fn)} is not callable; collate_fn takes a list of samples and returns a batch", "data.collate_fn")
+    return collate
+
+
+class RowsCollate:
+    """A ``collate_fn`` for samples that carry their dataset index (:class:`WithRows`): the
+    user's function batches the ``(input, target)`` pairs, the indices become a tensor."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list) -> tuple:
+        batch = self.collate([(item[0], item[1]) for item in items])
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise TrainingError(f"collate_fn returned {batch_kind(batch)}; a collate_fn must return an (inputs, target) pair", "data.collate_fn")
+        return batch[0], batch[1], torch.tensor([item[2] for item in items], dtype=torch.long)
+
+
+def batch_kind(batch: Any) -> str:
+    """What a batch is, in a few words for a one-line message (a tensor's repr has many lines)."""
+    return f"{len(batch)} elements" if isinstance(batch, (list, tuple)) else f"a {type(batch).__name__}"
+
+
+def training_sampler(run: Run, indices, subset: Dataset, seed: int) -> Any:
+    """The sampler of a training split, seeded with ``seed``: ``[data] sampler`` (``"balanced"``
+    weighs each sample by the inverse of its class's count in the split), else a shuffling
+    ``RandomSampler`` (``shuffle = true``), else None (the split's order)."""
+    spec, generator = run.config.data.sampler, torch.Generator().manual_seed(seed)
+    if spec is None:
+        return RandomSampler(subset, generator=generator) if run.config.run.shuffle else None
+    if spec == BALANCED:
+        labels = balanced_labels(run.dataset)[torch.as_tensor(indices, dtype=torch.long)]
+        counts = torch.bincount(labels - labels.min())
+        weights = 1.0 / counts[labels - labels.min()].double()
+        return WeightedRandomSampler(weights, num_samples=len(indices), replacement=True, generator=generator)
+    factory = resolve(spec.target, run.config.base_dir) if isinstance(spec.target, str) else spec.target
+    label = f'"{spec.target}"' if isinstance(spec.target, str) else _label(spec.target)
+    params = dict(spec.params)
+    if "generator" not in params and takes_keyword(factory, "generator"):
+        params["generator"] = generator
+    try:
+        sampler = factory(Subset(run.dataset, indices.tolist()), **params)
+    except Exception as error:
+        raise IzitorchError(f"{label}(...) raised {error_text(error)}", "data.sampler") from None
+    if not hasattr(sampler, "__iter__") or not hasattr(sampler, "__len__"):
+        raise IzitorchError(f"{label} gave {describe(sampler)}, not a sampler (an iterable of positions with a len())", "data.sampler")
+    return CheckedSampler(sampler, len(indices), label)
+
+
+def balanced_labels(dataset: Dataset) -> torch.Tensor:
+    """The integer class of every sample, which ``sampler = "balanced"`` weighs by; refused
+    in one line when the dataset does not have them at hand."""
+    labels = dataset_labels(dataset)
+    if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or len(labels) != len(dataset):
+        raise ManifestError(
+            'sampler = "balanced" needs one integer class per sample at hand: a TensorDataset whose last tensor holds them, or a `targets` attribute',
+            "data.sampler",
+        )
+    return labels.cpu().long()
+
+
+def takes_keyword(factory: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+class CheckedSampler(Sampler):
+    """A user's sampler whose positions must fall in the training split: one out of it is a
+    one-line error naming the sampler, not an index error deep in a loader. Its ``generator``
+    is the wrapped sampler's, which the resume state saves and restores."""
+
+    def __init__(self, sampler: Any, size: int, label: str) -> None:
+        self.sampler, self.size, self.label = sampler, size, label
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.sampler, "generator", None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for position in self.sampler:
+            if not 0 <= int(position) < self.size:
+                raise TrainingError(f"{self.label} yielded position {int(position)}, outside the training split's {self.size} samples", "data.sampler")
+            yield int(position)
 
 
 class SampleError(Exception):

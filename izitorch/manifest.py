@@ -252,7 +252,7 @@ def check_config_references(config: Config) -> None:
     """Import every reference of a config and check the keyword tables against the signatures."""
     if isinstance(config.data.dataset, str):
         _check(config.data.dataset, config.data.params, "data.dataset", "data.params", config.base_dir)
-    elif config.data.dataset is None:
+    elif config.data.dataset is None and config.data.train is None:
         raise ManifestError('missing: name a dataset, e.g. dataset = "izitorch.datasets:digits"', "data.dataset")
     for index, spec in enumerate(config.models):
         where = f"models[{index}]"

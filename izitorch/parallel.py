@@ -79,7 +79,7 @@ def _prepare(run: Run, saved: dict | None) -> Cohort:
         used[phase] = torch.zeros(count, len(run.dataset), dtype=torch.bool)
         for index, indices in enumerate(parts):
             used[phase][index, torch.as_tensor(indices, dtype=torch.long)] = True
-        loaders[phase] = make_loader(run, np.unique(np.concatenate(parts)), seed, shuffle=phase == "train" and run.config.run.shuffle, with_rows=True)
+        loaders[phase] = make_loader(run, np.unique(np.concatenate(parts)), seed, training=phase == "train", with_rows=True)
     stacks = [
         VectorStack(group, classes, {phase: mask[[fold_of[slot] for slot in group.slots]].to(run.device) for phase, mask in used.items()}) for group in groups
     ]
@@ -93,6 +93,12 @@ def _prepare(run: Run, saved: dict | None) -> Cohort:
 
 def check(run: Run) -> None:
     """Refuse what parallel folds cannot do faithfully, with the reason and the way out."""
+    if run.config.data.sampler is not None:
+        raise IzitorchError(
+            f"{OPTION} draws one pass of batches for every fold, so a sampler cannot draw from each fold's own training samples; "
+            "drop [data] sampler or set parallel = false",
+            KEY,
+        )
     if run.config.run.multi_model == "sequential":
         raise IzitorchError(f'{OPTION} trains the folds as vectorized groups; it cannot run with multi_model = "sequential": drop one of them', KEY)
     for slot in run.slots:

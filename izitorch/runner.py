@@ -26,6 +26,7 @@ from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
 from izitorch.io import background_writes, owned_by, write_json
 from izitorch.options import check_metric_options
 from izitorch.selection import resolve_selection, warn_test_set_choices
+from izitorch.splits import recorded_splits
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.reproducibility import deterministic_algorithms
 from izitorch.stacks import build_stacks
@@ -76,6 +77,8 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         if resume.check(session, len(session.splits)):
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
+        # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
+        session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
     hook.izitorch_run_start(run=session)
     results = hook.izitorch_run_folds(run=session, resuming=resuming)

@@ -1,7 +1,11 @@
 """k-fold cross-validation: ``[plugins.kfold] k = 5``.
 
-The k test sets partition the dataset (every sample is tested exactly once). With
-``data.validation``, fold i validates on chunk i+1 (mod k) and trains on the other k-2 chunks.
+The k test sets partition the dataset (every sample is tested exactly once); they keep the class
+proportions with ``data.stratify`` and each group of ``data.group_by`` in one fold
+(:mod:`izitorch.splits`). With ``data.validation``, fold i validates on chunk i+1 (mod k) and
+trains on the other k-2 chunks. With given splits (``[data] train`` and ``test``), the folds share
+out the training set, every fold tests on the given test set, and with ``data.validation`` fold i
+validates on its own chunk (without, that chunk is left out of the fold).
 Every fold starts from the models' initial weights with fresh optimizers (done by the core).
 
 ``parallel = true`` trains the k folds at once, as vectorized groups over one pass of the data,
@@ -12,12 +16,12 @@ from __future__ import annotations
 
 import attrs
 import numpy as np
-from sklearn.model_selection import KFold
 
+from izitorch import splits as splitting
 from izitorch.hookspecs import hookimpl
 from izitorch.state import Run, Split
 from izitorch.config import at_least, doc
-from izitorch.errors import IzitorchError
+from izitorch.errors import IzitorchError, ManifestError
 from izitorch.options import plugin_options
 from izitorch.parallel import check as check_parallel
 from izitorch.parallel import run_parallel
@@ -48,20 +52,32 @@ class KFoldPlugin:
 
     @hookimpl
     def izitorch_make_splits(self, run: Run, dataset) -> list[Split]:
-        k, size = self.options.k, len(dataset)
-        minimum = k if not run.config.data.validation else max(k, 3)
+        k, validation = self.options.k, run.config.data.validation
+        given = splitting.given_parts(dataset)
+        if given is not None and "val" in given:
+            raise ManifestError("k-fold validates each fold on a chunk of the given training set; drop [data] val (or the kfold plugin)", "data.val")
+        pool = np.arange(len(dataset)) if given is None else given["train"]  # the samples the folds share out
+        size = len(pool)
+        minimum = k if not validation or given is not None else max(k, 3)
         if size < minimum:
-            raise IzitorchError(f"k = {k} needs at least {minimum} samples, the dataset has {size}; lower k", "plugins.kfold.k")
-        if run.config.data.validation and k < 3:
+            where = "the dataset has" if given is None else "the given training set has"
+            raise IzitorchError(f"k = {k} needs at least {minimum} samples, {where} {size}; lower k", "plugins.kfold.k")
+        if validation and k < 3 and given is None:
             raise IzitorchError("k must be >= 3 with data.validation (one chunk tests, one validates, the rest trains)", "plugins.kfold.k")
         if self.options.parallel:  # refuse before anything is written, and say how the models run
             check_parallel(run)
             run.grouping = [f"parallel folds: the {k} folds of each model train at once as members of vectorized groups"]
-        splitter = KFold(n_splits=k, shuffle=True, random_state=run.config.run.rdm_seed)
-        chunks = [test for _, test in splitter.split(np.arange(size))]
+        labels, groups = splitting.class_labels(run.config, dataset), splitting.sample_groups(run.config, dataset)
+        labels, groups = (None if values is None else values[pool] for values in (labels, groups))
+        chunks = [pool[chunk] for chunk in splitting.kfold_chunks(size, k, run.config.run.rdm_seed, labels, groups)]
+        if given is not None:  # every fold tests on the given test set; its own chunk validates, or is left out
+            return [
+                Split(train=np.sort(np.concatenate([c for j, c in enumerate(chunks) if j != i])), val=chunk if validation else None, test=given["test"])
+                for i, chunk in enumerate(chunks)
+            ]
         splits = []
         for i, test in enumerate(chunks):
-            if run.config.data.validation:
+            if validation:
                 val = chunks[(i + 1) % k]
                 train = np.concatenate([c for j, c in enumerate(chunks) if j not in (i, (i + 1) % k)])
                 splits.append(Split(train=np.sort(train), val=val, test=test))

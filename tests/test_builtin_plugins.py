@@ -351,7 +351,9 @@ def test_console_shows_one_bar_per_pass_over_the_training_data(manifest, monkeyp
 
 
 def fake_run(seed=1, ratio=0.8, validation=False):
-    return SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(rdm_seed=seed), data=SimpleNamespace(train_ratio=ratio, validation=validation)))
+    return SimpleNamespace(
+        config=SimpleNamespace(run=SimpleNamespace(rdm_seed=seed), data=SimpleNamespace(train_ratio=ratio, validation=validation, stratify=None, group_by=None))
+    )
 
 
 @pytest.mark.parametrize("size,ratio", [(101, 0.6), (300, 0.8), (10, 0.5)])

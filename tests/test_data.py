@@ -15,10 +15,11 @@ from izitorch.state import Split
 
 
 class PerSample(Dataset):
-    """The same data behind ``__getitem__`` only: forces the DataLoader path."""
+    """The same data behind ``__getitem__``: forces the DataLoader path (its ``targets`` make
+    the split the fast path's, stratified)."""
 
     def __init__(self, base: TensorDataset) -> None:
-        self.base = base
+        self.base, self.targets = base, base.tensors[1]
 
     def __len__(self) -> int:
         return len(self.base)

@@ -635,6 +635,14 @@ README_CASES = {
     ),
     "m.toml: data.num_classes:": (2, None, [], ["run", "m.toml", "--set", "data.num_classes=5"]),
     "m.toml: run.rdm_seed:": (2, None, [], ["validate", "m.toml", "--set", "run.rdm_seed=-1"]),
+    "m.toml: data.stratify:": (2, None, [], ["validate", "m.toml", "--set", "data.params={limit=50}", "--set", "plugins.kfold.k=5"]),
+    "m.toml: data.group_by:": (2, None, [], ["validate", "m.toml", "--set", 'data.group_by="ward"', "--set", "plugins.kfold.k=3"]),
+    "m.toml: data.sampler.replacment:": (
+        2,
+        None,
+        [],
+        ["validate", "m.toml", "--set", 'data.sampler={class="torch.utils.data:RandomSampler", replacment=true}'],
+    ),
     "argument --set:": (2, None, [], ["validate", "m.toml", "--set"]),
     "m.toml: model mlp: loss is nan": (
         1,

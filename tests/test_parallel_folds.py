@@ -89,14 +89,15 @@ def test_each_fold_model_never_depends_on_its_own_test_or_validation_samples(tmp
     were, while the folds that train on those samples (fold 2 on fold 1's test chunk, fold 3 on its
     validation chunk) change: the masked loss gives them an exact zero."""
     (tmp_path / "noisy.py").write_text(NOISY, encoding="utf-8")
-    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data={"validation": True})
+    # not stratified: the garbage changes labels, and a stratified split would move with them
+    clean = write(tmp_path, "clean.toml", dataset="noisy.py:noisy_digits", data={"validation": True, "stratify": False})
     run(clean)
     split = pickle.loads((tmp_path / "res_clean" / "Dataset_split.pkl").read_bytes())
     _, val_of_fold_1, test_of_fold_1 = split[0]
     assert len(test_of_fold_1) == len(val_of_fold_1) == 100 and not set(test_of_fold_1) & set(val_of_fold_1)
     assert set(test_of_fold_1) <= set(split[1][0]) and set(val_of_fold_1) <= set(split[2][0])
     spoiled_rows = sorted(int(i) for i in [*test_of_fold_1, *val_of_fold_1])
-    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params={"noisy": spoiled_rows}, data={"validation": True})
+    spoiled = write(tmp_path, "spoiled.toml", dataset="noisy.py:noisy_digits", params={"noisy": spoiled_rows}, data={"validation": True, "stratify": False})
     run(spoiled)
     assert pickle.loads((tmp_path / "res_spoiled" / "Dataset_split.pkl").read_bytes()) == split
     for model in ("adam", "sgd"):
