@@ -41,7 +41,10 @@ def test_best_and_last_keep_the_best_and_the_last_epoch_side_by_side(manifest, c
     """``metric = "acc"`` picks the best epoch for this policy too (it stands for ``[run]
     best_metric``); the final test scores the last weights, as ``test_weights`` is unset."""
     path = manifest(
-        run={"epochs": 4}, data={"validation": True}, models=[{"optimizer": NOISY_SGD}], plugins={"checkpoint": {"policy": "best_and_last", "metric": "acc"}}
+        run={"epochs": 4},
+        data={"validation": True, "stratify": False},
+        models=[{"optimizer": NOISY_SGD}],
+        plugins={"checkpoint": {"policy": "best_and_last", "metric": "acc"}},
     )
     code, _, err = cli(capsys, "run", path)
     assert code == 0 and err == "", err
