@@ -124,6 +124,8 @@ class TrainlogPlugin:
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
             summary = scalars(final)
+            if "per_class" in final:  # lists of floats, one per class: in the final scores only
+                summary["per_class"] = final["per_class"]
             summary["epoch"] = slot.kept_epoch if slot.kept_epoch is not None else fold.epoch
             if slot.stopped:
                 summary["stopped"] = slot.stopped
