@@ -135,7 +135,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise IzitorchError(f'{summary_file} not found: "{res_dir}" holds no finished run (results.json is written at the end of a run)')
     summary = load_summary(summary_file)
     directions = {key: value for entry in summary.values() for key, value in entry.get("directions", {}).items()}
-    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions))
+    headline = next((entry["headline"] for entry in summary.values() if isinstance(entry.get("headline"), str)), None)
+    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions, headline=headline))
     return 0
 
 

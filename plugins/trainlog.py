@@ -25,6 +25,7 @@ from izitorch.hookspecs import hookimpl
 from izitorch.version import __version__
 from izitorch.io import write_json, write_pickle, write_text
 from izitorch.metrics import metric_directions
+from izitorch.tasks import headline
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
@@ -139,6 +140,8 @@ class TrainlogPlugin:
             summary[name] = aggregate([scalars(f) for f in folds])
             # which way is better, for `izitorch report` (declared metrics only)
             summary[name]["directions"] = {key: directions[key] for key in summary[name]["mean"] if key in directions}
+            if headline(run.task) in summary[name]["mean"]:  # the task's metric, that `izitorch report` ranks by
+                summary[name]["headline"] = headline(run.task)
             if len(folds) > 1:
                 write_json(run.res_dir / name / "overall.json", summary[name])
         write_json(run.res_dir / "results.json", summary)

@@ -4,6 +4,8 @@ MSE, RMSE and R^2 from the regression meter; K > 1 members with sample masks thr
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
+from conftest import make_manifest
+from izitorch.cli import main
 from izitorch.plugins.metrics import ConfusionMeter, top_k_meter
 from izitorch.plugins.regression import RegressionMeter
 
@@ -171,3 +175,74 @@ def test_regression_meter_leaves_class_scores_alone(generator):
     meter = RegressionMeter(None, 1)
     meter.update(torch.randn(1, 4, 3, generator=generator), torch.tensor([0, 1, 2, 1]), torch.zeros(1))
     assert meter.compute() == [{}]
+
+
+def diabetes(limit: int = 200, columns: int = 1):
+    """scikit-learn's bundled diabetes regression (float targets ``[N, columns]``), standardised."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    inputs = torch.tensor(data.data[:limit], dtype=torch.float32)
+    target = torch.tensor(data.target[:limit], dtype=torch.float32)
+    target = ((target - target.mean()) / target.std()).reshape(-1, 1).repeat(1, columns)
+    return torch.utils.data.TensorDataset((inputs - inputs.mean(0)) / inputs.std(0), target)
+
+
+REGRESSION = {
+    "data.dataset": "test_task_metrics:diabetes",
+    "data.params": {"limit": 200},
+    "data.num_classes": None,
+}
+REGRESSORS = [
+    {"name": "wide", "params": {"in_features": 10, "hidden": 32, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}},
+    {"name": "narrow", "params": {"in_features": 10, "hidden": 2, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}, "optimizer": {"lr": 1e-4}},
+]
+
+
+def test_a_regression_run_shows_and_ranks_regression_metrics(tmp_path, capsys):
+    """Inferred task: MAE, MSE, RMSE and R^2 in the epoch lines, the table (ranked by RMSE,
+    lower first) and the outputs; no accuracy or IoU anywhere."""
+    manifest = make_manifest(tmp_path, REGRESSION, models=REGRESSORS)
+    assert main(["run", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "acc" not in out and "IoU" not in out and "precision" not in out
+    table = out[out.index("final test scores:") :].splitlines()
+    assert table[1].split()[3:] == ["loss", "MAE↓", "MSE↓", "RMSE↓", "R2"]
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert all(entry["headline"] == "RMSE" for entry in summary.values())
+    order = sorted(summary, key=lambda name: summary[name]["mean"]["RMSE"])
+    assert [line.split()[0] for line in table[3:5]] == order
+    assert summary["wide"]["directions"] == {"loss": "lower", "MAE": "lower", "MSE": "lower", "RMSE": "lower", "R2": "higher"}
+    final = json.loads((tmp_path / "res" / "wide" / "test_metrics.json").read_text())
+    assert set(final) >= {"MAE", "MSE", "RMSE", "R2"} and "accuracy" not in final
+    assert final["RMSE"] == pytest.approx(final["MSE"] ** 0.5)
+    assert final["MSE"] == pytest.approx(final["loss"], rel=1e-5)  # MSELoss over the same samples
+
+
+def test_a_classification_run_writes_per_class_scores_and_top_k(tmp_path, capsys):
+    manifest = make_manifest(tmp_path, {"plugins.metrics": {"top_k": 3}, "run.task": "classification"})
+    assert main(["run", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "top3_accuracy" in out and " F1 " in out
+    final = json.loads((tmp_path / "res" / "mlp" / "test_metrics.json").read_text())
+    assert {key: len(values) for key, values in final["per_class"].items()} == {"precision": 10, "recall": 10, "F1": 10, "IoU": 10}
+    assert final["accuracy"] <= final["top3_accuracy"] <= 100
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert summary["mlp"]["headline"] == "accuracy" and summary["mlp"]["directions"]["F1"] == "higher"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "models", "expected"),
+    [
+        ({"run.task": "regression"}, None, 'run.task: "regression" does not fit the data: the target holds integer class labels [4]'),
+        ({**REGRESSION, "run.task": "classification"}, REGRESSORS[:1], 'run.task: "classification" does not fit the data: the target is a float of the output\'s shape [4, 1]'),
+        ({"run.task": "guess"}, None, "run.task"),
+        ({"plugins.metrics": {"top_k": 1}}, None, "plugins.metrics.top_k"),
+    ],
+)
+def test_a_task_the_data_contradicts_is_one_line(tmp_path, capsys, overrides, models, expected):
+    manifest = make_manifest(tmp_path, overrides, models=models)
+    assert main(["validate", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"izitorch: error: {manifest}: ")
