@@ -15,6 +15,8 @@ BUILTIN_DIRECTIONS = {"loss": "lower", "accuracy": "higher", "IoU": "higher"}
 #: Scalar entries of the scores that are not metrics.
 NOT_METRICS = ("epoch", "folds", "skipped_batches")
 OTHER_FORMAT = "{:.4f}"
+#: Balanced and top-k accuracy are percentages, as accuracy is.
+PERCENT_FORMAT = "{:.2f}"
 
 
 def is_metric(key: str, value: Any) -> bool:
@@ -28,7 +30,7 @@ def columns(keys: Iterable[str], directions: dict[str, str]) -> list[tuple[str, 
     keys = list(dict.fromkeys(keys))
     shown = [column for column in COLUMNS if column[0] in keys]
     headline = {key for key, _, _ in COLUMNS}
-    shown += [(key, key + ("↓" if directions.get(key) == "lower" else ""), OTHER_FORMAT) for key in keys if key not in headline]
+    shown += [(key, key + ("↓" if directions.get(key) == "lower" else ""), PERCENT_FORMAT if key.endswith("accuracy") else OTHER_FORMAT) for key in keys if key not in headline]
     return shown
 
 
