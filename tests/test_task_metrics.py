@@ -24,6 +24,8 @@ from conftest import make_manifest
 from izitorch.cli import main
 from izitorch.plugins.metrics import ConfusionMeter, top_k_meter
 from izitorch.plugins.regression import RegressionMeter
+from izitorch.table import comparison_table
+from izitorch.tasks import headline, infer
 
 BATCHES = (7, 32, 1, 50, 13)
 
@@ -195,17 +197,19 @@ REGRESSION = {
 }
 REGRESSORS = [
     {"name": "wide", "params": {"in_features": 10, "hidden": 32, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}},
-    {"name": "narrow", "params": {"in_features": 10, "hidden": 2, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}, "optimizer": {"lr": 1e-4}},
+    {"name": "slow", "params": {"in_features": 10, "hidden": 32, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}, "optimizer": {"lr": 1e-4}},
 ]
 
 
 def test_a_regression_run_shows_and_ranks_regression_metrics(tmp_path, capsys):
     """Inferred task: MAE, MSE, RMSE and R^2 in the epoch lines, the table (ranked by RMSE,
-    lower first) and the outputs; no accuracy or IoU anywhere."""
+    lower first) and the outputs; no accuracy or IoU anywhere. The two models train as one
+    vectorized group (same architecture and optimizer)."""
     manifest = make_manifest(tmp_path, REGRESSION, models=REGRESSORS)
     assert main(["run", str(manifest)]) == 0
     out = capsys.readouterr().out
     assert "acc" not in out and "IoU" not in out and "precision" not in out
+    assert "izitorch: vectorized group of 2: wide, slow" in out
     table = out[out.index("final test scores:") :].splitlines()
     assert table[1].split()[3:] == ["loss", "MAE↓", "MSE↓", "RMSE↓", "R2"]
     summary = json.loads((tmp_path / "res" / "results.json").read_text())
@@ -246,3 +250,27 @@ def test_a_task_the_data_contradicts_is_one_line(tmp_path, capsys, overrides, mo
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"izitorch: error: {manifest}: ")
+
+
+@pytest.mark.parametrize(
+    ("output", "target", "task"),
+    [
+        (torch.zeros(4, 10), torch.zeros(4, dtype=torch.long), "classification"),
+        (torch.zeros(4, 3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long), "segmentation"),
+        (torch.zeros(4, 1), torch.zeros(4), "regression"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), "regression"),
+        (torch.zeros(4, 10), torch.zeros(4, 3, dtype=torch.long), None),  # another layout: a loss of its own
+        ((torch.zeros(4, 10),), torch.zeros(4, dtype=torch.long), None),  # several outputs
+    ],
+)
+def test_the_task_is_inferred_where_the_batch_makes_it_clear(output, target, task):
+    assert infer(output, target) == task
+
+
+def test_the_table_ranks_by_the_task_headline():
+    """A segmentation ranks by IoU even where pixel accuracy orders the models the other way;
+    without a headline, accuracy ranks as before."""
+    results = {"a": [{"loss": 0.5, "accuracy": 90.0, "IoU": 0.4}], "b": [{"loss": 0.6, "accuracy": 80.0, "IoU": 0.6}]}
+    rows = lambda text: [line.split()[0] for line in text.splitlines()[3:]]  # noqa: E731
+    assert rows(comparison_table(results, headline=headline("segmentation"))) == ["b", "a"]
+    assert rows(comparison_table(results)) == rows(comparison_table(results, headline=headline("classification"))) == ["a", "b"]
