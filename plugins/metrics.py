@@ -18,6 +18,7 @@ from izitorch.config import at_least, doc
 from izitorch.data import host_to_device
 from izitorch.hookspecs import hookimpl
 from izitorch.options import plugin_options
+from izitorch.plugins import torchmetrics_bridge
 from izitorch.plugins.regression import RegressionMeter
 
 
@@ -353,6 +354,9 @@ def _mean_ious(diagonal: np.ndarray, truths: np.ndarray, predictions: np.ndarray
 @attrs.frozen
 class MetricsOptions:
     top_k: int | None = attrs.field(default=None, validator=attrs.validators.optional(at_least(2)), metadata=doc("also count top-k accuracy (top<k>_accuracy, %) for this k, where there are more than k classes"))
+    extra: list = attrs.field(
+        factory=list, metadata=doc('torchmetrics metrics: [{ class = "torchmetrics.classification:MulticlassAUROC", num_classes = 10, direction = "higher" }]')
+    )
 
 
 izitorch_options = MetricsOptions  # what `izitorch plugins` lists
@@ -360,12 +364,14 @@ izitorch_options = MetricsOptions  # what `izitorch plugins` lists
 #: The options of the run being configured: the module is the plugin, and ``izitorch_configure``
 #: runs before ``izitorch_register_metrics`` in every run.
 _options = MetricsOptions()
+_extra: list[tuple[str, type]] = []  # (name, factory) of each torchmetrics metric of ``extra``
 
 
 @hookimpl
 def izitorch_configure(config) -> None:
-    global _options
+    global _options, _extra
     _options = plugin_options(config, "metrics", MetricsOptions)
+    _extra = torchmetrics_bridge.factories(_options.extra, config.source) if _options.extra else []
 
 
 @hookimpl
@@ -375,3 +381,5 @@ def izitorch_register_metrics(register) -> None:
     register("regression", RegressionMeter)
     if _options.top_k is not None:
         register("top_k", top_k_meter(_options.top_k))
+    for name, factory in _extra:
+        register(f"torchmetrics:{name}", factory)

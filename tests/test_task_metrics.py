@@ -5,6 +5,7 @@ MSE, RMSE and R^2 from the regression meter; K > 1 members with sample masks thr
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -274,3 +275,72 @@ def test_the_table_ranks_by_the_task_headline():
     rows = lambda text: [line.split()[0] for line in text.splitlines()[3:]]  # noqa: E731
     assert rows(comparison_table(results, headline=headline("segmentation"))) == ["b", "a"]
     assert rows(comparison_table(results)) == rows(comparison_table(results, headline=headline("classification"))) == ["a", "b"]
+
+
+AUROC = {"class": "torchmetrics.classification:MulticlassAUROC", "num_classes": 10, "direction": "higher", "name": "AUROC"}
+
+
+def test_a_torchmetrics_metric_against_sklearn_with_masks(generator):
+    """Each member's instance sees its own samples: macro one-vs-rest AUROC as sklearn's."""
+    pytest.importorskip("torchmetrics")
+    from sklearn.metrics import roc_auc_score
+
+    from izitorch.plugins.torchmetrics_bridge import factories
+
+    ((name, factory),) = factories([{**AUROC, "num_classes": 5}])
+    assert name == "AUROC" and factory.names == {"AUROC": "higher"}
+    members, classes = 2, 5
+    meter = factory(classes, members)
+    seen = [([], []) for _ in range(members)]
+    for outputs, target, mask in masked_batches(generator, members, classes, low=0, high=classes):
+        probabilities = outputs.softmax(2)
+        meter.update(probabilities, target, torch.zeros(members), mask)
+        for k in range(members):
+            rows = mask[k].numpy()
+            seen[k][0].append(target.numpy()[rows])
+            seen[k][1].append(probabilities[k].numpy()[rows])
+    values = meter.compute()
+    for k in range(members):
+        truth, scores = np.concatenate(seen[k][0]), np.concatenate(seen[k][1])
+        assert values[k]["AUROC"] == pytest.approx(roc_auc_score(truth, scores, multi_class="ovr", average="macro"), abs=1e-5)
+
+
+def test_a_torchmetrics_metric_is_first_class(tmp_path, capsys):
+    """Shown, logged, tabled, with its direction, and it picks the best epoch."""
+    pytest.importorskip("torchmetrics")
+    manifest = make_manifest(tmp_path, {"plugins.metrics": {"extra": [AUROC]}, "run.best_metric": "AUROC", "data.validation": True})
+    assert main(["run", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert " AUROC " in out.split("final test scores:")[1].splitlines()[1]
+    final = json.loads((tmp_path / "res" / "mlp" / "test_metrics.json").read_text())
+    assert 0.5 < final["AUROC"] <= 1
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert summary["mlp"]["directions"]["AUROC"] == "higher" and 0.5 < summary["mlp"]["mean"]["AUROC"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({**AUROC, "direction": "up"}, 'plugins.metrics.extra[0].direction: expected "higher" or "lower"'),
+        ({**AUROC, "num_clases": 10}, "plugins.metrics.extra[0]: building MulticlassAUROC failed: "),
+        ({**AUROC, "class": "torch.nn:Linear"}, "plugins.metrics.extra[0].class: \"torch.nn:Linear\" is not a torchmetrics.Metric class"),
+        ({**AUROC, "name": "F1"}, 'metrics "classification" and "torchmetrics:F1" both compute "F1"'),
+    ],
+)
+def test_a_torchmetrics_entry_that_does_not_fit_is_one_line(tmp_path, capsys, extra, expected):
+    pytest.importorskip("torchmetrics")
+    manifest = make_manifest(tmp_path, {"plugins.metrics": {"extra": [extra]}})
+    assert main(["validate", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_torchmetrics_metric_without_torchmetrics_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics fails, as when not installed
+    manifest = make_manifest(tmp_path, {"plugins.metrics": {"extra": [AUROC]}})
+    assert main(["validate", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"izitorch: error: {manifest}: plugins.metrics.extra[0].class: names a torchmetrics metric, and torchmetrics is not installed: "
+        "pip install 'izitorch[torchmetrics]'\n"
+    )
