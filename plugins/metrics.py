@@ -18,8 +18,8 @@ from izitorch.config import at_least, doc
 from izitorch.data import host_to_device
 from izitorch.hookspecs import hookimpl
 from izitorch.options import plugin_options
-from izitorch.plugins import torchmetrics_bridge
-from izitorch.plugins.regression import RegressionMeter
+from izitorch import torchmetrics_bridge
+from izitorch.regression import RegressionMeter
 
 
 #: Predictions (or losses) kept before they are counted in bulk: bounds the memory a phase
@@ -370,8 +370,9 @@ _extra: list[tuple[str, type]] = []  # (name, factory) of each torchmetrics metr
 @hookimpl
 def izitorch_configure(config) -> None:
     global _options, _extra
-    _options = plugin_options(config, "metrics", MetricsOptions)
-    _extra = torchmetrics_bridge.factories(_options.extra, config.source) if _options.extra else []
+    options = plugin_options(config, "metrics", MetricsOptions)
+    extra = torchmetrics_bridge.factories(options.extra, config.source) if options.extra else []
+    _options, _extra = options, extra  # both or neither: a refused table leaves no half of itself
 
 
 @hookimpl
