@@ -267,6 +267,8 @@ def test_version_prints_the_version(capsys):
 
 
 def toml(value) -> str:
+    if isinstance(value, attrs.Factory):  # a default built per instance (an empty list)
+        value = value.factory()
     return "(unset)" if value is None else json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
 
 
