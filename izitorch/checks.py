@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from izitorch import precision
+from izitorch import precision, tasks
 from izitorch.config import BALANCED, Config
 from izitorch.data import Guarded, balanced_labels, batch_kind, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
@@ -33,8 +33,10 @@ from izitorch.state import Slot
 DRY_RUN_SAMPLES = 4
 
 
-def dry_run(config: Config, device: torch.device, selection: Selection | None = None) -> tuple[Dataset, list[Slot]]:
-    """Build the dataset and every slot, then one forward and loss per model on a few samples.
+def dry_run(config: Config, device: torch.device, selection: Selection | None = None) -> tuple[Dataset, list[Slot], str | None]:
+    """Build the dataset and every slot, then one forward and loss per model on a few samples;
+    return them with the run's task (:func:`izitorch.tasks.settle`: declared and checked
+    against the first model's output and the target, or inferred from them; None where unclear).
 
     Whatever would fail at the first training step fails here with the line training would
     give (under ``deterministic`` too). Nothing is written and nothing the run depends on moves:
@@ -48,10 +50,11 @@ def dry_run(config: Config, device: torch.device, selection: Selection | None = 
     slots = build_slots(config, device, selection)
     with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
+        outputs = []
         for slot in slots:
             with torch.no_grad(), _evaluating(slot.model), precision.autocast(config.run.precision, device):
-                forward_loss(slot, inputs, target, config.data.num_classes)
-    return dataset, slots
+                outputs.append(forward_loss(slot, inputs, target, config.data.num_classes)[0])
+    return dataset, slots, tasks.settle(config, outputs[0] if outputs else None, target)
 
 
 def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple[Any, torch.Tensor]:

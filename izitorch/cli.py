@@ -146,7 +146,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         pm, versions = make_plugin_manager(config)
         factories = registered_metrics(pm, config)
         device = pick_device(config.run.device)
-        dataset, slots = dry_run(config, device, resolve_selection(config, factories))
+        dataset, slots, _ = dry_run(config, device, resolve_selection(config, factories))
         session = Run(config, pm, device, Path(config.run.res_dir), dataset=dataset, slots=slots)
         check_splits(pm.hook.izitorch_make_splits(run=session, dataset=dataset), len(dataset))  # a class too small for the folds, say
     warn_test_set_choices(config, versions)
@@ -177,7 +177,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise IzitorchError(f'{summary_file} not found: "{res_dir}" holds no finished run (results.json is written at the end of a run)')
     summary = load_summary(summary_file)
     directions = {key: value for entry in summary.values() for key, value in entry.get("directions", {}).items()}
-    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions))
+    headline = next((entry["headline"] for entry in summary.values() if isinstance(entry.get("headline"), str)), None)
+    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions, headline=headline))
     return 0
 
 

@@ -122,6 +122,11 @@ class RunConfig:
     best_metric: str | None = attrs.field(
         default=None, metadata=doc("a registered metric that picks each model's best epoch on validation (unset: loss, or the checkpoint's metric)")
     )
+    task: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(one_of("classification", "regression", "segmentation")),
+        metadata=doc('"classification", "regression" or "segmentation": the headline metric of the table (unset: inferred from the data)'),
+    )
 
 
 DEFAULT_TRAIN_RATIO = 0.8

@@ -28,7 +28,7 @@ from izitorch.errors import IzitorchError, ManifestError, TrainingError, describ
 
 DIRECTIONS = ("higher", "lower")
 #: Other spellings a user may write for a value name (``metric = "acc"``).
-ALIASES = {"acc": "accuracy", "iou": "IoU"}
+ALIASES = {"acc": "accuracy", "iou": "IoU", "f1": "F1", "r2": "R2"}
 #: The built-in values, listed (and shown) first, in this order.
 HEADLINE = ("loss", "accuracy", "IoU")
 

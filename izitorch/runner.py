@@ -70,7 +70,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
-    session.dataset, session.slots = dry_run(config, session.device, session.selection)
+    session.dataset, session.slots, session.task = dry_run(config, session.device, session.selection)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))

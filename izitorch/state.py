@@ -161,6 +161,7 @@ class Run:
     stop_flag: Any = None  # izitorch.guard.StopFlag: set by SIGINT/SIGTERM, read after every step
     stacks: list = attrs.field(factory=list)  # izitorch.stacks.Stack: the models as the loop steps them
     grouping: list[str] = attrs.field(factory=list)  # why models were (not) grouped, for the console
+    task: str | None = None  # "classification", "regression", "segmentation" (izitorch.tasks), None where unclear
 
     @property
     def hook(self) -> Any:

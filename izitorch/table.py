@@ -15,6 +15,8 @@ BUILTIN_DIRECTIONS = {"loss": "lower", "accuracy": "higher", "IoU": "higher"}
 #: Scalar entries of the scores that are not metrics.
 NOT_METRICS = ("epoch", "folds", "skipped_batches")
 OTHER_FORMAT = "{:.4f}"
+#: Balanced and top-k accuracy are percentages, as accuracy is.
+PERCENT_FORMAT = "{:.2f}"
 
 
 def is_metric(key: str, value: Any) -> bool:
@@ -28,20 +30,27 @@ def columns(keys: Iterable[str], directions: dict[str, str]) -> list[tuple[str, 
     keys = list(dict.fromkeys(keys))
     shown = [column for column in COLUMNS if column[0] in keys]
     headline = {key for key, _, _ in COLUMNS}
-    shown += [(key, key + ("↓" if directions.get(key) == "lower" else ""), OTHER_FORMAT) for key in keys if key not in headline]
+    shown += [
+        (key, key + ("↓" if directions.get(key) == "lower" else ""), PERCENT_FORMAT if key.endswith("accuracy") else OTHER_FORMAT)
+        for key in keys
+        if key not in headline
+    ]
     return shown
 
 
-def comparison_table(results: dict[str, list[dict]], parameters: dict[str, int] | None = None, directions: dict[str, str] | None = None) -> str:
+def comparison_table(
+    results: dict[str, list[dict]], parameters: dict[str, int] | None = None, directions: dict[str, str] | None = None, headline: str | None = None
+) -> str:
     """Final test scores per model (mean ± std over folds), one row per model, best first: by
-    accuracy when there is one, else by the first other metric in its direction (``directions``,
-    value name -> "higher" / "lower"; the built-in metrics' by default)."""
+    ``headline`` (the task's metric, :mod:`izitorch.tasks`) when the scores have it, else by
+    accuracy when there is one, else by the first other metric in its direction
+    (``directions``, value name -> "higher" / "lower"; the built-in metrics' by default)."""
     parameters = parameters or {}
     directions = {**BUILTIN_DIRECTIONS, **(directions or {})}
     shown = columns([key for folds in results.values() for fold in folds for key, value in fold.items() if is_metric(key, value)], directions)
     header = ["model", "params", "folds"] + [label for _, label, _ in shown]
     rows = []
-    ranked = [key for key, _, _ in shown if key != "loss" and key in directions] + ["loss"]
+    ranked = ([headline] if headline in directions else []) + [key for key, _, _ in shown if key != "loss" and key in directions] + ["loss"]
     rank = next((key for key in ranked if any(key in fold for folds in results.values() for fold in folds)), None)
 
     def order(item: tuple[str, list[dict]]) -> float:

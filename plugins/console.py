@@ -21,6 +21,7 @@ from izitorch.hookspecs import hookimpl
 from izitorch.metrics import metric_directions
 from izitorch.streams import say, silence
 from izitorch.table import columns, comparison_table, is_metric
+from izitorch.tasks import headline
 
 
 def _advance(bar: tqdm) -> None:
@@ -123,5 +124,6 @@ class ConsolePlugin:
 
     @hookimpl
     def izitorch_run_finish(self, run, results) -> None:
-        self._print(comparison_table(results, {s.name: s.parameter_count() for s in run.slots}, metric_directions(run)))
+        parameters = {s.name: s.parameter_count() for s in run.slots}
+        self._print(comparison_table(results, parameters, metric_directions(run), headline(run.task)))
         self._print(f"izitorch: results in {run.res_dir}")

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
-from izitorch.hookspecs import hookimpl
+from izitorch.config import at_least, doc
 from izitorch.data import host_to_device
+from izitorch.hookspecs import hookimpl
+from izitorch.options import plugin_options
+from izitorch import torchmetrics_bridge
+from izitorch.regression import RegressionMeter
 
 
 #: Predictions (or losses) kept before they are counted in bulk: bounds the memory a phase
@@ -134,12 +139,49 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
     """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
-    for all K at once (one numpy operation each, not one per member)."""
+    for all K at once (one numpy operation each, not one per member).
+
+    Per class (lists of C, in ``per_class``): precision, recall, F1 and IoU, 0 where the ratio
+    has nothing to divide by (a class never predicted, or absent: scikit-learn's
+    ``zero_division=0``). Macro precision, recall and F1 average them over the classes present
+    in truth or prediction (scikit-learn's default labels); balanced accuracy (%) is the mean
+    recall over the classes present in truth.
+    """
     diagonal = np.diagonal(matrices, axis1=1, axis2=2)
-    truths = matrices.sum(axis=2)
+    truths, predictions = matrices.sum(axis=2), matrices.sum(axis=1)
     accs = _accuracies(diagonal, truths)
-    ious = _mean_ious(diagonal, truths, matrices.sum(axis=1))
-    return [{"accuracy": acc, "IoU": iou, "confusion_matrix": matrix} for acc, iou, matrix in zip(accs.tolist(), ious.tolist(), matrices)]
+    ious = _mean_ious(diagonal, truths, predictions)
+    tp = diagonal.astype(np.float64)
+    precision, recall = _ratio(tp, predictions), _ratio(tp, truths)
+    f1, iou = _ratio(2 * tp, truths + predictions), _ratio(tp, truths + predictions - tp)
+    present = (truths + predictions) > 0
+    macro = [_mean_where(values, present) for values in (precision, recall, f1)]
+    balanced = [100.0 * value for value in _mean_where(recall, truths > 0)]
+    accs, ious = accs.tolist(), ious.tolist()
+    return [
+        {
+            "accuracy": accs[k],
+            "IoU": ious[k],
+            "balanced_accuracy": balanced[k],
+            "precision": macro[0][k],
+            "recall": macro[1][k],
+            "F1": macro[2][k],
+            "confusion_matrix": matrices[k],
+            "per_class": {"precision": precision[k].tolist(), "recall": recall[k].tolist(), "F1": f1[k].tolist(), "IoU": iou[k].tolist()},
+        }
+        for k in range(len(matrices))
+    ]
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator``, 0 where the denominator is 0 (``zero_division=0``)."""
+    return np.divide(numerator, denominator, out=np.zeros(numerator.shape), where=denominator > 0)
+
+
+def _mean_where(values: np.ndarray, counted: np.ndarray) -> list[float]:
+    """Each row's mean of ``values`` ``[K, C]`` over the columns where ``counted`` (0 for none)."""
+    counts = counted.sum(axis=1)
+    return np.divide(np.where(counted, values, 0.0).sum(axis=1), counts, out=np.zeros(len(values)), where=counts > 0).tolist()
 
 
 class LossMeter:
@@ -175,7 +217,7 @@ class ConfusionMeter:
     ``ignore_index``) are left out; with ``mask``, member ``k`` counts only its own samples.
     """
 
-    names = {"accuracy": "higher", "IoU": "higher"}
+    names = {"accuracy": "higher", "IoU": "higher", "balanced_accuracy": "higher", "precision": "higher", "recall": "higher", "F1": "higher"}
 
     def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
         self.num_classes = num_classes
@@ -207,6 +249,53 @@ class ConfusionMeter:
         if matrices is None:
             return [{} for _ in range(self.members)]
         return _scores(matrices)
+
+
+class TopKMeter:
+    """Top-k accuracy (%): the share of samples whose true class is among a member's k highest
+    class scores, for class scores ``[K, B, C, ...]`` and integer targets, when ``C > k``.
+
+    One ``topk`` per batch, counted on the device; targets outside ``[0, C)`` are left out, and
+    with ``mask`` member ``k`` counts only its own samples. Registered by
+    ``[plugins.metrics] top_k`` (:func:`top_k_meter` names the value ``top<k>_accuracy``).
+    """
+
+    k = 5
+    names: dict[str, str] = {}
+
+    def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
+        self.members = members
+        self.hits: torch.Tensor | None = None
+        self.counted: torch.Tensor | None = None
+        self.applies = True
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if not self.applies:
+            return
+        if target.is_floating_point() or outputs.ndim < 3 or outputs.shape[1] != target.shape[0] or outputs.shape[2] <= self.k:
+            self.applies = False
+            return
+        classes = outputs.shape[2]
+        best = outputs.topk(self.k, dim=2).indices  # [K, B, k, ...]
+        hit = (best == target.unsqueeze(1).unsqueeze(0)).any(2)  # [K, B, ...]
+        valid = (target >= 0) & (target < classes)
+        keep = valid.unsqueeze(0).expand_as(hit)
+        if mask is not None:
+            keep = keep & mask.reshape(*mask.shape, *([1] * (hit.ndim - 2)))
+        hits, counted = (hit & keep).reshape(self.members, -1).sum(1), keep.reshape(self.members, -1).sum(1)
+        self.hits = hits if self.hits is None else self.hits + hits
+        self.counted = counted if self.counted is None else self.counted + counted
+
+    def compute(self) -> list[dict[str, Any]]:
+        if not self.applies or self.hits is None:
+            return [{} for _ in range(self.members)]
+        name = next(iter(self.names))
+        return [{name: 100.0 * hits / counted} if counted else {} for hits, counted in zip(self.hits.tolist(), self.counted.tolist())]
+
+
+def top_k_meter(k: int) -> type[TopKMeter]:
+    """The :class:`TopKMeter` factory of ``k``, declaring its value ``top<k>_accuracy``."""
+    return type(f"Top{k}Meter", (TopKMeter,), {"k": k, "names": {f"top{k}_accuracy": "higher"}})
 
 
 def count_cells(pairs: torch.Tensor, cells: int) -> torch.Tensor:
@@ -262,7 +351,40 @@ def _mean_ious(diagonal: np.ndarray, truths: np.ndarray, predictions: np.ndarray
     return np.divide(ious.sum(axis=1), classes, out=np.zeros(len(tp)), where=classes > 0)
 
 
+@attrs.frozen
+class MetricsOptions:
+    top_k: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(at_least(2)),
+        metadata=doc("also count top-k accuracy (top<k>_accuracy, %) for this k, where there are more than k classes"),
+    )
+    extra: list = attrs.field(
+        factory=list, metadata=doc('torchmetrics metrics: [{ class = "torchmetrics.classification:MulticlassAUROC", num_classes = 10, direction = "higher" }]')
+    )
+
+
+izitorch_options = MetricsOptions  # what `izitorch plugins` lists
+
+#: The options of the run being configured: the module is the plugin, and ``izitorch_configure``
+#: runs before ``izitorch_register_metrics`` in every run.
+_options = MetricsOptions()
+_extra: list[tuple[str, type]] = []  # (name, factory) of each torchmetrics metric of ``extra``
+
+
+@hookimpl
+def izitorch_configure(config) -> None:
+    global _options, _extra
+    options = plugin_options(config, "metrics", MetricsOptions)
+    extra = torchmetrics_bridge.factories(options.extra, config.source) if options.extra else []
+    _options, _extra = options, extra  # both or neither: a refused table leaves no half of itself
+
+
 @hookimpl
 def izitorch_register_metrics(register) -> None:
     register("loss", LossMeter)
     register("classification", ConfusionMeter)
+    register("regression", RegressionMeter)
+    if _options.top_k is not None:
+        register("top_k", top_k_meter(_options.top_k))
+    for name, factory in _extra:
+        register(f"torchmetrics:{name}", factory)

@@ -26,6 +26,7 @@ from izitorch.hookspecs import hookimpl
 from izitorch.version import __version__
 from izitorch.io import write_json, write_pickle, write_text
 from izitorch.metrics import metric_directions
+from izitorch.tasks import headline
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
@@ -133,6 +134,8 @@ class TrainlogPlugin:
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
             summary = scalars(final)
+            if "per_class" in final:  # lists of floats, one per class: in the final scores only
+                summary["per_class"] = final["per_class"]
             summary["epoch"] = slot.kept_epoch if slot.kept_epoch is not None else fold.epoch
             if slot.stopped:
                 summary["stopped"] = slot.stopped
@@ -146,6 +149,8 @@ class TrainlogPlugin:
             summary[name] = aggregate([scalars(f) for f in folds])
             # which way is better, for `izitorch report` (declared metrics only)
             summary[name]["directions"] = {key: directions[key] for key in summary[name]["mean"] if key in directions}
+            if headline(run.task) in summary[name]["mean"]:  # the task's metric, that `izitorch report` ranks by
+                summary[name]["headline"] = headline(run.task)
             if len(folds) > 1:
                 write_json(run.res_dir / name / "overall.json", summary[name])
         write_json(run.res_dir / "results.json", summary)

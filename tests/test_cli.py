@@ -237,11 +237,12 @@ def test_report_prints_the_table(finished, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "final test scores:"
-    assert lines[1].split() == ["model", "params", "folds", "loss", "acc", "%", "IoU"]
+    assert lines[1].split() == ["model", "params", "folds", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1"]
     row = lines[3].split()
     assert row[0] == "mlp" and row[2] == "1"
     mean = summary["mlp"]["mean"]
-    assert row[3:] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
+    assert row[3:6] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
+    assert row[6:] == [f"{mean['balanced_accuracy']:.2f}", *(f"{mean[key]:.4f}" for key in ("precision", "recall", "F1"))]
     assert len(lines) == 4
 
 

@@ -35,6 +35,7 @@ from izitorch.plugins.checkpoint import CheckpointOptions
 from izitorch.plugins.early_stop import EarlyStopOptions
 from izitorch.plugins.grad_clip import GradClipOptions
 from izitorch.plugins.kfold import KFoldOptions
+from izitorch.plugins.metrics import MetricsOptions
 
 from conftest import TINY_MANIFEST, cli, error_of, run_cli
 
@@ -266,6 +267,8 @@ def test_version_prints_the_version(capsys):
 
 
 def toml(value) -> str:
+    if isinstance(value, attrs.Factory):  # a default built per instance (an empty list)
+        value = value.factory()
     return "(unset)" if value is None else json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
 
 
@@ -275,13 +278,19 @@ def test_plugins_lists_the_loop_and_each_plugins_options(capsys):
     lines = out.splitlines()
     assert lines[0] == f"loop {izitorch.__version__} (essential) -> izitorch.loop"
     assert lines[1].startswith("    hooks: izitorch_") and "izitorch_run_folds" in lines[1]
-    for name, cls in [("checkpoint", CheckpointOptions), ("early_stop", EarlyStopOptions), ("grad_clip", GradClipOptions), ("kfold", KFoldOptions)]:
+    for name, cls in [
+        ("checkpoint", CheckpointOptions),
+        ("early_stop", EarlyStopOptions),
+        ("grad_clip", GradClipOptions),
+        ("kfold", KFoldOptions),
+        ("metrics", MetricsOptions),
+    ]:
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
         shown = [line for line in lines[head + 2 : head + 2 + len(attrs.fields(cls))]]
         expected = [f"    [plugins.{name}] {field.name} = {toml(field.default)}: {field.metadata['doc']}" for field in attrs.fields(cls)]
         assert shown == expected
         assert all(field.metadata["doc"] for field in attrs.fields(cls))
-    for name in ("holdout", "metrics", "trainlog", "console"):  # no table of their own
+    for name in ("holdout", "trainlog", "console"):  # no table of their own
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{name} "))
         assert head + 2 == len(lines) or not lines[head + 2].startswith("    [plugins.")
 

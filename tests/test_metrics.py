@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 
 from izitorch.plugins import metrics
+from izitorch.regression import RegressionMeter
 from izitorch.plugins.metrics import ConfusionMeter, LossMeter, _scores, accuracies, accuracy, izitorch_register_metrics, mean_iou, mean_ious
 
 BATCHES = (7, 32, 1, 50, 13)  # uneven, with a batch of one
@@ -180,11 +181,21 @@ def test_scores_of_a_stack_equal_each_matrix_on_its_own():
         np.testing.assert_array_equal(scores["confusion_matrix"], matrices[k])
 
 
-def test_register_metrics_registers_loss_and_classification():
+def test_register_metrics_registers_loss_classification_and_regression(monkeypatch):
+    monkeypatch.setattr(metrics, "_options", metrics.MetricsOptions())  # no [plugins.metrics] table (an earlier test's run may have set one)
+    monkeypatch.setattr(metrics, "_extra", [])
     registered = {}
     izitorch_register_metrics(register=registered.__setitem__)
-    assert registered == {"loss": LossMeter, "classification": ConfusionMeter}
-    assert LossMeter.names == {"loss": "lower"} and ConfusionMeter.names == {"accuracy": "higher", "IoU": "higher"}
+    assert registered == {"loss": LossMeter, "classification": ConfusionMeter, "regression": RegressionMeter}
+    assert LossMeter.names == {"loss": "lower"}
+    assert ConfusionMeter.names == {
+        "accuracy": "higher",
+        "IoU": "higher",
+        "balanced_accuracy": "higher",
+        "precision": "higher",
+        "recall": "higher",
+        "F1": "higher",
+    }
 
 
 def stacked_batches(generator, members=3, classes=5, sizes=BATCHES):

@@ -126,21 +126,23 @@ def test_a_registered_mae_is_logged_shown_reported_and_picks_the_best_epoch(tmp_
     assert final["mae"] == pytest.approx(expected, rel=1e-5)
     summary = read_json(res / "results.json")["mlp"]
     assert summary["mean"]["mae"] == pytest.approx(expected, rel=1e-5)
-    assert summary["directions"] == {"mae": "lower", "loss": "lower"}
+    # the built-in regression values are there too (izitorch's MAE, and this plugin's mae)
+    assert summary["directions"] == {"mae": "lower", "loss": "lower", "MAE": "lower", "MSE": "lower", "RMSE": "lower", "R2": "higher"}
+    assert summary["mean"]["MAE"] == pytest.approx(expected, rel=1e-5)
 
     # the console: every epoch line and the final table show it, marked lower-is-better
     lines = out.splitlines()
     for epoch in range(1, 5):
         line = next(line for line in lines if line.startswith(f"epoch {epoch}/4: "))
-        assert line.endswith(f"mlp [val] loss {log[str(epoch)]['val_loss']:.4f} mae↓ {val[epoch]:.4f}")
+        assert f"mlp [val] loss {log[str(epoch)]['val_loss']:.4f} mae↓ {val[epoch]:.4f} MAE↓ " in line
     table = lines[lines.index("final test scores:") + 1 :]
-    assert table[0].split() == ["model", "params", "folds", "loss", "mae↓"]
-    assert table[2].split()[-1] == f"{expected:.4f}"
+    assert table[0].split() == ["model", "params", "folds", "loss", "mae↓", "MAE↓", "MSE↓", "RMSE↓", "R2"]
+    assert table[2].split()[4] == f"{expected:.4f}"
 
     code, report, err = cli(capsys, "report", res)
     assert (code, err) == (0, "")
-    assert report.splitlines()[1].split() == ["model", "params", "folds", "loss", "mae↓"]
-    assert report.splitlines()[3].split()[-1] == f"{summary['mean']['mae']:.4f}"
+    assert report.splitlines()[1].split() == ["model", "params", "folds", "loss", "mae↓", "MAE↓", "MSE↓", "RMSE↓", "R2"]
+    assert report.splitlines()[3].split()[4] == f"{summary['mean']['mae']:.4f}"
 
 
 def test_early_stop_on_mae_stops_when_it_does_not_improve(tmp_path, capsys):
@@ -153,7 +155,8 @@ def test_early_stop_on_mae_stops_when_it_does_not_improve(tmp_path, capsys):
     assert final["stopped"] == "early stop at epoch 2: no mae improvement for 1 evaluations"
 
 
-MAE_KNOWN = "known: loss, accuracy/acc, IoU/iou, mae"
+BUILTIN_KNOWN = "loss, accuracy/acc, IoU/iou, balanced_accuracy, precision, recall, F1/f1, MAE, MSE, RMSE, R2/r2"
+MAE_KNOWN = f"known: {BUILTIN_KNOWN.replace('IoU/iou', 'IoU/iou, mae')}"  # the plugin registers before the built-ins
 
 
 @pytest.mark.parametrize(
@@ -164,12 +167,12 @@ MAE_KNOWN = "known: loss, accuracy/acc, IoU/iou, mae"
             f'plugins.checkpoint.metric: "mea" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
         ),
         (
-            '[plugins.checkpoint]\nmetric = "f1"\n',  # written, so checked even when "last" does not compare it
-            f'plugins.checkpoint.metric: "f1" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
+            '[plugins.checkpoint]\nmetric = "f2"\n',  # written, so checked even when "last" does not compare it
+            f'plugins.checkpoint.metric: "f2" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
         ),
         (
-            '[plugins.early_stop]\nmetric = "MAE"\n',
-            f'plugins.early_stop.metric: "MAE" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
+            '[plugins.early_stop]\nmetric = "Mae"\n',
+            f'plugins.early_stop.metric: "Mae" is not a registered metric ({MAE_KNOWN}); register it with izitorch_register_metrics or fix the name',
         ),
     ],
 )
@@ -189,8 +192,8 @@ def test_a_legacy_metric_cannot_pick_the_best_epoch(tmp_path, capsys):
     code, out, err = cli(capsys, "validate", path)
     assert (code, out) == (2, "")
     assert error_of(err) == (
-        f'{path}: plugins.checkpoint.metric: "legacy_mae" is not a registered metric (known: loss, accuracy/acc, '
-        "IoU/iou); metrics registered without declared names (legacy) cannot be compared: give the factory "
+        f'{path}: plugins.checkpoint.metric: "legacy_mae" is not a registered metric (known: {BUILTIN_KNOWN}); '
+        "metrics registered without declared names (legacy) cannot be compared: give the factory "
         'names = {"<value>": "higher" | "lower"}, or fix the name'
     )
 
@@ -325,12 +328,13 @@ FACTORIES = {"loss": LossMeter, "classification": ConfusionMeter, "mae": mae_fac
 
 
 def test_directions_and_names_come_from_the_registered_metrics():
-    assert directions(FACTORIES) == {"loss": "lower", "accuracy": "higher", "IoU": "higher", "mae": "lower", "acc": "higher", "iou": "higher"}
+    classification = dict.fromkeys(("accuracy", "IoU", "balanced_accuracy", "precision", "recall", "F1", "acc", "iou", "f1"), "higher")
+    assert directions(FACTORIES) == {"loss": "lower", "mae": "lower", **classification}
     assert [resolve(name, FACTORIES) for name in ("loss", "acc", "accuracy", "iou", "IoU", "mae")] == ["loss", "accuracy", "accuracy", "IoU", "IoU", "mae"]
     with pytest.raises(ManifestError) as info:
         resolve("Loss", FACTORIES, "plugins.x.metric")
     assert str(info.value) == (
-        'plugins.x.metric: "Loss" is not a registered metric (known: loss, accuracy/acc, IoU/iou, mae); '
+        'plugins.x.metric: "Loss" is not a registered metric (known: loss, accuracy/acc, IoU/iou, balanced_accuracy, precision, recall, F1/f1, mae); '
         "register it with izitorch_register_metrics or fix the name"
     )
     assert better("lower", 0.1, 0.2) and not better("lower", 0.2, 0.1) and better("higher", 0.2, 0.1)
@@ -411,13 +415,13 @@ def test_a_third_party_option_declared_with_metric_option_is_checked(write_manif
     @attrs.frozen
     class WatchOptions:
         on: bool = False
-        watch: str = metric_option("f1", "what to watch", used=lambda options: options.on)
+        watch: str = metric_option("f2", "what to watch", used=lambda options: options.on)
 
     plugin = type("Watch", (), {"izitorch_options": WatchOptions})
     for table, refused in (
         ("", False),
         ("[plugins.watch]\non = true\n", True),
-        ('[plugins.watch]\nwatch = "f1"\n', True),
+        ('[plugins.watch]\nwatch = "f2"\n', True),
         ('[plugins.watch]\nwatch = "acc"\non = true\n', False),
     ):
         config = load_manifest(write_manifest(TINY_MANIFEST_HEAD + table))
@@ -426,4 +430,4 @@ def test_a_third_party_option_declared_with_metric_option_is_checked(write_manif
             continue
         with pytest.raises(ManifestError) as info:
             check_metric_options([("watch", plugin)], config, FACTORIES)
-        assert str(info.value).startswith(f'{config.source}: plugins.watch.watch: "f1" is not a registered metric (known: ')
+        assert str(info.value).startswith(f'{config.source}: plugins.watch.watch: "f2" is not a registered metric (known: ')

@@ -19,9 +19,10 @@ from izitorch.models import MLP
 from conftest import ROOT, plain_scores, run_cli
 
 SIZE = 300  # the tiny manifest's dataset
-TRAIN_KEYS = {"loss", "accuracy", "IoU", "train_step_time", "lr"}
-TEST_KEYS = {"test_loss", "test_accuracy", "test_IoU", "inference_time"}
-VAL_KEYS = {"val_loss", "val_accuracy", "val_IoU", "inference_time"}
+CLASSIFICATION = ("loss", "accuracy", "IoU", "balanced_accuracy", "precision", "recall", "F1")
+TRAIN_KEYS = {*CLASSIFICATION, "train_step_time", "lr"}
+TEST_KEYS = {*(f"test_{key}" for key in CLASSIFICATION), "inference_time"}
+VAL_KEYS = {*(f"val_{key}" for key in CLASSIFICATION), "inference_time"}
 SCORES = ("loss", "accuracy", "IoU")
 NOISY_SGD = 'models[0].optimizer={ class = "torch.optim:SGD", lr = 0.5 }'
 

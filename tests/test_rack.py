@@ -326,7 +326,7 @@ def test_launch_without_models_or_dataset(tmp_path):
         (["--device", "gpu"], "--device"),
         (["--num_workers", "-1"], "--num_workers"),
         (["--kfold", "1"], "--kfold"),  # checked by the kfold plugin, still named by its flag
-        (["--metric_best", "f1"], "--metric_best"),
+        (["--metric_best", "f2"], "--metric_best"),
         (["--grad_clip", "-1"], "--grad_clip"),
     ],
 )

@@ -137,7 +137,7 @@ def test_last_overrides_the_checkpoint_best_policy(manifest, capsys):
     [
         ({"run.test_weights": "best"}, "run.test_weights", "without a validation set that is the test set"),
         ({"run.test_weights": "first"}, "run.test_weights", 'expected one of "last", "best"'),
-        ({"run.best_metric": "f1", "data.validation": True}, "run.best_metric", '"f1" is not a registered metric'),
+        ({"run.best_metric": "f2", "data.validation": True}, "run.best_metric", '"f2" is not a registered metric'),
         (
             {"run.best_metric": "acc", "plugins.checkpoint": {"policy": "best", "metric": "loss"}},
             "plugins.checkpoint.metric",

@@ -1,0 +1,111 @@
+"""Metrics of ``torchmetrics`` named in the manifest, as first-class izitorch metrics.
+
+``[plugins.metrics] extra = [{ class = "torchmetrics.classification:MulticlassAUROC",
+num_classes = 10, direction = "higher", name = "AUROC" }]``: each entry names a
+``torchmetrics.Metric`` class, the direction that is better, and optionally the value's name
+(default: the class name); its other keys are the class's arguments. The value is shown, logged,
+tabled, and usable as ``[run] best_metric`` or ``[plugins.early_stop] metric``.
+
+torchmetrics is an optional extra (``pip install 'izitorch[torchmetrics]'``). Each member of a
+stack gets its own instance, fed each batch's outputs of that member (its own samples, with a
+sample mask: boolean indexing, so one device synchronisation per batch and member).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from izitorch.errors import ManifestError, TrainingError, describe, error_text, join_path
+from izitorch.references import check_arguments, resolve
+
+DIRECTIONS = ("higher", "lower")
+INSTALL = "pip install 'izitorch[torchmetrics]'"
+
+
+def factories(entries: list[Any], source: str = "") -> list[tuple[str, type]]:
+    """``(value name, factory)`` of each entry of ``extra``; a one-line ``ManifestError`` at
+    ``plugins.metrics.extra[i].<key>`` for an entry that does not fit."""
+    built = []
+    for index, entry in enumerate(entries):
+        path = join_path("plugins.metrics.extra", index)
+        try:
+            built.append(_factory(entry))
+        except ManifestError as error:
+            raise error.located(source=source, prefix=path) from None
+    return built
+
+
+def _factory(entry: Any) -> tuple[str, type]:
+    if not isinstance(entry, dict):
+        raise ManifestError(
+            f'expected a table such as {{ class = "torchmetrics.classification:MulticlassAUROC", direction = "higher" }}, found {describe(entry)}'
+        )
+    params = dict(entry)
+    reference, direction, name = params.pop("class", None), params.pop("direction", None), params.pop("name", None)
+    if not isinstance(reference, str):
+        raise ManifestError(f'expected a "module:Class" reference to a torchmetrics metric, found {describe(reference)}', "class")
+    if direction not in DIRECTIONS:
+        raise ManifestError(f'expected "higher" or "lower" (which way is better), found {describe(direction)}', "direction")
+    try:
+        import torchmetrics
+    except ImportError:
+        raise ManifestError(f"names a torchmetrics metric, and torchmetrics is not installed: {INSTALL}", "class") from None
+    try:
+        cls = resolve(reference)
+    except ManifestError as error:
+        raise error.located(prefix="class") from None
+    if not (isinstance(cls, type) and issubclass(cls, torchmetrics.Metric)):
+        raise ManifestError(f"{describe(reference)} is not a torchmetrics.Metric class", "class")
+    check_arguments(cls, params)
+    try:  # torchmetrics checks its keyword arguments when built (a signature of **kwargs says nothing)
+        cls(**params)
+    except Exception as error:
+        raise ManifestError(f"building {cls.__name__} failed: {error_text(error)}; fix its arguments") from None
+    name = cls.__name__ if name is None else name
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"expected the value's name, found {describe(name)}", "name")
+    return name, type(f"{cls.__name__}Meter", (TorchMetricMeter,), {"names": {name: direction}, "metric_class": cls, "params": params})
+
+
+class TorchMetricMeter:
+    """One ``torchmetrics.Metric`` per member, as a meter of the metric protocol; subclassed by
+    :func:`factories` with ``names``, ``metric_class`` and ``params``."""
+
+    names: dict[str, str] = {}
+    metric_class: Any = None
+    params: dict[str, Any] = {}
+
+    def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
+        self.metrics = [self.metric_class(**self.params) for _ in range(members)]
+        self.counted = [False] * members
+        self.device: torch.device | None = None
+
+    def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if self.device != outputs.device:
+            self.metrics = [metric.to(outputs.device) for metric in self.metrics]
+            self.device = outputs.device
+        for k, metric in enumerate(self.metrics):
+            if mask is None:
+                metric.update(outputs[k], target)
+            elif bool(mask[k].any()):
+                metric.update(outputs[k][mask[k]], target[mask[k]])
+            else:
+                continue
+            self.counted[k] = True
+
+    def compute(self) -> list[dict[str, Any]]:
+        name = next(iter(self.names))
+        values = []
+        for metric, counted in zip(self.metrics, self.counted):
+            if not counted:
+                values.append({})
+                continue
+            value = metric.compute()
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise TrainingError(
+                    f'metric "{name}": {type(metric).__name__}.compute() returned {describe(value)}, not one number; choose an average that gives one'
+                )
+            values.append({name: float(value)})
+        return values
