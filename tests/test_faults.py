@@ -597,7 +597,7 @@ def test_a_vectorized_group_whose_output_is_too_narrow_is_named_before_its_crite
         f"{path}: model mlp: output (4, 4) has 4 classes but num_classes = 10 (target (4,)); check that "
         "the model's output size matches num_classes and that labels lie in [0, num_classes)"
     )
-    monkeypatch.setattr("izitorch.checks.forward_loss", lambda *args: None)  # an output that narrows during training
+    monkeypatch.setattr("izitorch.checks.forward_loss", lambda *args: (None, None))  # an output that narrows during training
     code, _, err = cli(capsys, "run", path, "--overwrite")
     assert code == 1
     assert error_of(err) == (
