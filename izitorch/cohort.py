@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 import torch
@@ -104,6 +104,22 @@ def new_scalers(run: Run, stacks: list[Stack]) -> list[Any]:
     return [precision.new_scaler(run.config.run.precision, run.device) for _ in stacks]
 
 
+def read(loader: Any, failure: Callable[[Exception], Exception]) -> Iterator[Any]:
+    """Each batch of ``loader``; a failure to give one is raised as ``failure(error)`` (one line),
+    an :class:`IzitorchError` as it is."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except IzitorchError:
+            raise
+        except Exception as error:
+            raise failure(error) from None
+        yield batch
+
+
 def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor | None]]:
     """``(inputs, target, rows or None)`` on the run's device for each batch of ``phase``.
 
@@ -114,16 +130,7 @@ def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.T
     device, non_blocking = run.device, run.device.type == "cuda"
     loader = cohort.loaders[phase]
     move = not getattr(loader, "on_device", False)
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except IzitorchError:
-            raise
-        except Exception as error:
-            raise loading_error(run.config, error, f"the {phase} set{_where(cohort)}") from None
+    for batch in read(loader, lambda error: loading_error(run.config, error, f"the {phase} set{_where(cohort)}")):
         if move:
             batch = to_device(batch, device, non_blocking)
         if cohort.with_rows:

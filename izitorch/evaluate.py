@@ -117,7 +117,7 @@ def batches(run: TrainedRun, dataset: Dataset, indices: np.ndarray, device: torc
     """``(inputs, target)`` batches of ``dataset[indices]`` in order, on ``device``: a
     ``TensorDataset`` by slicing its tensors (as a run's evaluation does), any other through a
     ``DataLoader``. A sample that fails to load is one line naming it."""
-    from izitorch.cohort import unpack
+    from izitorch.cohort import read, unpack
     from izitorch.data import Guarded, loading_error, to_device
 
     size = batch_size or run.config.run.batch_size
@@ -130,20 +130,15 @@ def batches(run: TrainedRun, dataset: Dataset, indices: np.ndarray, device: torc
             yield to_device(inputs, device, False), to_device(target, device, False)
         return
     loader = DataLoader(Subset(Guarded(dataset), indices.tolist()), batch_size=size, shuffle=False, num_workers=run.config.run.num_workers)
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except IzitorchError:
-            raise
-        except Exception as error:
-            failure = loading_error(run.config, error, "the evaluated set")
-            raise IzitorchError(failure.message, failure.path) from None
+    for batch in read(loader, lambda error: _as_setup_error(loading_error(run.config, error, "the evaluated set"))):
         with _setup("--data"):
             inputs, target = unpack(batch)
         yield to_device(inputs, device, False), to_device(target, device, False)
+
+
+def _as_setup_error(failure: IzitorchError) -> IzitorchError:
+    """A dataset failing under ``evaluate`` is the user's data to fix (exit 2), not a training failure."""
+    return IzitorchError(failure.message, failure.path)
 
 
 def score(run: TrainedRun, slot: Any, data: EvaluationData, fold: int, factories: dict, device: torch.device) -> dict[str, Any]:
