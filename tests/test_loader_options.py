@@ -14,26 +14,14 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 import izitorch
+from test_data import PerSample
 from izitorch import cli
 from izitorch.data import TensorBatchLoader, make_loaders
 from izitorch.datasets import digits
 from izitorch.state import Split
-
-
-class PerSample(Dataset):
-    """The same data behind ``__getitem__``: the DataLoader path, with the labels at hand."""
-
-    def __init__(self, base: TensorDataset) -> None:
-        self.base, self.targets = base, base.tensors[1]
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index):
-        return self.base[index]
 
 
 def collate_doubling(items):
@@ -196,17 +184,13 @@ def test_a_lone_model_with_the_options_matches_the_fast_path_run(manifest, tmp_p
     """drop_last, eval_batch_size and balanced sampling on the fast path give the DataLoader's run."""
     options = {"data.sampler": "balanced", "data.drop_last": True, "data.eval_batch_size": 5}
     fast = manifest({**options, "run.res_dir": (tmp_path / "fast").as_posix()}, name="fast.toml")
-    slow = manifest({**options, "run.res_dir": (tmp_path / "slow").as_posix(), "data.dataset": "test_loader_options:per_sample_digits"}, name="slow.toml")
+    slow = manifest({**options, "run.res_dir": (tmp_path / "slow").as_posix(), "data.dataset": "test_data:per_sample_digits"}, name="slow.toml")
     for path in (fast, slow):
         code, err = run_cli(capsys, "run", str(path))
         assert code == 0, err
     logs = [json.loads((tmp_path / res / "mlp" / "trainlog.json").read_text()) for res in ("fast", "slow")]
     assert without_times(logs[0]) == without_times(logs[1])
     assert pickle.loads((tmp_path / "fast" / "Dataset_split.pkl").read_bytes()) == pickle.loads((tmp_path / "slow" / "Dataset_split.pkl").read_bytes())
-
-
-def per_sample_digits(limit: int = 300) -> PerSample:
-    return PerSample(digits(limit=limit))
 
 
 @pytest.mark.parametrize(
