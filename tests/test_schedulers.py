@@ -19,26 +19,7 @@ from torch import nn
 
 from conftest import KILLER, cli, error_of, run_cli
 from izitorch.datasets import digits
-
-MODELS = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    """A small MLP whose initial weights depend on ``seed`` only (not on the global generator)."""
-
-    def __init__(self, seed: int = 0, hidden: int = 8):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(64, hidden), nn.Linear(hidden, 10)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in self.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-'''
+from test_engine_capabilities import MODELS  # a small MLP seeded by its own parameter
 
 # The digits with NaN pixels in their first rows: a training batch holding one has a NaN loss.
 NAN_DATA = """
