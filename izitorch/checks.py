@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from izitorch import precision, tasks
+from izitorch import precision, schedules, tasks
 from izitorch.config import BALANCED, Config
 from izitorch.data import Guarded, balanced_labels, batch_kind, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
@@ -26,27 +26,30 @@ from izitorch.splits import class_labels, sample_groups
 from izitorch.cohort import unpack
 from izitorch.stacks import forward_loss
 from izitorch.reproducibility import deterministic_algorithms
-from izitorch.selection import Selection
+from izitorch.selection import Selection, resolve_selection
 from izitorch.state import Slot
 
 #: Samples in the dry run's batch: enough for a model that needs more than one, and cheap.
 DRY_RUN_SAMPLES = 4
 
 
-def dry_run(config: Config, device: torch.device, selection: Selection | None = None) -> tuple[Dataset, list[Slot], str | None]:
+def dry_run(config: Config, device: torch.device, factories: dict | None = None) -> tuple[Dataset, list[Slot], str | None, Selection]:
     """Build the dataset and every slot, then one forward and loss per model on a few samples;
     return them with the run's task (:func:`izitorch.tasks.settle`: declared and checked
-    against the first model's output and the target, or inferred from them; None where unclear).
+    against the first model's output and the target, or inferred from them; None where unclear)
+    and the run's :class:`~izitorch.selection.Selection` for that task (``factories``: the
+    registered metrics; None: the default selection, ``loss``).
 
     Whatever would fail at the first training step fails here with the line training would
     give (under ``deterministic`` too). Nothing is written and nothing the run depends on moves:
     the random generators are restored, the models are evaluated without gradients and get
-    their modes back. ``selection``: the run's metric (:mod:`izitorch.selection`), which a
-    ``ReduceLROnPlateau`` watches.
+    their modes back. A ``ReduceLROnPlateau`` watches the selection's metric: when the task
+    changes the default metric, the slots are built again (from the same seed) for its mode.
     """
     precision.check(config.run.precision, device)
     dataset = build_dataset(config)
     check_data_options(config, dataset)
+    selection = resolve_selection(config, factories) if factories is not None else Selection()
     slots = build_slots(config, device, selection)
     with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
@@ -54,7 +57,13 @@ def dry_run(config: Config, device: torch.device, selection: Selection | None = 
         for slot in slots:
             with torch.no_grad(), _evaluating(slot.model), precision.autocast(config.run.precision, device):
                 outputs.append(forward_loss(slot, inputs, target, config.data.num_classes)[0])
-    return dataset, slots, tasks.settle(config, outputs[0] if outputs else None, target)
+    task = tasks.settle(config, outputs[0] if outputs else None, target)
+    if factories is not None:
+        settled = resolve_selection(config, factories, task)
+        if settled != selection and any(isinstance(slot.scheduler, schedules.PLATEAU) for slot in slots):
+            slots = build_slots(config, device, settled)
+        selection = settled
+    return dataset, slots, task, selection
 
 
 def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple[Any, torch.Tensor]:

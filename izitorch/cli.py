@@ -138,7 +138,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.manifest import load_manifest
     from izitorch.pluginmanager import make_plugin_manager
     from izitorch.runner import check_splits, registered_metrics
-    from izitorch.selection import resolve_selection, warn_test_set_choices
+    from izitorch.selection import warn_test_set_choices
     from izitorch.state import Run
 
     config = load_manifest(args.manifest, args.overrides)
@@ -146,13 +146,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         pm, versions = make_plugin_manager(config)
         factories = registered_metrics(pm, config)
         device = pick_device(config.run.device)
-        dataset, slots, _ = dry_run(config, device, resolve_selection(config, factories))
+        dataset, slots, task, selection = dry_run(config, device, factories)
         session = Run(config, pm, device, Path(config.run.res_dir), dataset=dataset, slots=slots)
         check_splits(pm.hook.izitorch_make_splits(run=session, dataset=dataset), len(dataset))  # a class too small for the folds, say
     warn_test_set_choices(config, versions)
     models = ", ".join(spec.name for spec in config.models)
     plugins = ", ".join(name for name in versions)
-    print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins})")
+    picks = f"best epoch by {selection.key}" if selection.key is not None else "no best epoch"
+    print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins}; task: {task or 'not inferred'}, {picks})")
     return 0
 
 

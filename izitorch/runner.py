@@ -55,8 +55,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
         background_writes(config.run.background_writes, config.run.flush_interval),
     ):
         ledger, resuming = prepare_res_dir(res_dir, config)
-        selection = resolve_selection(config, factories)
-        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories, selection=selection)
+        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories)
         try:
             with owned_by(ledger):
                 results = _run(session, resuming)
@@ -70,7 +69,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
-    session.dataset, session.slots, session.task = dry_run(config, session.device, session.selection)
+    session.dataset, session.slots, session.task, session.selection = dry_run(config, session.device, session.metric_factories)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))

@@ -88,7 +88,7 @@ def check_plateau(spec: SchedulerSpec, where: str, selection: Selection, validat
         raise ManifestError('ReduceLROnPlateau needs a metric to watch, and "loss" is not registered: set [run] best_metric', where)
     if not validation:
         raise ManifestError(
-            f'ReduceLROnPlateau steps on [run] best_metric ("{selection.key}") of the evaluated set; without a validation set that is '
+            "ReduceLROnPlateau steps on [run] best_metric of the evaluated set; without a validation set that is "
             "the test set, whose scores would then steer training: set [data] validation = true",
             where,
         )

@@ -2,7 +2,8 @@
 
 A core rule, written once for every kind of stack and both fold schedules:
 
-- ``[run] best_metric`` (default ``loss``, any registered metric) judged in its declared
+- ``[run] best_metric`` (any registered metric; unset, the task's headline metric of
+  :mod:`izitorch.tasks` where a plugin registers it, else ``loss``) judged in its declared
   direction on the phase evaluated each epoch (validation when there is one) picks each model's
   best epoch. The core tracks it on every run (``Slot.best_epoch``, ``Slot.best_value``): the
   checkpoint plugin's ``best`` policy saves those weights, the console and reports can name it.
@@ -32,6 +33,7 @@ from izitorch.config import Config
 from izitorch.errors import ManifestError
 from izitorch.metrics import better, directions, resolve
 from izitorch.streams import say
+from izitorch.tasks import headline
 
 if TYPE_CHECKING:
     from izitorch.state import Fold, Scores
@@ -46,22 +48,24 @@ class Selection:
     direction: str | None = "lower"
 
 
-def resolve_selection(config: Config, factories: dict) -> Selection:
-    """The run's :class:`Selection`; a one-line ``ManifestError`` for a metric nobody registered,
-    or for best weights picked on the test set they are then scored on."""
+def resolve_selection(config: Config, factories: dict, task: str | None = None) -> Selection:
+    """The run's :class:`Selection` for ``task`` (:mod:`izitorch.tasks`; None: not known yet);
+    a one-line ``ManifestError`` for a metric nobody registered, or for best weights picked on
+    the test set they are then scored on."""
     checkpoint = checkpoint_table(config)
     legacy_best = checkpoint.get("policy") == "best"
     saves_best = legacy_best or checkpoint.get("policy") == "best_and_last" or bool(checkpoint.get("top_k"))
     test_weights = config.run.test_weights or ("best" if legacy_best else "last")
     metric, path = config.run.best_metric, "run.best_metric"
+    default = default_metric(task, factories)
     if metric is None and saves_best:
-        metric, path = checkpoint.get("metric", "loss"), "plugins.checkpoint.metric"
-    elif metric is None:  # loss when a plugin registers it; without it, no epoch is picked
-        if "loss" not in directions(factories):
+        metric, path = checkpoint.get("metric", default), "plugins.checkpoint.metric"
+    elif metric is None:  # the task's metric or loss when a plugin registers it; without one, no epoch is picked
+        if default not in directions(factories):
             if test_weights == "best":
                 raise ManifestError('needs a metric to pick the best epoch, and "loss" is not registered: set [run] best_metric', path, config.source)
             return Selection(test_weights, None, None)
-        metric = "loss"
+        metric = default
     elif saves_best and "metric" in checkpoint and checkpoint["metric"] != metric:
         raise ManifestError(
             f'differs from [run] best_metric = "{metric}": the checkpoint saves the epoch the run picks; remove one of the two',
@@ -79,6 +83,13 @@ def resolve_selection(config: Config, factories: dict) -> Selection:
             config.source,
         )
     return Selection(test_weights, key, directions(factories)[key])
+
+
+def default_metric(task: str | None, factories: dict) -> str:
+    """What picks the best epoch where the manifest names nothing: the task's headline metric
+    (accuracy, RMSE, IoU) when a plugin registers it, else ``loss``."""
+    metric = headline(task)
+    return metric if metric is not None and metric in directions(factories) else "loss"
 
 
 def has_validation(config: Config) -> bool:

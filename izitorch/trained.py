@@ -160,7 +160,8 @@ class TrainedRun:
 
             with located_in(str(self.conf_file)):
                 pm, _ = make_plugin_manager(self.config)
-                self._selection = resolve_selection(self.config, registered_metrics(pm, self.config))
+                task = self.conf.get("task") if isinstance(self.conf.get("task"), str) else None
+                self._selection = resolve_selection(self.config, registered_metrics(pm, self.config), task)
         return self._selection
 
     def epoch_of(self, name: str, fold: int, which: str | None) -> tuple[int, str]:

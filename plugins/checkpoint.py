@@ -48,7 +48,8 @@ class CheckpointOptions:
     )
     metric: str = metric_option(
         "loss",
-        "what picks the best epochs, where [run] best_metric is unset: a registered metric (loss, acc, IoU, ...)",
+        "what picks the best epochs, where [run] best_metric is unset: a registered metric (loss, acc, IoU, ...); "
+        "unwritten, the task's headline metric (accuracy, RMSE, IoU)",
         used=lambda options: options.policy in ("best", "best_and_last") or options.top_k > 0,
     )
     top_k: int = attrs.field(

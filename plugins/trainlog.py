@@ -187,6 +187,8 @@ def run_description(run) -> dict[str, Any]:
         "plugins": dict(run.plugin_versions),
         "versions": {"izitorch": __version__, "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()},
         "splits": [{part: len(getattr(s, part)) for part in ("train", "val", "test") if getattr(s, part) is not None} for s in run.splits],
+        "task": run.task,  # declared or inferred (izitorch.tasks): it sets the default best_metric
+        "best_metric": run.selection.key,  # the value key that picked each model's best epoch
     }
     if run.config.args:
         description["args"] = dict(run.config.args)

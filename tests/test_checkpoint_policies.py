@@ -65,7 +65,7 @@ def test_best_and_last_keep_the_best_and_the_last_epoch_side_by_side(manifest, c
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["holdout", "parallel-folds"])
 def test_top_k_keeps_the_k_best_epochs_and_deletes_the_others(manifest, capsys, parallel):
-    plugins = {"checkpoint": {"top_k": 2}}
+    plugins = {"checkpoint": {"top_k": 2, "metric": "loss"}}
     if parallel:  # each fold keeps its own K best (its plugin state is swapped around its hooks)
         plugins |= {"enable": ["kfold"], "kfold": {"k": 3, "parallel": True}}
     path = manifest(run={"epochs": 5}, data={"validation": True}, models=[{"optimizer": NOISY_SGD}], plugins=plugins)

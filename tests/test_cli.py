@@ -26,6 +26,7 @@ from conftest import make_manifest, plain_scores, run_cli
 
 BUILTINS = ("holdout", "kfold", "metrics", "checkpoint", "grad_clip", "early_stop", "trainlog", "console")
 DEFAULT_PLUGIN_LINE = "plugins: loop, holdout, metrics, checkpoint, trainlog, console"
+PICKS = "task: classification, best epoch by accuracy"  # the tiny manifest's task and its headline metric
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, code: int, expected: str) -> None:
@@ -53,7 +54,7 @@ def test_validate_good_manifest(manifest, tmp_path):
     path = manifest()
     done = run_cli("validate", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
+    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}; {PICKS})\n"
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "res").exists()  # validating trains nothing and writes nothing
 
@@ -62,7 +63,7 @@ def test_validate_with_overrides_lists_the_enabled_plugins(manifest, tmp_path):
     path = manifest()
     done = run_cli("validate", str(path), "--set", "plugins.kfold.k=3", "--set", "plugins.grad_clip.value=1.0", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}, kfold, grad_clip)\n"
+    assert done.stdout == f"{path}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}, kfold, grad_clip; {PICKS})\n"
 
 
 BAD = [
@@ -263,7 +264,7 @@ def test_console_script_works_like_python_m(manifest, tmp_path):
     good = manifest()
     done = subprocess.run([str(SCRIPT), "validate", str(good)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{good}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE})\n"
+    assert done.stdout == f"{good}: OK (1 model(s): mlp; {DEFAULT_PLUGIN_LINE}; {PICKS})\n"
 
     bad = manifest(run={"res_dir": "res", "epochs": 0}, name="bad.toml")
     done = subprocess.run([str(SCRIPT), "validate", str(bad)], cwd=tmp_path, capture_output=True, text=True, timeout=300)

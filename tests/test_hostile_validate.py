@@ -236,7 +236,7 @@ SAME_LINE = [
         ['models[0].scheduler="hostile.py:plateau"'],
         2,
         (
-            '{path}: models[0].scheduler: ReduceLROnPlateau steps on [run] best_metric ("loss") of the evaluated set; without a '
+            "{path}: models[0].scheduler: ReduceLROnPlateau steps on [run] best_metric of the evaluated set; without a "
             "validation set that is the test set, whose scores would then steer training: set [data] validation = true"
         ),
     ),
@@ -278,7 +278,7 @@ def test_validate_says_ok_to_what_trains_and_its_dry_run_moves_nothing(tmp_path,
     build_dataset(config), build_slots(config, torch.device("cpu"))  # seed every generator, as the dry run does first
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     np.random.seed(5), random.seed(5), torch.manual_seed(5)  # what the dry run's own steps must not depend on
-    dataset, slots, _ = dry_run(config, torch.device("cpu"))
+    dataset, slots, _, _ = dry_run(config, torch.device("cpu"))
     after = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
     assert len(dataset) == 300 and [slot.name for slot in slots] == ["mlp", "cnn"]

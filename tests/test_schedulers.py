@@ -237,7 +237,8 @@ def test_reduce_on_plateau_steps_on_evaluated_epochs_only(tmp_path, capsys):
     path = write(tmp_path, "res", [model(0, 0.1, {"class": PLATEAU})], data={"validation": True}, epochs=4, test_epoch=2)
     assert cli(capsys, "run", path)[0] == 0
     checkpoint = saved(tmp_path / "res", "m0")
-    assert (checkpoint["scheduler"]["last_epoch"], checkpoint["scheduler"]["mode"]) == (2, "min")  # epochs 2 and 4; loss: lower is better
+    # epochs 2 and 4; unset best_metric: the classification's accuracy, better higher
+    assert (checkpoint["scheduler"]["last_epoch"], checkpoint["scheduler"]["mode"]) == (2, "max")
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ REFUSALS = [
         "plateau-without-validation",
         {"class": PLATEAU},
         {},
-        'models[0].scheduler: ReduceLROnPlateau steps on [run] best_metric ("loss") of the evaluated set; without a validation set that '
+        "models[0].scheduler: ReduceLROnPlateau steps on [run] best_metric of the evaluated set; without a validation set that "
         "is the test set, whose scores would then steer training: set [data] validation = true",
     ),
     (

@@ -28,6 +28,8 @@ LAYOUTS = {
 
 
 def trained(manifest, capsys, layout: str, **run) -> tuple:
+    """A run of ``layout`` that picks its best epochs by the validation loss unless ``run`` says otherwise."""
+    run = {"best_metric": "loss", **run}
     overrides, models = LAYOUTS[layout]
     models = [{"optimizer": WANDERING, **model} for model in models]
     # not stratified: on this split the wandering validation loss peaks before the last epoch
@@ -122,7 +124,13 @@ def test_the_checkpoint_best_policy_saves_the_runs_pick_and_implies_best(manifes
 
 def test_last_overrides_the_checkpoint_best_policy(manifest, capsys):
     path = manifest(
-        {"run.epochs": EPOCHS, "run.test_weights": "last", "data.validation": True, "data.stratify": False, "plugins.checkpoint": {"policy": "best"}},
+        {
+            "run.epochs": EPOCHS,
+            "run.test_weights": "last",
+            "data.validation": True,
+            "data.stratify": False,
+            "plugins.checkpoint": {"policy": "best", "metric": "loss"},
+        },
         models=[{"optimizer": WANDERING}],
     )
     assert cli(capsys, "run", path)[0] == 0
@@ -158,7 +166,7 @@ def test_a_rule_that_cannot_apply_is_refused_in_one_line(manifest, capsys, setti
 def test_a_state_written_before_the_core_picked_the_best_epoch_resumes_its_best(manifest, capsys):
     """Format-5 states of the previous release kept the best score in the checkpoint plugin's
     state: extended from 3 to 5 epochs, the run must still compare later epochs against it."""
-    settings = {"data.validation": True, "data.stratify": False, "run.test_weights": "best", "plugins.checkpoint": {"policy": "all"}}
+    settings = {"data.validation": True, "data.stratify": False, "run.test_weights": "best", "run.best_metric": "loss", "plugins.checkpoint": {"policy": "all"}}
     whole = manifest({**settings, "run.epochs": EPOCHS}, name="whole.toml", models=[{"optimizer": WANDERING}])
     assert cli(capsys, "run", whole)[0] == 0
     reference = json.loads((whole.parent / "res" / "mlp" / "test_metrics.json").read_text())
@@ -178,3 +186,42 @@ def test_a_state_written_before_the_core_picked_the_best_epoch_resumes_its_best(
     resumed = json.loads((whole.parent / "short" / "mlp" / "test_metrics.json").read_text())
     assert resumed["epoch"] == reference["epoch"]
     assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+# -- the default metric follows the task ---------------------------------------------------------
+
+REGRESSION = {"data.dataset": "test_task_metrics:diabetes", "data.params": {"limit": 200}, "data.num_classes": None}
+REGRESSOR = {"params": {"in_features": 10, "hidden": 32, "num_classes": 1}, "criterion": {"class": "torch.nn:MSELoss"}, "optimizer": WANDERING}
+
+
+@pytest.mark.parametrize(
+    ("settings", "model", "task", "key", "lower"),
+    [
+        ({}, {"optimizer": WANDERING}, "classification", "accuracy", False),
+        (REGRESSION, REGRESSOR, "regression", "RMSE", True),
+    ],
+    ids=["classification", "regression"],
+)
+def test_an_unset_best_metric_is_the_tasks_headline(manifest, capsys, settings, model, task, key, lower):
+    """No ``best_metric`` anywhere: the best epoch is picked by the task's headline metric
+    (accuracy, RMSE), which ``validate`` names and ``conf.json`` records."""
+    run = {"run.epochs": EPOCHS, "run.test_weights": "best", "data.validation": True, "data.stratify": False, "plugins.checkpoint": {"policy": "all"}}
+    path = manifest({**run, **settings}, models=[model])
+    code, out, _ = cli(capsys, "validate", path)
+    assert code == 0 and out.endswith(f"; task: {task}, best epoch by {key})\n")
+    assert cli(capsys, "run", path)[0] == 0
+    res = path.parent / "res"
+    conf = json.loads((res / "conf.json").read_text())
+    assert (conf["task"], conf["best_metric"]) == (task, key)
+    folder = res / "mlp"
+    assert json.loads((folder / "test_metrics.json").read_text())["epoch"] == best_epoch(folder, f"val_{key}", lower=lower)
+
+
+def test_a_metric_written_anywhere_overrides_the_tasks(manifest, capsys):
+    """The checkpoint's ``metric`` (the original ``metric_best``) still names what picks the best epoch."""
+    path = manifest({"data.validation": True, "plugins.checkpoint": {"policy": "best", "metric": "loss"}})
+    code, out, _ = cli(capsys, "validate", path)
+    assert code == 0 and out.endswith("; task: classification, best epoch by loss)\n")
+    path = manifest({"data.validation": True, "run.best_metric": "f1"}, name="f1.toml")
+    code, out, _ = cli(capsys, "validate", path)
+    assert code == 0 and out.endswith("; task: classification, best epoch by F1)\n")

@@ -114,10 +114,13 @@ def snapshot(res: Path) -> dict:
 
 
 def best_by_hand(folder: Path) -> int:
-    """The first epoch with the lowest validation loss."""
+    """The first epoch of a holdout run's model ``folder`` with the best validation score by the
+    metric its conf.json records: unset in these manifests, the task's (classification: accuracy)."""
+    conf = read(folder.parent / "conf.json")
+    assert (conf["task"], conf["best_metric"]) == ("classification", "accuracy")
     log = read(folder / "trainlog.json")
-    losses = {int(epoch): entry["val_loss"] for epoch, entry in log.items() if "val_loss" in entry}
-    return min(losses, key=lambda epoch: (losses[epoch], epoch))
+    scores = {int(epoch): entry["val_accuracy"] for epoch, entry in log.items() if "val_accuracy" in entry}
+    return min(scores, key=lambda epoch: (-scores[epoch], epoch))
 
 
 # -- load_model -----------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def test_an_epoch_the_policy_did_not_keep_is_refused_naming_the_policy(frozen):
     with pytest.raises(izitorch.IzitorchError) as error:
         izitorch.load_model(last_run, "mlp", which="best")
     assert str(error.value) == (
-        f'{last_run / "mlp"}: the best epoch by loss (1) was not saved: [plugins.checkpoint] policy = "last" kept epoch 2 of this model; '
+        f'{last_run / "mlp"}: the best epoch by accuracy (1) was not saved: [plugins.checkpoint] policy = "last" kept epoch 2 of this model; '
         'ask for which="last" (--which last), or train with policy = "all" (every epoch) or "best"'
     )
 
