@@ -9,11 +9,9 @@ first training step would give. The kinds of components are checked by :mod:`izi
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -25,7 +23,7 @@ from izitorch.references import check_arguments, resolve
 from izitorch.splits import class_labels, sample_groups
 from izitorch.cohort import unpack
 from izitorch.stacks import forward_loss
-from izitorch.reproducibility import deterministic_algorithms
+from izitorch.reproducibility import deterministic_algorithms, random_states_kept
 from izitorch.selection import Selection, resolve_selection
 from izitorch.state import Slot
 
@@ -51,7 +49,7 @@ def dry_run(config: Config, device: torch.device, factories: dict | None = None)
     check_data_options(config, dataset)
     selection = resolve_selection(config, factories) if factories is not None else Selection()
     slots = build_slots(config, device, selection)
-    with _random_states_kept(device), deterministic_algorithms(config.run.deterministic):
+    with random_states_kept(device), deterministic_algorithms(config.run.deterministic):
         inputs, target = first_batch(config, dataset, device)
         outputs = []
         for slot in slots:
@@ -115,18 +113,6 @@ def check_data_options(config: Config, dataset: Dataset) -> None:
             check_arguments(factory, {"generator": None, **data.sampler.params} if takes_keyword(factory, "generator") else data.sampler.params, leading=1)
         except ManifestError as error:
             raise ManifestError(error.message, join_path("data.sampler", error.path)) from None
-
-
-@contextlib.contextmanager
-def _random_states_kept(device: torch.device) -> Iterator[None]:
-    """torch's (CPU and ``device``), numpy's and Python's global generators as they were."""
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            yield
-        finally:
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
 
 
 @contextlib.contextmanager

@@ -139,6 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from izitorch.pluginmanager import make_plugin_manager
     from izitorch.runner import check_splits, registered_metrics
     from izitorch.selection import warn_test_set_choices
+    from izitorch.sweeps import describe_sweeps
     from izitorch.state import Run
 
     config = load_manifest(args.manifest, args.overrides)
@@ -154,6 +155,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plugins = ", ".join(name for name in versions)
     picks = f"best epoch by {selection.key}" if selection.key is not None else "no best epoch"
     print(f"{args.manifest}: OK ({len(config.models)} model(s): {models}; plugins: {plugins}; task: {task or 'not inferred'}, {picks})")
+    for line in describe_sweeps(config.models):
+        print(line)
     return 0
 
 

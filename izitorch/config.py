@@ -331,6 +331,12 @@ class ModelSpec:
     scheduler: SchedulerSpec | None = attrs.field(
         default=None, converter=as_scheduler, metadata=doc('{ class = ..., interval = "epoch" | "step", ... }: stepped after every epoch or optimizer step')
     )
+    seed: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(at_least(0)),
+        metadata=doc("draws this model's initial weights from the run's rdm_seed and this number, apart from the other models (a sweep's seeds = N sets 1..N)"),
+    )
+    swept: dict = attrs.field(factory=dict, metadata=doc("the values a sweep gave this model (set by the expansion; recorded in conf.json and results.json)"))
 
 
 @attrs.frozen

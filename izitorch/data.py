@@ -22,7 +22,7 @@ from izitorch.config import BALANCED, GIVEN_SPLITS, ComponentSpec, Config, Model
 from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line, join_path
 from izitorch.kinds import built_mismatch, class_mismatch
 from izitorch.references import check_arguments, resolve
-from izitorch.reproducibility import seed_everything
+from izitorch.reproducibility import model_seed, random_states_kept, seed_everything
 from izitorch.selection import Selection, has_validation
 from izitorch.state import Run, Slot, Split
 
@@ -257,12 +257,20 @@ def _component(component: ComponentSpec, where: str, base_dir: str, *leading: An
 
 
 def build_slots(config: Config, device: torch.device, selection: Selection | None = None) -> list[Slot]:
-    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible; each
+    """One slot per ``[[models]]`` entry, built after seeding so weights are reproducible (a
+    model with its own ``seed`` from :func:`~izitorch.reproducibility.model_seed`); each
     model and optimizer must own its parameters (:func:`check_ownership`). ``selection``: the
     run's metric, which a ``ReduceLROnPlateau`` watches."""
     seed_everything(config.run.rdm_seed)
     validation = has_validation(config)
-    slots = [build_slot(spec, i, device, config.base_dir, selection, validation) for i, spec in enumerate(config.models)]
+    slots = []
+    for index, spec in enumerate(config.models):
+        if spec.seed is None:  # the run's sequence, model after model
+            slots.append(build_slot(spec, index, device, config.base_dir, selection, validation))
+            continue
+        with random_states_kept(device):  # its own weights, leaving the sequence of the others as it was
+            seed_everything(model_seed(config.run.rdm_seed, spec.seed))
+            slots.append(build_slot(spec, index, device, config.base_dir, selection, validation))
     check_ownership(slots)
     return slots
 

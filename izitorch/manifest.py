@@ -17,6 +17,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from izitorch.config import ComponentSpec, Config, DataConfig, FieldError, ModelSpec, PluginsConfig, RunConfig, SchedulerSpec
+from izitorch.sweeps import expand_models, relocated
 from izitorch.errors import ManifestError, describe, did_you_mean, join_path
 from izitorch.kinds import NO_REDUCTION, class_mismatch
 from izitorch.references import check_arguments, resolve
@@ -65,9 +66,13 @@ def _not_a_file(file: Path) -> str:
 
 
 def config_from_dict(raw: dict, source: str = "", base_dir: str = ".", check: bool = True) -> Config:
-    """Structure a manifest's dict; ``check`` also imports every reference and checks arguments."""
+    """Structure a manifest's dict (its sweeps expanded, :mod:`izitorch.sweeps`); ``check`` also
+    imports every reference and checks arguments. ``raw`` itself is left as it is."""
+    expansions: list = []
     try:
         check_depth(raw)
+        raw = dict(raw)
+        expansions = expand_models(raw)
         sections = {}
         for key, value in raw.items():
             if key not in SECTIONS:
@@ -82,7 +87,7 @@ def config_from_dict(raw: dict, source: str = "", base_dir: str = ".", check: bo
         if check:
             check_config_references(config)
     except ManifestError as error:
-        raise error.located(source=source) from None
+        raise relocated(error, expansions).located(source=source) from None
     return config
 
 

@@ -35,6 +35,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def model_seed(run_seed: int, seed: int) -> int:
+    """The seed a model with its own ``seed`` (a sweep's replica) is built from: ``run_seed``
+    and ``seed`` mixed by numpy's ``SeedSequence``, so that replicas 1, 2, ... of one run and
+    those of a run with another ``rdm_seed`` all start from unrelated weights."""
+    return int(np.random.SeedSequence([run_seed % 2**32, seed]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def random_states_kept(device: torch.device) -> Iterator[None]:
+    """torch's (CPU and ``device``), numpy's and Python's global generators as they were."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """Inside, torch uses deterministic algorithms only (an op that has none raises, naming

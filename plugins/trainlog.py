@@ -145,8 +145,12 @@ class TrainlogPlugin:
     def izitorch_run_finish(self, run, results) -> None:
         summary = {}
         directions = metric_directions(run)
+        specs = {slot.name: slot.spec for slot in run.slots}
         for name, folds in results.items():
             summary[name] = aggregate([scalars(f) for f in folds])
+            spec = specs.get(name)
+            if spec is not None and (spec.swept or spec.seed is not None):  # what a sweep gave this model
+                summary[name]["sweep"] = {**spec.swept, **({"seed": spec.seed} if spec.seed is not None else {})}
             # which way is better, for `izitorch report` (declared metrics only)
             summary[name]["directions"] = {key: directions[key] for key in summary[name]["mean"] if key in directions}
             if headline(run.task) in summary[name]["mean"]:  # the task's metric, that `izitorch report` ranks by
