@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in res_dir (finished folds are kept)")
 
     commands.add_parser("plugins", help="list the installed plugins, their versions and hooks")
-    report = commands.add_parser("report", help="print the comparison table of a finished run")
-    report.add_argument("res_dir", help="the run's res_dir")
+    report = commands.add_parser("report", help="compare the models of one or more runs (finished or interrupted)")
+    report.add_argument("res_dirs", nargs="+", metavar="res_dir", help="a run's res_dir (several: their models side by side)")
+    report.add_argument("--format", default="table", help="table (default), markdown, csv or json")
+    report.add_argument("--metric", default=None, help="rank by this metric (default: the task's headline metric)")
     add_use_commands(commands)
     return parser
 
@@ -173,12 +175,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from izitorch.report import build, check_format, render
+
+    fmt = check_format(args.format)
+    for res_dir in map(Path, args.res_dirs):
+        if not (res_dir / "conf.json").is_file():
+            if len(args.res_dirs) == 1 and (res_dir / "results.json").is_file():
+                return _report_from_summary(res_dir / "results.json")  # results.json alone: its table
+            raise IzitorchError(f'{res_dir / "conf.json"} not found: "{res_dir}" holds no izitorch run (a run writes conf.json when it starts)')
+        if (res_dir / "results.json").is_file():
+            load_summary(res_dir / "results.json")  # a damaged one is refused, naming its key
+    report = build(args.res_dirs, args.metric)
+    text = render(report, fmt)
+    print(f"final test scores:\n{text}" if fmt == "table" else text)
+    return 0
+
+
+def _report_from_summary(summary_file: Path) -> int:
+    """The table of a ``results.json`` without its run folder (copied on its own): means only."""
     from izitorch.table import comparison_table
 
-    res_dir = Path(args.res_dir)
-    summary_file = res_dir / "results.json"
-    if not summary_file.is_file():
-        raise IzitorchError(f'{summary_file} not found: "{res_dir}" holds no finished run (results.json is written at the end of a run)')
     summary = load_summary(summary_file)
     directions = {key: value for entry in summary.values() for key, value in entry.get("directions", {}).items()}
     headline = next((entry["headline"] for entry in summary.values() if isinstance(entry.get("headline"), str)), None)

@@ -238,12 +238,13 @@ def test_report_prints_the_table(finished, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "final test scores:"
-    assert lines[1].split() == ["model", "params", "folds", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1"]
+    header = ["model", "params", "folds", "epoch", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1", "p", "vs", "best", "(accuracy)"]
+    assert lines[1].split() == header
     row = lines[3].split()
-    assert row[0] == "mlp" and row[2] == "1"
+    assert row[0] == "mlp" and row[2] == "1" and row[3] == "2"  # one fold, scored at epoch 2
     mean = summary["mlp"]["mean"]
-    assert row[3:6] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
-    assert row[6:] == [f"{mean['balanced_accuracy']:.2f}", *(f"{mean[key]:.4f}" for key in ("precision", "recall", "F1"))]
+    assert row[4:7] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
+    assert row[7:] == [f"{mean['balanced_accuracy']:.2f}", *(f"{mean[key]:.4f}" for key in ("precision", "recall", "F1")), "-"]
     assert len(lines) == 4
 
 
@@ -251,7 +252,7 @@ def test_report_without_results_exits_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     done = run_cli("report", str(empty), cwd=tmp_path)
-    assert_one_error_line(done, 2, f'{empty / "results.json"} not found: "{empty}" holds no finished run (results.json is written at the end of a run)')
+    assert_one_error_line(done, 2, f'{empty / "conf.json"} not found: "{empty}" holds no izitorch run (a run writes conf.json when it starts)')
 
 
 # -- the console script -------------------------------------------------------------------------
