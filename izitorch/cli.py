@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("res_dirs", nargs="+", metavar="res_dir", help="a run's res_dir (several: their models side by side)")
     report.add_argument("--format", default="table", help="table (default), markdown, csv or json")
     report.add_argument("--metric", default=None, help="rank by this metric (default: the task's headline metric)")
+    report.add_argument("--plots", action="store_true", help='write PNG figures into each RES_DIR/plots (pip install "izitorch[plots]")')
     add_use_commands(commands)
     return parser
 
@@ -186,8 +187,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         if (res_dir / "results.json").is_file():
             load_summary(res_dir / "results.json")  # a damaged one is refused, naming its key
     report = build(args.res_dirs, args.metric)
+    if args.plots:
+        from izitorch.plots import matplotlib_figure, write_plots
+        from izitorch.results import load
+
+        matplotlib_figure()  # a missing extra is one line before anything is drawn
     text = render(report, fmt)
     print(f"final test scores:\n{text}" if fmt == "table" else text)
+    if args.plots:
+        for res_dir in args.res_dirs:
+            own = {**report, "models": [model for model in report["models"] if model["run"] == str(Path(res_dir))]}
+            written = write_plots(load(res_dir, frames=False), own)
+            print(f"izitorch: {len(written)} figure(s) written to {Path(res_dir) / 'plots'}", file=sys.stderr)
     return 0
 
 
@@ -198,7 +209,8 @@ def _report_from_summary(summary_file: Path) -> int:
     summary = load_summary(summary_file)
     directions = {key: value for entry in summary.values() for key, value in entry.get("directions", {}).items()}
     headline = next((entry["headline"] for entry in summary.values() if isinstance(entry.get("headline"), str)), None)
-    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, directions=directions, headline=headline))
+    parameters = {name: entry["params"] for name, entry in summary.items() if isinstance(entry.get("params"), int)}
+    print(comparison_table({name: [entry["mean"]] for name, entry in summary.items()}, parameters, directions=directions, headline=headline))
     return 0
 
 

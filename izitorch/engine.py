@@ -25,6 +25,7 @@ from izitorch import precision, schedules
 from izitorch.diagnose import hint, what
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.metrics import compute_all, meters_for, update_all
+from izitorch.predictions import PredictionRecord
 from izitorch.stacks import Stack
 from izitorch.state import Fold, Run, Slot
 
@@ -35,11 +36,19 @@ class StackPass:
     ``fold_of`` maps each member taking part in the pass to its fold (the NaN policy names
     it); the other members of the stack are frozen. ``scaler`` is the stack's fp16 loss scaler
     (or None); ``batches`` how many batches the pass has (accumulation closes its last window
-    on the last one).
+    on the last one); ``record``: keep each sample's predicted class (the final test).
     """
 
     def __init__(
-        self, run: Run, stack: Stack, phase: str, fold_of: dict[Slot, Fold], before_step: Callable | None, scaler: Any = None, batches: int = 0
+        self,
+        run: Run,
+        stack: Stack,
+        phase: str,
+        fold_of: dict[Slot, Fold],
+        before_step: Callable | None,
+        scaler: Any = None,
+        batches: int = 0,
+        record: bool = False,
     ) -> None:
         self.run, self.stack, self.phase, self.fold_of, self.before_step = run, stack, phase, fold_of, before_step
         train = phase == "train"
@@ -47,6 +56,7 @@ class StackPass:
         self.whole = all(self.active)  # no member frozen: no flags to pass on
         self.skipped = [0] * len(stack.members)
         self.meters = meters_for(run.metric_factories, run.config.data.num_classes, len(stack.members))
+        self.record = PredictionRecord(len(stack.members)) if record else None  # the final test's predictions
         self.losses: torch.Tensor | None = None  # the last batch's per-member losses
         self.counted: list[bool] = []  # the members that batch counted
         self.autocast = precision.autocast(run.config.run.precision, run.device)
@@ -175,6 +185,8 @@ class StackPass:
             flags = torch.tensor(counted, device=losses.device).reshape(-1, 1)
             mask = flags.expand(len(counted), target.shape[0]) if mask is None else mask & flags
         update_all(self.meters, outputs, target, losses, mask)
+        if self.record is not None:
+            self.record.update(outputs, target, mask)
 
     def member_losses(self, into: dict[Slot, tuple[StackPass, int]]) -> None:
         """Where the last batch's loss of each member that counted it is: ``into[slot] = (self, k)``."""
@@ -187,10 +199,11 @@ class StackPass:
         """Each member's metrics for the pass, with the time per step and any skipped batches."""
         train = self.phase == "train"
         results = {}
+        recorded = self.record.compute() if self.record is not None else [{}] * len(self.stack.members)
         for k, (slot, values) in enumerate(zip(self.stack.members, compute_all(self.meters, len(self.stack.members)))):
             if slot not in self.fold_of or (train and slot.stopped and not values):
                 continue
-            results[slot] = {**values, time_key: per_step}
+            results[slot] = {**values, **recorded[k], time_key: per_step}
             if self.skipped[k]:
                 results[slot]["skipped_batches"] = self.skipped[k]
         return results

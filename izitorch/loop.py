@@ -77,7 +77,7 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
             finish_epoch(run, cohort, fold, epoch, passes)
         resume.save(run, cohort, epoch)
     with kept_weights(cohort.slots):
-        tested = epoch_pass(run, cohort, "test", folds)
+        tested = epoch_pass(run, cohort, "test", folds, record=True)
         for fold in folds:
             fold.final_scores = {slot.name: tested[slot] for slot in fold.slots}
             with cohort.hooks_of(run, fold):
@@ -119,19 +119,20 @@ def kept_weights(slots: list[Slot]) -> Iterator[None]:
             slot.model.load_state_dict(state)
 
 
-def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold]) -> dict[Slot, dict[str, Any]]:
+def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold], record: bool = False) -> dict[Slot, dict[str, Any]]:
     """One pass over ``cohort.loaders[phase]`` for the models of ``folds``: trains when
     ``phase == "train"``, else evaluates. Returns each model's metrics with the time per step
     (``train_step_time`` or ``inference_time``) and, where the NaN policy skipped some, its
     ``skipped_batches``. Metrics accumulate on the device; the only per-batch synchronisation
-    is the finiteness check of the training losses.
+    is the finiteness check of the training losses. ``record``: each model's per-sample
+    predictions too (:mod:`izitorch.predictions`), for the final test.
     """
     train, hook = phase == "train", run.hook
     fold_of = {slot: fold for fold in folds for slot in fold.slots}
     before_step = hook.izitorch_before_optimizer_step if hook.izitorch_before_optimizer_step.get_hookimpls() else None
     batch_finish = hook.izitorch_batch_finish if train and hook.izitorch_batch_finish.get_hookimpls() else None
     batches = len(cohort.loaders[phase])
-    stacks = [StackPass(run, stack, phase, fold_of, before_step, scaler, batches) for stack, scaler in zip(cohort.stacks, cohort.scalers)]
+    stacks = [StackPass(run, stack, phase, fold_of, before_step, scaler, batches, record) for stack, scaler in zip(cohort.stacks, cohort.scalers)]
     for stack in cohort.stacks:
         stack.train(train)
     stop_flag, steps = run.stop_flag, 0

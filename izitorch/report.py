@@ -9,7 +9,9 @@ the same run by a paired test on that metric:
   differences ``d`` give ``t = mean(d) / sqrt((1 / k + n_test / n_train) * var(d))`` with k - 1
   degrees of freedom. The ``n_test / n_train`` term accounts for the folds' training sets
   overlapping, which makes a plain paired t-test far too confident.
-- on a holdout (one fold) no test is computed from the scores alone: ``p`` is shown as ``-``.
+- on a holdout (one fold) of a classification, McNemar's exact test on the test samples that
+  one model classifies right and the other wrong (``test_predictions.json``, see
+  :mod:`izitorch.predictions`); each model also gets a bootstrap interval of its accuracy.
 
 A p-value is the chance of a lead at least this large if the two models were equally good on
 data like this; it says nothing about data unlike it, and with many models compared some small
@@ -24,10 +26,11 @@ import json
 import math
 from typing import Any, Sequence
 
+import numpy as np
 from scipy import stats
 
 from izitorch.errors import IzitorchError, did_you_mean
-from izitorch.results import Results, load, spread
+from izitorch.results import Results, load, predictions, spread
 from izitorch.table import BUILTIN_DIRECTIONS, columns, is_metric
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -68,6 +71,10 @@ def build(res_dirs: Sequence[str], metric: str | None = None) -> dict[str, Any]:
                     "metrics": metrics,
                 }
             )
+    for run in runs:
+        for model in models:
+            if model["run"] == str(run.res_dir) and len(run.splits) == 1:
+                model["accuracy_interval"] = accuracy_interval(_recorded(run, model))
     rank = _rank_metric(metric, runs, models, directions)
     lower = directions.get(rank) == "lower"
     scored = [model for model in models if rank in model["metrics"]]
@@ -113,7 +120,8 @@ def _rank_metric(metric: str | None, runs: list[Results], models: list[dict], di
 
 
 def _comparisons(models: list[dict], runs: list[Results], rank: str) -> list[dict]:
-    """The best model of each run against every other model of that run on ``rank``."""
+    """The best model of each run against every other model of that run on ``rank``: over the
+    folds, or on a holdout's per-sample predictions."""
     out = []
     for run in runs:
         own = [model for model in models if model["run"] == str(run.res_dir) and rank in model["metrics"]]
@@ -121,8 +129,40 @@ def _comparisons(models: list[dict], runs: list[Results], rank: str) -> list[dic
             continue
         best = own[0]
         for other in own[1:]:
-            out.append({"best": best["name"], "other": other["name"], **corrected_t_test(best, other, rank, run.splits)})
+            if len(run.splits) > 1:
+                test = corrected_t_test(best, other, rank, run.splits)
+            else:
+                test = mcnemar(_recorded(run, best), _recorded(run, other))
+            out.append({"best": best["name"], "other": other["name"], **test})
     return out
+
+
+def _recorded(run: Results, model: dict) -> dict[str, list[int]] | None:
+    """A lone model's holdout predictions (replicas pooled over seeds have no single record)."""
+    return None if model["replicas"] else predictions(run, model["name"].split("/")[-1])
+
+
+def mcnemar(best: dict[str, list[int]] | None, other: dict[str, list[int]] | None) -> dict[str, Any]:
+    """McNemar's exact test on the test samples one model classifies right and the other wrong
+    (a two-sided binomial test of those counts against one half)."""
+    if best is None or other is None or best["target"] != other["target"]:
+        return {"test": "none (no paired predictions)", "difference": None, "t": None, "p": None}
+    right_a = np.equal(best["predicted"], best["target"])
+    right_b = np.equal(other["predicted"], other["target"])
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    p = 1.0 if only_a + only_b == 0 else float(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"test": "McNemar", "difference": 100.0 * (only_a - only_b) / len(right_a), "only_best_right": only_a, "only_other_right": only_b, "t": None, "p": p}
+
+
+def accuracy_interval(record: dict[str, list[int]] | None, level: float = 0.95) -> list[float] | None:
+    """The percentile bootstrap interval of the test accuracy (%), computed exactly: the number
+    of right answers in a resample of the n test samples is binomial (n, accuracy)."""
+    if not record or not record["target"]:
+        return None
+    n = len(record["target"])
+    accuracy = float(np.mean(np.equal(record["predicted"], record["target"])))
+    low, high = stats.binom.ppf([(1 - level) / 2, (1 + level) / 2], n, accuracy)
+    return [100.0 * float(low) / n, 100.0 * float(high) / n]
 
 
 def corrected_t_test(best: dict, other: dict, rank: str, splits: list[dict[str, int]]) -> dict[str, Any]:
@@ -168,7 +208,9 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = list(dict.fromkeys(key for model in report["models"] for key in model["metrics"]))
     shown = columns(keys, report["directions"])
     p_values = {comparison["other"]: comparison for comparison in report["comparisons"]}
-    header = ["model", "params", "folds", "epoch"] + [label for _, label, _ in shown] + [f"p vs best ({report['metric']})"]
+    intervals = any(model.get("accuracy_interval") for model in report["models"])
+    header = ["model", "params", "folds", "epoch"] + [label for _, label, _ in shown] + (["95% CI acc %"] if intervals else [])
+    header.append(f"p vs best ({report['metric']})")
     rows = []
     for model in report["models"]:
         name = model["name"] + (f" ({model['seeds']} seeds)" if model["seeds"] else "")
@@ -181,6 +223,9 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 row.append(f"{fmt.format(entry['mean'])} ± {fmt.format(entry['std'])}")
             else:
                 row.append(fmt.format(entry["mean"]))
+        if intervals:
+            interval = model.get("accuracy_interval")
+            row.append(f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "-")
         comparison = p_values.get(model["name"])
         if comparison is None:
             row.append("best" if any(c["best"] == model["name"] for c in report["comparisons"]) else "-")
@@ -223,14 +268,19 @@ def _epochs(epochs: list[Any]) -> str:
 
 def _footnote(report: dict[str, Any]) -> str:
     tests = {comparison["test"] for comparison in report["comparisons"]}
+    lines = []
     if "corrected resampled t-test" in tests:
-        return (
-            f"\np: corrected resampled t-test (Nadeau & Bengio) of the best model's {report['metric']} against each other model's, "
-            "over the folds; small p: the lead is unlikely to be noise"
+        lines.append(
+            f"p: corrected resampled t-test (Nadeau & Bengio) of the best model's {report['metric']} against each other model's over the folds; "
+            "small p: the lead is unlikely to be noise"
         )
-    if tests:
-        return "\np: -: one fold (a holdout) gives no paired test from the scores alone"
-    return ""
+    if "McNemar" in tests:
+        lines.append("p: McNemar's exact test on the test samples one model classifies right and the other wrong; small p: the lead is unlikely to be noise")
+    if any(model.get("accuracy_interval") for model in report["models"]):
+        lines.append("95% CI acc %: percentile bootstrap interval of the test accuracy over the test samples")
+    if tests - {"corrected resampled t-test", "McNemar"}:
+        lines.append("p -: no paired test (one fold without per-sample predictions, or replicas pooled over seeds)")
+    return "".join("\n" + line for line in lines)
 
 
 def check_format(fmt: str) -> str:

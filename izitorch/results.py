@@ -84,6 +84,17 @@ def load(res_dir: str | os.PathLike, frames: bool | None = None) -> Results:
     return Results(res_dir, task, headline, directions, splits, *(_table(table, frames) for table in (epochs, folds, rows)))
 
 
+def predictions(results: Results, model: str, fold: int = 1) -> dict[str, list[int]] | None:
+    """A model's final test predictions in ``fold`` (1-based): ``{"target", "predicted"}``
+    from ``test_predictions.json`` (a classification's), or None where the run has none."""
+    base = results.res_dir / model
+    path = (base if len(results.splits) == 1 else base / f"FOLD_{fold}") / "test_predictions.json"
+    record = _read(path, required=False)
+    if not record or not all(isinstance(record.get(key), list) for key in ("target", "predicted")) or len(record["target"]) != len(record["predicted"]):
+        return None
+    return record
+
+
 def _read(path: Path, required: bool) -> Any:
     if not path.is_file():
         if required:

@@ -3,7 +3,8 @@
 ``res_dir/conf.json`` (resolved config, plugins and versions), ``res_dir/Dataset_split.pkl``,
 ``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch, with each epoch's
 learning rate),
-``<model>/confusion_matrix.pkl`` and ``<model>/test_metrics.json`` (final test with the kept
+``<model>/confusion_matrix.pkl``, ``<model>/test_predictions.json`` (a classification's
+per-sample predictions) and ``<model>/test_metrics.json`` (final test with the kept
 weights), per fold under ``FOLD_<k>`` with k-fold, where ``<model>/overall.json`` then holds the
 mean and standard deviation over folds; ``res_dir/results.json`` summarises every model: the
 mean and standard deviation of every scalar value of the final tests (every registered metric)
@@ -133,6 +134,8 @@ class TrainlogPlugin:
                 write_text(folder / "trainlog.json", log.text())
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
+            if "predictions" in final:  # each test sample's class: izitorch report's paired tests
+                write_text(folder / "test_predictions.json", json.dumps(final["predictions"], separators=(",", ":")))
             summary = scalars(final)
             if "per_class" in final:  # lists of floats, one per class: in the final scores only
                 summary["per_class"] = final["per_class"]
@@ -146,9 +149,12 @@ class TrainlogPlugin:
         summary = {}
         directions = metric_directions(run)
         specs = {slot.name: slot.spec for slot in run.slots}
+        models = {slot.name: slot.model for slot in run.slots}
         for name, folds in results.items():
             summary[name] = aggregate([scalars(f) for f in folds])
             spec = specs.get(name)
+            if name in models:
+                summary[name]["params"] = sum(parameter.numel() for parameter in models[name].parameters())
             if spec is not None and (spec.swept or spec.seed is not None):  # what a sweep gave this model
                 summary[name]["sweep"] = {**spec.swept, **({"seed": spec.seed} if spec.seed is not None else {})}
             # which way is better, for `izitorch report` (declared metrics only)

@@ -67,6 +67,7 @@ def test_load_reads_every_fold_as_the_run_wrote_it(kfold):
         assert row["value"] == log[str(row["epoch"])][key]
     models = {row["name"]: row for row in results.models}
     assert models["wide"]["params"] == sum(p.numel() for p in MLP(hidden=32).parameters())
+    assert json.loads((kfold / "results.json").read_text())["wide"]["params"] == models["wide"]["params"]
     accuracies = [row["accuracy"] for row in results.folds if row["model"] == "b"]
     assert models["b"]["accuracy_mean"] == pytest.approx(np.mean(accuracies)) and models["b"]["accuracy_std"] == pytest.approx(np.std(accuracies))
 
@@ -180,3 +181,137 @@ def test_torch_is_not_needed_to_read_the_tables(kfold):
     """The tables hold plain numbers: nothing in them needs torch to be read back."""
     results = load(kfold, frames=False)
     assert all(not isinstance(value, torch.Tensor) for row in results.folds + results.models for value in row.values())
+
+
+# -- holdout: per-sample predictions, McNemar, bootstrap ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def holdout(tmp_path_factory):
+    """Three models on one holdout split, 3 epochs, their final test predictions recorded."""
+    from conftest import make_manifest
+    from izitorch.cli import main
+
+    folder = tmp_path_factory.mktemp("holdout")
+    models = [{"name": "a"}, {"name": "slow", "optimizer": {"lr": 1e-4}}, {"name": "wide", "params": {"hidden": 32}}]
+    path = make_manifest(folder, {"run.epochs": 3}, models=models)
+    assert main(["run", str(path)]) == 0
+    return folder / "res"
+
+
+def recorded(res, name, fold=None):
+    base = res / name if fold is None else folder(res, name, fold)
+    record = json.loads((base / "test_predictions.json").read_text())
+    matrix = np.asarray(pickle.loads((base / "confusion_matrix.pkl").read_bytes()))
+    return np.asarray(record["target"]), np.asarray(record["predicted"]), matrix
+
+
+def test_the_predictions_are_the_confusion_matrixs_samples(holdout, kfold):
+    splits = pickle.loads((kfold / "Dataset_split.pkl").read_bytes())
+    cases = [(holdout, name, None, None) for name in ("a", "slow", "wide")]
+    cases += [(kfold, m["name"], f, len(splits[f - 1][-1])) for m in MODELS for f in range(1, K + 1)]
+    for res, name, fold, size in cases:
+        target, predicted, matrix = recorded(res, name, fold)
+        counted = np.zeros_like(matrix)
+        np.add.at(counted, (target, predicted), 1)
+        assert np.array_equal(counted, matrix)
+        assert size is None or len(target) == size
+
+
+def test_a_holdout_lead_is_tested_by_mcnemar_and_each_accuracy_has_an_interval(holdout, capsys):
+    code, out, _ = cli(capsys, "report", holdout, "--format", "json")
+    report = json.loads(out)
+    best = report["models"][0]["name"]
+    target, best_predicted, _ = recorded(holdout, best)
+    for comparison in report["comparisons"]:
+        _, other_predicted, _ = recorded(holdout, comparison["other"])
+        b = int(np.sum((best_predicted == target) & (other_predicted != target)))
+        c = int(np.sum((best_predicted != target) & (other_predicted == target)))
+        assert (comparison["test"], comparison["only_best_right"], comparison["only_other_right"]) == ("McNemar", b, c)
+        assert comparison["p"] == pytest.approx(min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5)) if b + c else 1.0)
+    rng = np.random.default_rng(0)
+    for model in report["models"]:
+        target, predicted, _ = recorded(holdout, model["name"])
+        right = (predicted == target).astype(float)
+        resampled = right[rng.integers(0, len(right), size=(20000, len(right)))].mean(axis=1) * 100
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        step = 100 / len(right)  # one sample's share: the exact interval and 20,000 resamples agree to it
+        assert model["accuracy_interval"][0] == pytest.approx(low, abs=step) and model["accuracy_interval"][1] == pytest.approx(high, abs=step)
+    code, table, _ = cli(capsys, "report", holdout)
+    assert "McNemar" in table and "95% CI acc %" in table
+
+
+# -- --plots ----------------------------------------------------------------------------------------
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's header, checked to be one."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plots_are_pngs_of_the_reports_values(kfold, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from izitorch.plots import write_plots
+    from izitorch.report import build
+
+    res = tmp_path / "res"
+    shutil.copytree(kfold, res)
+    code, _, err = cli(capsys, "report", res, "--plots")
+    assert code == 0 and "figure(s) written to" in err
+    files = {path.name for path in (res / "plots").glob("*.png")}
+    assert files == {"learning_curves.png", "per_class.png"} | {f"confusion_{m['name']}.png" for m in MODELS}
+    for name in files:
+        width, height = png_size(res / "plots" / name)
+        assert 300 <= width <= 2000 and 300 <= height <= 2000
+
+    plotted = write_plots(load(res, frames=False), build([str(res)]))  # again: its own files are rewritten
+    curve = plotted["learning_curves.png"]["accuracy"][("wide", "test")]
+    logs = [json.loads((folder(res, "wide", f) / "trainlog.json").read_text()) for f in range(1, K + 1)]
+    assert curve["epoch"] == [1, 2]
+    assert curve["mean"] == pytest.approx([np.mean([log[str(e)]["test_accuracy"] for log in logs]) for e in (1, 2)])
+    assert curve["low"] == pytest.approx([min(log[str(e)]["test_accuracy"] for log in logs) for e in (1, 2)])
+    total = sum(np.asarray(pickle.loads((folder(res, "a", f) / "confusion_matrix.pkl").read_bytes())) for f in range(1, K + 1))
+    assert plotted["confusion_a.png"] == pytest.approx(total / total.sum(axis=1, keepdims=True))
+    finals = [json.loads((folder(res, "b", f) / "test_metrics.json").read_text())["per_class"]["F1"] for f in range(1, K + 1)]
+    assert plotted["per_class.png"]["b"] == pytest.approx(np.mean(finals, axis=0))
+
+
+def test_a_sweep_plot_shows_the_ranking_metric_against_each_value(manifest, capsys):
+    pytest.importorskip("matplotlib")
+    path = manifest(models=[{"sweep": {"optimizer.lr": [1e-3, 1e-2], "params.hidden": [8, 16]}}])
+    assert cli(capsys, "run", path)[0] == 0
+    res = path.parent / "res"
+    code, out, _ = cli(capsys, "report", res, "--plots", "--format", "json")
+    assert code == 0
+    from izitorch.plots import write_plots
+
+    plotted = write_plots(load(res, frames=False), json.loads(out))
+    data = plotted["sweep_optimizer.lr.png"]
+    accuracy = {
+        name: json.loads((res / name / "test_metrics.json").read_text())["accuracy"] for name in (p.name for p in res.iterdir() if p.name.startswith("mlp_"))
+    }
+    expected = sorted((float(name.split("_lr")[1].split("_")[0]), score) for name, score in accuracy.items())
+    got = sorted(zip(data["x"], data["y"]))
+    assert [x for x, _ in got] == [x for x, _ in expected] and [y for _, y in got] == pytest.approx([y for _, y in expected])
+    assert png_size(res / "plots" / "sweep_params.hidden.png")[0] >= 300
+
+
+def test_plots_never_replace_a_file_of_the_users(kfold, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    res = tmp_path / "res"
+    shutil.copytree(kfold, res)
+    (res / "plots").mkdir()
+    (res / "plots" / "per_class.png").write_bytes(b"mine")
+    code, _, err = cli(capsys, "report", res, "--plots")
+    assert code == 2 and error_of(err).endswith("per_class.png is not a figure izitorch wrote: move it away, or leave out --plots")
+    assert (res / "plots" / "per_class.png").read_bytes() == b"mine"
+
+
+def test_plots_without_matplotlib_name_the_extra(kfold, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    code, out, err = cli(capsys, "report", kfold, "--plots")
+    assert (code, out) == (2, "") and error_of(err) == '--plots: plots need matplotlib: pip install "izitorch[plots]"'
+    assert not (kfold / "plots").exists()
