@@ -105,9 +105,11 @@ class DigitImages(Dataset):
     a sample is a new random variant of it (:func:`izitorch.augment.random_affine` and noise), so
     only the split built with ``augment = true`` changes from epoch to epoch."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, rows: np.ndarray, augment: bool, shift: float, degrees: float, noise: float) -> None:
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, rows: np.ndarray, augment: bool, shift: float, degrees: float, zoom: float, noise: float
+    ) -> None:
         self.images, self.targets, self.rows = images, targets, rows
-        self.augment, self.shift, self.degrees, self.noise = augment, shift, degrees, noise
+        self.augment, self.shift, self.degrees, self.zoom, self.noise = augment, shift, degrees, zoom, noise
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,7 +117,7 @@ class DigitImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         if self.augment:
-            image = gaussian_noise(random_affine(image, shift=self.shift, degrees=self.degrees, scale=0.1), self.noise)
+            image = gaussian_noise(random_affine(image, shift=self.shift, degrees=self.degrees, scale=self.zoom), self.noise)
         return image, self.targets[index]
 
 
@@ -125,6 +127,7 @@ def digit_images(
     augment: bool = False,
     shift: float = 2.0,
     degrees: float = 10.0,
+    zoom: float = 0.1,
     noise: float = 0.05,
     val_size: float = 0.1,
     test_size: float = 0.2,
@@ -136,7 +139,7 @@ def digit_images(
     ``"test"``, stratified shares ``val_size`` and ``test_size`` of the samples drawn with ``seed``.
 
     ``augment`` (for the training split) moves each image by up to ``shift`` pixels, turns it by
-    up to ``degrees``, zooms it by up to 10 % and adds noise of standard deviation ``noise`` at
+    up to ``degrees``, zooms it by a factor in ``[1 - zoom, 1 + zoom]`` and adds noise of standard deviation ``noise`` at
     every read; without it a split's samples are the same at every read."""
     from sklearn.datasets import load_digits
 
@@ -146,7 +149,7 @@ def digit_images(
     images = torch.tensor(data.images[rows], dtype=torch.float32).unsqueeze(1) / 16.0
     if side != 8:
         images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-    return DigitImages(images, torch.tensor(labels[rows], dtype=torch.long), rows, augment, shift, degrees, noise)
+    return DigitImages(images, torch.tensor(labels[rows], dtype=torch.long), rows, augment, shift, degrees, zoom, noise)
 
 
 def shapes(count: int = 1000, side: int = 24, max_shapes: int = 3, noise: float = 0.1, seed: int = 0, limit: int | None = None) -> TensorDataset:
@@ -177,7 +180,7 @@ def shapes(count: int = 1000, side: int = 24, max_shapes: int = 3, noise: float 
             image[inside], mask[inside] = brightness, kind
             items.append((kind, cy, cx, radius, brightness))
         drawn.append(items)
-    images += noise * rng.standard_normal(images.shape).astype(np.float32)
+        image += noise * rng.standard_normal(image.shape).astype(np.float32)  # per image: the first N do not depend on the count
     dataset = TensorDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(masks))
     dataset.shapes = drawn
     return dataset
