@@ -56,7 +56,12 @@ def given_split_rows(labels: np.ndarray, split: str, sizes: dict[str, float], se
         raise ValueError(f"split must be one of {', '.join(repr(s) for s in ('train', *sizes))}, got {split!r}")
     rest = np.arange(len(labels))
     for part, share in sizes.items():
-        count = max(1, round(share * len(labels)))
+        count, classes = max(1, round(share * len(labels))), len(np.unique(labels[rest]))
+        if count < classes or len(rest) - count < classes:
+            raise ValueError(
+                f"a {part} share of {share} leaves {count} of {len(rest)} samples apart: too few for one of each of the {classes} classes "
+                "on both sides; use more samples (limit) or another share"
+            )
         rest, drawn = train_test_split(rest, test_size=count, stratify=labels[rest], random_state=seed)
         if part == split:
             return np.sort(drawn)

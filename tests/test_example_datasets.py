@@ -195,3 +195,8 @@ def test_every_example_dataset_takes_limit():
     for manifest in ("breast_cancer_kfold", "diabetes_regression", "images_augmented", "shapes_segmentation"):
         config: Config = load_manifest(ROOT / "manifests" / f"{manifest}.toml", overrides=["data.params.limit=400"])
         assert len(build_dataset(config)) == 400, manifest
+
+
+def test_a_given_split_too_small_for_its_classes_is_one_clear_error():
+    with pytest.raises(ValueError, match="a val share of 0.1 leaves 4 of 40 samples apart: too few for one of each of the 10 classes"):
+        digit_images("train", limit=40)
