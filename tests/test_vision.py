@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -122,5 +123,5 @@ def test_a_manifest_trains_on_fake_data_with_given_splits(tmp_path, monkeypatch,
     assert code == 0, err
     summary = json.loads((tmp_path / "res" / "results.json").read_text())
     assert 0.0 <= summary["mlp"]["mean"]["accuracy"] <= 100.0
-    train, test = (np.asarray(part) for part in __import__("pickle").loads((tmp_path / "res" / "Dataset_split.pkl").read_bytes())[0])
+    train, test = (np.asarray(part) for part in pickle.loads((tmp_path / "res" / "Dataset_split.pkl").read_bytes())[0])
     assert train.tolist() == list(range(24)) and test.tolist() == list(range(24, 48))  # the given splits, joined in order
