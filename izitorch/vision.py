@@ -111,19 +111,27 @@ def torchvision_dataset(
     if not inspect.isclass(factory):
         names = [n for n in dir(torchvision.datasets) if not n.startswith("_")]
         raise IzitorchError(f'torchvision.datasets has no dataset "{name}"{did_you_mean(name, names)}')
+    arguments = split_arguments(factory, split, root, download, options)
+    arguments["transform"] = build_transform(torchvision, transform)
+    return TorchvisionSplit(factory(**arguments), limit)
+
+
+def split_arguments(factory: Any, split: str, root: str, download: bool, options: dict) -> dict:
+    """The keyword arguments of a torchvision dataset class for one split (see
+    :func:`torchvision_dataset`): ``options``, the split as the class takes it, and ``root`` and
+    ``download`` where the class takes them."""
     accepted = inspect.signature(factory).parameters
     arguments = dict(options)
     if "train" in accepted:
         if split not in ("train", "test"):
-            raise IzitorchError(f'{name} has a train and a test split: split must be "train" or "test", got {split!r}')
+            raise IzitorchError(f'{factory.__name__} has a train and a test split: split must be "train" or "test", got {split!r}')
         arguments["train"] = split == "train"
     elif "split" in accepted:
         arguments["split"] = split
     for key, value in (("root", root), ("download", download)):
         if key in accepted:
             arguments[key] = value
-    arguments["transform"] = build_transform(torchvision, transform)
-    return TorchvisionSplit(factory(**arguments), limit)
+    return arguments
 
 
 def build_transform(torchvision: Any, transform: str | list | None) -> Any:

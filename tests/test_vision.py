@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from izitorch.errors import IzitorchError
-from izitorch.vision import matching_torchvision, torchvision_dataset
+from izitorch.vision import matching_torchvision, split_arguments, torchvision_dataset
 
 from conftest import cli, error_of, make_manifest
 
@@ -86,6 +86,27 @@ def test_a_torchvision_that_does_not_load_is_one_line_naming_the_build_to_instal
 def test_the_torchvision_series_follows_the_torch_release(monkeypatch, version, series):
     monkeypatch.setattr(torch, "__version__", version)
     assert matching_torchvision() == series
+
+
+class FlaggedSplits:  # the shape of CIFAR10, MNIST...: a train flag
+    def __init__(self, root, train=True, transform=None, download=False): ...
+
+
+class NamedSplits:  # the shape of SVHN, Places365...: a split argument
+    def __init__(self, root, split="train", transform=None, download=False): ...
+
+
+class NoSplits:  # the shape of FakeData
+    def __init__(self, size=1000, transform=None, random_offset=0): ...
+
+
+def test_the_split_maps_to_the_datasets_own_argument():
+    assert split_arguments(FlaggedSplits, "train", "data", False, {}) == {"train": True, "root": "data", "download": False}
+    assert split_arguments(FlaggedSplits, "test", "d", True, {}) == {"train": False, "root": "d", "download": True}
+    assert split_arguments(NamedSplits, "extra", "d", False, {}) == {"split": "extra", "root": "d", "download": False}
+    assert split_arguments(NoSplits, "test", "d", True, {"random_offset": 7}) == {"random_offset": 7}
+    with pytest.raises(IzitorchError, match='FlaggedSplits has a train and a test split: split must be "train" or "test", got \'val\''):
+        split_arguments(FlaggedSplits, "val", "d", False, {})
 
 
 # -- with torchvision: FakeData ------------------------------------------------------------------
