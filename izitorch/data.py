@@ -54,6 +54,8 @@ def _build(target: Any, params: dict, where: str, base_dir: str, *leading: Any, 
     if isinstance(target, str) or inspect.isclass(factory):
         try:
             built = factory(*leading, **params)
+        except IzitorchError as error:  # izitorch's own line (from a bundled dataset, say): kept, placed here
+            raise error.located(prefix=where) from None
         except Exception as error:
             raise IzitorchError(f"{_label(target)}(...) raised {type(error).__name__}: {error}", where) from None
     why = built_mismatch(kind, built, label) if kind else None

@@ -55,3 +55,30 @@ class SmallCNN(nn.Module):
         if x.ndim == 2:
             x = x.reshape(-1, 1, self.side, self.side)
         return self.head(self.features(x).flatten(1))
+
+
+class TinyFCN(nn.Module):
+    """A small fully convolutional net for semantic segmentation: ``[B, in_channels, H, W]`` to
+    class scores ``[B, num_classes, H, W]`` (H and W even).
+
+    Two 3x3 convolutions at full resolution, then two at half resolution (the second dilated, to
+    see a shape's outline from its inside), upsampled and joined with the full-resolution
+    features (a one-level U-Net), and a 1x1 convolution per class.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, channels: int = 16) -> None:
+        super().__init__()
+        self.near = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+        self.far = nn.Sequential(
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        )
+        self.head = nn.Sequential(nn.Conv2d(3 * channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        near = self.near(x)
+        return self.head(torch.cat([near, self.far(near)], dim=1))

@@ -289,7 +289,7 @@ def is_reference(value: Any) -> bool:
 def manifest_form(config: Any, source: Path) -> dict:
     """The ``config`` table of ``conf.json`` (``attrs.asdict`` of the run's :class:`Config`) in
     the form a manifest has, for :func:`izitorch.manifest.config_from_dict`: a component
-    ``{"target", "params"}`` becomes ``{"class", ...params}``, the plugins' ``tables`` their own
+    ``{"target", "params"}`` becomes ``{"class", ...params}`` (a scheduler's ``interval`` kept), the plugins' ``tables`` their own
     keys, unset values (``null``) are left out, and where an object given from Python was
     recorded (its ``repr`` in place of a reference) a :class:`GivenObject` stands for it."""
     if not isinstance(config, dict) or not isinstance(config.get("models"), list):
@@ -329,8 +329,9 @@ def _section(table: dict, references: tuple[str, ...]) -> dict:
     for key, value in table.items():
         if value is None:
             continue
-        if isinstance(value, dict) and set(value) == {"target", "params"}:  # a ComponentSpec
-            value = {"class": _given(value["target"]), **(value["params"] or {})}
+        if isinstance(value, dict) and {"target", "params"} <= set(value):  # a ComponentSpec, with a scheduler's interval
+            rest = {name: item for name, item in value.items() if name not in ("target", "params")}
+            value = {"class": _given(value["target"]), **(value["params"] or {}), **rest}
         elif key in references:
             value = _given(value)
         out[key] = value

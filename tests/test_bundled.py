@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import math
 import re
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from izitorch.manifest import load_manifest
 from izitorch.pluginmanager import make_plugin_manager
 from izitorch.trainRack import DEFAULT_PARAMETERS
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli
 
+#: What each task's table is ranked by (README, "Tasks and metrics").
+HEADLINE = {"classification": "accuracy", "regression": "RMSE", "segmentation": "IoU"}
 MANIFESTS = sorted((ROOT / "manifests").glob("*.toml"))
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -35,15 +38,27 @@ def test_bundled_manifest_validates_and_is_listed_in_the_readme(manifest: Path):
 
 
 @pytest.mark.parametrize("manifest", [p for p in MANIFESTS if p.stem != "digits"], ids=lambda p: p.stem)
-def test_bundled_manifest_runs_one_epoch(manifest: Path, tmp_path: Path):
+def test_bundled_manifest_runs_one_epoch(manifest: Path, tmp_path: Path, capsys, monkeypatch):
+    """Each bundled manifest trains for one epoch on its first 400 samples (every bundled dataset
+    takes ``limit``), in this process, and scores what its task promises."""
+    monkeypatch.chdir(tmp_path)
     res = tmp_path / "res"
-    done = run_cli("run", str(manifest), "--set", f"run.res_dir={res.as_posix()}", "--set", "run.epochs=1", "--set", "data.params.limit=400", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    code, _, err = cli(capsys, "run", manifest, "--set", f"run.res_dir={res.as_posix()}", "--set", "run.epochs=1", "--set", "data.params.limit=400")
+    assert code == 0, err
     summary = json.loads((res / "results.json").read_text())
     config = load_manifest(manifest)
     assert set(summary) == {spec.name for spec in config.models}
+    task = json.loads((res / "conf.json").read_text())["task"]
+    assert task == (config.run.task or "classification")  # a manifest that does not declare its task is a classification
     for entry in summary.values():
-        assert 0.0 <= entry["mean"]["accuracy"] <= 100.0
+        assert entry["headline"] == HEADLINE[task]
+        scores = entry["mean"]
+        if task == "regression":
+            assert math.isfinite(scores["RMSE"]) and scores["RMSE"] >= 0.0 and "accuracy" not in scores
+        elif task == "segmentation":
+            assert 0.0 <= scores["IoU"] <= 1.0 and 0.0 <= scores["accuracy"] <= 100.0
+        else:
+            assert 0.0 <= scores["accuracy"] <= 100.0
 
 
 @pytest.mark.parametrize("cls,section", [(RunConfig, "run"), (DataConfig, "data"), (ModelSpec, "models")])

@@ -475,3 +475,26 @@ def test_each_mistake_is_one_line_exit_2(holdout, tmp_path, monkeypatch, capsys,
     assert message.startswith(expected.format(**fill)), message
     assert snapshot(run) == before
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_run_with_schedulers_is_read_back_with_them(tmp_path):
+    """conf.json records a scheduler with its ``interval``: the run rebuilds with the same
+    scheduler (class, arguments, interval), and its model loads."""
+    res = train(
+        tmp_path,
+        run={"epochs": 1},
+        models=[
+            {"name": "step", "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 5}},
+            {
+                "name": "cycle",
+                "params": {"hidden": 8},
+                "scheduler": {"class": "torch.optim.lr_scheduler:OneCycleLR", "max_lr": 0.1, "total_steps": 8, "interval": "step"},
+            },
+        ],
+    )
+    from izitorch.trained import TrainedRun
+
+    specs = {spec.name: spec.scheduler for spec in TrainedRun(res).config.models}
+    assert (specs["step"].params, specs["step"].interval) == ({"step_size": 5}, "epoch")
+    assert (specs["cycle"].params, specs["cycle"].interval) == ({"max_lr": 0.1, "total_steps": 8}, "step")
+    assert not izitorch.load_model(res, "cycle").training
