@@ -304,7 +304,7 @@ def _default_optimizer() -> ComponentSpec:
 #: Names of the run's own entries at the top of ``res_dir``, which a model's folder would replace
 #: (compared ignoring case, for case-insensitive file systems). Names starting with a dot
 #: (``.``, ``..``, ``.izitorch``, ``.izitorch.lock``) are refused as a whole.
-RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json"})
+RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json", "manifest.toml", "metrics.csv", "plots"})
 
 
 def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:

@@ -1,6 +1,7 @@
 """Output files compatible with the original izitorch (default plugin).
 
-``res_dir/conf.json`` (resolved config, plugins and versions), ``res_dir/Dataset_split.pkl``,
+``res_dir/conf.json`` (resolved config, plugins and versions), ``res_dir/manifest.toml`` (the
+manifest as run, :mod:`izitorch.rerun`), ``res_dir/Dataset_split.pkl``,
 ``<model>/conf.json``, ``<model>/trainlog.json`` (rewritten every epoch, with each epoch's
 learning rate),
 ``<model>/confusion_matrix.pkl``, ``<model>/test_predictions.json`` (a classification's
@@ -26,6 +27,7 @@ import torch
 from izitorch.hookspecs import hookimpl
 from izitorch.version import __version__
 from izitorch.io import write_json, write_pickle, write_text
+from izitorch.rerun import manifest_text
 from izitorch.metrics import metric_directions
 from izitorch.tasks import headline
 
@@ -84,7 +86,11 @@ class TrainlogPlugin:
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
-        write_json(run.res_dir / "conf.json", run_description(run))
+        description = run_description(run)
+        write_json(run.res_dir / "conf.json", description)
+        text = manifest_text(json.loads(json.dumps(description["config"], default=str)), run.config.base_dir, run.res_dir)
+        if text is not None:  # the manifest as run, to run again (none for a Rack given Python objects)
+            write_text(run.res_dir / "manifest.toml", text)
         write_pickle(run.res_dir / "Dataset_split.pkl", [split.as_lists() for split in run.splits])
         for slot in run.slots:
             write_json(run.res_dir / slot.name / "conf.json", model_description(slot))
