@@ -34,11 +34,13 @@ class PredictionRecord:
         self.batches.append((outputs.argmax(2), target, mask))
 
     def compute(self) -> list[dict[str, Any]]:
-        """``{"predictions": {"target": [...], "predicted": [...]}}`` per member (empty when nothing was recorded)."""
+        """``{"predictions": {"target", "predicted"}}`` (int64 tensors on the CPU) per member; empty
+        when nothing was recorded."""
         if not self.applies or not self.batches:
             return [{} for _ in range(self.members)]
         predicted = torch.cat([batch[0] for batch in self.batches], dim=1).cpu()
         target = torch.cat([batch[1] for batch in self.batches]).cpu()
         masks = [batch[2] if batch[2] is not None else torch.ones_like(batch[0], dtype=torch.bool) for batch in self.batches]
         mask = torch.cat(masks, dim=1).cpu()
-        return [{"predictions": {"target": target[mask[k]].tolist(), "predicted": predicted[k][mask[k]].tolist()}} for k in range(self.members)]
+        # tensors, not lists: the final scores are copied into the resume state element by element
+        return [{"predictions": {"target": target[mask[k]], "predicted": predicted[k][mask[k]]}} for k in range(self.members)]

@@ -141,7 +141,8 @@ class TrainlogPlugin:
             if "confusion_matrix" in final:
                 write_pickle(folder / "confusion_matrix.pkl", final["confusion_matrix"])
             if "predictions" in final:  # each test sample's class: izitorch report's paired tests
-                write_text(folder / "test_predictions.json", json.dumps(final["predictions"], separators=(",", ":")))
+                record = {key: values.tolist() for key, values in final["predictions"].items()}
+                write_text(folder / "test_predictions.json", json.dumps(record, separators=(",", ":")))
             summary = scalars(final)
             if "per_class" in final:  # lists of floats, one per class: in the final scores only
                 summary["per_class"] = final["per_class"]
