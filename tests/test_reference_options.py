@@ -13,6 +13,8 @@ group_by giving too few groups or raising (test_splits), a scheduler class of an
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from conftest import make_manifest
@@ -171,3 +173,18 @@ def test_a_reference_option_that_does_not_fit_is_one_line_in_validate_and_run(tm
     assert lines[0] == lines[1]
     assert lines[0].startswith(f"izitorch: error: {path}: {expected}"), lines[0]
     assert not (tmp_path / "res").exists()
+
+
+def test_validate_feeds_a_torchmetrics_metric_its_batch_without_a_word(tmp_path, capsys):
+    """Four samples leave classes without positives: the metrics' warnings about it are not
+    shown by validate (the epoch's data decide)."""
+    pytest.importorskip("torchmetrics")
+    entries = [
+        {"class": "torchmetrics.classification:MulticlassAUROC", "num_classes": 10, **AUROC},
+        {"class": "torchmetrics.classification:MulticlassAveragePrecision", "num_classes": 10, "direction": "higher", "name": "AP"},
+    ]
+    path = make_manifest(tmp_path, {"plugins.metrics": {"extra": entries}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["validate", str(path)]) == 0
+    assert capsys.readouterr().err == "" and [str(w.message) for w in caught] == []
