@@ -1343,7 +1343,7 @@ def test_every_checkpoint_loads_with_weights_only(scenarios):
             seen.add(kind)
             if kind != "resume state":
                 assert set(data) >= {"epoch", "state_dict", "optimizer"}, path
-    assert seen == {"model", "resume state"}
+    assert seen == {"model", "model_best", "model_last", "resume state"}  # best_and_last: the option matrix
     assert len(list(scenarios["holdout"][1].rglob("model_epoch*.pth.tar"))) == 3
     assert len(list(scenarios["kfold"][1].rglob(".izitorch/fold_*.pth.tar"))) == 3
 
