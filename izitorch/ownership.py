@@ -13,8 +13,9 @@ a second guard behind the validation of model names.
 A run may delete a file it wrote (the checkpoint's ``top_k`` drops the epochs that fall out):
 :meth:`Ledger.forget` appends a line ``/removed <path>`` first. The path stays the run's (so that
 ``--overwrite`` still deletes it if a kill left it on disk, and a resumed run that trains that
-epoch again deletes it again), but it is no longer missed by :meth:`Ledger.missing`. A recorded path never starts with ``/``, so the two kinds of lines never
-mix, and a record read by an older izitorch keeps its paths.
+epoch again deletes it again), but it is no longer missed by :meth:`Ledger.missing`. A recorded
+path never starts with ``/``, so the two kinds of lines never mix, and a record read by an older
+izitorch keeps its paths.
 """
 
 from __future__ import annotations
