@@ -13,11 +13,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Subset, default_collate
 
-from izitorch import precision, schedules, tasks
+from izitorch import precision, schedules, tasks, torchmetrics_bridge
 from izitorch.config import BALANCED, Config
-from izitorch.data import Guarded, balanced_labels, batch_kind, build_dataset, build_slots, collate_function, loading_error, takes_keyword, to_device
+from izitorch.data import (
+    Guarded,
+    balanced_labels,
+    batch_kind,
+    build_dataset,
+    build_slots,
+    collate_function,
+    loading_error,
+    takes_keyword,
+    to_device,
+    user_sampler,
+)
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
 from izitorch.references import check_arguments, resolve
 from izitorch.splits import class_labels, sample_groups
@@ -56,6 +67,10 @@ def dry_run(config: Config, device: torch.device, factories: dict | None = None)
             with torch.no_grad(), _evaluating(slot.model), precision.autocast(config.run.precision, device):
                 outputs.append(forward_loss(slot, inputs, target, config.data.num_classes)[0])
     task = tasks.settle(config, outputs[0] if outputs else None, target)
+    for factory in (factories or {}).values():
+        if outputs and isinstance(outputs[0], torch.Tensor) and isinstance(factory, type) and issubclass(factory, torchmetrics_bridge.TorchMetricMeter):
+            with _random_states_kept(device):
+                torchmetrics_bridge.check_one_number(factory, outputs[0], target)
     if factories is not None:
         settled = resolve_selection(config, factories, task)
         if settled != selection and any(isinstance(slot.scheduler, schedules.PLATEAU) for slot in slots):
@@ -73,6 +88,10 @@ def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple
     try:
         guarded[size - 1]
         items = [guarded[index] for index in range(count)]
+    except Exception as error:
+        raise loading_error(config, error, "a batch checked before training") from None
+    check_items(config, dataset, items[0])
+    try:
         batch = default_collate(items) if collate is None else None
     except Exception as error:
         raise loading_error(config, error, "a batch checked before training") from None
@@ -85,6 +104,26 @@ def first_batch(config: Config, dataset: Dataset, device: torch.device) -> tuple
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise ManifestError(f"{name} returned {batch_kind(batch)}; a collate_fn must return an (inputs, target) pair", "data.collate_fn")
     return to_device(unpack(batch), device, non_blocking=False)
+
+
+def check_items(config: Config, dataset: Dataset, first: Any) -> None:
+    """The first sample of the dataset (``first``), and of each given split (``[data] train``,
+    ``val``, ``test``), loads and is an ``(input, target)`` pair; a callable that gives anything
+    else is refused naming the key that built it."""
+    parts = getattr(dataset, "izitorch_parts", None) or {"dataset": range(len(dataset))}
+    guarded = Guarded(dataset)
+    for name, rows in parts.items():
+        key = f"data.{name}"
+        spec = getattr(config.data, name)
+        target = spec if name == "dataset" else spec.target if spec.target is not None else config.data.dataset
+        label = describe(target) if isinstance(target, str) else getattr(target, "__name__", type(target).__name__)
+        try:
+            item = first if int(rows[0]) == 0 else guarded[int(rows[0])]
+        except Exception as error:
+            raise loading_error(config, error, f"the first sample of its {name} set" if name != "dataset" else "its first sample", key, label) from None
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            got = f"items of {len(item)} elements" if isinstance(item, (list, tuple)) else f"{type(item).__name__} items"
+            raise ManifestError(f"{label} yields {got}; izitorch expects (input, target) pairs from __getitem__", key)
 
 
 def check_data_options(config: Config, dataset: Dataset) -> None:
@@ -113,6 +152,9 @@ def check_data_options(config: Config, dataset: Dataset) -> None:
             check_arguments(factory, {"generator": None, **data.sampler.params} if takes_keyword(factory, "generator") else data.sampler.params, leading=1)
         except ManifestError as error:
             raise ManifestError(error.message, join_path("data.sampler", error.path)) from None
+    if data.sampler != BALANCED:  # called as the first epoch will call it (the whole dataset for its training split)
+        with _random_states_kept(torch.device("cpu")):
+            user_sampler(config, Subset(dataset, range(len(dataset))), torch.Generator().manual_seed(config.run.rdm_seed))
 
 
 @contextlib.contextmanager

@@ -496,18 +496,26 @@ def training_sampler(run: Run, indices, subset: Dataset, seed: int) -> Any:
         counts = torch.bincount(labels - labels.min())
         weights = 1.0 / counts[labels - labels.min()].double()
         return WeightedRandomSampler(weights, num_samples=len(indices), replacement=True, generator=generator)
-    factory = resolve(spec.target, run.config.base_dir) if isinstance(spec.target, str) else spec.target
+    return user_sampler(run.config, Subset(run.dataset, indices.tolist()), generator)
+
+
+def user_sampler(config: Config, split: Subset, generator: torch.Generator) -> CheckedSampler:
+    """``[data] sampler``'s reference called with the training ``split``, its parameters and
+    ``generator`` (when it takes one); what it gives must be a sampler. The dry run calls it with
+    the whole dataset, so that ``validate`` meets what the first epoch would."""
+    spec = config.data.sampler
+    factory = resolve(spec.target, config.base_dir) if isinstance(spec.target, str) else spec.target
     label = f'"{spec.target}"' if isinstance(spec.target, str) else _label(spec.target)
     params = dict(spec.params)
     if "generator" not in params and takes_keyword(factory, "generator"):
         params["generator"] = generator
     try:
-        sampler = factory(Subset(run.dataset, indices.tolist()), **params)
+        sampler = factory(split, **params)
     except Exception as error:
         raise IzitorchError(f"{label}(...) raised {error_text(error)}", "data.sampler") from None
     if not hasattr(sampler, "__iter__") or not hasattr(sampler, "__len__"):
         raise IzitorchError(f"{label} gave {describe(sampler)}, not a sampler (an iterable of positions with a len())", "data.sampler")
-    return CheckedSampler(sampler, len(indices), label)
+    return CheckedSampler(sampler, len(split), label)
 
 
 def balanced_labels(dataset: Dataset) -> torch.Tensor:
@@ -576,9 +584,10 @@ class Guarded(Dataset):
             raise SampleError(f"sample {index}: {error_text(error)}") from None
 
 
-def loading_error(config: Config, error: Exception, where: str) -> TrainingError:
+def loading_error(config: Config, error: Exception, where: str, key: str = "data.dataset", name: str | None = None) -> TrainingError:
     """The one line for a dataset that fails to give a batch (a sample raising, items that do
-    not collate, a ``__len__`` beyond the data): the dataset, ``where``, the sample, the error."""
+    not collate, a ``__len__`` beyond the data): the dataset (``name``, at ``key``; default
+    ``[data] dataset``), ``where``, the sample, the error."""
     text = str(error).strip()
     if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original error is its last line
         cause = text.splitlines()[-1].strip()
@@ -592,9 +601,10 @@ def loading_error(config: Config, error: Exception, where: str) -> TrainingError
         cause += "; every sample must have the same shape to be batched"
     elif "IndexError" in cause:
         cause += "; check that __len__ counts only the samples that exist"
-    dataset = config.data.dataset
-    name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
-    return TrainingError(f"{name} failed loading {where}: {cause}", "data.dataset")
+    if name is None:
+        dataset = config.data.dataset
+        name = f'"{dataset}"' if isinstance(dataset, str) else type(dataset).__name__
+    return TrainingError(f"{name} failed loading {where}: {cause}", key)
 
 
 class WithRows(Dataset):

@@ -45,18 +45,33 @@ class StopFlag:
 
 @contextlib.contextmanager
 def res_dir_lock(res_dir: Path) -> Iterator[None]:
-    """Hold ``res_dir``'s lock for the duration of the block (``res_dir`` is created if needed)."""
+    """Hold ``res_dir``'s lock for the duration of the block. ``res_dir`` (and the folders above
+    it) are created if needed, and removed again if the block leaves them empty: a run refused
+    before it wrote anything leaves no trace."""
     lock = res_dir / LOCK_NAME
+    created = [folder for folder in (res_dir, *res_dir.parents) if not folder.exists()]
     try:
         res_dir.mkdir(parents=True, exist_ok=True)
         _acquire(lock)
     except OSError as error:
+        _remove_empty(created)
         raise res_dir_error(res_dir, error) from None
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             lock.unlink()
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this process created, deepest first, as long as they are empty
+    (``os.rmdir`` removes nothing else)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote there), or gone: what is above stays too
+            return
 
 
 def _acquire(lock: Path) -> None:

@@ -12,9 +12,10 @@ a second guard behind the validation of model names.
 
 A run may delete a file it wrote (the checkpoint's ``top_k`` drops the epochs that fall out):
 :meth:`Ledger.forget` appends a line ``/removed <path>`` first. The path stays the run's (so that
-``--overwrite`` still deletes it if a kill left it on disk), but it is no longer missed by
-:meth:`Ledger.missing`. A recorded path never starts with ``/``, so the two kinds of lines never
-mix, and a record read by an older izitorch keeps its paths.
+``--overwrite`` still deletes it if a kill left it on disk, and a resumed run that trains that
+epoch again deletes it again), but it is no longer missed by :meth:`Ledger.missing`. A recorded
+path never starts with ``/``, so the two kinds of lines never mix, and a record read by an older
+izitorch keeps its paths.
 """
 
 from __future__ import annotations
@@ -92,9 +93,11 @@ class Ledger:
             raise res_dir_error(self.root, error) from None
 
     def recorded(self, path: str | Path) -> bool:
-        """Whether the file ``path`` is recorded as the run's and not removed since."""
+        """Whether the file ``path`` is recorded as the run's, removed since or not: a resumed run
+        trains again the epochs after its saved state, and so deletes again what they deleted
+        (a file a kill left behind, or one already gone)."""
         relative = self._relative(path)
-        return relative is not None and relative in self.entries and relative not in self.removed
+        return relative is not None and relative in self.entries
 
     def forget(self, path: str | Path) -> None:
         """Record that the run deletes its file ``path`` (before deleting it: see the module's doc)."""

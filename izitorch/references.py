@@ -48,6 +48,7 @@ def _import_file(path: str, base_dir: str):
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
+    module.__izitorch_file__ = path  # how messages name it (its module name is made up)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
@@ -85,7 +86,10 @@ def check_arguments(fn: Callable, kwargs: dict, leading: int = 0) -> None:
 
 
 def _name(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    """``module.qualname``, or ``file.py:qualname`` for what a manifest loads from a file."""
+    module = getattr(fn, "__module__", None) or "?"
+    file = getattr(sys.modules.get(module), "__izitorch_file__", None)
+    return f"{file}:{getattr(fn, '__qualname__', fn)}" if file else f"{module}.{getattr(fn, '__qualname__', fn)}"
 
 
 def _expected_type(default: Any) -> str | None:

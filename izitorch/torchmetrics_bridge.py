@@ -13,6 +13,7 @@ sample mask: boolean indexing, so one device synchronisation per batch and membe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,20 +25,40 @@ DIRECTIONS = ("higher", "lower")
 INSTALL = "pip install 'izitorch[torchmetrics]'"
 
 
-def factories(entries: list[Any], source: str = "") -> list[tuple[str, type]]:
-    """``(value name, factory)`` of each entry of ``extra``; a one-line ``ManifestError`` at
+def factories(entries: list[Any], source: str = "", base_dir: str = ".") -> list[tuple[str, type]]:
+    """``(value name, factory)`` of each entry of ``extra`` (a ``"file.py:Class"`` relative to
+    ``base_dir``, the manifest's folder); a one-line ``ManifestError`` at
     ``plugins.metrics.extra[i].<key>`` for an entry that does not fit."""
     built = []
     for index, entry in enumerate(entries):
         path = join_path("plugins.metrics.extra", index)
         try:
-            built.append(_factory(entry))
+            name, factory = _factory(entry, base_dir)
         except ManifestError as error:
             raise error.located(source=source, prefix=path) from None
+        factory.where = path
+        built.append((name, factory))
     return built
 
 
-def _factory(entry: Any) -> tuple[str, type]:
+def check_one_number(factory: type[TorchMetricMeter], outputs: torch.Tensor, target: torch.Tensor) -> None:
+    """Feed a metric the dry run's batch (:func:`izitorch.checks.dry_run`): one whose
+    ``compute()`` gives more than one number (``average = "none"``) is refused at its entry
+    before training. A metric that fails, or warns, on so few samples (a class without
+    positives) is left to the epoch's real data: its warnings are not shown."""
+    meter = factory(members=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meter.update(outputs.detach().float().unsqueeze(0), target, torch.zeros(1))
+            meter.compute()
+    except TrainingError as error:
+        raise ManifestError(str(error), factory.where) from None
+    except Exception:  # four samples may not be enough for it: the epoch's data will tell
+        return
+
+
+def _factory(entry: Any, base_dir: str) -> tuple[str, type]:
     if not isinstance(entry, dict):
         raise ManifestError(
             f'expected a table such as {{ class = "torchmetrics.classification:MulticlassAUROC", direction = "higher" }}, found {describe(entry)}'
@@ -53,7 +74,7 @@ def _factory(entry: Any) -> tuple[str, type]:
     except ImportError:
         raise ManifestError(f"names a torchmetrics metric, and torchmetrics is not installed: {INSTALL}", "class") from None
     try:
-        cls = resolve(reference)
+        cls = resolve(reference, base_dir)
     except ManifestError as error:
         raise error.located(prefix="class") from None
     if not (isinstance(cls, type) and issubclass(cls, torchmetrics.Metric)):
@@ -76,6 +97,7 @@ class TorchMetricMeter:
     names: dict[str, str] = {}
     metric_class: Any = None
     params: dict[str, Any] = {}
+    where = "plugins.metrics.extra"  # the entry's key path (set by factories)
 
     def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
         self.metrics = [self.metric_class(**self.params) for _ in range(members)]

@@ -375,7 +375,7 @@ _extra: list[tuple[str, type]] = []  # (name, factory) of each torchmetrics metr
 def izitorch_configure(config) -> None:
     global _options, _extra
     options = plugin_options(config, "metrics", MetricsOptions)
-    extra = torchmetrics_bridge.factories(options.extra, config.source) if options.extra else []
+    extra = torchmetrics_bridge.factories(options.extra, config.source, config.base_dir) if options.extra else []
     _options, _extra = options, extra  # both or neither: a refused table leaves no half of itself
 
 

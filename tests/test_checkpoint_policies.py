@@ -100,11 +100,27 @@ def test_a_file_the_run_did_not_write_is_never_deleted(tmp_path):
         with pytest.raises(IzitorchError, match="this run did not write it"):
             remove(theirs)
         remove(mine)
-        with pytest.raises(IzitorchError):  # removed: no longer the run's to delete
-            remove(mine)
+        remove(mine)  # removed already: still the run's, and gone (a resumed run repeats its deletions)
     assert theirs.read_text() == "the user's" and not mine.exists()
     lines = (tmp_path / ".izitorch" / "owned.txt").read_text().splitlines()
-    assert lines[-1] == "/removed m/model_epoch1.pth.tar"
+    assert lines[-1] == "/removed m/model_epoch1.pth.tar" and lines.count("/removed m/model_epoch1.pth.tar") == 1
+
+
+def test_a_resumed_run_deletes_again_what_its_retrained_epochs_deleted(tmp_path):
+    """A kill after the removal of a top_k file was recorded (or done), before the resume state
+    of that epoch was on disk: the resumed run trains the epoch again and deletes the file again,
+    whether the kill left it on disk or not."""
+    left, gone = tmp_path / "m" / "model_epoch1.pth.tar", tmp_path / "m" / "model_epoch2.pth.tar"
+    with owned_by(Ledger(tmp_path)):
+        write_text(left, "weights")
+        write_text(gone, "weights")
+        remove(gone)
+    Ledger(tmp_path).forget(left)  # ... and killed before the file went
+    with owned_by(Ledger(tmp_path)):  # the resumed run
+        remove(left)
+        remove(gone)
+    assert not left.exists() and not gone.exists()
+    assert list(Ledger(tmp_path).foreign()) == [] and Ledger(tmp_path).missing() == []
 
 
 def test_a_file_whose_removal_a_kill_cut_short_is_still_the_runs(tmp_path):
@@ -116,7 +132,7 @@ def test_a_file_whose_removal_a_kill_cut_short_is_still_the_runs(tmp_path):
         write_text(stale, "weights")
     ledger.forget(stale)  # ... and killed before the file went
     reread = Ledger(tmp_path)
-    assert list(reread.foreign()) == [] and reread.missing() == [] and not reread.recorded(stale)
+    assert list(reread.foreign()) == [] and reread.missing() == [] and reread.recorded(stale)
     reread.remove_all()
     assert not stale.exists()
 

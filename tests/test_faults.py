@@ -648,13 +648,13 @@ def test_labels_outside_num_classes_are_refused_before_training(tmp_path, capsys
         (['models[0].model="models.py:Boom"'], 2, "{path}: models[0].model: models.py:Boom(...) raised ValueError: hidden must be even"),
         (
             ['data.dataset="models.py:Triples"', "data.params={}"],
-            1,
-            "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__",
+            2,
+            '{path}: data.dataset: "models.py:Triples" yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__',
         ),
         (
             ['data.dataset="models.py:Bare"', "data.params={}"],
-            1,
-            "{path}: the dataset yields Tensor items; izitorch expects (input, target) pairs from __getitem__",
+            2,
+            '{path}: data.dataset: "models.py:Bare" yields Tensor items; izitorch expects (input, target) pairs from __getitem__',
         ),
     ],
 )

@@ -228,8 +228,8 @@ SAME_LINE = [
     (
         "not-pairs",
         ['data.dataset="hostile.py:Triples"', "data.params={}"],
-        1,
-        "{path}: the dataset yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__",
+        2,
+        '{path}: data.dataset: "hostile.py:Triples" yields items of 3 elements; izitorch expects (input, target) pairs from __getitem__',
     ),
     (
         "scheduler-factory-plateau",

@@ -232,10 +232,15 @@ def test_resume_of_a_run_killed_before_its_first_epoch_ended_starts_again(tmp_pa
 
 
 def test_a_run_that_fails_before_writing_leaves_no_record_and_can_run_again(tmp_path, capsys):
-    manifest = make_manifest(tmp_path)
+    """Refused under the lock (the data do not fit), the run removes the folders it created for
+    res_dir, and only those; a folder that was there stays."""
+    manifest = make_manifest(tmp_path, {"run.res_dir": (tmp_path / "results" / "res").as_posix()})
     code, err = run(capsys, "run", str(manifest), "--set", "data.params.limit=0")
-    assert code == 2
-    assert sorted(os.listdir(tmp_path / "res")) == []
+    assert code == 2 and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["m.toml"]
+    (tmp_path / "results" / "res").mkdir(parents=True)
+    code, err = run(capsys, "run", str(manifest), "--set", "data.params.limit=0")
+    assert code == 2 and sorted(os.listdir(tmp_path / "results" / "res")) == []
     assert run(capsys, "run", str(manifest))[0] == 0
 
 

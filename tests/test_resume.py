@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 import torch
 
+import izitorch.cli
 from conftest import make_manifest, merged, run_cli
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -235,6 +236,117 @@ MIXED = {
     "plugins": {"enable": ["probe.py"]},
 }
 
+# (g, h, i) the options of real datasets combined, each for three layouts: a lone model
+# (``_lone``), a vectorized group of two models of one architecture (``_vector``, multi_model =
+# "vectorized") and parallel folds (``_parallel``, 3 folds trained at once). The data lives in
+# MATRIX_DATA (``matrixdata.py``); see OPTION_LAYOUTS for the pairs refused instead.
+# (g) given splits with train-only augmentation, a collate_fn, balanced sampling, drop_last, an
+# evaluation batch size and a scheduler stepped per optimizer step
+GIVEN = {
+    "run": {"epochs": 3},
+    "data": {
+        "dataset": "matrixdata.py:part",
+        "params": None,
+        "num_classes": 10,
+        "train": {"split": "train", "augment": True},
+        "test": {"split": "test"},
+        "collate_fn": "matrixdata.py:doubling",
+        "sampler": "balanced",
+        "drop_last": True,
+        "eval_batch_size": 25,
+    },
+    "plugins": {"enable": ["probe.py"]},
+}
+PER_STEP = {"class": "torch.optim.lr_scheduler:ExponentialLR", "gamma": 0.97, "interval": "step"}
+
+# (h) stratified 3-fold grouped by patient, validation, ReduceLROnPlateau, best and last kept
+# with the 2 best epochs, the final test on the best epoch's weights
+GROUPED = {
+    "run": {"epochs": 3, "test_weights": "best"},
+    "data": {"dataset": "matrixdata.py:patients", "validation": True, "stratify": True, "group_by": "patient"},
+    "plugins": {"enable": ["probe.py", "kfold"], "kfold": {"k": 3}, "checkpoint": {"policy": "best_and_last", "top_k": 2}},
+}
+# never sees an improvement of 100 points over the first epoch's: halves the learning rate after epoch 2
+PLATEAU = {"class": "torch.optim.lr_scheduler:ReduceLROnPlateau", "patience": 0, "factor": 0.5, "threshold": 100.0, "threshold_mode": "abs"}
+
+# (i) a regression (scikit-learn's diabetes, MSELoss) with a torchmetrics metric that picks the
+# best epoch
+REGRESSION = {
+    "run": {"epochs": 3, "task": "regression", "best_metric": "tm_mae"},
+    "data": {"dataset": "matrixdata.py:diabetes", "params": {"limit": 200}, "num_classes": None, "validation": True},
+    "plugins": {
+        "enable": ["probe.py"],
+        "checkpoint": {"policy": "best"},
+        "metrics": {"extra": [{"class": "torchmetrics.regression:MeanAbsoluteError", "direction": "lower", "name": "tm_mae"}]},
+    },
+}
+REGRESSOR = {"params": {"in_features": 10, "hidden": 16, "num_classes": 1}, "criterion": "torch.nn:MSELoss"}
+
+OPTION_SETS = {
+    "given": (GIVEN, {"scheduler": PER_STEP}),
+    "grouped": (GROUPED, {"scheduler": PLATEAU}),
+    "regression": (REGRESSION, REGRESSOR),
+}
+LAYOUTS = {
+    "lone": ({}, [{}]),
+    "vector": ({"run": {"multi_model": "vectorized"}}, [{"name": "a"}, {"name": "b", "optimizer": {"class": "torch.optim:Adam", "lr": 5e-3}}]),
+    "parallel": ({"plugins": {"enable": ["probe.py", "kfold"], "kfold": {"k": 3, "parallel": True}}}, [{}]),
+}
+# the option / layout pairs refused in one line instead (see test_an_option_a_layout_cannot_serve_is_refused_in_one_line),
+# and what each scenario runs without the refused option
+REFUSED = [
+    ("given_parallel", {"sampler": "balanced"}, "plugins.kfold.parallel: parallel = true draws one pass of batches for every fold"),
+    ("given_parallel", {"sampler": {"class": "torch.utils.data:RandomSampler"}}, "drop [data] sampler or set parallel = false"),
+]
+RUNS_INSTEAD = {("given", "parallel"): {"data": {"sampler": None}}}  # the rest of (g) runs in parallel folds
+
+
+def option_scenario(options: str, layout: str) -> dict:
+    """Option set ``options`` in ``layout``: every model gets the option set's model settings."""
+    base, model = OPTION_SETS[options]
+    tables, models = LAYOUTS[layout]
+    manifest = merged(merged(merged(HEAD, base), tables), RUNS_INSTEAD.get((options, layout), {}))
+    manifest["models"] = [merged(model, entry) for entry in models]
+    return manifest
+
+
+MATRIX_DATA = '''\
+"""The data of the option-matrix scenarios."""
+import torch
+from torch.utils.data import TensorDataset
+
+from izitorch.datasets import digits
+
+
+def part(split="train", augment=False):
+    """240 digits given as a training split of 180 (augmented: shifted) and a test split of 60."""
+    inputs, targets = digits(limit=240).tensors
+    rows = {"train": slice(0, 180), "test": slice(180, 240)}[split]
+    return TensorDataset(inputs[rows] + (0.5 if augment else 0.0), targets[rows])
+
+
+def doubling(items):
+    """A collate_fn: the default batch with its inputs doubled."""
+    return torch.stack([x for x, _ in items]) * 2, torch.stack([y for _, y in items])
+
+
+def patients(limit):
+    """The digits, four consecutive samples per patient."""
+    data = digits(limit=limit)
+    data.patient = [index // 4 for index in range(limit)]
+    return data
+
+
+def diabetes(limit):
+    """scikit-learn's bundled diabetes regression, standardised, targets [N, 1]."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    inputs = torch.tensor(data.data[:limit], dtype=torch.float32)
+    target = torch.tensor(data.target[:limit], dtype=torch.float32).reshape(-1, 1)
+    return TensorDataset((inputs - inputs.mean(0)) / inputs.std(0), (target - target.mean()) / target.std())
+'''
+
 SCENARIOS = {
     "holdout": merged(HEAD, HOLDOUT),
     "kfold": merged(HEAD, KFOLD),
@@ -242,12 +354,17 @@ SCENARIOS = {
     "parallel": merged(HEAD, PARALLEL),
     "noisy": merged(HEAD, NOISY_RUN),
     "mixed": merged(HEAD, MIXED),
+    **{f"{options}_{layout}": option_scenario(options, layout) for options in OPTION_SETS for layout in LAYOUTS},
 }
+OPTION_SCENARIOS = [f"{options}_{layout}" for options in OPTION_SETS for layout in LAYOUTS]
 
 
 def _batch(fold, epoch, step):
     return {"hook": "batch", "fold": fold, "epoch": epoch, "step": step}
 
+
+TOP_K_KILL = {"lone": 3, "vector": 4, "parallel": 7}
+STATE_FILE = {"lone": "fold_1.pth.tar", "vector": "fold_1.pth.tar", "parallel": "folds.pth.tar"}
 
 # holdout: 192 training samples -> 6 steps per epoch; kfold: 80 -> 3 steps; two: 192 -> 6 steps;
 # parallel: one pass over all 240 samples -> 8 steps, batch_finish once per fold and step
@@ -388,6 +505,21 @@ KILL_POINTS = {
         {"hook": "replace", "file": "fold_1.pth.tar", "nth": 2},
         [_batch(1, 2, 2), _batch(1, 3, 1)],
     ],
+    # the option matrix, each point after a resume state is on disk (see OPTION_SCENARIOS): in the
+    # middle of an epoch (fold 2's second of sequential folds, else the third); once epoch 2's files
+    # are written, between its resume state's write and its move into place; grouped k-fold also
+    # between a top_k.json's write and its move, once a later epoch has dropped (and recorded as
+    # removed) an earlier epoch's file, which the resumed run drops again (TOP_K_KILL: the nth
+    # top_k.json written, in model and fold order)
+    **{
+        f"{options}_{layout}": [
+            _batch(2, 2, 3) if options == "grouped" and layout != "parallel" else _batch(2 if layout == "parallel" else 1, 3, 2),
+            {"hook": "replace", "file": STATE_FILE[layout] if options != "grouped" or layout == "parallel" else "fold_2.pth.tar", "nth": 2},
+            *([{"hook": "replace", "file": "top_k.json", "nth": TOP_K_KILL[layout]}] if options == "grouped" else []),
+        ]
+        for options in OPTION_SETS
+        for layout in LAYOUTS
+    },
 }
 
 #: results of the kill points, filled by the matrix fixtures and the other kill/signal tests
@@ -492,6 +624,7 @@ class Scenario:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "probe.py").write_text(PROBE, encoding="utf-8")
         (folder / "noisy.py").write_text(NOISY, encoding="utf-8")
+        (folder / "matrixdata.py").write_text(MATRIX_DATA, encoding="utf-8")
 
     def manifest(self, tag: str, **changes: dict) -> Path:
         """``<tag>.toml`` writing into ``res_<tag>``; ``changes`` (tables, such as
@@ -612,18 +745,21 @@ def scenarios(tmp_path_factory, server):
     return built
 
 
-def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, **changes: dict) -> list[str]:
+def kill_and_resume(server, scenario: Scenario, tag: str, spec: dict | list[dict], ref: Path, *, saved: bool = False, **changes: dict) -> list[str]:
     """Run with the probe killing at ``spec`` (it must die by SIGKILL), resume, compare to ``ref``.
 
     A list of specs kills the first run and then each resumed run in turn (counted from the
-    start of that process), before the last resume runs to the end. ``changes`` are laid over
-    the scenario's manifest (see :meth:`Scenario.manifest`)."""
+    start of that process), before the last resume runs to the end. ``saved``: the last kill
+    must leave a resume state on disk (the resume continues it rather than starting over).
+    ``changes`` are laid over the scenario's manifest (see :meth:`Scenario.manifest`)."""
     path = scenario.manifest(tag, **changes)
     for attempt, point in enumerate(spec if isinstance(spec, list) else [spec]):
         resume_flag = ("--resume",) if attempt else ()
         killed = server.run("run", str(path), *resume_flag, cwd=scenario.folder, env=probe(point))
         if killed.returncode != -signal.SIGKILL:
             return [f"run {attempt + 1} was not killed at {label(point)} (rc {killed.returncode}): {killed.stderr[-500:]}"]
+    if saved and not list((scenario.res(tag) / ".izitorch").glob("fold*.pth.tar")):
+        return [f"no resume state on disk after the kill at {label(spec)}: the resume would start over"]
     resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
     if resumed.returncode != 0:
         return [f"resume failed (rc {resumed.returncode}): {resumed.stderr[-1000:]}"]
@@ -637,7 +773,7 @@ def kill_matrix(server, scenarios, name: str) -> list[tuple[str, list[str]]]:
     scenario, ref = scenarios[name]
     outcomes = []
     for index, spec in enumerate(KILL_POINTS[name]):
-        outcomes.append((label(spec), kill_and_resume(server, scenario, f"kill{index}", spec, ref)))
+        outcomes.append((label(spec), kill_and_resume(server, scenario, f"kill{index}", spec, ref, saved=name in OPTION_SCENARIOS)))
         shutil.rmtree(scenario.res(f"kill{index}"))
     TALLY[f"matrix {name}"] = [(point, not diffs) for point, diffs in outcomes]
     return outcomes
@@ -696,6 +832,59 @@ def test_references_are_what_the_scenarios_claim(scenarios):
     random.seed(1)
     assert not torch.equal(rng["numpy"][1], torch.from_numpy(np.random.get_state()[1].astype(np.int64)))
     assert tuple(rng["python"][1].tolist()) != random.getstate()[1]
+
+
+def model_folders(res: Path) -> list[Path]:
+    """Each model's (each model's fold's) output folder of a run."""
+    return sorted(path.parent for path in res.rglob("trainlog.json"))
+
+
+def test_the_option_scenarios_use_their_options(scenarios):
+    """The references of the option matrix ran with what they claim, in every layout."""
+    for layout, models in (("lone", 1), ("vector", 2), ("parallel", 1)):
+        folds = 3 if layout == "parallel" else 1
+        _, res = scenarios[f"given_{layout}"]  # trained on the given 180, tested on the given 60
+        splits = pickle.loads((res / "Dataset_split.pkl").read_bytes())
+        assert len(splits) == folds and all(max(split[0]) < 180 and list(split[-1]) == list(range(180, 240)) for split in splits)
+        assert len(model_folders(res)) == models * folds
+        for folder in model_folders(res):  # the scheduler steps per optimizer step: 5 steps of 32 (drop_last) per epoch
+            lrs = [entry["lr"] for entry in json.loads((folder / "trainlog.json").read_text()).values()]
+            assert lrs[0] > lrs[1] > lrs[2]
+            if layout != "parallel":
+                assert lrs[1] == pytest.approx(lrs[0] * 0.97**5) and lrs[2] == pytest.approx(lrs[0] * 0.97**10)
+        _, res = scenarios[f"grouped_{layout}"]  # each patient tested in one fold; plateau; best, last and the 2 best kept
+        tested = [set(np.asarray(split[-1]) // 4) for split in pickle.loads((res / "Dataset_split.pkl").read_bytes())]
+        assert sum(map(len, tested)) == 60 and set().union(*tested) == set(range(60))
+        assert len(model_folders(res)) == models * 3
+        for folder in model_folders(res):
+            log = json.loads((folder / "trainlog.json").read_text())
+            assert [entry["lr"] for entry in log.values()] == [pytest.approx(lr) for lr in (log["1"]["lr"], log["1"]["lr"], log["1"]["lr"] / 2)]
+            kept = json.loads((folder / "top_k.json").read_text())["epochs"]
+            best = json.loads((folder / "best_epoch.json").read_text())
+            assert len(kept) == 2 and kept[0]["epoch"] == best["epoch"] and best["phase"] == "val"
+            on_disk = sorted(path.name for path in folder.glob("*.pth.tar"))
+            assert on_disk == sorted({"model_best.pth.tar", "model_last.pth.tar", *(f"model_epoch{k['epoch']}.pth.tar" for k in kept)})
+            assert json.loads((folder / "test_metrics.json").read_text())["epoch"] == best["epoch"]  # test_weights = "best"
+        _, res = scenarios[f"regression_{layout}"]  # regression metrics and the torchmetrics one, which picks the best epoch
+        assert len(model_folders(res)) == models * folds
+        for folder in model_folders(res):
+            log = json.loads((folder / "trainlog.json").read_text())
+            assert "val_tm_mae" in log["3"] and "val_RMSE" in log["3"] and not any("accuracy" in key for key in log["3"])
+            assert log["3"]["val_tm_mae"] == pytest.approx(log["3"]["val_MAE"], rel=1e-5)
+            assert json.loads((folder / "best_epoch.json").read_text())["metric"] == "tm_mae"
+
+
+@pytest.mark.parametrize("name, data, line", REFUSED)
+def test_an_option_a_layout_cannot_serve_is_refused_in_one_line(tmp_path, capsys, name, data, line):
+    """``validate`` and ``run`` refuse it with the same line, exit 2, and write nothing."""
+    scenario = Scenario(name, tmp_path)
+    path = scenario.manifest("refused", data=data)
+    errors = []
+    for command in ("validate", "run"):
+        assert izitorch.cli.main([command, str(path)]) == 2, command
+        errors.append(one_line(capsys.readouterr().err))
+    assert errors[0] == errors[1] == f"izitorch: error: {path}: {errors[0].split(': ', 3)[-1]}" and line in errors[0]
+    assert "Traceback" not in errors[0] and not scenario.res("refused").exists()
 
 
 def test_compare_runs_sees_a_difference(scenarios, tmp_path):
@@ -1154,7 +1343,7 @@ def test_every_checkpoint_loads_with_weights_only(scenarios):
             seen.add(kind)
             if kind != "resume state":
                 assert set(data) >= {"epoch", "state_dict", "optimizer"}, path
-    assert seen == {"model", "resume state"}
+    assert seen == {"model", "model_best", "model_last", "resume state"}  # best_and_last: the option matrix
     assert len(list(scenarios["holdout"][1].rglob("model_epoch*.pth.tar"))) == 3
     assert len(list(scenarios["kfold"][1].rglob(".izitorch/fold_*.pth.tar"))) == 3
 
