@@ -69,7 +69,7 @@ def dry_run(config: Config, device: torch.device, factories: dict | None = None)
     task = tasks.settle(config, outputs[0] if outputs else None, target)
     for factory in (factories or {}).values():
         if outputs and isinstance(outputs[0], torch.Tensor) and isinstance(factory, type) and issubclass(factory, torchmetrics_bridge.TorchMetricMeter):
-            with _random_states_kept(device):
+            with random_states_kept(device):
                 torchmetrics_bridge.check_one_number(factory, outputs[0], target)
     if factories is not None:
         settled = resolve_selection(config, factories, task)
@@ -153,7 +153,7 @@ def check_data_options(config: Config, dataset: Dataset) -> None:
         except ManifestError as error:
             raise ManifestError(error.message, join_path("data.sampler", error.path)) from None
     if data.sampler != BALANCED:  # called as the first epoch will call it (the whole dataset for its training split)
-        with _random_states_kept(torch.device("cpu")):
+        with random_states_kept(torch.device("cpu")):
             user_sampler(config, Subset(dataset, range(len(dataset))), torch.Generator().manual_seed(config.run.rdm_seed))
 
 
