@@ -149,9 +149,9 @@ def captured_run(path: str) -> Iterator[Captured]:
     seen: dict[str, Any] = {}
     original = izitorch.loop.epoch_pass
 
-    def spy(run, cohort, phase, folds):
+    def spy(run, cohort, phase, folds, **options):
         seen.setdefault("objects", Captured(run, cohort))
-        return original(run, cohort, phase, folds)
+        return original(run, cohort, phase, folds, **options)
 
     with tempfile.TemporaryDirectory() as res_dir:
         izitorch.loop.epoch_pass = spy
@@ -633,10 +633,10 @@ def timed_parts(path: str, epochs: int) -> dict[str, float]:
     evals: list[tuple[float, float]] = []
     original_pass, original_save, original_pm = izitorch.loop.epoch_pass, izitorch.resume.save, izitorch.runner.make_plugin_manager
 
-    def timed_pass(run, cohort, phase, folds):
+    def timed_pass(run, cohort, phase, folds, **options):
         start = clock()
         try:
-            return original_pass(run, cohort, phase, folds)
+            return original_pass(run, cohort, phase, folds, **options)
         finally:
             if phase != "train":
                 evals.append((start, clock() - start))

@@ -11,7 +11,8 @@ relative references are looked up, so each ``"file.py:attr"`` reference and each
 ``plugins.enable`` is rewritten relative to ``res_dir``. Paths inside a table of arguments
 (``params``) are written as they were given. ``res_dir`` is kept, so a repeat needs a folder of its
 own: ``--set run.res_dir=...`` (a run's folder never receives a second run). A run given Python
-objects (a ``Rack`` with a module or a dataset object) has no manifest to write: none is.
+objects (a ``Rack`` with a module or a dataset object), or values TOML cannot hold, has no
+manifest to write: none is.
 """
 
 from __future__ import annotations
@@ -34,12 +35,24 @@ def manifest_text(config: dict, base_dir: str, res_dir: Path) -> str | None:
     raw = manifest_form(config, res_dir / "conf.json")
     if _holds_given(raw):
         return None
-    moved = _moved(raw, Path(base_dir), res_dir)
+    moved = _without_none(_moved(raw, Path(base_dir), res_dir))
     for model in moved.get("models", []):
         if not model.get("swept"):  # a model no sweep made
             model.pop("swept", None)
-    header = "# The manifest as this run ran it (--set applied, sweeps expanded), written by izitorch.\n"
-    return header + tomli_w.dumps(moved)
+    try:
+        text = tomli_w.dumps(moved)
+    except (TypeError, ValueError):  # a value TOML cannot hold (an object in params): no manifest to repeat the run
+        return None
+    return "# The manifest as this run ran it (--set applied, sweeps expanded), written by izitorch.\n" + text
+
+
+def _without_none(value: Any) -> Any:
+    """``value`` without unset (None) entries, which TOML has no way to write: a manifest leaves them out."""
+    if isinstance(value, dict):
+        return {key: _without_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_none(item) for item in value]
+    return value
 
 
 def _holds_given(value: Any) -> bool:

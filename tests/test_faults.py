@@ -833,6 +833,7 @@ def test_a_run_flushes_its_files_at_the_first_epoch_end_past_the_interval(tmp_pa
     first = [name for name, _ in landed].index("fold_1.pth.tar")
     assert landed[: first + 1] == [
         ("conf.json", None),
+        ("manifest.toml", None),
         ("Dataset_split.pkl", None),
         ("conf.json", None),  # mlp/conf.json
         ("trainlog.json", ["1", "2", "3"]),  # the first trainlog on disk is epoch 3's

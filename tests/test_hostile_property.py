@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from izitorch import cli  # noqa: E402
+from izitorch.config import RunConfig  # noqa: E402
 
 VALID = {
     "run": {"res_dir": "res", "epochs": 1, "batch_size": 32, "display_step": 1000, "rdm_seed": 3},
@@ -171,7 +172,9 @@ def test_a_random_mistake_is_one_line_and_touches_nothing_else(sandbox, case, co
         return
     path = work / "m.toml"
     path.write_text(text, encoding="utf-8")
-    res_dir = manifest.get("run", {}).get("res_dir") if isinstance(manifest.get("run"), dict) else None
+    # a mutation may delete run.res_dir (or the whole [run]): the run then writes into the default one
+    run_table = manifest.get("run", {})
+    res_dir = run_table.get("res_dir", RunConfig().res_dir) if isinstance(run_table, dict) else None
     res_path = (work / res_dir).resolve() if isinstance(res_dir, str) and res_dir and "\x00" not in res_dir else None
     before = snapshot(folder, None)
     monkeypatch.chdir(work)

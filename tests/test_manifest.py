@@ -363,10 +363,7 @@ def test_file_reference_unknown_argument(tmp_path, write_manifest):
     path = write_manifest(manifest(models=model("net", "models.py:Net", "params = { widht = 7 }")))
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
-    assert (
-        str(info.value)
-        == f'{path}: models[0].params.widht: unexpected argument "widht" for {resolve("models.py:Net", str(tmp_path)).__module__}.Net (did you mean "width"?)'
-    )
+    assert str(info.value) == f'{path}: models[0].params.widht: unexpected argument "widht" for models.py:Net (did you mean "width"?)'
 
 
 def test_file_reference_that_fails_to_import(tmp_path, write_manifest):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def load_output(path: Path):
         return read_json(path)
     if path.suffix == ".pkl":
         return pickle.loads(path.read_bytes())
+    if path.suffix == ".toml":  # the manifest as run
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     return torch.load(path, weights_only=True)
 
 

@@ -678,6 +678,8 @@ def load(path: Path):
         return torch.load(path, weights_only=True)
     if path.suffix == ".json":
         return strip_times(json.loads(path.read_text(encoding="utf-8")))
+    if path.suffix in (".toml", ".csv"):  # the manifest as run, the csv plugin's log: text
+        return path.read_text(encoding="utf-8")
     with open(path, "rb") as handle:
         return pickle.load(handle)
 
@@ -716,7 +718,7 @@ def compare_runs(ref: Path, other: Path) -> list[str]:
     files = output_files(ref)
     diffs = [] if files == output_files(other) else [f"files: {sorted(files ^ output_files(other))}"]
     for name in sorted(files & output_files(other)):
-        if name == "conf.json":
+        if name in ("conf.json", "manifest.toml"):
             continue  # names its own res_dir
         diffs += same(load(ref / name), load(other / name), name)
     states = sorted(p.name for p in (ref / ".izitorch").glob("fold*.pth.tar"))
