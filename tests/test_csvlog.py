@@ -58,7 +58,9 @@ def without_times(res) -> list[tuple]:
     return [tuple(row.values()) for row in rows(res) if not row["metric"].endswith("_time")]
 
 
-@pytest.mark.parametrize(("layout", "kill_at"), [("kfold", "2,2,3"), ("parallel", "1,2,2"), ("holdout", "1,3,1")])
+# sequential folds (a finished fold's rows read back from the file) and parallel folds (the fold
+# states swapped around their hooks); a holdout is the first case without the earlier folds
+@pytest.mark.parametrize(("layout", "kill_at"), [("kfold", "2,2,3"), ("parallel", "1,2,2")])
 def test_a_killed_then_resumed_run_writes_the_same_rows(manifest, tmp_path, layout, kill_at):
     (tmp_path / "killer.py").write_text(KILLER, encoding="utf-8")
     settings = {"run.epochs": 3, "run.flush_interval": 0, **LAYOUTS[layout]}
