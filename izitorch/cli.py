@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("res_dirs", nargs="+", metavar="res_dir", help="a run's res_dir (several: their models side by side)")
     report.add_argument("--format", default="table", help="table (default), markdown, csv or json")
     report.add_argument("--metric", default=None, help="rank by this metric (default: the task's headline metric)")
+    report.add_argument("--per-class", action="store_true", help="each classifier's precision, recall, F1 and IoU per class (mean over folds)")
     report.add_argument("--plots", action="store_true", help='write PNG figures into each RES_DIR/plots (pip install "izitorch[plots]")')
     add_use_commands(commands)
     return parser
@@ -176,7 +177,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from izitorch.report import build, check_format, render
+    from izitorch.report import build, check_format, per_class_tables, render
 
     fmt = check_format(args.format)
     for res_dir in map(Path, args.res_dirs):
@@ -186,13 +187,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise IzitorchError(f'{res_dir / "conf.json"} not found: "{res_dir}" holds no izitorch run (a run writes conf.json when it starts)')
         if (res_dir / "results.json").is_file():
             load_summary(res_dir / "results.json")  # a damaged one is refused, naming its key
-    report = build(args.res_dirs, args.metric)
+    report = build(args.res_dirs, args.metric, args.per_class)
     if args.plots:
         from izitorch.plots import matplotlib_figure, write_plots
         from izitorch.results import load
 
         matplotlib_figure()  # a missing extra is one line before anything is drawn
     text = render(report, fmt)
+    if args.per_class and fmt in ("table", "markdown"):  # csv and json: not a table of models / in the models' entries
+        text += "\n" + per_class_tables(report, fmt)
     print(f"final test scores:\n{text}" if fmt == "table" else text)
     if args.plots:
         for res_dir in args.res_dirs:

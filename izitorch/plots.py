@@ -17,7 +17,6 @@ A file in ``plots/`` is only ever (re)written when the report wrote it before (l
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from izitorch.errors import IzitorchError
-from izitorch.results import Results
+from izitorch.results import Results, per_class
 
 LEDGER = ".izitorch"
 
@@ -52,7 +51,7 @@ def write_plots(results: Results, report: dict[str, Any]) -> dict[str, Any]:
         matrix = confusion(results, name)
         if matrix is not None:
             figures.append((f"confusion_{_safe(name)}.png", confusion_figure(Figure, name, matrix)))
-    per_class_scores = per_class(results)
+    per_class_scores = {name: scores["F1"] for name, scores in per_class(results).items() if "F1" in scores}
     if per_class_scores:
         figures.append(("per_class.png", per_class_figure(Figure, per_class_scores)))
     for key in dict.fromkeys(key for model in report["models"] for key in model["sweep"]):
@@ -157,23 +156,6 @@ def confusion_figure(Figure: Any, name: str, matrix: np.ndarray) -> tuple[Any, n
     axis.set_ylabel("true")
     axis.set_title(f"{name}: confusion matrix")
     return figure, shares
-
-
-def per_class(results: Results) -> dict[str, list[float]]:
-    """Each classifier's per-class F1, the mean over its folds' ``test_metrics.json``."""
-    out = {}
-    for row in results.models:
-        folds = []
-        for fold in range(1, len(results.splits) + 1):
-            folder = results.res_dir / row["name"] if len(results.splits) == 1 else results.res_dir / row["name"] / f"FOLD_{fold}"
-            path = folder / "test_metrics.json"
-            if path.is_file():
-                scores = json.loads(path.read_text(encoding="utf-8")).get("per_class", {}).get("F1")
-                if isinstance(scores, list):
-                    folds.append(scores)
-        if folds and len({len(scores) for scores in folds}) == 1:
-            out[row["name"]] = [float(value) for value in np.mean(folds, axis=0)]
-    return out
 
 
 def per_class_figure(Figure: Any, scores: dict[str, list[float]]) -> tuple[Any, dict]:

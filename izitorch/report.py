@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from izitorch.errors import IzitorchError, did_you_mean
-from izitorch.results import Results, load, predictions, spread
+from izitorch.results import Results, load, per_class, predictions, spread
 from izitorch.table import BUILTIN_DIRECTIONS, columns, is_metric
 
 FORMATS = ("table", "markdown", "csv", "json")
@@ -38,8 +38,9 @@ FORMATS = ("table", "markdown", "csv", "json")
 SCHEMA = 1
 
 
-def build(res_dirs: Sequence[str], metric: str | None = None) -> dict[str, Any]:
-    """The report of the runs in ``res_dirs`` as ``--format json`` writes it."""
+def build(res_dirs: Sequence[str], metric: str | None = None, by_class: bool = False) -> dict[str, Any]:
+    """The report of the runs in ``res_dirs`` as ``--format json`` writes it; ``by_class``: each
+    classifier's per-class scores too (``per_class``: precision, recall, F1, IoU per class)."""
     runs = [load(res_dir, frames=False) for res_dir in res_dirs]
     directions = dict(BUILTIN_DIRECTIONS)
     for run in runs:
@@ -58,6 +59,7 @@ def build(res_dirs: Sequence[str], metric: str | None = None) -> dict[str, Any]:
                 ((mean, std),) = spread({key: values}).values()
                 metrics[key] = {"mean": mean, "std": std, "values": values, "fold_means": [math.fsum(v) / len(v) for _, v in sorted(per_fold.items())]}
             sweep = {key: value for key, value in rows[0]["sweep"].items() if key != "seed"}
+            scores = per_class(run, [row["name"] for row in rows]).get(rows[0]["name"]) if by_class else None
             models.append(
                 {
                     "name": name if len(runs) == 1 else f"{run.res_dir.name}/{name}",
@@ -69,6 +71,7 @@ def build(res_dirs: Sequence[str], metric: str | None = None) -> dict[str, Any]:
                     "folds": max((row["folds"] for row in rows), default=0),
                     "epochs": [epoch for row in rows for epoch in row["epochs"]],
                     "metrics": metrics,
+                    **({"per_class": scores} if scores else {}),
                 }
             )
     for run in runs:
@@ -233,6 +236,27 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append("-" if comparison["p"] is None else f"{comparison['p']:.3g}")
         rows.append(row)
     return header, rows
+
+
+def per_class_tables(report: dict[str, Any], fmt: str) -> str:
+    """``--per-class``: one table per classifier, a row per class (table and markdown formats)."""
+    out = []
+    for model in report["models"]:
+        scores = model.get("per_class")
+        if not scores:
+            continue
+        metrics = [metric for metric in ("precision", "recall", "F1", "IoU") if metric in scores]
+        header = ["class", *metrics]
+        rows = [[str(index), *(f"{scores[metric][index]:.4f}" for metric in metrics)] for index in range(len(scores[metrics[0]]))]
+        if fmt == "markdown":
+            lines = [f"\n{model['name']}, per class:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+        else:
+            widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+            lines = [f"\n{model['name']}, per class:", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        out.append("\n".join(lines))
+    return "\n".join(out)
 
 
 def _csv(report: dict[str, Any]) -> str:

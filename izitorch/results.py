@@ -95,6 +95,30 @@ def predictions(results: Results, model: str, fold: int = 1) -> dict[str, list[i
     return record
 
 
+def per_class(results: Results, names: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Each classifier's per-class scores (precision, recall, F1, IoU: one value per class), the
+    mean over its folds' ``test_metrics.json`` and, for a group of ``names`` (a sweep's
+    replicas), over all of theirs; keyed by model name, or by ``names[0]``'s group when given."""
+    out: dict[str, dict[str, list[float]]] = {}
+    groups = {name: [name] for name in (row["name"] for row in results.models)} if names is None else {names[0]: names}
+    for key, members in groups.items():
+        tables = []
+        for name in members:
+            for fold in range(1, len(results.splits) + 1):
+                folder = results.res_dir / name if len(results.splits) == 1 else results.res_dir / name / f"FOLD_{fold}"
+                table = (_read(folder / "test_metrics.json", required=False) or {}).get("per_class")
+                if isinstance(table, dict):
+                    tables.append(table)
+        scores = {}
+        for metric in dict.fromkeys(metric for table in tables for metric in table):
+            values = [table[metric] for table in tables if isinstance(table.get(metric), list)]
+            if values and len({len(v) for v in values}) == 1:
+                scores[metric] = [math.fsum(column) / len(column) for column in zip(*values)]
+        if scores:
+            out[key] = scores
+    return out
+
+
 def _read(path: Path, required: bool) -> Any:
     if not path.is_file():
         if required:

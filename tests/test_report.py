@@ -315,3 +315,20 @@ def test_plots_without_matplotlib_name_the_extra(kfold, capsys, monkeypatch):
     code, out, err = cli(capsys, "report", kfold, "--plots")
     assert (code, out) == (2, "") and error_of(err) == '--plots: plots need matplotlib: pip install "izitorch[plots]"'
     assert not (kfold / "plots").exists()
+
+
+def test_per_class_scores_are_each_folds_mean_by_scikit_learn(kfold, capsys):
+    from sklearn.metrics import precision_recall_fscore_support
+
+    code, out, _ = cli(capsys, "report", kfold, "--per-class", "--format", "json")
+    assert code == 0
+    for model in json.loads(out)["models"]:
+        folds = []
+        for f in range(1, K + 1):
+            truth, predicted = truth_and_predictions(np.asarray(pickle.loads((folder(kfold, model["name"], f) / "confusion_matrix.pkl").read_bytes())))
+            folds.append(precision_recall_fscore_support(truth, predicted, labels=range(10), average=None, zero_division=0))
+        for index, metric in enumerate(("precision", "recall", "F1")):
+            assert model["per_class"][metric] == pytest.approx(np.mean([fold[index] for fold in folds], axis=0))
+    code, table, _ = cli(capsys, "report", kfold, "--per-class")
+    block = table.split("\nwide, per class:\n", 1)[1].splitlines()
+    assert block[0].split() == ["class", "precision", "recall", "F1", "IoU"] and [line.split()[0] for line in block[2:12]] == [str(c) for c in range(10)]
