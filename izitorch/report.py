@@ -45,35 +45,7 @@ def build(res_dirs: Sequence[str], metric: str | None = None, by_class: bool = F
     directions = dict(BUILTIN_DIRECTIONS)
     for run in runs:
         directions.update(run.directions)
-    models = []
-    for run in runs:
-        for name, rows in _replica_groups(run.models).items():
-            folds = [fold for fold in run.folds if fold["model"] in {row["name"] for row in rows}]
-            metrics = {}
-            for key in dict.fromkeys(key for fold in folds for key in fold if key not in ("model", "fold", "epoch") and is_metric(key, fold[key])):
-                values = [float(fold[key]) for fold in folds if key in fold]
-                per_fold: dict[int, list[float]] = {}
-                for fold in folds:
-                    if key in fold:
-                        per_fold.setdefault(fold["fold"], []).append(float(fold[key]))
-                ((mean, std),) = spread({key: values}).values()
-                metrics[key] = {"mean": mean, "std": std, "values": values, "fold_means": [math.fsum(v) / len(v) for _, v in sorted(per_fold.items())]}
-            sweep = {key: value for key, value in rows[0]["sweep"].items() if key != "seed"}
-            scores = per_class(run, [row["name"] for row in rows]).get(rows[0]["name"]) if by_class else None
-            models.append(
-                {
-                    "name": name if len(runs) == 1 else f"{run.res_dir.name}/{name}",
-                    "run": str(run.res_dir),
-                    "params": rows[0]["params"],
-                    "sweep": sweep,
-                    "seeds": len(rows) if "seed" in rows[0]["sweep"] else None,
-                    "replicas": [row["name"] for row in rows] if "seed" in rows[0]["sweep"] else None,
-                    "folds": max((row["folds"] for row in rows), default=0),
-                    "epochs": [epoch for row in rows for epoch in row["epochs"]],
-                    "metrics": metrics,
-                    **({"per_class": scores} if scores else {}),
-                }
-            )
+    models = [_entry(run, name, rows, len(runs) > 1, by_class) for run in runs for name, rows in _replica_groups(run.models).items()]
     for run in runs:
         for model in models:
             if model["run"] == str(run.res_dir) and len(run.splits) == 1:
@@ -91,6 +63,34 @@ def build(res_dirs: Sequence[str], metric: str | None = None, by_class: bool = F
         "directions": {key: value for key, value in directions.items() if any(key in model["metrics"] for model in models)},
         "models": ordered,
         "comparisons": comparisons,
+    }
+
+
+def _entry(run: Results, name: str, rows: list[dict], several: bool, by_class: bool) -> dict[str, Any]:
+    """One row of the report: a model, or a sweep's replicas (``rows``) pooled over seeds and folds."""
+    folds = [fold for fold in run.folds if fold["model"] in {row["name"] for row in rows}]
+    metrics = {}
+    for key in dict.fromkeys(key for fold in folds for key in fold if key not in ("model", "fold", "epoch") and is_metric(key, fold[key])):
+        per_fold: dict[int, list[float]] = {}
+        for fold in folds:
+            if key in fold:
+                per_fold.setdefault(fold["fold"], []).append(float(fold[key]))
+        values = [float(fold[key]) for fold in folds if key in fold]
+        ((mean, std),) = spread({key: values}).values()
+        metrics[key] = {"mean": mean, "std": std, "values": values, "fold_means": [math.fsum(v) / len(v) for _, v in sorted(per_fold.items())]}
+    replicas = "seed" in rows[0]["sweep"]
+    scores = per_class(run, [row["name"] for row in rows]).get(rows[0]["name"]) if by_class else None
+    return {
+        "name": f"{run.res_dir.name}/{name}" if several else name,
+        "run": str(run.res_dir),
+        "params": rows[0]["params"],
+        "sweep": {key: value for key, value in rows[0]["sweep"].items() if key != "seed"},
+        "seeds": len(rows) if replicas else None,
+        "replicas": [row["name"] for row in rows] if replicas else None,
+        "folds": max((row["folds"] for row in rows), default=0),
+        "epochs": [epoch for row in rows for epoch in row["epochs"]],
+        "metrics": metrics,
+        **({"per_class": scores} if scores else {}),
     }
 
 
