@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from izitorch.errors import IzitorchError
-from izitorch.results import Results, per_class
+from izitorch.results import Results, model_folder, per_class
 
 LEDGER = ".izitorch"
 
@@ -125,8 +125,7 @@ def confusion(results: Results, name: str) -> np.ndarray | None:
     """``name``'s confusion matrix summed over its folds, or None (not a classifier)."""
     total = None
     for fold in range(1, len(results.splits) + 1):
-        folder = results.res_dir / name if len(results.splits) == 1 else results.res_dir / name / f"FOLD_{fold}"
-        path = folder / "confusion_matrix.pkl"
+        path = model_folder(results, name, fold) / "confusion_matrix.pkl"
         if not path.is_file():
             continue
         with path.open("rb") as handle:

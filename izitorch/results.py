@@ -70,7 +70,7 @@ def load(res_dir: str | os.PathLike, frames: bool | None = None) -> Results:
     for name, spec in zip(models, conf["config"]["models"]):
         model_folds = []
         for fold in range(len(splits)):
-            folder = res_dir / name if len(splits) == 1 else res_dir / name / f"FOLD_{fold + 1}"
+            folder = _fold_folder(res_dir, name, fold + 1, len(splits))
             epochs.extend(_epoch_rows(name, fold + 1, _read(folder / "trainlog.json", required=False) or {}))
             final = _read(folder / "test_metrics.json", required=False)
             if final:
@@ -84,11 +84,19 @@ def load(res_dir: str | os.PathLike, frames: bool | None = None) -> Results:
     return Results(res_dir, task, headline, directions, splits, *(_table(table, frames) for table in (epochs, folds, rows)))
 
 
+def model_folder(results: Results, model: str, fold: int) -> Path:
+    """``res_dir/<model>``, or ``res_dir/<model>/FOLD_<fold>`` (1-based) in a run of several folds."""
+    return _fold_folder(results.res_dir, model, fold, len(results.splits))
+
+
+def _fold_folder(res_dir: Path, model: str, fold: int, folds: int) -> Path:
+    return res_dir / model if folds == 1 else res_dir / model / f"FOLD_{fold}"
+
+
 def predictions(results: Results, model: str, fold: int = 1) -> dict[str, list[int]] | None:
     """A model's final test predictions in ``fold`` (1-based): ``{"target", "predicted"}``
     from ``test_predictions.json`` (a classification's), or None where the run has none."""
-    base = results.res_dir / model
-    path = (base if len(results.splits) == 1 else base / f"FOLD_{fold}") / "test_predictions.json"
+    path = model_folder(results, model, fold) / "test_predictions.json"
     record = _read(path, required=False)
     if not record or not all(isinstance(record.get(key), list) for key in ("target", "predicted")) or len(record["target"]) != len(record["predicted"]):
         return None
@@ -105,8 +113,7 @@ def per_class(results: Results, names: list[str] | None = None) -> dict[str, dic
         tables = []
         for name in members:
             for fold in range(1, len(results.splits) + 1):
-                folder = results.res_dir / name if len(results.splits) == 1 else results.res_dir / name / f"FOLD_{fold}"
-                table = (_read(folder / "test_metrics.json", required=False) or {}).get("per_class")
+                table = (_read(model_folder(results, name, fold) / "test_metrics.json", required=False) or {}).get("per_class")
                 if isinstance(table, dict):
                     tables.append(table)
         scores = {}

@@ -42,7 +42,6 @@ class Expansion:
     """One table that swept: where it was written and the models it became."""
 
     index: int  # its position in [[models]] as written
-    name: str  # its name as written
     first: int  # the position of its first model once expanded
     names: tuple[str, ...]
 
@@ -71,7 +70,7 @@ def expand_models(raw: dict) -> list[Expansion]:
         tables = [_one_model(base, name, chosen, f"models[{index}]") for chosen in values]
         names = tuple(model["name"] for model in tables)
         _check_unique(names, f"models[{index}]")
-        expansions.append(Expansion(index, name, len(expanded), names))
+        expansions.append(Expansion(index, len(expanded), names))
         expanded.extend(tables)
     raw["models"] = expanded
     return expansions
