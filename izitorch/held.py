@@ -49,6 +49,9 @@ class HeldFiles:
         self._held: dict[Path, tuple[Content, int]] = {}  # insertion order is the order of writing
         self._held_bytes = 0
         self._flushed_at = monotonic()
+        #: Called before held files go to the writer: the run's ledger puts its deferred claims
+        #: on disk before the files it records exist (:meth:`izitorch.ownership.Ledger.flush`).
+        self.before_hand_over: Callable[[], None] | None = None
 
     @property
     def holds(self) -> bool:
@@ -116,6 +119,8 @@ class HeldFiles:
     def _hand_over(self) -> None:
         """Give the held files to the writer, oldest first, serialising those that waited for it.
         A file leaves the held set only once the writer has it."""
+        if self._held and self.before_hand_over is not None:
+            self.before_hand_over()
         while self._held:
             path, (content, size) = next(iter(self._held.items()))
             data = content if isinstance(content, memoryview) else content()

@@ -37,7 +37,7 @@ from izitorch.errors import IzitorchError, TrainingError
 from izitorch.guard import Interrupted
 from izitorch.held import HeldFiles
 from izitorch.ownership import Ledger
-from izitorch.writer import BackgroundWriter
+from izitorch.writer import BackgroundWriter, Staged
 
 _local = threading.local()  # .files: this thread's HeldFiles (background_writes); .ledger: its run's Ledger (owned_by)
 
@@ -76,9 +76,12 @@ def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int |
     """:func:`atomic_write`; ``snapshot_bytes`` (not None: what ``write`` writes never changes,
     about that many bytes) lets a run that holds its files call ``write`` at the flush."""
     ledger = getattr(_local, "ledger", None)
-    if ledger is not None:
-        ledger.claim(path)
     files = _files()
+    if ledger is not None:
+        defer = files is not None and files.holds  # the file is created after the hand-over
+        ledger.claim(path, defer=defer)
+        if defer:
+            files.before_hand_over = ledger.flush
     if files is None:
         return _write_file(path, write)
     if snapshot_bytes is not None and files.holds:
@@ -124,7 +127,7 @@ def background_writes(enabled: bool = True, interval: float = 0.0) -> Iterator[N
     if not enabled:
         yield
         return
-    files = _local.files = HeldFiles(BackgroundWriter(_write_or_remove), interval)
+    files = _local.files = HeldFiles(BackgroundWriter(stage=_stage_or_remove), interval)
     try:
         yield
     except BaseException as error:
@@ -160,12 +163,23 @@ def remove(path: str | Path) -> None:
         files.put(path, _REMOVAL, 0)  # in place of a held version of the file, in order
 
 
-def _write_or_remove(path: Path, data: memoryview) -> None:
-    """What the background writer does with a queued file: write its bytes, or delete it."""
+def _stage_or_remove(path: Path, data: memoryview) -> Staged:
+    """What the background writer does with a queued file: stage its bytes (written and fsynced
+    under a temporary name), or a deletion to carry out in its turn."""
     if data is _REMOVAL:
-        _remove_file(path)
-    else:
-        _write_file(path, lambda handle: handle.write(data))
+        return _Removal(path)
+    return _stage_file(path, lambda handle: handle.write(data))
+
+
+class _Removal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def publish(self) -> None:
+        _remove_file(self.path)
+
+    def discard(self) -> None:
+        pass
 
 
 def _remove_file(path: Path) -> None:
@@ -184,6 +198,31 @@ def commit() -> None:
 
 
 def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    _stage_file(path, write).publish()
+    return path
+
+
+class _StagedFile:
+    """A file's new version under its temporary name, fsynced: :meth:`publish` moves it into place."""
+
+    def __init__(self, tmp: str, path: Path) -> None:
+        self.tmp, self.path = tmp, path
+
+    def publish(self) -> None:
+        try:
+            os.replace(self.tmp, self.path)
+        except BaseException as error:
+            self.discard()
+            if isinstance(error, OSError):
+                raise _write_error(self.path, error) from None
+            raise
+
+    def discard(self) -> None:
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def _stage_file(path: Path, write: Callable[[IO[bytes]], None]) -> _StagedFile:
+    """Call ``write`` on a new temporary file next to ``path``, flush and fsync it."""
     tmp = None
     try:
         fd, tmp = _create_temporary(path)
@@ -191,14 +230,13 @@ def _write_file(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise _write_error(path, error) from None
         raise
-    return path
+    return _StagedFile(tmp, path)
 
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)

@@ -49,15 +49,20 @@ class Ledger:
         entries, self.removed = read_entries(self.file)
         self.entries: set[str] = set(entries)  # every path the run recorded, the removed ones too
         self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
+        self._pending: list[str] = []  # recorded in memory, not yet in the file (claim(defer=True))
+        self._resolved_folders: dict[str, Path] = {}  # a folder's absolute path -> its links resolved
 
-    def claim(self, path: str | Path) -> None:
+    def claim(self, path: str | Path, defer: bool = False) -> None:
         """Record ``path`` (and the folders above it) as the run's, before it is written; refuse
-        a path that resolves outside ``res_dir``."""
+        a path that resolves outside ``res_dir``.
+
+        ``defer``: the caller creates the file only after :meth:`flush` (a run's held files,
+        :mod:`izitorch.held`), so the record's lines are appended then, all in one write."""
         key = str(path)
         if key in self._claimed:
             return
         absolute = Path(os.path.abspath(path))
-        resolved = absolute.resolve()
+        resolved = self._resolve(absolute)
         if resolved == self.resolved_root or not resolved.is_relative_to(self.resolved_root):
             raise IzitorchError(
                 f'refusing to write {path}: it resolves to {resolved}, outside res_dir "{self.root}"; remove the symbolic link or choose other names'
@@ -65,10 +70,25 @@ class Ledger:
         parts = absolute.relative_to(self.root).parts
         new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
         new.append("/".join(parts))
-        self._append(new)
+        self._append(new, defer)
         self._claimed.add(key)
 
-    def _append(self, entries: list[str]) -> None:
+    def _resolve(self, absolute: Path) -> Path:
+        """``absolute.resolve()``, its folder's resolution cached: a run writes many files in few
+        folders, and resolving walks every component of the path."""
+        folder = str(absolute.parent)
+        resolved_folder = self._resolved_folders.get(folder)
+        if resolved_folder is None:
+            resolved_folder = self._resolved_folders[folder] = absolute.parent.resolve()
+        return absolute.resolve() if os.path.islink(absolute) else resolved_folder / absolute.name
+
+    def flush(self) -> None:
+        """Append the deferred claims to the record."""
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self._write_lines(lines)
+
+    def _append(self, entries: list[str], defer: bool = False) -> None:
         """Append entries to the record; the first write of a run creates it, so that a run which
         failed before writing anything leaves no record behind."""
         if not self.entries:
@@ -76,7 +96,11 @@ class Ledger:
         entries = [entry for entry in entries if entry not in self.entries or entry in self.removed]  # a removed file written again
         if not entries:
             return
-        self._write_lines(entries)
+        if defer:
+            self._pending.extend(entries)
+        else:
+            self._write_lines([*self._pending, *entries])
+            self._pending = []
         self.entries.update(entries)
         self.removed.difference_update(entries)
 
@@ -104,7 +128,8 @@ class Ledger:
         relative = self._relative(path)
         if relative is None or relative not in self.entries or relative in self.removed:
             return
-        self._write_lines([f"{REMOVED}{relative}"])
+        self._write_lines([*self._pending, f"{REMOVED}{relative}"])  # after the path's own line
+        self._pending = []
         self.removed.add(relative)
         self._claimed.discard(str(path))  # written again later, it is recorded again
 

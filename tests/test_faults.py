@@ -405,10 +405,10 @@ from io import BytesIO
 import izitorch.io as io
 
 _name, _, _nth = os.environ.get("CUT", "").partition(":")
-_real_write_file, _seen = io._write_file, [0]
+_real_stage_file, _seen = io._stage_file, [0]
 
 
-def _write_file(path, write):
+def _stage_file(path, write):
     if path.name == _name:
         _seen[0] += 1
         if _seen[0] == int(_nth):
@@ -420,12 +420,12 @@ def _write_file(path, write):
                 handle.flush()
                 os.fsync(handle.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            return _real_write_file(path, half_then_die)
-    return _real_write_file(path, write)
+            return _real_stage_file(path, half_then_die)
+    return _real_stage_file(path, write)
 
 
 if _name:
-    io._write_file = _write_file
+    io._stage_file = _stage_file
 '''
 
 

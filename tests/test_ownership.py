@@ -73,6 +73,38 @@ def test_a_claim_that_resolves_outside_res_dir_is_refused(tmp_path):
     assert not (res_dir / ".izitorch").exists() and list(outside.iterdir()) == []
 
 
+def test_a_file_symlinked_out_of_a_claimed_folder_is_refused(tmp_path):
+    res_dir = tmp_path / "res"
+    (res_dir / "mlp").mkdir(parents=True)
+    ledger = Ledger(res_dir)
+    ledger.claim(res_dir / "mlp" / "conf.json")  # the folder's resolution is now known
+    (res_dir / "mlp" / "trainlog.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(IzitorchError, match="outside res_dir"):
+        ledger.claim(res_dir / "mlp" / "trainlog.json")
+
+
+def test_held_files_are_recorded_before_they_land_and_a_removal_after_its_file(tmp_path):
+    from izitorch import io as izio
+
+    ledger, landed = Ledger(tmp_path), []
+
+    def check_record(path, data):  # each file, as it is written: its line is in the record already
+        landed.append((path.relative_to(tmp_path).as_posix(), read_record(ledger.file) if ledger.file.exists() else []))
+        return izio._stage_or_remove(path, data)
+
+    with izio.owned_by(ledger), izio.background_writes(interval=3600.0):  # held until the end
+        izio._writer()._stage = check_record
+        for name in ("a/log.json", "b/log.json"):
+            izio.write_json(tmp_path / name, {})
+    assert [name for name, _ in landed] == ["a/log.json", "b/log.json"]
+    assert all(name in record for name, record in landed)
+    with izio.owned_by(ledger), izio.background_writes(interval=3600.0):
+        izio.write_json(tmp_path / "c.json", {})
+        izio.remove(tmp_path / "c.json")
+    record = ledger.file.read_text().splitlines()
+    assert record.index("/removed c.json") > record.index("c.json") and not (tmp_path / "c.json").exists()
+
+
 def test_a_record_cut_by_a_kill_loses_only_its_last_line(tmp_path):
     record = tmp_path / "owned.txt"
     record.write_text("conf.json\nmlp/\nmlp/model.pth")

@@ -55,6 +55,86 @@ class Recorder:
         return [name for name, _ in self.written]
 
 
+def write_with(recorder) -> None:
+    """This thread's run writer writes each file with ``recorder``, one at a time (not staged)."""
+    writer = izio._writer()
+    writer._stage, writer._write_file = None, recorder
+
+
+class Stager:
+    """A ``stage`` whose files are published and discarded into lists; a name in ``fail`` fails
+    its stage, and ``together`` stages wait until that many run at once (a barrier)."""
+
+    def __init__(self, fail: str | None = None, together: int = 0) -> None:
+        self.published: list[str] = []
+        self.discarded: list[str] = []
+        self.fail = fail
+        self.barrier = threading.Barrier(together, timeout=WAIT) if together else None
+        self.threads: set[str] = set()
+
+    def __call__(self, path: Path, data: memoryview):
+        self.threads.add(threading.current_thread().name)
+        if self.barrier is not None:
+            self.barrier.wait()
+        if str(path) == self.fail:
+            raise TrainingError(f"no space left on the device while writing {path}")
+        stager = self
+
+        class Item:
+            def publish(self) -> None:
+                stager.published.append(str(path))
+
+            def discard(self) -> None:
+                stager.discarded.append(str(path))
+
+        return Item()
+
+
+def test_staged_files_overlap_and_land_in_the_order_they_were_asked_for():
+    stager = Stager(together=4)
+    writer = BackgroundWriter(stage=stager)
+    with writer._cond:  # queue the whole batch before the thread looks at it
+        names = [f"file{i}" for i in range(8)]
+        for name in names:
+            writer._queue.append((Path(name), memoryview(b"x")))
+            writer._pending_bytes += 1
+            writer._submitted += 1
+        writer._cond.notify_all()
+    writer.flush()  # a barrier of four in stage: it passes only if four stages run at once
+    assert stager.published == names
+    assert len(stager.threads) >= 4 and all(name.startswith("izitorch-stage") for name in stager.threads)
+    writer.close()
+
+
+def test_after_a_failed_stage_the_later_files_of_the_batch_are_discarded_not_published():
+    stager = Stager(fail="model")
+    writer = BackgroundWriter(stage=stager)
+    with writer._cond:
+        for name in ("log", "model", "state", "other"):
+            writer._queue.append((Path(name), memoryview(b"x")))
+            writer._pending_bytes += 1
+            writer._submitted += 1
+        writer._cond.notify_all()
+    with pytest.raises(TrainingError, match="writing model"):
+        writer.flush()
+    assert stager.published == ["log"]
+    assert sorted(stager.discarded) == ["other", "state"]
+    writer.close()
+
+
+def test_a_runs_files_are_staged_then_land_whole_and_a_failure_leaves_no_temporary_file(tmp_path, clock):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(izio.IzitorchError, match="cannot write .*blocker"):
+        with izio.background_writes(interval=3600.0):  # held: one batch at the end
+            for index in range(20):
+                izio.write_json(tmp_path / f"m{index}" / "log.json", {"index": index})
+            izio.write_json(tmp_path / "blocker" / "log.json", {})
+            izio.write_json(tmp_path / "after.json", {})
+    assert [json.loads((tmp_path / f"m{i}" / "log.json").read_text()) for i in range(20)] == [{"index": i} for i in range(20)]
+    assert not (tmp_path / "after.json").exists()  # after the failure nothing lands...
+    assert [p.name for p in tmp_path.rglob("*.tmp")] == []  # ...and no temporary file stays
+
+
 def in_thread(call) -> threading.Thread:
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
@@ -345,7 +425,7 @@ def test_held_files_land_together_once_the_interval_has_passed_in_order(tmp_path
 def test_with_no_interval_nothing_is_held_and_each_file_is_serialised_at_the_call(tmp_path, clock, saves):
     recorder = Recorder()
     with izio.background_writes(interval=0.0):
-        izio._writer()._write_file = recorder
+        write_with(recorder)
         write_epoch(tmp_path, 1)
         assert len(saves) == 2  # serialised at the call...
         izio._writer().flush()  # ...and handed to the writer at once
@@ -355,7 +435,7 @@ def test_with_no_interval_nothing_is_held_and_each_file_is_serialised_at_the_cal
 def test_a_newer_version_replaces_the_held_one_and_goes_behind_the_others(tmp_path, clock):
     recorder = Recorder()
     with izio.background_writes(interval=10.0):
-        izio._writer()._write_file = recorder
+        write_with(recorder)
         for name, value in [("a", 1), ("state", 1), ("b", 2), ("a", 2), ("state", 2)]:
             izio.write_json(tmp_path / name, value)
     assert [(Path(path).name, json.loads(data)) for path, data in recorder.written] == [("b", 2), ("a", 2), ("state", 2)]
