@@ -66,6 +66,11 @@ class StackPass:
         self.by_count = self.accumulate > 1 and getattr(stack.members[0].criterion, "reduction", "mean") != "sum"
         self.window_left, self.window_ok, self.window_samples, self.scale = 0, [], 0, None
         self.batch = self._train if train else self._evaluate
+        #: Seconds spent in this stack's batches (the loop adds them up): each member's share of
+        #: the pass is its stack's time over the members taking part. Measured on the CPU only:
+        #: on a GPU the host returns before the kernels have run.
+        self.seconds = 0.0
+        self.sharing = max(1, sum(self.active))
         self.schedulers = schedules.per_step(stack.members) if train else None  # those stepping with the optimizer
         self.step = 0
 
@@ -196,14 +201,17 @@ class StackPass:
                     into[slot] = (self, k)
 
     def results(self, time_key: str, per_step: float) -> dict[Slot, dict[str, Any]]:
-        """Each member's metrics for the pass, with the time per step and any skipped batches."""
+        """Each member's metrics for the pass, with the time per step of the whole pass, on the
+        CPU the member's own share of the pass in seconds (``train_time`` or ``eval_time``), and
+        any skipped batches."""
         train = self.phase == "train"
         results = {}
         recorded = self.record.compute() if self.record is not None else [{}] * len(self.stack.members)
+        own = {"train_time" if train else "eval_time": self.seconds / self.sharing} if self.run.device.type == "cpu" else {}
         for k, (slot, values) in enumerate(zip(self.stack.members, compute_all(self.meters, len(self.stack.members)))):
             if slot not in self.fold_of or (train and slot.stopped and not values):
                 continue
-            results[slot] = {**values, **recorded[k], time_key: per_step}
+            results[slot] = {**values, **recorded[k], time_key: per_step, **own}
             if self.skipped[k]:
                 results[slot]["skipped_batches"] = self.skipped[k]
         return results

@@ -79,11 +79,20 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
     with kept_weights(cohort.slots):
         tested = epoch_pass(run, cohort, "test", folds, record=True)
         for fold in folds:
-            fold.final_scores = {slot.name: tested[slot] for slot in fold.slots}
+            fold.final_scores = {slot.name: {**tested[slot], **kept_and_timed(slot, fold)} for slot in fold.slots}
             with cohort.hooks_of(run, fold):
                 hook.izitorch_fold_finish(run=run, fold=fold)
     resume.save(run, cohort, max(fold.epoch for fold in folds), final=True)
     return [fold.final_scores for fold in folds]
+
+
+def kept_and_timed(slot: Slot, fold: Fold) -> dict[str, Any]:
+    """What a model's final scores add to its test: the epoch whose weights were tested and,
+    where measured, its training time per epoch (``train_time``, seconds)."""
+    extra: dict[str, Any] = {"epoch": slot.kept_epoch if slot.kept_epoch is not None else fold.epoch}
+    if slot.timed_epochs:
+        extra["train_time"] = slot.train_seconds / slot.timed_epochs
+    return extra
 
 
 def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]]) -> None:
@@ -91,6 +100,11 @@ def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passe
     step, then the epoch's scores to the plugins; the fold stops when one gives a reason or every
     model stopped."""
     scores = Scores(epoch)
+    for slot in fold.slots:
+        seconds = passes["train"].get(slot, {}).get("train_time")
+        if seconds is not None:
+            slot.train_seconds += seconds
+            slot.timed_epochs += 1
     for phase, values in passes.items():
         scores.add(phase, {slot.name: values[slot] for slot in fold.slots if slot in values})
     note_epoch(run.selection, fold, epoch, scores)
@@ -139,8 +153,12 @@ def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold], 
     start = time.perf_counter()
     with torch.set_grad_enabled(train):
         for steps, (inputs, target, rows) in enumerate(cohorts.batches(run, cohort, phase), 1):
+            mark = time.perf_counter()
             for stack in stacks:
                 stack.batch(inputs, target, rows)
+                now = time.perf_counter()
+                stack.seconds += now - mark
+                mark = now
             if batch_finish is not None:
                 where: dict = {}
                 for stack in stacks:

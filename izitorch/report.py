@@ -1,7 +1,8 @@
 """``izitorch report``: compare the models of one or more runs, and say whether the lead is real.
 
 Built on :func:`izitorch.results.load`. Each model gets its final test scores as mean ± std over
-folds, its parameter count, the epochs scored and its sweep values, ranked by the headline
+folds, its parameter count, the epochs scored, its training time per epoch (CPU runs) and its
+sweep values, ranked by the headline
 metric (the task's, or ``--metric``). The best model is then compared with each other model of
 the same run by a paired test on that metric:
 
@@ -79,6 +80,7 @@ def _entry(run: Results, name: str, rows: list[dict], several: bool, by_class: b
         ((mean, std),) = spread({key: values}).values()
         metrics[key] = {"mean": mean, "std": std, "values": values, "fold_means": [math.fsum(v) / len(v) for _, v in sorted(per_fold.items())]}
     replicas = "seed" in rows[0]["sweep"]
+    times = [float(fold["train_time"]) for fold in folds if "train_time" in fold]
     scores = per_class(run, [row["name"] for row in rows]).get(rows[0]["name"]) if by_class else None
     return {
         "name": f"{run.res_dir.name}/{name}" if several else name,
@@ -89,6 +91,7 @@ def _entry(run: Results, name: str, rows: list[dict], several: bool, by_class: b
         "replicas": [row["name"] for row in rows] if replicas else None,
         "folds": max((row["folds"] for row in rows), default=0),
         "epochs": [epoch for row in rows for epoch in row["epochs"]],
+        "train_time": math.fsum(times) / len(times) if times else None,  # seconds per epoch
         "metrics": metrics,
         **({"per_class": scores} if scores else {}),
     }
@@ -212,12 +215,12 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     shown = columns(keys, report["directions"])
     p_values = {comparison["other"]: comparison for comparison in report["comparisons"]}
     intervals = any(model.get("accuracy_interval") for model in report["models"])
-    header = ["model", "params", "folds", "epoch"] + [label for _, label, _ in shown] + (["95% CI acc %"] if intervals else [])
+    header = ["model", "params", "folds", "epoch", "s/epoch"] + [label for _, label, _ in shown] + (["95% CI acc %"] if intervals else [])
     header.append(f"p vs best ({report['metric']})")
     rows = []
     for model in report["models"]:
         name = model["name"] + (f" ({model['seeds']} seeds)" if model["seeds"] else "")
-        row = [name, f"{model['params']:,}" if isinstance(model["params"], int) else "-", str(model["folds"]), _epochs(model["epochs"])]
+        row = [name, f"{model['params']:,}" if isinstance(model["params"], int) else "-", str(model["folds"]), _epochs(model["epochs"]), _seconds(model["train_time"])]
         for key, _, fmt in shown:
             entry = model["metrics"].get(key)
             if entry is None:
@@ -266,7 +269,7 @@ def _csv(report: dict[str, Any]) -> str:
     p_values = {comparison["other"]: comparison["p"] for comparison in report["comparisons"]}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", "params", "folds", "seeds", *sweeps, *(f"{key}_{part}" for key in keys for part in ("mean", "std")), "p_vs_best"])
+    writer.writerow(["model", "params", "folds", "seeds", "train_time", *sweeps, *(f"{key}_{part}" for key in keys for part in ("mean", "std")), "p_vs_best"])
     for model in report["models"]:
         scores = [model["metrics"].get(key, {}).get(part, "") for key in keys for part in ("mean", "std")]
         sweep = [model["sweep"].get(key, "") for key in sweeps]
@@ -277,12 +280,17 @@ def _csv(report: dict[str, Any]) -> str:
                 model["params"] if model["params"] is not None else "",
                 model["folds"],
                 model["seeds"] or "",
+                "" if model["train_time"] is None else model["train_time"],
                 *sweep,
                 *scores,
                 "" if p is None else p,
             ]
         )
     return buffer.getvalue().rstrip("\n")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _epochs(epochs: list[Any]) -> str:

@@ -7,8 +7,9 @@ returns three tables:
 
 - ``epochs``: one row per (model, fold, epoch, phase, metric) with its ``value``, the long
   format that plotting and pandas' ``pivot`` take;
-- ``folds``: one row per (model, fold) that has a final test, with the ``epoch`` it scored and
-  one column per metric;
+- ``folds``: one row per (model, fold) that has a final test, with the ``epoch`` it scored, one
+  column per metric and, where it was measured (CPU runs), ``train_time``: the model's seconds of
+  training per epoch (in a vectorized group, its share of the group's);
 - ``models``: one row per model: ``params``, ``folds``, the ``sweep`` values, the ``epochs``
   each fold's final test scored, and per metric ``<metric>_mean`` and ``<metric>_std`` (over
   folds, ``ddof = 0``, as ``results.json`` has them).
@@ -34,7 +35,9 @@ from izitorch.tasks import headline as task_headline
 #: The prefix of each evaluated phase's keys in ``trainlog.json`` (training's keys have none).
 PHASES = (("val_", "val"), ("test_", "test"))
 #: Entries of a trainlog epoch that are the training pass's, without a prefix, but no metric.
-TRAIN_EXTRAS = ("lr", "train_step_time")
+TRAIN_EXTRAS = ("lr", "train_step_time", "train_time")
+#: Timings of the evaluated pass in a trainlog epoch, without a prefix.
+EVAL_TIMES = ("inference_time", "eval_time")
 
 
 @attrs.frozen
@@ -75,7 +78,8 @@ def load(res_dir: str | os.PathLike, frames: bool | None = None) -> Results:
             final = _read(folder / "test_metrics.json", required=False)
             if final:
                 scores = {key: value for key, value in final.items() if is_metric(key, value) and key != "inference_time"}
-                model_folds.append({"model": name, "fold": fold + 1, "epoch": final.get("epoch"), **scores})
+                timed = {"train_time": final["train_time"]} if is_number(final.get("train_time")) else {}
+                model_folds.append({"model": name, "fold": fold + 1, "epoch": final.get("epoch"), **scores, **timed})
         folds.extend(model_folds)
         rows.append(_model_row(name, spec, model_folds, _read(res_dir / name / "conf.json", required=False) or {}, res_dir))
     headline = task_headline(task)
@@ -126,6 +130,10 @@ def per_class(results: Results, names: list[str] | None = None) -> dict[str, dic
     return out
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _read(path: Path, required: bool) -> Any:
     if not path.is_file():
         if required:
@@ -148,7 +156,7 @@ def _epoch_rows(name: str, fold: int, log: dict) -> list[dict]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             phase, metric = next(((phase, key[len(prefix) :]) for prefix, phase in PHASES if key.startswith(prefix)), ("train", key))
-            if key == "inference_time":
+            if key in EVAL_TIMES:
                 phase = evaluated
             rows.append({"model": name, "fold": fold, "epoch": epoch, "phase": phase, "metric": metric, "value": float(value)})
     return rows

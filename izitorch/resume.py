@@ -309,6 +309,7 @@ def restore_slot(run: Run, slot: Any, saved: dict | None) -> None:
         ) from None
     slot.kept_state, slot.kept_epoch, slot.stopped = saved["kept_state"], saved["kept_epoch"], saved["stopped"]
     slot.best_epoch, slot.best_value = saved.get("best_epoch"), saved.get("best_value")
+    slot.train_seconds, slot.timed_epochs = saved.get("train_seconds", 0.0), saved.get("timed_epochs", 0)
 
 
 def restore_legacy_best(slot: Any, plugins: dict) -> None:
@@ -468,7 +469,8 @@ def slot_state(slot, grouped: bool) -> dict:
         "scheduler": slot.scheduler.state_dict() if slot.scheduler is not None else None,
     }
     best = {"best_epoch": slot.best_epoch, "best_value": slot.best_value}
-    return {**standalone(own), "kept_state": slot.kept_state, "kept_epoch": slot.kept_epoch, "stopped": slot.stopped, **best}
+    timing = {"train_seconds": slot.train_seconds, "timed_epochs": slot.timed_epochs}
+    return {**standalone(own), "kept_state": slot.kept_state, "kept_epoch": slot.kept_epoch, "stopped": slot.stopped, **best, **timing}
 
 
 def changed_hyper(slot) -> list[dict]:

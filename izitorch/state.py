@@ -69,6 +69,10 @@ class Slot:
     best_epoch: int | None = None
     best_value: float | None = None
     stopped: str | None = None
+    #: Seconds of this model's own share of its training passes and how many epochs they were
+    #: (:class:`izitorch.engine.StackPass`; CPU only): its training time per epoch
+    train_seconds: float = 0.0
+    timed_epochs: int = 0
 
     def snapshot_initial_state(self) -> None:
         self.initial_state = {
@@ -85,6 +89,7 @@ class Slot:
             self.scheduler.load_state_dict(self.initial_state["scheduler"])
         self.kept_state, self.kept_epoch, self.stopped = None, None, None
         self.best_epoch, self.best_value = None, None
+        self.train_seconds, self.timed_epochs = 0.0, 0
 
     def grads(self) -> list[torch.Tensor]:
         """This model's gradients (what grad clipping acts on)."""

@@ -8,8 +8,10 @@ learning rate),
 per-sample predictions) and ``<model>/test_metrics.json`` (final test with the kept
 weights), per fold under ``FOLD_<k>`` with k-fold, where ``<model>/overall.json`` then holds the
 mean and standard deviation over folds; ``res_dir/results.json`` summarises every model: the
-mean and standard deviation of every scalar value of the final tests (every registered metric)
-and the direction of each declared metric.
+mean and standard deviation of every scalar value of the final tests (every registered metric,
+the tested ``epoch``, and on the CPU ``train_time``, the model's seconds of training per epoch,
+and ``eval_time``, its seconds for the final test), each fold's tested epoch (``epochs``), its
+parameter count, its sweep values and the direction of each declared metric.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class TrainlogPlugin:
             spec = specs.get(name)
             if name in models:
                 summary[name]["params"] = sum(parameter.numel() for parameter in models[name].parameters())
+            summary[name]["epochs"] = [fold.get("epoch") for fold in folds]  # each fold's tested epoch
             if spec is not None and (spec.swept or spec.seed is not None):  # what a sweep gave this model
                 summary[name]["sweep"] = {**spec.swept, **({"seed": spec.seed} if spec.seed is not None else {})}
             # which way is better, for `izitorch report` (declared metrics only)

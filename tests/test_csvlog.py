@@ -32,7 +32,7 @@ def expected_rows(res, folds: int) -> set[tuple]:
             folder = res / model["name"] if folds == 1 else res / model["name"] / f"FOLD_{fold}"
             for epoch, entry in json.loads((folder / "trainlog.json").read_text()).items():
                 for key, value in entry.items():
-                    if key == "inference_time":
+                    if key in ("inference_time", "eval_time"):
                         phase, metric = ("val" if any(k.startswith("val_") for k in entry) else "test"), key
                     else:
                         prefix = next((p for p in ("val_", "test_") if key.startswith(p)), "")

@@ -20,9 +20,9 @@ from conftest import ROOT, plain_scores, run_cli
 
 SIZE = 300  # the tiny manifest's dataset
 CLASSIFICATION = ("loss", "accuracy", "IoU", "balanced_accuracy", "precision", "recall", "F1")
-TRAIN_KEYS = {*CLASSIFICATION, "train_step_time", "lr"}
-TEST_KEYS = {*(f"test_{key}" for key in CLASSIFICATION), "inference_time"}
-VAL_KEYS = {*(f"val_{key}" for key in CLASSIFICATION), "inference_time"}
+TRAIN_KEYS = {*CLASSIFICATION, "train_step_time", "train_time", "lr"}
+TEST_KEYS = {*(f"test_{key}" for key in CLASSIFICATION), "inference_time", "eval_time"}
+VAL_KEYS = {*(f"val_{key}" for key in CLASSIFICATION), "inference_time", "eval_time"}
 SCORES = ("loss", "accuracy", "IoU")
 NOISY_SGD = 'models[0].optimizer={ class = "torch.optim:SGD", lr = 0.5 }'
 

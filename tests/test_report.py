@@ -63,7 +63,7 @@ def test_load_reads_every_fold_as_the_run_wrote_it(kfold):
     epochs = [row for row in results.epochs if (row["model"], row["fold"]) == ("wide", 2)]
     assert {(row["epoch"], row["phase"], row["metric"]) for row in epochs} >= {(2, "test", "accuracy"), (1, "train", "loss"), (1, "train", "lr")}
     for row in epochs:
-        key = row["metric"] if row["phase"] == "train" or row["metric"] == "inference_time" else f"{row['phase']}_{row['metric']}"
+        key = row["metric"] if row["phase"] == "train" or row["metric"] in ("inference_time", "eval_time") else f"{row['phase']}_{row['metric']}"
         assert row["value"] == log[str(row["epoch"])][key]
     models = {row["name"]: row for row in results.models}
     assert models["wide"]["params"] == sum(p.numel() for p in MLP(hidden=32).parameters())
@@ -113,15 +113,17 @@ def test_report_table_markdown_and_csv_show_the_same_numbers(kfold, capsys):
     assert "corrected resampled t-test" in table
     code, markdown, _ = cli(capsys, "report", kfold, "--format", "markdown")
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| model | params | folds | epoch | loss | acc % |") and len(rows) == 1 + len(MODELS)
+    assert rows[0].startswith("| model | params | folds | epoch | s/epoch | loss | acc % |") and len(rows) == 1 + len(MODELS)
     code, text, _ = cli(capsys, "report", kfold, "--format", "csv", "--metric", "loss")
     records = list(csv.DictReader(io.StringIO(text)))
     losses = {
         m["name"]: np.mean([json.loads((folder(kfold, m["name"], f) / "test_metrics.json").read_text())["loss"] for f in range(1, K + 1)]) for m in MODELS
     }
     assert [r["model"] for r in records] == sorted(losses, key=losses.get)  # lower is better
+    times = {m["name"]: np.mean([json.loads((folder(kfold, m["name"], f) / "test_metrics.json").read_text())["train_time"] for f in range(1, K + 1)]) for m in MODELS}
     for record in records:
         assert float(record["loss_mean"]) == pytest.approx(losses[record["model"]], rel=1e-12)
+        assert float(record["train_time"]) == pytest.approx(times[record["model"]], rel=1e-12)
     assert records[0]["p_vs_best"] == "" and all(0.0 <= float(r["p_vs_best"]) <= 1.0 for r in records[1:])
 
 
