@@ -287,26 +287,68 @@ def is_reference(value: Any) -> bool:
 
 
 def manifest_form(config: Any, source: Path) -> dict:
-    """The ``config`` table of ``conf.json`` (``attrs.asdict`` of the run's :class:`Config`) in
-    the form a manifest has, for :func:`izitorch.manifest.config_from_dict`: a component
-    ``{"target", "params"}`` becomes ``{"class", ...params}`` (a scheduler's ``interval`` kept), the plugins' ``tables`` their own
-    keys, unset values (``null``) are left out, and where an object given from Python was
-    recorded (its ``repr`` in place of a reference) a :class:`GivenObject` stands for it."""
+    """The ``config`` table of ``conf.json`` in the form a manifest has, for
+    :func:`izitorch.manifest.config_from_dict`: :func:`manifest_keys` (``conf.json`` written by
+    an older izitorch holds ``attrs.asdict`` of the run's :class:`Config`), unset values
+    (``null``) left out, and where an object given from Python was recorded (its ``repr`` in
+    place of a reference) a :class:`GivenObject` standing for it."""
     if not isinstance(config, dict) or not isinstance(config.get("models"), list):
         raise IzitorchError(
             f'expected the run\'s configuration under "config", found {describe(config)}; it is not a conf.json izitorch wrote', source=str(source)
         )
-    raw: dict[str, Any] = {}
-    for section in ("run", "data", "models", "plugins"):
-        value = config.get(section)
-        if section == "models":
-            raw["models"] = [_section(item, ("model",)) if isinstance(item, dict) else item for item in value]
-        elif section == "plugins" and isinstance(value, dict):
-            tables = value.get("tables") or {}
-            raw["plugins"] = {"enable": list(value.get("enable") or ()), "disable": list(value.get("disable") or ()), **tables}
-        elif isinstance(value, dict):
-            raw[section] = _section(value, ("dataset",) if section == "data" else ())
+    raw = manifest_keys({key: value for key, value in config.items() if key in SECTIONS})
+    for section in ("run", "data"):
+        if isinstance(raw.get(section), dict):
+            raw[section] = _given_in(raw[section], ("dataset",) if section == "data" else ())
+    raw["models"] = [_given_in(item, ("model",)) if isinstance(item, dict) else item for item in raw["models"]]
     return raw
+
+
+#: The sections of a manifest (``conf.json``'s ``config`` also records ``source`` and ``base_dir``).
+SECTIONS = ("run", "data", "models", "plugins")
+
+
+def manifest_keys(config: dict) -> dict:
+    """A configuration table (``attrs.asdict`` of a :class:`Config`) in the manifest's own keys,
+    as ``conf.json`` records it: a component ``{"target", "params"}`` becomes ``{"class",
+    ...params}`` (a scheduler's ``interval`` kept), the plugins' ``tables`` their own keys under
+    ``plugins``. A table already in that form is returned as it is; other keys are kept."""
+    out: dict[str, Any] = {}
+    for section, value in config.items():
+        if section == "models" and isinstance(value, (list, tuple)):
+            out[section] = [_components(item) if isinstance(item, dict) else item for item in value]
+        elif section == "plugins" and isinstance(value, dict) and isinstance(value.get("tables"), dict):
+            out[section] = {"enable": list(value.get("enable") or ()), "disable": list(value.get("disable") or ()), **value["tables"]}
+        elif section in ("run", "data") and isinstance(value, dict):
+            out[section] = _components(value)
+        else:
+            out[section] = value
+    return out
+
+
+def _components(table: dict) -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and {"target", "params"} <= set(value):  # a ComponentSpec, with a scheduler's interval
+            rest = {name: item for name, item in value.items() if name not in ("target", "params")}
+            value = {"class": value["target"], **(value["params"] or {}), **rest}
+        out[key] = value
+    return out
+
+
+def _given_in(table: dict, references: tuple[str, ...]) -> dict:
+    """``table`` without its unset values, a recorded ``repr`` (a reference's place holding no
+    reference) as a :class:`GivenObject`."""
+    out = {}
+    for key, value in table.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and "class" in value and key != "params":  # a component
+            value = {**value, "class": _given(value["class"])}
+        elif key in references:
+            value = _given(value)
+        out[key] = value
+    return out
 
 
 class GivenObject:
@@ -322,20 +364,6 @@ class GivenObject:
 
 def _given(value: Any) -> Any:
     return GivenObject(value) if isinstance(value, str) and not is_reference(value) else value
-
-
-def _section(table: dict, references: tuple[str, ...]) -> dict:
-    out = {}
-    for key, value in table.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and {"target", "params"} <= set(value):  # a ComponentSpec, with a scheduler's interval
-            rest = {name: item for name, item in value.items() if name not in ("target", "params")}
-            value = {"class": _given(value["target"]), **(value["params"] or {}), **rest}
-        elif key in references:
-            value = _given(value)
-        out[key] = value
-    return out
 
 
 # -- the files of a finished run ----------------------------------------------------------------

@@ -32,6 +32,7 @@ from izitorch.io import write_json, write_pickle, write_text
 from izitorch.rerun import manifest_text
 from izitorch.metrics import metric_directions
 from izitorch.tasks import headline
+from izitorch.trained import manifest_keys
 
 PREFIX = {"train": "", "val": "val_", "test": "test_"}
 
@@ -202,7 +203,8 @@ def aggregate(folds: list[dict[str, float]]) -> dict[str, Any]:
 def run_description(run) -> dict[str, Any]:
     """``conf.json``: the resolved configuration and everything needed to reproduce the run."""
     description = {
-        "config": attrs.asdict(run.config, value_serializer=_serialize, filter=lambda field, _: field.name != "args"),
+        # in the manifest's own keys (``optimizer = { class = ..., lr = ... }``, ``[plugins.<name>]``)
+        "config": manifest_keys(attrs.asdict(run.config, value_serializer=_serialize, filter=lambda field, _: field.name != "args")),
         "device": str(run.device),
         "plugins": dict(run.plugin_versions),
         "versions": {"izitorch": __version__, "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()},

@@ -154,8 +154,8 @@ def test_a_parallel_run_writes_what_a_sequential_one_writes(tmp_path):
     split = pickle.loads((res / "Dataset_split.pkl").read_bytes())
     assert split == pickle.loads((ref / "Dataset_split.pkl").read_bytes())
     conf, reference_conf = read_json(res / "conf.json"), read_json(ref / "conf.json")
-    assert conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is True
-    assert reference_conf["config"]["plugins"]["tables"]["kfold"].pop("parallel") is False
+    assert conf["config"]["plugins"]["kfold"].pop("parallel") is True
+    assert reference_conf["config"]["plugins"]["kfold"].pop("parallel") is False
     for each in (conf, reference_conf):  # where each run was described and written
         each["config"].pop("source")
         each["config"]["run"].pop("res_dir")

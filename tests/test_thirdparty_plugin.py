@@ -144,7 +144,7 @@ def test_its_table_configures_it_and_enables_it(site, tmp_path):
     assert (res / "demo_marker.txt").read_text(encoding="utf-8") == "from the table; stopped at [2]; models ['mlp']"
     conf = read_json(res / "conf.json")
     assert conf["plugins"]["demo"] == "1.2.3"
-    assert conf["config"]["plugins"]["tables"] == {"demo": {"stop_after": 2, "message": "from the table"}}
+    assert conf["config"]["plugins"] == {"enable": [], "disable": [], "demo": {"stop_after": 2, "message": "from the table"}}
 
 
 def test_a_bad_option_in_its_table_is_a_one_line_error(site, tmp_path):

@@ -498,3 +498,34 @@ def test_a_run_with_schedulers_is_read_back_with_them(tmp_path):
     assert (specs["step"].params, specs["step"].interval) == ({"step_size": 5}, "epoch")
     assert (specs["cycle"].params, specs["cycle"].interval) == ({"max_lr": 0.1, "total_steps": 8}, "step")
     assert not izitorch.load_model(res, "cycle").training
+
+
+def test_conf_json_holds_the_manifests_keys_and_one_in_the_older_form_still_loads(tmp_path):
+    """conf.json's ``config`` is written in the manifest's keys (``class = ...``, a plugin's
+    table under ``plugins``); one written in the older form (``{"target", "params"}``, the
+    plugins' ``tables``) is read back the same."""
+    res = train(
+        tmp_path,
+        run={"epochs": 1},
+        plugins={"checkpoint": {"policy": "last"}},
+        models=[{"name": "step", "scheduler": {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 5}}],
+    )
+    from izitorch.trained import TrainedRun
+
+    conf = read(res / "conf.json")
+    model = conf["config"]["models"][0]
+    assert model["optimizer"] == {"class": "torch.optim:Adam", "lr": 1e-2}
+    assert model["scheduler"] == {"class": "torch.optim.lr_scheduler:StepLR", "step_size": 5, "interval": "epoch"}
+    assert conf["config"]["plugins"]["checkpoint"] == {"policy": "last"}
+    new = TrainedRun(res).config
+    older = json.loads(json.dumps(conf))  # the same run as an older izitorch recorded it
+    for spec in older["config"]["models"]:
+        for key in ("criterion", "optimizer", "scheduler"):
+            if spec.get(key):
+                interval = {"interval": spec[key].pop("interval")} if "interval" in spec[key] else {}
+                spec[key] = {"target": spec[key].pop("class"), "params": spec[key], **interval}
+    plugins = older["config"]["plugins"]
+    older["config"]["plugins"] = {"enable": plugins.pop("enable"), "disable": plugins.pop("disable"), "tables": plugins}
+    (res / "conf.json").write_text(json.dumps(older), encoding="utf-8")
+    assert TrainedRun(res).config == new
+    assert equal_weights(izitorch.load_model(res, "step"), torch.load(res / "step" / "model.pth.tar", weights_only=True)["state_dict"])
