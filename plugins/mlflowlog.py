@@ -153,6 +153,12 @@ class MlflowPlugin:
         uri = given if given is not None else folder.as_uri()
         name = self.options.experiment or res_dir.name
         try:
+            if folder is not None:
+                # MLflow keeps one store per URI for the process, which lays out its folder once: a
+                # second run in this process, after --overwrite removed the folder, lays it out again
+                from mlflow.store.tracking.file_store import FileStore
+
+                FileStore(uri)
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             experiment = self.client.get_experiment_by_name(name)
             if experiment is not None and experiment.lifecycle_stage == "deleted":
