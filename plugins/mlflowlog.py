@@ -49,7 +49,7 @@ from urllib.parse import unquote, urlparse
 
 import attrs
 
-from izitorch.config import doc
+from izitorch.config import FieldError, doc
 from izitorch.errors import IzitorchError, TrainingError, error_text, shorten
 from izitorch.guard import Interrupted
 from izitorch.hookspecs import hookimpl
@@ -68,7 +68,7 @@ _BATCH = 100  # params (and tags) per log_batch, MLflow's limit
 
 def _non_empty(_instance: object, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None and not value.strip():
-        raise ValueError(f"{attribute.name} is empty: leave it out for the default, or give a name")
+        raise FieldError(attribute.name, "is empty: leave the key out for the default")
 
 
 @attrs.frozen
