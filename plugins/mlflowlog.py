@@ -11,7 +11,7 @@ with:
   trainlog's names (``loss``, ``accuracy``, ``val_loss``, ``test_accuracy``, ``lr``, the
   timings), the same values as ``trainlog.json`` and ``metrics.csv``;
 - the final test scores as ``final_test_<metric>`` (at the step of the epoch whose weights they
-  score), and the checkpoint files kept under fixed names (``model.pth.tar``, or
+  score; the training time per epoch as ``final_train_time``), and the checkpoint files kept under fixed names (``model.pth.tar``, or
   ``model_best.pth.tar`` and ``model_last.pth.tar``) as artifacts under ``checkpoint/``.
 
 With k-fold, as MLflow's own autologging does for a parameter search, the model's run is a parent
@@ -278,7 +278,7 @@ class MlflowPlugin:
         flush()  # the checkpoints on disk, for MLflow to copy
         for slot in fold.slots:
             run_id = self._fold_run(run, slot, fold)
-            final = {f"final_test_{key}": value for key, value in _numbers(fold.final_scores.get(slot.name, {})).items()}
+            final = _final(fold.final_scores.get(slot.name, {}))
             self._log(run_id, final, step=slot.kept_epoch if slot.kept_epoch is not None else fold.epoch)
             folder = run.model_dir(slot, fold)
             for name in CHECKPOINTS:
@@ -339,20 +339,23 @@ def _name(key: str) -> str:
     return _NAME_ILLEGAL.sub("_", key).strip("/")[:250] or "_"
 
 
-def _numbers(values: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+def _final(scores: dict[str, Any]) -> dict[str, float]:
+    """A fold's final scores as metrics: ``final_test_<metric>``, and ``final_train_time`` (the
+    seconds of training per epoch); its ``epoch`` is the step they are logged at."""
+    numbers = {key: float(value) for key, value in scores.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {f"final_{key}" if key == "train_time" else f"final_test_{key}": value for key, value in numbers.items() if key != "epoch"}
 
 
 def _mean_and_std(folds: list[dict]) -> dict[str, float]:
     """Each final test metric's mean over the folds, and its standard deviation (as results.json)."""
-    numbers = [_numbers(fold) for fold in folds]
+    numbers = [_final(fold) for fold in folds]
     keys = [key for key in numbers[0] if all(key in fold for fold in numbers)]
     out = {}
     for key in keys:
         values = [fold[key] for fold in numbers]
         mean = sum(values) / len(values)
-        out[f"final_test_{key}"] = mean
-        out[f"final_test_{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        out[key] = mean
+        out[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
     return out
 
 

@@ -55,6 +55,11 @@ def trainlog(folder, without_times: bool = False) -> dict[str, list[tuple[int, f
     return {key: sorted(pairs) for key, pairs in out.items()}
 
 
+def final_name(key: str) -> str:
+    """A final score's MLflow name: the test's metrics, and the training time per epoch."""
+    return "final_train_time" if key == "train_time" else f"final_test_{key}"
+
+
 @needs_mlflow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_one_run_per_model_holds_the_trainlogs_values(manifest, capsys, monkeypatch, tmp_path, layout):
@@ -84,14 +89,14 @@ def test_one_run_per_model_holds_the_trainlogs_values(manifest, capsys, monkeypa
             if folds > 1:
                 assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.data.params == params
             got, final = history(client, run), json.loads((folder / "test_metrics.json").read_text())
-            kept = {f"final_test_{key}": [(final["epoch"], float(value))] for key, value in final.items() if isinstance(value, (int, float)) and key != "epoch"}
+            kept = {final_name(key): [(final["epoch"], float(value))] for key, value in final.items() if isinstance(value, (int, float)) and key != "epoch"}
             assert got == trainlog(folder) | kept  # every epoch once, the same values; the final scores at the kept epoch
             assert {"loss", "accuracy", "lr", ("val_loss" if folds == 1 else "test_loss")} <= set(got)
             local = client.download_artifacts(run.info.run_id, "checkpoint/model.pth.tar", str(tmp_path / "down" / run.info.run_id))
             assert open(local, "rb").read() == (folder / "model.pth.tar").read_bytes()
         if folds > 1:  # the model's run: each final metric's mean and std over the folds, as results.json has them
             means = {key: value for key, value in parent.data.metrics.items() if not key.endswith("_std")}
-            assert means == pytest.approx({f"final_test_{key}": value for key, value in results[name]["mean"].items()}, rel=1e-12)
+            assert means == pytest.approx({final_name(key): value for key, value in results[name]["mean"].items() if key != "epoch"}, rel=1e-12)
             assert parent.data.metrics["final_test_accuracy_std"] == pytest.approx(results[name]["std"]["accuracy"], rel=1e-12)
             assert not math.isnan(parent.data.metrics["final_test_loss_std"])
 
