@@ -63,6 +63,24 @@ def owned_by(ledger: Ledger) -> Iterator[None]:
         _local.ledger = outer
 
 
+def claim_folder(path: str | Path) -> Path:
+    """Claim the folder ``path`` for the run with everything it will hold, before another library
+    (MLflow) writes into it: ``--overwrite`` then removes it whole (:meth:`Ledger.claim_folder`).
+    Outside a run (no ledger) nothing is recorded."""
+    ledger = getattr(_local, "ledger", None)
+    if ledger is not None:
+        ledger.claim_folder(path)
+    return Path(path)
+
+
+def flush() -> None:
+    """Put every file this thread wrote so far on disk now (the held ones too), for a reader
+    outside izitorch's writer (MLflow copying a checkpoint); raise a write's error."""
+    files = _files()
+    if files is not None:
+        files.flush()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
 

@@ -16,6 +16,11 @@ A run may delete a file it wrote (the checkpoint's ``top_k`` drops the epochs th
 epoch again deletes it again), but it is no longer missed by :meth:`Ledger.missing`. A recorded
 path never starts with ``/``, so the two kinds of lines never mix, and a record read by an older
 izitorch keeps its paths.
+
+A folder that another library fills (MLflow's file store, ``res_dir/mlruns``) is claimed whole
+with :meth:`Ledger.claim_folder`: a line ``/folder <path>/`` says that everything below it is the
+run's, whatever its names. ``--overwrite`` deletes the folder with all it holds, and nothing
+inside is ever taken for a temporary file of izitorch's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +43,8 @@ LOCK_NAME = ".izitorch.lock"
 TEMPORARY = re.compile(r"^\.(?P<target>.+)\.\d+-\d+\.tmp$")
 #: A record line saying that the run deleted the path after it.
 REMOVED = "/removed "
+#: A record line claiming a folder with everything it will ever hold (written by another library).
+FOLDER = "/folder "
 
 
 class Ledger:
@@ -46,8 +54,9 @@ class Ledger:
         self.root = Path(os.path.abspath(res_dir))
         self.resolved_root = self.root.resolve()
         self.file = self.root / STATE_DIR / RECORD
-        entries, self.removed = read_entries(self.file)
+        entries, self.removed, folders = read_lines(self.file)
         self.entries: set[str] = set(entries)  # every path the run recorded, the removed ones too
+        self.folders: set[str] = set(folders)  # folders claimed whole (``/`` at the end), with all they hold
         self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
         self._pending: list[str] = []  # recorded in memory, not yet in the file (claim(defer=True))
         self._resolved_folders: dict[str, Path] = {}  # a folder's absolute path -> its links resolved
@@ -61,17 +70,31 @@ class Ledger:
         key = str(path)
         if key in self._claimed:
             return
+        parts = self._inside(path)
+        new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
+        new.append("/".join(parts))
+        self._append(new, defer)
+        self._claimed.add(key)
+
+    def claim_folder(self, path: str | Path) -> None:
+        """Record the folder ``path`` as the run's with everything it holds, before another
+        library writes into it; refuse a path that resolves outside ``res_dir``."""
+        parts = self._inside(path)
+        folder = f"{'/'.join(parts)}/"
+        self._append([f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts) + 1)])
+        if folder not in self.folders:
+            self._write_lines([f"{FOLDER}{folder}"])
+            self.folders.add(folder)
+
+    def _inside(self, path: str | Path) -> tuple[str, ...]:
+        """The parts of ``path`` below ``res_dir``, once checked that it resolves inside it."""
         absolute = Path(os.path.abspath(path))
         resolved = self._resolve(absolute)
         if resolved == self.resolved_root or not resolved.is_relative_to(self.resolved_root):
             raise IzitorchError(
                 f'refusing to write {path}: it resolves to {resolved}, outside res_dir "{self.root}"; remove the symbolic link or choose other names'
             )
-        parts = absolute.relative_to(self.root).parts
-        new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
-        new.append("/".join(parts))
-        self._append(new, defer)
-        self._claimed.add(key)
+        return absolute.relative_to(self.root).parts
 
     def _resolve(self, absolute: Path) -> Path:
         """``absolute.resolve()``, its folder's resolution cached: a run writes many files in few
@@ -142,7 +165,7 @@ class Ledger:
     def owns(self, relative: str, is_dir: bool) -> bool:
         """Whether an entry (relative to ``res_dir``, ``/``-separated) is the run's: recorded, the
         lock, or a temporary file of a recorded file."""
-        if relative == LOCK_NAME:
+        if relative == LOCK_NAME or self._in_folder(relative):
             return True
         if is_dir:
             return f"{relative}/" in self.entries
@@ -151,6 +174,10 @@ class Ledger:
         folder, _, name = relative.rpartition("/")
         match = TEMPORARY.match(name)
         return match is not None and f"{folder}/{match['target']}".lstrip("/") in self.entries
+
+    def _in_folder(self, relative: str) -> bool:
+        """Whether an entry lies inside a folder claimed whole."""
+        return any(relative.startswith(folder) for folder in self.folders)
 
     def foreign(self) -> Iterator[Path]:
         """Every entry of ``res_dir`` that is not the run's (a foreign folder is not entered)."""
@@ -174,7 +201,7 @@ class Ledger:
                 continue
             for child in directory.iterdir():
                 relative = f"{folder}/{child.name}".lstrip("/")
-                if relative not in self.entries and TEMPORARY.match(child.name) and self.owns(relative, is_dir=False):
+                if relative not in self.entries and not self._in_folder(relative) and TEMPORARY.match(child.name) and self.owns(relative, is_dir=False):
                     found.append(child)
         return found
 
@@ -191,6 +218,10 @@ class Ledger:
             for path in [*files, *self.temporaries()]:
                 if path.is_symlink() or path.is_file():
                     path.unlink()
+            for folder in sorted(self.folders):  # what another library wrote there: the whole tree (links are removed, not followed)
+                path = self.root / folder
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
             self.file.unlink(missing_ok=True)
             for folder in folders:
                 if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
@@ -199,6 +230,7 @@ class Ledger:
             raise res_dir_error(self.root, error) from None
         self.entries.clear()
         self.removed.clear()
+        self.folders.clear()
         self._claimed.clear()
 
 
@@ -211,21 +243,33 @@ def read_record(file: Path) -> list[str]:
 def read_entries(file: Path) -> tuple[list[str], set[str]]:
     """The entries of a record (as :func:`read_record`) and those removed since they were
     last recorded (``/removed <path>`` lines)."""
+    entries, removed, _ = read_lines(file)
+    return entries, removed
+
+
+def read_lines(file: Path) -> tuple[list[str], set[str], list[str]]:
+    """The entries of a record, those removed since they were last recorded (``/removed
+    <path>`` lines), and the folders claimed whole (``/folder <path>/`` lines)."""
     try:
         text = file.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
-        return [], set()
+        return [], set(), []
     except OSError as error:
         raise IzitorchError(f"cannot read {file}: {error.strerror or error}; check the permissions of res_dir") from None
     entries: list[str] = []
     removed: set[str] = set()
+    folders: list[str] = []
     for line in text.split("\n")[:-1]:  # the last piece has no newline: empty, or cut short
         if line.startswith(REMOVED):
             removed.add(line[len(REMOVED) :])
+        elif line.startswith(FOLDER):
+            folder = line[len(FOLDER) :]
+            if folder.endswith("/") and not folder.startswith("/") and ".." not in folder.split("/"):
+                folders.append(folder)
         elif line and not line.startswith("/") and ".." not in line.split("/"):
             entries.append(line)
             removed.discard(line)
-    return entries, removed
+    return entries, removed, folders
 
 
 def finished_path(res_dir: Path) -> Path:

@@ -123,6 +123,33 @@ def test_foreign_entries_and_own_temporary_files(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in ledger.temporaries()] == ["mlp/.trainlog.json.123-4.tmp"]
 
 
+def test_a_folder_claimed_whole_owns_all_it_holds_and_is_removed_whole(tmp_path):
+    """MLflow's file store: files izitorch never names, below a folder the run claimed as a whole."""
+    ledger = Ledger(tmp_path)
+    ledger.claim_folder(tmp_path / "mlruns")
+    ledger.claim(tmp_path / "conf.json")
+    for name in ("conf.json", "mlruns/1/meta.yaml", "mlruns/1/abc/metrics/loss", "mlruns/.meta.yaml.1-2.tmp", "raw.csv"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    again = Ledger(tmp_path)  # as read back from the record by the next run
+    assert [p.relative_to(tmp_path).as_posix() for p in again.foreign()] == ["raw.csv"]
+    assert again.temporaries() == []  # a name like a temporary file's, inside: MLflow's, kept on a resume
+    again.remove_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv"]
+
+
+def test_a_folder_claimed_whole_that_resolves_outside_res_dir_is_refused(tmp_path):
+    outside, res_dir = tmp_path / "outside", tmp_path / "res"
+    outside.mkdir()
+    res_dir.mkdir()
+    (res_dir / "mlruns").symlink_to(outside)
+    with pytest.raises(IzitorchError, match="outside res_dir"):
+        Ledger(res_dir).claim_folder(res_dir / "mlruns")
+    with pytest.raises(IzitorchError, match="outside res_dir"):
+        Ledger(res_dir).claim_folder(res_dir)
+    assert list(outside.iterdir()) == [] and not (res_dir / ".izitorch").exists()
+
+
 # -- a new run, --overwrite, forbidden folders --------------------------------------------------
 
 
