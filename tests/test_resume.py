@@ -700,9 +700,14 @@ def resume_state_view(path: Path) -> dict:
     loaders' generators."""
     state = torch.load(path, weights_only=True)
     view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
-    view["folds"] = [{**{k: fold[k] for k in ("index", "epoch", "stop_reason", "slots")}, **fold_view(fold)} for fold in state["folds"]]
+    view["folds"] = [{**{k: fold[k] for k in ("index", "epoch", "stop_reason")}, "slots": slots_view(fold["slots"]), **fold_view(fold)} for fold in state["folds"]]
     view["rng"] = {key: state["rng"][key] for key in ("torch", "numpy", "python", "loaders")}
     return view
+
+
+def slots_view(slots: dict) -> dict:
+    """The models' states, their measured training times aside."""
+    return {name: {k: v for k, v in slot.items() if k not in ("train_seconds", "timed_epochs")} for name, slot in slots.items()}
 
 
 def fold_view(state: dict) -> dict:
