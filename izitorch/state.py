@@ -186,8 +186,11 @@ def standalone(state: Any, device: torch.device | str | None = None) -> Any:
     so that a member's checkpoint holds the member alone. Checkpoints pass ``device="cpu"`` so
     that ``torch.load`` works on a machine without the GPU they were trained on.
     """
+    if isinstance(device, str):
+        device = torch.device(device)  # parsed once, not for every tensor
     if isinstance(state, torch.Tensor):
-        return state.detach().clone() if device is None else state.detach().to(device, copy=True)
+        tensor = state.detach()
+        return tensor.clone() if device is None or tensor.device == device else tensor.to(device, copy=True)
     if isinstance(state, dict):
         result = copy.copy(state)  # keeps the type and a state dict's ``_metadata``
         for key, value in result.items():
