@@ -50,10 +50,11 @@ class Ledger:
         self.entries: set[str] = set(entries)  # every path the run recorded, the removed ones too
         self._claimed: set[str] = set()  # absolute paths already checked and recorded in this process
 
-    def claim(self, path: str | Path) -> None:
+    def claim(self, path: str | Path, folder: bool = False) -> None:
         """Record ``path`` (and the folders above it) as the run's, before it is written; refuse
-        a path that resolves outside ``res_dir``."""
-        key = str(path)
+        a path that resolves outside ``res_dir``. ``folder``: ``path`` is a folder the run
+        creates (for a library that writes its own files there, each claimed once it exists)."""
+        key = f"{path}{os.sep}" if folder else str(path)
         if key in self._claimed:
             return
         absolute = Path(os.path.abspath(path))
@@ -64,7 +65,7 @@ class Ledger:
             )
         parts = absolute.relative_to(self.root).parts
         new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
-        new.append("/".join(parts))
+        new.append("/".join(parts) + ("/" if folder else ""))
         self._append(new)
         self._claimed.add(key)
 
