@@ -79,6 +79,17 @@ def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
     """Once at the end. ``results[model_name]`` lists each fold's final test scores."""
 
 
+@hookspec
+def izitorch_run_teardown(run: "Run", error: "BaseException | None") -> None:
+    """Once ``izitorch_run_start`` was called, however the run ends: after ``izitorch_run_finish``
+    (``error`` None), or on the error that ended it (``izitorch.guard.Interrupted`` for Ctrl-C or
+    SIGTERM, a ``TrainingError``, ...), which is raised again after it. Close what the plugin
+    opened (writers, connections): the hooks in between may not all have run. The run's held
+    files (:mod:`izitorch.io`) go to disk after it. On an error, what a teardown raises is
+    dropped: the run's own error is the one reported.
+    """
+
+
 # -- the fold protocol --------------------------------------------------------------------------
 
 

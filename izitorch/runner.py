@@ -79,9 +79,15 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
         # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
         session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
-    hook.izitorch_run_start(run=session)
-    results = hook.izitorch_run_folds(run=session, resuming=resuming)
-    hook.izitorch_run_finish(run=session, results=results)
+    try:
+        hook.izitorch_run_start(run=session)
+        results = hook.izitorch_run_folds(run=session, resuming=resuming)
+        hook.izitorch_run_finish(run=session, results=results)
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+            hook.izitorch_run_teardown(run=session, error=error)
+        raise
+    hook.izitorch_run_teardown(run=session, error=None)
     return results
 
 
