@@ -305,6 +305,7 @@ def _default_optimizer() -> ComponentSpec:
 #: (compared ignoring case, for case-insensitive file systems). Names starting with a dot
 #: (``.``, ``..``, ``.izitorch``, ``.izitorch.lock``) are refused as a whole.
 RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json", "manifest.toml", "metrics.csv", "plots"})
+RESERVED_NAMES |= {"tensorboard"}  # the tensorboard plugin's log dir
 
 
 def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:
