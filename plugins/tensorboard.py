@@ -29,9 +29,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+
 from izitorch.errors import IzitorchError
 from izitorch.hookspecs import hookimpl
 from izitorch.io import claim
+from izitorch.options import plugin_options
 from izitorch.table import is_metric
 
 FOLDER = "tensorboard"
@@ -49,13 +52,21 @@ def summary_writer() -> Any:
     return SummaryWriter
 
 
+@attrs.frozen
+class TensorBoardOptions:
+    """``[plugins.tensorboard]`` has no keys yet: a table naming one is refused, not ignored."""
+
+
 class TensorBoardPlugin:
+    izitorch_options = TensorBoardOptions  # what `izitorch plugins` lists
+
     def __init__(self) -> None:
         self.writers: dict[tuple[int, str], Any] = {}  # by fold index and model: the open writers
         self.lrs: dict[tuple[int, str], float] = {}  # the learning rate each model's epoch starts with, as trainlog.json has it
 
     @hookimpl
     def izitorch_configure(self, config) -> None:
+        plugin_options(config, "tensorboard", TensorBoardOptions)
         summary_writer()  # refused before anything is built, by `izitorch validate` too
 
     @hookimpl

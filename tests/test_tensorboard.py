@@ -170,3 +170,9 @@ def test_without_tensorboard_installed_one_line_names_the_extra(manifest, capsys
     assert code == 2
     assert error_of(err) == f'{path}: plugins.enable: the tensorboard plugin needs TensorBoard: pip install "izitorch[tensorboard]"'
     assert not (path.parent / "res").exists()
+
+
+def test_a_key_in_its_table_is_refused_not_ignored(manifest, capsys):
+    path = manifest({"plugins.enable": ["tensorboard"], "plugins.tensorboard": {"flush_secs": 5}})
+    code, _, err = cli(capsys, "validate", path)
+    assert (code, error_of(err)) == (2, f'{path}: plugins.tensorboard.flush_secs: unknown key "flush_secs"')
