@@ -13,11 +13,16 @@ view from the model's own run folder: the optimizer's class and arguments, the m
 test values (``accuracy/final_test``, written as scalars at the fold's last epoch).
 
 The writers are ``torch.utils.tensorboard.SummaryWriter``'s, one per model and fold, opened at
-the fold's first epoch and flushed at each epoch's end: the epochs a resume state holds are on
-disk before it. A resumed fold opens its writer with ``purge_step`` set to the first epoch it
-trains again, so TensorBoard hides what the killed run logged from that epoch on and no epoch
-is drawn twice. The writers close when their fold ends, and at the end of the run, whether it
-finishes, fails or is interrupted (``izitorch_run_teardown``).
+the fold's first epoch and flushed at each epoch's end (one event per model and epoch): the
+epochs a resume state holds are written before it. A resumed fold opens its writer with
+``purge_step`` set to the first epoch it trains again, so TensorBoard hides what the killed run
+logged from that epoch on and no epoch is drawn twice. The writers close when their fold ends,
+and at the end of the run, whether it finishes, fails or is interrupted
+(``izitorch_run_teardown``). What a hard kill can cost: nothing but the epochs the resume trains
+again; the event files are not fsynced (one fsync per model and epoch is what a sweep must not
+wait for), so a crash of the machine itself may lose the last points of epochs whose resume
+state survived, and a kill between a fold's end and its final resume state writes its final
+values and hyper-parameters twice (the same values, at the same step).
 
 The writer names its event files itself (time, host, process): each run folder is recorded as
 the run's before its writer is made, and each event file as soon as the writer has created it
