@@ -60,6 +60,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
             with owned_by(ledger):
                 results = _run(session, resuming)
                 write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
+                session.hook.izitorch_run_teardown(run=session, error=None)  # the training finished even if this fails
         except Interrupted as stop:
             raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
     if resuming:  # every file is on disk now
@@ -83,11 +84,10 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
         hook.izitorch_run_start(run=session)
         results = hook.izitorch_run_folds(run=session, resuming=resuming)
         hook.izitorch_run_finish(run=session, results=results)
-    except BaseException as error:
+    except BaseException as error:  # izitorch_run_teardown(error=None) comes once the run is marked finished
         with contextlib.suppress(Exception):  # the error that ended the run is the one to report
             hook.izitorch_run_teardown(run=session, error=error)
         raise
-    hook.izitorch_run_teardown(run=session, error=None)
     return results
 
 

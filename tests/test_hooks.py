@@ -230,23 +230,25 @@ def izitorch_epoch_finish(run, fold, epoch, scores):
 def izitorch_run_teardown(run, error):
     with LOG.open("a", encoding="utf-8") as stream:
         stream.write(f"{{type(error).__name__}}\\n")
-    if HOW == "error":
-        raise TrainingError("a teardown that fails too")  # dropped: the run's own error is reported
+    if HOW in ("error", "teardown"):
+        raise TrainingError("a teardown that fails")  # on an error, dropped: the run's own error is reported
 """
 
 
-@pytest.mark.parametrize(("how", "error"), [("finish", None), ("error", "TrainingError"), ("ctrl-c", "Interrupted")])
+@pytest.mark.parametrize(("how", "error"), [("finish", None), ("teardown", None), ("error", "TrainingError"), ("ctrl-c", "Interrupted")])
 def test_run_teardown_is_called_once_however_the_run_ends(tmp_path, how, error):
     path = setup_run(tmp_path, {"ending.py": ENDING.format(how=how)}, {"enable": ["ending.py"]}, two_models=False)
-    if error is None:
+    if how == "finish":
         run_manifest(path)
     else:
         with pytest.raises(Exception) as raised:
             run_manifest(path)
-        assert type(raised.value).__name__ == error
-        assert "a teardown that fails too" not in str(raised.value)
+        assert type(raised.value).__name__ == (error or "TrainingError")
+        assert ("a teardown that fails" in str(raised.value)) == (how == "teardown")
     assert (tmp_path / "teardown.txt").read_text(encoding="utf-8").splitlines() == [error or "NoneType"]
-    assert list(read_json(tmp_path / "res" / "mlp_a" / "trainlog.json")) == (["1", "2"] if how == "finish" else ["1"])
+    finished = how in ("finish", "teardown")
+    assert list(read_json(tmp_path / "res" / "mlp_a" / "trainlog.json")) == (["1", "2"] if finished else ["1"])
+    assert (tmp_path / "res" / ".izitorch" / "finished.json").is_file() == finished  # a failing teardown does not undo the run
 
 
 # -- izitorch_should_stop ---------------------------------------------------------------------
