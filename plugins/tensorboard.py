@@ -32,6 +32,9 @@ the run's before its writer is made, and each event file as soon as the writer h
 from __future__ import annotations
 
 import os
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -44,6 +47,8 @@ from izitorch.table import is_metric
 
 FOLDER = "tensorboard"
 INSTALL = 'the tensorboard plugin needs TensorBoard: pip install "izitorch[tensorboard]"'
+#: A writer's event file: ``events.out.tfevents.<second it was created, 10 digits>.<host>.<pid>...``
+EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d{10})\.")
 #: What TensorBoard's hparams view shows as a value; anything else is shown as its text.
 SCALARS = (bool, int, float, str)
 
@@ -120,13 +125,28 @@ class TensorBoardPlugin:
         an earlier, killed process logged at or after that epoch are hidden (``purge_step``)."""
         key = (fold.index, slot.name)
         if key not in self.writers:
-            folder = run.res_dir / FOLDER / run.model_dir(slot, fold).relative_to(run.res_dir)
-            claim(folder, folder=True)
-            before = set(os.listdir(folder)) if folder.is_dir() else set()
-            self.writers[key] = summary_writer()(log_dir=str(folder), purge_step=epoch if before else None)
-            for name in sorted(set(os.listdir(folder)) - before):  # the event file it created
-                claim(folder / name)
+            self.writers[key] = open_writer(run.res_dir / FOLDER / run.model_dir(slot, fold).relative_to(run.res_dir), epoch)
         return self.writers[key]
+
+
+def open_writer(folder: Path, purge_step: int) -> Any:
+    """A ``SummaryWriter`` into ``folder``, claimed for the run with the event file it creates.
+
+    Where an earlier process left event files, the new one hides their events from
+    ``purge_step`` on, and is created once its name sorts after theirs: TensorBoard reads a
+    folder's files in the order of their names, which start with the second they were created
+    in (a resume within the second of the killed writer's start would otherwise come first, and
+    the killed run's epochs would hide the resumed ones)."""
+    claim(folder, folder=True)
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    seconds = [int(match[1]) for match in map(EVENT_FILE.match, before) if match]
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 2:  # not when the clock went back: waiting for it would not end
+        time.sleep(wait)
+    writer = summary_writer()(log_dir=str(folder), purge_step=purge_step if before else None)
+    for name in sorted(set(os.listdir(folder)) - before):  # the event file it created
+        claim(folder / name)
+    return writer
 
 
 def scalars(values: dict[str, float]) -> Any:

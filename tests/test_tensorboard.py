@@ -6,8 +6,10 @@ and ``--resume`` the same curves as an uninterrupted run (no epoch twice)."""
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -107,14 +109,13 @@ def test_a_killed_then_resumed_run_shows_the_same_curves(manifest, tmp_path, cap
     settings = {"run.background_writes": False, "plugins.enable": ["kfold", "tensorboard", "killer.py"], "plugins.kfold": {"k": 2}}
     models = [{"name": "a"}, {"name": "b", "optimizer": {"lr": 3e-3}}]
     whole = manifest({**settings, "run.res_dir": str(tmp_path / "whole")}, models=models, name="whole.toml")
-    assert cli(capsys, "run", whole)[0] == 0  # in this process: KILL_AT is not set here
+    assert cli(capsys, "run", whole)[0] == 0  # in this process, as the resume below: KILL_AT is not set here
     killed = manifest({**settings, "run.res_dir": str(tmp_path / "killed")}, models=models, name="killed.toml")
     done = run_cli("run", str(killed), cwd=tmp_path, env={"KILL_AT": "2,2", "OMP_NUM_THREADS": "1"})
     assert done.returncode == -9, done.stderr
     fold2 = tmp_path / "killed" / "tensorboard" / "a" / "FOLD_2"
     assert ("loss/train", 2) in {(tag, step) for tag, step, _ in scalars(fold2)}  # the epoch the resume trains again is on disk
-    done = run_cli("run", str(killed), "--resume", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert cli(capsys, "run", killed, "--resume")[0] == 0
     assert len(list(fold2.glob("events.out.tfevents.*"))) == 2  # the killed writer's file and the resumed one's
     for name in ("a", "b"):
         for fold in ("FOLD_1", "FOLD_2"):
@@ -122,6 +123,20 @@ def test_a_killed_then_resumed_run_shows_the_same_curves(manifest, tmp_path, cap
             resumed = [(tag, step, value) for tag, step, value in scalars(tmp_path / "killed" / "tensorboard" / name / fold) if "_time/" not in tag]
             assert resumed == timeless  # a list: an epoch shown twice would differ
             assert hparams(tmp_path / "killed" / "tensorboard" / name / fold) == hparams(tmp_path / "whole" / "tensorboard" / name / fold)
+
+
+def test_a_resumed_writer_file_sorts_after_the_killed_ones_even_within_their_second(tmp_path):
+    """TensorBoard reads a folder's event files in the order of their names, which start with
+    the second they were made in: the resumed writer's file must come after the killed one's."""
+    from izitorch.plugins.tensorboard import open_writer
+
+    # made this very second on this host, by a process whose number sorts after any real one
+    killed = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.9999999.0"
+    killed.write_bytes(b"")
+    writer = open_writer(tmp_path, purge_step=2)
+    writer.close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names[0] == killed.name and len(names) == 2
 
 
 def test_overwrite_replaces_the_event_files_and_refuses_a_foreign_one(manifest, capsys):
