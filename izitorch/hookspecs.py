@@ -81,13 +81,13 @@ def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
 
 @hookspec
 def izitorch_run_teardown(run: "Run", error: "BaseException | None") -> None:
-    """Once ``izitorch_run_start`` was called, however the run ends: after ``izitorch_run_finish``
-    and the run's mark that it finished (``error`` None; a teardown that fails then fails the
-    command, but the run stays finished), or on the error that ended it (``izitorch.guard.Interrupted`` for Ctrl-C or
-    SIGTERM, a ``TrainingError``, ...), which is raised again after it. Close what the plugin
-    opened (writers, connections): the hooks in between may not all have run. The run's held
-    files (:mod:`izitorch.io`) go to disk after it. On an error, what a teardown raises is
-    dropped: the run's own error is the one reported.
+    """Once ``izitorch_run_start`` was called, however the run ends. On success ``error`` is None:
+    after ``izitorch_run_finish`` and the run's mark that it finished (a teardown that fails then
+    fails the command, but the run stays finished). Otherwise ``error`` is what ended the run
+    (``izitorch.guard.Interrupted`` for Ctrl-C or SIGTERM, a ``TrainingError``...), raised again
+    afterwards; what a teardown raises then is dropped, so the run's own error is the one
+    reported. Close what the plugin opened (writers, connections): the hooks in between may not
+    all have run. The run's held files (:mod:`izitorch.io`) go to disk after it.
     """
 
 
