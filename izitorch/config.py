@@ -304,8 +304,8 @@ def _default_optimizer() -> ComponentSpec:
 #: Names of the run's own entries at the top of ``res_dir``, which a model's folder would replace
 #: (compared ignoring case, for case-insensitive file systems). Names starting with a dot
 #: (``.``, ``..``, ``.izitorch``, ``.izitorch.lock``) are refused as a whole.
-RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json", "manifest.toml", "metrics.csv", "plots"})
-RESERVED_NAMES |= {"mlruns"}  # the mlflow plugin's default file store (res_dir/mlruns)
+#: ``mlruns`` and ``tensorboard`` are the mlflow plugin's default store and the tensorboard plugin's log dir.
+RESERVED_NAMES = frozenset({"conf.json", "dataset_split.pkl", "results.json", "manifest.toml", "metrics.csv", "plots", "mlruns", "tensorboard"})
 
 
 def model_name(_instance: object, attribute: attrs.Attribute, value: str) -> None:

@@ -79,6 +79,18 @@ def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
     """Once at the end. ``results[model_name]`` lists each fold's final test scores."""
 
 
+@hookspec
+def izitorch_run_teardown(run: "Run", error: "BaseException | None") -> None:
+    """Once ``izitorch_run_start`` was called, however the run ends. On success ``error`` is None:
+    after ``izitorch_run_finish`` and the run's mark that it finished (a teardown that fails then
+    fails the command, but the run stays finished). Otherwise ``error`` is what ended the run
+    (``izitorch.guard.Interrupted`` for Ctrl-C or SIGTERM, a ``TrainingError``...), raised again
+    afterwards; what a teardown raises then is dropped, so the run's own error is the one
+    reported. Close what the plugin opened (writers, connections): the hooks in between may not
+    all have run. The run's held files (:mod:`izitorch.io`) go to disk after it.
+    """
+
+
 # -- the fold protocol --------------------------------------------------------------------------
 
 

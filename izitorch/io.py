@@ -81,6 +81,15 @@ def flush() -> None:
         files.flush()
 
 
+def claim(path: str | Path, folder: bool = False) -> None:
+    """Record as the run's a file (or, with ``folder``, a folder) that a library writes itself,
+    not through this module (TensorBoard's event files): before it is created where its name is
+    known, else as soon as it exists. Nothing happens outside a run (no ledger)."""
+    ledger = getattr(_local, "ledger", None)
+    if ledger is not None:
+        ledger.claim(path, folder=folder)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
 

@@ -61,18 +61,20 @@ class Ledger:
         self._pending: list[str] = []  # recorded in memory, not yet in the file (claim(defer=True))
         self._resolved_folders: dict[str, Path] = {}  # a folder's absolute path -> its links resolved
 
-    def claim(self, path: str | Path, defer: bool = False) -> None:
+    def claim(self, path: str | Path, defer: bool = False, folder: bool = False) -> None:
         """Record ``path`` (and the folders above it) as the run's, before it is written; refuse
         a path that resolves outside ``res_dir``.
 
         ``defer``: the caller creates the file only after :meth:`flush` (a run's held files,
-        :mod:`izitorch.held`), so the record's lines are appended then, all in one write."""
-        key = str(path)
+        :mod:`izitorch.held`), so the record's lines are appended then, all in one write.
+        ``folder``: ``path`` is a folder the run creates (for a library that writes its own
+        files there, each claimed once it exists)."""
+        key = f"{path}{os.sep}" if folder else str(path)
         if key in self._claimed:
             return
         parts = self._inside(path)
         new = [f"{'/'.join(parts[:depth])}/" for depth in range(1, len(parts))]
-        new.append("/".join(parts))
+        new.append("/".join(parts) + ("/" if folder else ""))
         self._append(new, defer)
         self._claimed.add(key)
 

@@ -60,6 +60,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
             with owned_by(ledger):
                 results = _run(session, resuming)
                 write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
+                session.hook.izitorch_run_teardown(run=session, error=None)  # the training finished even if this fails
         except Interrupted as stop:
             raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
     if resuming:  # every file is on disk now
@@ -79,9 +80,14 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
         # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
         session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
-    hook.izitorch_run_start(run=session)
-    results = hook.izitorch_run_folds(run=session, resuming=resuming)
-    hook.izitorch_run_finish(run=session, results=results)
+    try:
+        hook.izitorch_run_start(run=session)
+        results = hook.izitorch_run_folds(run=session, resuming=resuming)
+        hook.izitorch_run_finish(run=session, results=results)
+    except BaseException as error:  # izitorch_run_teardown(error=None) comes once the run is marked finished
+        with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+            hook.izitorch_run_teardown(run=session, error=error)
+        raise
     return results
 
 

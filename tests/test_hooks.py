@@ -112,6 +112,11 @@ def izitorch_run_finish(run, results):
 
 
 @hookimpl
+def izitorch_run_teardown(run, error):
+    _log("run_teardown", detail=type(error).__name__ if error is not None else None)
+
+
+@hookimpl
 def izitorch_fold_start(run, fold):
     _log("fold_start", fold.index)
 
@@ -184,6 +189,7 @@ def test_hook_sequence_of_a_two_fold_two_epoch_two_model_run(tmp_path):
         expected.append(["fold_finish", fold, None, None])
         expected.append(["state_dict", None, None, None])  # the fold's final resume state
     expected.append(["run_finish", None, None, ["mlp_a", "mlp_b"]])
+    expected.append(["run_teardown", None, None, None])
 
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text(encoding="utf-8").splitlines()]
     assert calls == expected
@@ -193,6 +199,56 @@ def test_hook_sequence_of_a_two_fold_two_epoch_two_model_run(tmp_path):
     plugins = read_json(tmp_path / "res" / "conf.json")["plugins"]
     assert list(plugins) == ["loop", *DEFAULT_PLUGINS, "kfold", "recorder.py"]
     assert plugins["recorder.py"] == "local" and plugins["loop"] == izitorch.__version__
+
+
+# -- izitorch_run_teardown --------------------------------------------------------------------
+
+ENDING = """\
+import signal
+from pathlib import Path
+
+from izitorch import hookimpl
+from izitorch.errors import TrainingError
+
+HOW = {how!r}
+LOG = Path(__file__).with_name("teardown.txt")
+
+
+@hookimpl
+def izitorch_epoch_start(run, fold, epoch):
+    if HOW == "ctrl-c" and epoch == 2:
+        run.stop_flag.signum = signal.SIGINT  # what the SIGINT handler does: the loop stops at the next batch
+
+
+@hookimpl
+def izitorch_epoch_finish(run, fold, epoch, scores):
+    if HOW == "error" and epoch == 2:
+        raise ValueError("broken in epoch 2")
+
+
+@hookimpl
+def izitorch_run_teardown(run, error):
+    with LOG.open("a", encoding="utf-8") as stream:
+        stream.write(f"{{type(error).__name__}}\\n")
+    if HOW in ("error", "teardown"):
+        raise TrainingError("a teardown that fails")  # on an error, dropped: the run's own error is reported
+"""
+
+
+@pytest.mark.parametrize(("how", "error"), [("finish", None), ("teardown", None), ("error", "TrainingError"), ("ctrl-c", "Interrupted")])
+def test_run_teardown_is_called_once_however_the_run_ends(tmp_path, how, error):
+    path = setup_run(tmp_path, {"ending.py": ENDING.format(how=how)}, {"enable": ["ending.py"]}, two_models=False)
+    if how == "finish":
+        run_manifest(path)
+    else:
+        with pytest.raises(Exception) as raised:
+            run_manifest(path)
+        assert type(raised.value).__name__ == (error or "TrainingError")
+        assert ("a teardown that fails" in str(raised.value)) == (how == "teardown")
+    assert (tmp_path / "teardown.txt").read_text(encoding="utf-8").splitlines() == [error or "NoneType"]
+    finished = how in ("finish", "teardown")
+    assert list(read_json(tmp_path / "res" / "mlp_a" / "trainlog.json")) == (["1", "2"] if finished else ["1"])
+    assert (tmp_path / "res" / ".izitorch" / "finished.json").is_file() == finished  # a failing teardown does not undo the run
 
 
 # -- izitorch_should_stop ---------------------------------------------------------------------

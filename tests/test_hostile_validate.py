@@ -471,6 +471,7 @@ HOOK_CALLS = {
     "izitorch_state_dict": "run",
     "izitorch_fold_finish": "run, fold",
     "izitorch_run_finish": "run, results",
+    "izitorch_run_teardown": "run, error",
     "izitorch_make_splits": "run, dataset",
     "izitorch_register_metrics": "register",
 }

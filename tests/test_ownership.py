@@ -57,6 +57,22 @@ def test_a_claim_records_the_file_and_each_new_folder_above_it(tmp_path):
     ]
 
 
+def test_a_folder_claimed_for_a_library_holds_only_the_files_claimed_in_it(tmp_path):
+    """A library that names its own files (TensorBoard) writes into a claimed folder; each file
+    is claimed once it exists, and --overwrite's removal takes those and the folder, no more."""
+    ledger = Ledger(tmp_path)
+    folder = tmp_path / "tensorboard" / "mlp"
+    ledger.claim(folder, folder=True)
+    assert read_record(tmp_path / ".izitorch" / "owned.txt")[2:] == ["tensorboard/", "tensorboard/mlp/"]
+    folder.mkdir(parents=True)
+    (folder / "events.out.1").write_text("x")
+    ledger.claim(folder / "events.out.1")
+    (folder / "notes.txt").write_text("mine")
+    assert [p.relative_to(tmp_path).as_posix() for p in ledger.foreign()] == ["tensorboard/mlp/notes.txt"]
+    ledger.remove_all()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["tensorboard", "tensorboard/mlp", "tensorboard/mlp/notes.txt"]
+
+
 def test_a_claim_that_resolves_outside_res_dir_is_refused(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -54,7 +54,7 @@ def test_a_run_given_python_objects_writes_no_manifest():
 
 
 def test_a_model_cannot_take_the_name_of_a_run_file(manifest, capsys):
-    for name in ("manifest.toml", "Metrics.csv", "plots"):
+    for name in ("manifest.toml", "Metrics.csv", "plots", "TensorBoard"):
         path = manifest(models=[{"name": name}], name="m.toml")
         code, _, err = cli(capsys, "validate", path)
         assert code == 2 and error_of(err).startswith(f"{path}: models[0].name: ") and "one of the run's own files" in error_of(err)
