@@ -52,8 +52,8 @@ def expected(folder, test_metrics) -> list[tuple[str, int, float]]:
     for epoch, entry in log.items():
         evaluated = "val" if any(key.startswith("val_") for key in entry) else "test"
         for key, value in entry.items():
-            if key in ("lr", "inference_time"):
-                tag = "lr" if key == "lr" else f"inference_time/{evaluated}"
+            if key in ("lr", "inference_time", "eval_time"):
+                tag = "lr" if key == "lr" else f"{key}/{evaluated}"
             else:
                 prefix = next((p for p in ("val_", "test_") if key.startswith(p)), "")
                 tag = f"{key[len(prefix) :]}/{prefix[:-1] or 'train'}"
