@@ -111,30 +111,22 @@ class MlflowPlugin:
         self.options = plugin_options(config, "mlflow", MlflowOptions)
         _mlflow(config)
 
-    # -- the runs' lifetime: opened before the first fold, ended after the last hook ---------------
+    # -- the runs' lifetime: opened before the first fold, ended by the run's teardown ------------
 
-    @hookimpl(wrapper=True)
-    def izitorch_run_folds(self, run, resuming: bool) -> Iterator[Any]:
-        try:
-            self._open(run, resuming)
-            return (yield)
-        except BaseException as error:
-            self._end(_status(error))
-            raise
+    @hookimpl(tryfirst=True)
+    def izitorch_run_folds(self, run, resuming: bool) -> None:
+        """Open every model's run before the folds train (None: the folds are the schedule's)."""
+        self._open(run, resuming)
 
-    @hookimpl(wrapper=True)
-    def izitorch_run_finish(self, run, results) -> Iterator[list]:
-        try:
-            outcome = yield
-            with _reported("izitorch_run_finish"):
-                for name, folds in results.items():
-                    if len(folds) > 1 and name in self.parents:
-                        self._log(self.parents[name], _mean_and_std(folds), step=0)
-        except BaseException as error:
-            self._end(_status(error))
-            raise
-        self._end("FINISHED", quietly=False)
-        return outcome
+    @hookimpl
+    def izitorch_run_finish(self, run, results) -> None:
+        for name, folds in results.items():
+            if len(folds) > 1 and name in self.parents:
+                self._log(self.parents[name], _mean_and_std(folds), step=0)
+
+    @hookimpl
+    def izitorch_run_teardown(self, run, error) -> None:
+        self._end("FINISHED" if error is None else _status(error), quietly=error is not None)
 
     def _open(self, run, resuming: bool) -> None:
         """The experiment, then every model's run: found again on a resume, else created."""
@@ -233,7 +225,7 @@ class MlflowPlugin:
         """End every run still open with ``status``. After an error (``quietly``) a failure here
         is ignored: the error that ended the training is the one to report."""
         try:
-            with _reported("izitorch_run_finish"):
+            with _reported("izitorch_run_teardown"):
                 while self.open:
                     self.client.set_terminated(self.open[0], status)
                     self.open.pop(0)
@@ -310,8 +302,7 @@ class MlflowPlugin:
 
 @contextlib.contextmanager
 def _reported(hook: str) -> Iterator[None]:
-    """What a wrapper hook's MLflow calls raise as one line naming the plugin (pluggy's wrappers
-    are not wrapped by izitorch's plugin manager as the other hooks are)."""
+    """What MLflow's calls raise as one line naming the plugin and the hook."""
     try:
         yield
     except IzitorchError:
