@@ -238,14 +238,15 @@ def test_report_prints_the_table(finished, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "final test scores:"
-    header = ["model", "params", "folds", "epoch", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1", "95%", "CI", "acc", "%"]
+    header = ["model", "params", "folds", "epoch", "s/epoch", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1", "95%", "CI", "acc", "%"]
     header += ["p", "vs", "best", "(accuracy)"]
     assert lines[1].split() == header
     row = lines[3].split()
     assert row[0] == "mlp" and row[2] == "1" and row[3] == "2"  # one fold, scored at epoch 2
     mean = summary["mlp"]["mean"]
-    assert row[4:7] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
-    assert row[7:11] == [f"{mean['balanced_accuracy']:.2f}", *(f"{mean[key]:.4f}" for key in ("precision", "recall", "F1"))]
+    assert row[4] == f"{mean['train_time']:.3g}"  # seconds of training per epoch
+    assert row[5:8] == [f"{mean['loss']:.4f}", f"{mean['accuracy']:.2f}", f"{mean['IoU']:.4f}"]
+    assert row[8:12] == [f"{mean['balanced_accuracy']:.2f}", *(f"{mean[key]:.4f}" for key in ("precision", "recall", "F1"))]
     assert row[-1] == "-"  # one model: nothing to compare
     assert lines[4].startswith("95% CI acc %: ") and len(lines) == 5
 

@@ -75,7 +75,7 @@ def test_run_conf_json_records_config_plugins_and_versions(manifest):
     assert config["data"]["num_classes"] == 10
     assert [m["name"] for m in config["models"]] == ["mlp"]
     assert config["models"][0]["params"] == {"hidden": 16}
-    assert config["models"][0]["optimizer"]["params"] == {"lr": 0.01}
+    assert config["models"][0]["optimizer"] == {"class": "torch.optim:Adam", "lr": 0.01}  # the manifest's own keys
     plugins = conf["plugins"]
     assert {"loop", "holdout", "metrics", "checkpoint", "trainlog", "console"} <= set(plugins)
     assert "kfold" not in plugins

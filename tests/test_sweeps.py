@@ -96,7 +96,7 @@ def test_a_sweep_trains_as_vectorized_stacks_and_records_its_values(manifest, ca
     summary = json.loads((res / "results.json").read_text())
     assert summary["mlp_lr0.003_s2"]["sweep"] == {"optimizer.lr": 3e-3, "seed": 2}
     conf = json.loads((res / "conf.json").read_text())
-    recorded = {model["name"]: (model["swept"], model["seed"], model["optimizer"]["params"]["lr"]) for model in conf["config"]["models"]}
+    recorded = {model["name"]: (model["swept"], model["seed"], model["optimizer"]["lr"]) for model in conf["config"]["models"]}
     assert recorded["mlp_lr0.01_s1"] == ({"optimizer.lr": 1e-2}, 1, 1e-2)
     assert not any(key in model for model in conf["config"]["models"] for key in ("sweep", "seeds", "sweep_mode"))
 
