@@ -220,7 +220,13 @@ def _rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for model in report["models"]:
         name = model["name"] + (f" ({model['seeds']} seeds)" if model["seeds"] else "")
-        row = [name, f"{model['params']:,}" if isinstance(model["params"], int) else "-", str(model["folds"]), _epochs(model["epochs"]), _seconds(model["train_time"])]
+        row = [
+            name,
+            f"{model['params']:,}" if isinstance(model["params"], int) else "-",
+            str(model["folds"]),
+            _epochs(model["epochs"]),
+            _seconds(model["train_time"]),
+        ]
         for key, _, fmt in shown:
             entry = model["metrics"].get(key)
             if entry is None:

@@ -238,7 +238,25 @@ def test_report_prints_the_table(finished, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "final test scores:"
-    header = ["model", "params", "folds", "epoch", "s/epoch", "loss", "acc", "%", "IoU", "balanced_accuracy", "precision", "recall", "F1", "95%", "CI", "acc", "%"]
+    header = [
+        "model",
+        "params",
+        "folds",
+        "epoch",
+        "s/epoch",
+        "loss",
+        "acc",
+        "%",
+        "IoU",
+        "balanced_accuracy",
+        "precision",
+        "recall",
+        "F1",
+        "95%",
+        "CI",
+        "acc",
+        "%",
+    ]
     header += ["p", "vs", "best", "(accuracy)"]
     assert lines[1].split() == header
     row = lines[3].split()

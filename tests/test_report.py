@@ -120,7 +120,9 @@ def test_report_table_markdown_and_csv_show_the_same_numbers(kfold, capsys):
         m["name"]: np.mean([json.loads((folder(kfold, m["name"], f) / "test_metrics.json").read_text())["loss"] for f in range(1, K + 1)]) for m in MODELS
     }
     assert [r["model"] for r in records] == sorted(losses, key=losses.get)  # lower is better
-    times = {m["name"]: np.mean([json.loads((folder(kfold, m["name"], f) / "test_metrics.json").read_text())["train_time"] for f in range(1, K + 1)]) for m in MODELS}
+    times = {
+        m["name"]: np.mean([json.loads((folder(kfold, m["name"], f) / "test_metrics.json").read_text())["train_time"] for f in range(1, K + 1)]) for m in MODELS
+    }
     for record in records:
         assert float(record["loss_mean"]) == pytest.approx(losses[record["model"]], rel=1e-12)
         assert float(record["train_time"]) == pytest.approx(times[record["model"]], rel=1e-12)

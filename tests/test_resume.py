@@ -700,7 +700,9 @@ def resume_state_view(path: Path) -> dict:
     loaders' generators."""
     state = torch.load(path, weights_only=True)
     view = {k: state[k] for k in ("parallel", "epoch", "final", "fingerprint", "groups")}
-    view["folds"] = [{**{k: fold[k] for k in ("index", "epoch", "stop_reason")}, "slots": slots_view(fold["slots"]), **fold_view(fold)} for fold in state["folds"]]
+    view["folds"] = [
+        {**{k: fold[k] for k in ("index", "epoch", "stop_reason")}, "slots": slots_view(fold["slots"]), **fold_view(fold)} for fold in state["folds"]
+    ]
     view["rng"] = {key: state["rng"][key] for key in ("torch", "numpy", "python", "loaders")}
     return view
 
