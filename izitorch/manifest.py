@@ -36,6 +36,12 @@ class ValueTypeError(TypeError):
 
 def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_references: bool = True) -> Config:
     """Read, override, structure and check a manifest; raise ``ManifestError`` on any mistake."""
+    raw = read_manifest(path, overrides)
+    return config_from_dict(raw, source=str(path), base_dir=str(Path(path).parent), check=check_references)
+
+
+def read_manifest(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """A manifest's tables as written, with ``overrides`` (``--set``) applied."""
     source = str(path)
     file = Path(path)
     if not file.is_file():
@@ -53,7 +59,7 @@ def load_manifest(path: str | Path, overrides: Iterable[str] = (), check_referen
             apply_override(raw, override)
         except ManifestError as error:
             raise error.located(source=source) from None
-    return config_from_dict(raw, source=source, base_dir=str(file.parent), check=check_references)
+    return raw
 
 
 def _not_a_file(file: Path) -> str:

@@ -130,6 +130,14 @@ def _one_model(base: dict, name: str, chosen: dict[str, Any], where: str) -> dic
     return table
 
 
+def model_with(base: dict, chosen: dict[str, Any], name: str) -> dict:
+    """A ``[[models]]`` table: ``base`` with ``chosen``'s values at their dotted keys (recorded
+    in ``swept``), named ``name`` (an Optuna trial's model, :mod:`izitorch.tune`)."""
+    table = _one_model(base, name, chosen, "models")
+    table["name"] = name
+    return table
+
+
 def model_name(name: str, chosen: dict[str, Any]) -> str:
     """``name`` followed by each swept value, labelled by the last part of its key
     (``mlp_lr0.003_hidden64``), then ``_s<seed>`` for a replica."""
