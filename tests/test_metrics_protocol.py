@@ -142,7 +142,7 @@ def test_a_registered_mae_is_logged_shown_reported_and_picks_the_best_epoch(tmp_
     code, report, err = cli(capsys, "report", res)
     assert (code, err) == (0, "")
     assert report.splitlines()[1].split()[:11] == ["model", "params", "folds", "epoch", "s/epoch", "loss", "mae↓", "MAE↓", "MSE↓", "RMSE↓", "R2"]
-    assert report.splitlines()[3].split()[5] == f"{summary['mean']['mae']:.4f}"
+    assert report.splitlines()[3].split()[6] == f"{summary['mean']['mae']:.4f}"
 
 
 def test_early_stop_on_mae_stops_when_it_does_not_improve(tmp_path, capsys):
