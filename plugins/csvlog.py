@@ -18,18 +18,32 @@ import csv
 import io
 from typing import Any
 
+import attrs
+
 from izitorch.hookspecs import hookimpl
 from izitorch.io import write_text
+from izitorch.options import plugin_options
 
 FILE = "metrics.csv"
 HEADER = ("model", "fold", "epoch", "phase", "metric", "value")
 
 
+@attrs.frozen
+class CsvOptions:
+    """``[plugins.csv]`` has no keys: a table naming one is refused, not ignored."""
+
+
 class CsvLogPlugin:
+    izitorch_options = CsvOptions  # what `izitorch plugins` lists
+
     def __init__(self) -> None:
         self.rows: dict[int, list[str]] = {}  # by fold index: its lines, in order
         self.earlier: dict[int, list[str]] = {}  # folds an interrupted run finished, read back from the file
         self.lrs: dict[tuple[int, str], float] = {}  # the learning rate each model's epoch starts with, as trainlog.json has it
+
+    @hookimpl
+    def izitorch_configure(self, config) -> None:
+        plugin_options(config, "csv", CsvOptions)
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:

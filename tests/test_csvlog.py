@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import KILLER, cli, run_cli
+from conftest import KILLER, cli, error_of, run_cli
 
 LAYOUTS = {
     "kfold": {"plugins.enable": ["kfold", "csv"], "plugins.kfold": {"k": 2}},
@@ -78,3 +78,9 @@ def test_a_killed_then_resumed_run_writes_the_same_rows(manifest, tmp_path, layo
     done = run_cli("run", str(killed), "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert without_times(tmp_path / "killed") == without_times(tmp_path / "whole")
+
+
+def test_a_key_in_its_table_is_refused_not_ignored(manifest, capsys):
+    path = manifest({"plugins.enable": ["csv"], "plugins.csv": {"path": "other.csv"}})
+    code, _, err = cli(capsys, "validate", path)
+    assert (code, error_of(err)) == (2, f'{path}: plugins.csv.path: unknown key "path"')
