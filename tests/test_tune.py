@@ -52,3 +52,19 @@ def test_without_optuna_one_line_names_the_extra(manifest, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(IzitorchError, match=r'pip install "izitorch\[optuna\]"'):
         optimize(manifest(), space, trials=1)
+
+
+def test_a_trial_without_a_finite_score_is_told_as_failed(manifest, monkeypatch):
+    import izitorch.tune as tune
+
+    trained = []
+
+    def train(config):  # the run's results, one model without a finite score
+        trained.append([spec.name for spec in config.models])
+        return {"mlp_t0": [{"accuracy": float("nan")}], "mlp_t1": [{"accuracy": 50.0}, {"accuracy": 70.0}]}
+
+    monkeypatch.setattr(tune, "_train", train)
+    study = optimize(manifest(), space, trials=2, per_run=2)
+    assert trained == [["mlp_t0", "mlp_t1"]]
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    assert study.trials[1].value == 60.0  # the mean over folds
