@@ -153,7 +153,8 @@ def izitorch_epoch_start(run: "Run", fold: "Fold", epoch: int) -> None:
 
 @hookspec
 def izitorch_epoch_finish(run: "Run", fold: "Fold", epoch: int, scores: "Scores") -> None:
-    """An epoch ended; ``scores`` holds every slot's train (and val/test) metrics for it."""
+    """An epoch ended; ``scores`` holds every slot's train (and val/test) metrics for it, and
+    ``scores.lrs`` the learning rate each trained slot's epoch started with."""
 
 
 @hookspec(firstresult=True)

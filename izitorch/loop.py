@@ -68,13 +68,14 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
             fold.epoch = epoch
             with cohort.hooks_of(run, fold):
                 hook.izitorch_epoch_start(run=run, fold=fold, epoch=epoch)
+        started = {slot: float(slot.optimizer.param_groups[0]["lr"]) for fold in running for slot in fold.slots}
         passes = {"train": epoch_pass(run, cohort, "train", running)}
         schedules.after_training([slot for fold in running for slot in fold.slots])
         phase = folds[0].eval_phase
         if epoch % run.config.run.test_epoch == 0 or epoch == epochs:
             passes[phase] = epoch_pass(run, cohort, phase, running)
         for fold in running:
-            finish_epoch(run, cohort, fold, epoch, passes)
+            finish_epoch(run, cohort, fold, epoch, passes, started)
         resume.save(run, cohort, epoch)
     with kept_weights(cohort.slots):
         tested = epoch_pass(run, cohort, "test", folds, record=True)
@@ -95,11 +96,11 @@ def kept_and_timed(slot: Slot, fold: Fold) -> dict[str, Any]:
     return extra
 
 
-def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]]) -> None:
+def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passes: dict[str, dict[Slot, dict]], started: dict[Slot, float]) -> None:
     """Each model's best epoch so far (:mod:`izitorch.selection`) and its ``ReduceLROnPlateau``
     step, then the epoch's scores to the plugins; the fold stops when one gives a reason or every
     model stopped."""
-    scores = Scores(epoch)
+    scores = Scores(epoch, lrs={slot.name: started[slot] for slot in fold.slots if slot in passes["train"]})
     for slot in fold.slots:
         seconds = passes["train"].get(slot, {}).get("train_time")
         if seconds is not None:

@@ -112,6 +112,9 @@ class Scores:
 
     epoch: int
     values: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
+    #: The learning rate each trained model's epoch started with (its first parameter group's,
+    #: as the first optimizer step of the epoch used it; a per-step scheduler moves it after).
+    lrs: dict[str, float] = attrs.field(factory=dict)
 
     def add(self, phase: str, per_slot: dict[str, dict[str, Any]]) -> None:
         for name, metrics in per_slot.items():

@@ -39,7 +39,6 @@ class CsvLogPlugin:
     def __init__(self) -> None:
         self.rows: dict[int, list[str]] = {}  # by fold index: its lines, in order
         self.earlier: dict[int, list[str]] = {}  # folds an interrupted run finished, read back from the file
-        self.lrs: dict[tuple[int, str], float] = {}  # the learning rate each model's epoch starts with, as trainlog.json has it
 
     @hookimpl
     def izitorch_configure(self, config) -> None:
@@ -56,10 +55,6 @@ class CsvLogPlugin:
         self.rows[fold.index] = []  # trained again, or restored from its state (izitorch_load_state_dict)
 
     @hookimpl
-    def izitorch_epoch_start(self, run, fold, epoch) -> None:
-        self.lrs.update(((fold.index, slot.name), float(slot.optimizer.param_groups[0]["lr"])) for slot in fold.slots)
-
-    @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         lines = self.rows.setdefault(fold.index, [])
         for slot in fold.slots:
@@ -68,8 +63,8 @@ class CsvLogPlugin:
                 for metric, value in values.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         lines.append(_line(slot.name, fold.index + 1, epoch, phase, metric, value))
-            if "train" in phases and (fold.index, slot.name) in self.lrs:
-                lines.append(_line(slot.name, fold.index + 1, epoch, "train", "lr", self.lrs[fold.index, slot.name]))
+            if "train" in phases and slot.name in scores.lrs:
+                lines.append(_line(slot.name, fold.index + 1, epoch, "train", "lr", scores.lrs[slot.name]))
         every = {**self.earlier, **self.rows}
         text = _line(*HEADER) + "".join(line for index in sorted(every) for line in every[index])
         write_text(run.res_dir / FILE, text)

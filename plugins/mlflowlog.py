@@ -103,7 +103,6 @@ class MlflowPlugin:
         self.open: list[str] = []  # the runs this process started or reopened and has not ended, in order
         self.earlier: dict[tuple[str, int | None], str] = {}  # a resume: the runs of res_dir found in the store
         self.logged: dict[str, set[tuple[str, int]]] = {}  # a reopened run: the (metric, step) it holds
-        self.lrs: dict[tuple[int, str], float] = {}  # the learning rate each model's epoch starts with, as trainlog.json has it
         self._environment: tuple[bool, str | None] | None = None  # MLFLOW_ALLOW_FILE_STORE as it was, while set
 
     @hookimpl
@@ -252,16 +251,12 @@ class MlflowPlugin:
     # -- what each epoch and fold logs ---------------------------------------------------------
 
     @hookimpl
-    def izitorch_epoch_start(self, run, fold, epoch) -> None:
-        self.lrs.update(((fold.index, slot.name), float(slot.optimizer.param_groups[0]["lr"])) for slot in fold.slots)
-
-    @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         for slot in fold.slots:
             phases = scores[slot.name] if slot.name in scores.values else {}
             values = flatten(phases)
-            if "train" in phases and (fold.index, slot.name) in self.lrs:
-                values["lr"] = self.lrs[fold.index, slot.name]
+            if "train" in phases and slot.name in scores.lrs:
+                values["lr"] = scores.lrs[slot.name]
             if values:
                 self._log(self._fold_run(run, slot, fold), values, step=epoch)
 

@@ -72,7 +72,6 @@ class TensorBoardPlugin:
 
     def __init__(self) -> None:
         self.writers: dict[tuple[int, str], Any] = {}  # by fold index and model: the open writers
-        self.lrs: dict[tuple[int, str], float] = {}  # the learning rate each model's epoch starts with, as trainlog.json has it
 
     @hookimpl
     def izitorch_configure(self, config) -> None:
@@ -82,7 +81,6 @@ class TensorBoardPlugin:
     @hookimpl
     def izitorch_epoch_start(self, run, fold, epoch) -> None:
         for slot in fold.slots:
-            self.lrs[fold.index, slot.name] = float(slot.optimizer.param_groups[0]["lr"])
             self._writer(run, fold, slot, epoch)
 
     @hookimpl
@@ -96,8 +94,8 @@ class TensorBoardPlugin:
                 for metric, value in metrics.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)
             }
-            if "train" in phases and (fold.index, slot.name) in self.lrs:
-                values["lr"] = self.lrs[fold.index, slot.name]
+            if "train" in phases and slot.name in scores.lrs:
+                values["lr"] = scores.lrs[slot.name]
             writer.file_writer.add_summary(scalars(values), epoch)
             writer.flush()  # on disk before the epoch's resume state
 

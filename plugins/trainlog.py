@@ -85,7 +85,6 @@ class EpochLog:
 class TrainlogPlugin:
     def __init__(self) -> None:
         self.logs: dict[str, EpochLog] = {}
-        self.lrs: dict[tuple[int, str], float] = {}  # by fold and model: the learning rate its epoch starts with
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
@@ -103,16 +102,11 @@ class TrainlogPlugin:
         self.logs = {slot.name: EpochLog() for slot in fold.slots}
 
     @hookimpl
-    def izitorch_epoch_start(self, run, fold, epoch) -> None:
-        # the learning rate of the epoch's first optimizer step (a per-step scheduler moves it after)
-        self.lrs.update(((fold.index, slot.name), float(slot.optimizer.param_groups[0]["lr"])) for slot in fold.slots)
-
-    @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         for slot in fold.slots:
             entry = flatten(scores[slot.name])
-            if "train" in scores[slot.name] and (fold.index, slot.name) in self.lrs:
-                entry["lr"] = self.lrs[fold.index, slot.name]
+            if "train" in scores[slot.name] and slot.name in scores.lrs:
+                entry["lr"] = scores.lrs[slot.name]
             if slot.stopped:
                 entry["stopped"] = slot.stopped
             log = self.logs[slot.name]

@@ -17,6 +17,7 @@ import torch
 import izitorch
 from izitorch import IzitorchError, ManifestError, Slot
 from izitorch.models import MLP
+from izitorch.state import Scores
 from izitorch.plugins import holdout
 from izitorch.plugins.grad_clip import GradClipOptions, GradClipPlugin
 from izitorch.plugins.kfold import KFoldOptions, KFoldPlugin
@@ -455,7 +456,7 @@ def test_the_trainlog_encodes_each_epoch_once_and_its_text_is_the_log(tmp_path, 
         scores = {
             slot.name: {"train": {"loss": 1.0 / epoch, "train_step_time": 0.1}, "test": {"acc": float("nan") if epoch == 3 else 50.0 + epoch}} for slot in slots
         }
-        plugin.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=scores)
+        plugin.izitorch_epoch_finish(run=run, fold=fold, epoch=epoch, scores=Scores(epoch, scores))
     assert len(encoded) == 5 * 2 * 2  # per epoch and model: its key and its entry, once
     written = json.loads((tmp_path / "a" / "trainlog.json").read_text(encoding="utf-8"))
     assert list(written) == ["1", "2", "3", "4", "5"] and written["2"] == {"loss": 0.5, "train_step_time": 0.1, "test_acc": 52.0}
