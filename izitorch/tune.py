@@ -64,7 +64,7 @@ def optimize(
     done = 0
     while done < trials:
         asked = [study.ask() for _ in range(min(per_run, trials - done))]
-        chosen = [space(trial) for trial in asked]
+        chosen = [_values(space(trial)) for trial in asked]
         first, last = asked[0].number, asked[-1].number
         run = copy.deepcopy(raw)
         run["models"] = [model_with(base, values, f"{base['name']}_t{trial.number}") for trial, values in zip(asked, chosen)]
@@ -78,6 +78,12 @@ def optimize(
                 study.tell(trial, value)
         done += len(asked)
     return study
+
+
+def _values(values: Any) -> dict[str, Any]:
+    if not isinstance(values, dict) or not all(isinstance(key, str) and key for key in values):
+        raise IzitorchError(f'space(trial) must return a dict of dotted keys inside the model\'s table ({{"optimizer.lr": ...}}), got {values!r:.80}')
+    return values
 
 
 def _train(config: Any) -> dict[str, list[dict]]:

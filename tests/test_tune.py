@@ -68,3 +68,9 @@ def test_a_trial_without_a_finite_score_is_told_as_failed(manifest, monkeypatch)
     assert trained == [["mlp_t0", "mlp_t1"]]
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     assert study.trials[1].value == 60.0  # the mean over folds
+
+
+@pytest.mark.parametrize("returned", [0.01, {"": 1}, None])
+def test_a_space_that_returns_no_dict_of_keys_is_one_error(manifest, returned):
+    with pytest.raises(IzitorchError, match=r"space\(trial\) must return a dict of dotted keys"):
+        optimize(manifest(), lambda trial: returned, trials=1)
