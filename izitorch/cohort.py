@@ -87,16 +87,22 @@ class Cohort:
         self.take_plugin_state(run, fold)
 
 
-def sequential(run: Run, index: int, saved: dict | None) -> Cohort:
-    """Fold ``index`` alone, with the run's stacks: models reset to their initial weights and
-    fresh optimizers, every generator seeded with ``rdm_seed + index``, its loaders made."""
-    for slot in run.slots:
+def sequential(run: Run, index: int, saved: dict | None, stacks: list[Stack] | None = None, state_path: Path | None = None) -> Cohort:
+    """Fold ``index`` alone, with the run's stacks (or only ``stacks``, whose resume state goes
+    to ``state_path``: a unit of a run spread over ranks, :mod:`izitorch.spread`): models reset to
+    their initial weights and fresh optimizers, every generator seeded with ``rdm_seed + index``,
+    its loaders made."""
+    stacks = run.stacks if stacks is None else stacks
+    members = {slot for stack in stacks for slot in stack.members}
+    slots = [slot for slot in run.slots if slot in members]
+    for slot in slots:
         slot.reset()
     seed_everything(run.config.run.rdm_seed + index)
     split = run.splits[index]
     loaders = make_loaders(run, split, index)
-    fold = Fold(index, len(run.splits), split, loaders, run.slots)
-    return Cohort([fold], run.stacks, loaders, resume.state_path(run.res_dir, index), saved=saved, scalers=new_scalers(run, run.stacks))
+    fold = Fold(index, len(run.splits), split, loaders, slots)
+    path = state_path or resume.state_path(run.res_dir, index)
+    return Cohort([fold], stacks, loaders, path, saved=saved, scalers=new_scalers(run, stacks))
 
 
 def new_scalers(run: Run, stacks: list[Stack]) -> list[Any]:

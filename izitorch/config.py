@@ -23,6 +23,7 @@ MULTI_MODEL_MODES = ("auto", "sequential", "vectorized")
 NAN_POLICIES = ("stop", "skip_batch", "raise")
 SCHEDULER_INTERVALS = ("epoch", "step")
 PRECISIONS = ("32", "bf16", "fp16")
+DISTRIBUTED_STRATEGIES = ("auto", "models", "data")  # [run] distributed (izitorch.distributed)
 
 
 class FieldError(ValueError):
@@ -121,6 +122,11 @@ class RunConfig:
     )
     best_metric: str | None = attrs.field(
         default=None, metadata=doc("a registered metric that picks each model's best epoch on validation (unset: loss, or the checkpoint's metric)")
+    )
+    distributed: str = attrs.field(
+        default="auto",
+        validator=one_of(*DISTRIBUTED_STRATEGIES),
+        metadata=doc('under torchrun: spread the "models" (and folds) over the processes, or share the "data"; "auto" picks'),
     )
     task: str | None = attrs.field(
         default=None,

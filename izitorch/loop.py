@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from izitorch import cohort as cohorts
-from izitorch import resume, schedules
+from izitorch import resume, schedules, spread
 from izitorch.engine import BatchLosses, StackPass
 from izitorch.guard import Interrupted
 from izitorch.selection import note_epoch
@@ -26,7 +26,10 @@ from izitorch.state import Fold, Run, Scores, Slot
 
 @hookimpl(trylast=True)
 def izitorch_run_folds(run: Run, resuming: bool) -> dict[str, list[dict]]:
-    """The folds one after another, each from the models' initial weights (see the hookspec)."""
+    """The folds one after another, each from the models' initial weights (see the hookspec);
+    under torchrun with ``distributed = "models"``, this rank's share of them (:mod:`izitorch.spread`)."""
+    if run.share is not None:
+        return spread.run_share(run, resuming)
     results: dict[str, list[dict]] = {slot.name: [] for slot in run.slots}
     for index in range(len(run.splits)):
         saved = resume.load(run, index) if resuming else None

@@ -52,6 +52,7 @@ TOLERATED = {
     "run.background_writes",
     "run.flush_interval",
     "run.compile",
+    "run.distributed",  # a spread run resumes spread (izitorch.spread.check_layout), with any number of ranks
     "args.epochs",
     "args.display_step",
     "args.num_workers",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from izitorch import ensemble, metrics, ownership, resume
+from izitorch import distributed, ensemble, metrics, ownership, resume, spread
 from izitorch.config import Config
 from izitorch.checks import dry_run
 from izitorch.data import pick_device
@@ -44,26 +45,39 @@ def run(config: Config) -> dict[str, list[dict]]:
 def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     pm, versions = make_plugin_manager(config)
     factories = registered_metrics(pm, config)
-    device = pick_device(config.run.device)
+    ranks = distributed.from_environment()
+    device = distributed.rank_device(pick_device(config.run.device), ranks)
     res_dir = Path(config.run.res_dir)
-    check_res_dir(res_dir, config)
     flag = StopFlag()
-    with (
-        res_dir_lock(res_dir),
-        stop_on_signals(flag),
-        deterministic_algorithms(config.run.deterministic),
-        background_writes(config.run.background_writes, config.run.flush_interval),
-    ):
-        ledger, resuming = prepare_res_dir(res_dir, config)
-        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories)
+    with distributed.process_group(ranks, device) as ranks, contextlib.ExitStack() as guards:
+        if not ranks.main:  # rank 0 prints the console; another rank's error still reaches the CLI as an exception
+            null = guards.enter_context(open(os.devnull, "w"))
+            guards.enter_context(contextlib.redirect_stdout(null))
+            guards.enter_context(contextlib.redirect_stderr(null))
+        prepared: list[ownership.Ledger] = []
+
+        def take_res_dir() -> bool:  # rank 0 alone: the folder checked, locked and prepared
+            check_res_dir(res_dir, config)
+            guards.enter_context(res_dir_lock(res_dir))
+            ledger, resuming = prepare_res_dir(res_dir, config)
+            prepared.append(ledger)
+            return resuming
+
+        resuming = distributed.main_first(ranks, take_res_dir)
+        ledger = prepared[0] if prepared else ownership.Ledger(res_dir)  # another rank: the folder rank 0 prepared
+        guards.enter_context(stop_on_signals(flag))
+        guards.enter_context(deterministic_algorithms(config.run.deterministic))
+        guards.enter_context(background_writes(config.run.background_writes, config.run.flush_interval))
+        session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories, ranks=ranks)
         try:
             with owned_by(ledger):
                 results = _run(session, resuming)
-                write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
+                if ranks.main:
+                    write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
                 session.hook.izitorch_run_teardown(run=session, error=None)  # the training finished even if this fails
         except Interrupted as stop:
             raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
-    if resuming:  # every file is on disk now
+    if resuming and ranks.main:  # every file is on disk now
         report_missing(ledger)
     return results
 
@@ -74,8 +88,14 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
+    session.ranks = distributed.resolve_strategy(session.ranks, config.run.distributed, len(spread.units(session)))
+    if session.ranks.launched:
+        check_distributed(session)
+        session.share = spread.my_share(session)
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
-        if resume.check(session, len(session.splits)):
+        spread.check_layout(session)
+        complete = spread.check_saved(session) if session.share is not None else resume.check(session, len(session.splits))
+        if complete and session.ranks.main:
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
         # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
         session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
@@ -83,12 +103,34 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     try:
         hook.izitorch_run_start(run=session)
         results = hook.izitorch_run_folds(run=session, resuming=resuming)
-        hook.izitorch_run_finish(run=session, results=results)
+        if session.ranks.main:  # with every rank's results (izitorch.spread)
+            hook.izitorch_run_finish(run=session, results=results)
     except BaseException as error:  # izitorch_run_teardown(error=None) comes once the run is marked finished
         with contextlib.suppress(Exception):  # the error that ended the run is the one to report
             hook.izitorch_run_teardown(run=session, error=error)
         raise
     return results
+
+
+def check_distributed(session: Run) -> None:
+    """Refuse, in one line, what a run launched by torchrun cannot do yet."""
+    ranks, units = session.ranks, len(spread.units(session))
+    if ranks.strategy == "data":
+        raise ManifestError(
+            f'distributed = "data" (data-parallel training) is not available yet; this run has {units} unit(s) of work (models x folds) '
+            f'for {ranks.world} processes: start at most {units} processes, or use distributed = "models"',
+            "run.distributed",
+            session.config.source,
+        )
+    for name, plugin in session.pm.list_name_plugin():
+        if getattr(plugin, "izitorch_single_process", False):
+            raise ManifestError(
+                f'the {name} plugin writes one log for the whole run and does not run under torchrun yet; disable it for a distributed run',
+                f"plugins.{name}",
+                session.config.source,
+            )
+    if ranks.strategy == "models" and units < ranks.world and ranks.main:
+        say(f"izitorch: {ranks.world - units} of the {ranks.world} processes have nothing to train: the run has {units} unit(s) of work (models x folds)", sys.stderr)
 
 
 def registered_metrics(pm: pluggy.PluginManager, config: Config) -> dict[str, Any]:

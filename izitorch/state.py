@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from izitorch.config import Config, ModelSpec
+from izitorch.distributed import Ranks
 from izitorch.selection import Selection
 
 T = TypeVar("T")
@@ -170,6 +171,8 @@ class Run:
     stacks: list = attrs.field(factory=list)  # izitorch.stacks.Stack: the models as the loop steps them
     grouping: list[str] = attrs.field(factory=list)  # why models were (not) grouped, for the console
     task: str | None = None  # "classification", "regression", "segmentation" (izitorch.tasks), None where unclear
+    ranks: Ranks = attrs.field(factory=Ranks)  # this process's place under torchrun (izitorch.distributed)
+    share: list | None = None  # izitorch.spread.Unit: what this rank trains under distributed = "models"
 
     @property
     def hook(self) -> Any:

@@ -35,6 +35,7 @@ class CsvOptions:
 
 class CsvLogPlugin:
     izitorch_options = CsvOptions  # what `izitorch plugins` lists
+    izitorch_single_process = True  # one log for the whole run: refused under torchrun (izitorch.runner.check_distributed)
 
     def __init__(self) -> None:
         self.rows: dict[int, list[str]] = {}  # by fold index: its lines, in order

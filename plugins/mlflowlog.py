@@ -93,6 +93,7 @@ def _mlflow(config) -> Any:
 
 class MlflowPlugin:
     izitorch_options = MlflowOptions  # what `izitorch plugins` lists
+    izitorch_single_process = True  # one log for the whole run: refused under torchrun (izitorch.runner.check_distributed)
 
     def __init__(self) -> None:
         self.options = MlflowOptions()

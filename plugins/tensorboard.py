@@ -69,6 +69,7 @@ class TensorBoardOptions:
 
 class TensorBoardPlugin:
     izitorch_options = TensorBoardOptions  # what `izitorch plugins` lists
+    izitorch_single_process = True  # one log for the whole run: refused under torchrun (izitorch.runner.check_distributed)
 
     def __init__(self) -> None:
         self.writers: dict[tuple[int, str], Any] = {}  # by fold index and model: the open writers

@@ -88,6 +88,8 @@ class TrainlogPlugin:
 
     @hookimpl
     def izitorch_run_start(self, run) -> None:
+        if not run.ranks.main:  # the run-level files are rank 0's (izitorch.distributed)
+            return
         description = run_description(run)
         write_json(run.res_dir / "conf.json", description)
         text = manifest_text(json.loads(json.dumps(description["config"], default=str)), run.config.base_dir, run.res_dir)
