@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import attrs
 import torch
 
-from izitorch.errors import IzitorchError, ManifestError
+from izitorch.errors import IzitorchError, ManifestError, TrainingError
 
 #: How long a rank waits for the others at a meeting point before it gives up: the end of the
 #: run may wait for a rank that trains for days, so only a dead rank should reach it, and
@@ -149,8 +149,10 @@ def wait_for_everyone(ranks: Ranks, stop_flag: Any) -> None:
         time.sleep(0.05)
     try:
         work.wait()
-    except RuntimeError as error:
-        raise IzitorchError(f"another rank stopped before the end of the run ({str(error).splitlines()[0]}); resume the run with --resume") from None
+    except RuntimeError:  # gloo's text names a socket, not a rank: torchrun's summary names it
+        raise TrainingError(
+            "another rank stopped before it finished its share (torchrun's summary names it); every finished epoch is saved: run again with --resume"
+        ) from None
 
 
 def resolve_strategy(ranks: Ranks, setting: str, units: int) -> Ranks:

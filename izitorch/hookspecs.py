@@ -76,7 +76,8 @@ def izitorch_run_start(run: "Run") -> None:
 
 @hookspec
 def izitorch_run_finish(run: "Run", results: "dict[str, list[dict]]") -> None:
-    """Once at the end. ``results[model_name]`` lists each fold's final test scores."""
+    """Once at the end. ``results[model_name]`` lists each fold's final test scores. Under
+    torchrun, on rank 0 alone, with every rank's results (``run.ranks``)."""
 
 
 @hookspec
@@ -102,7 +103,8 @@ def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | N
     per split, slots reset to their initial weights, torch, numpy and ``random`` seeded with
     ``rdm_seed + fold`` (``izitorch.reproducibility.seed_everything``), loaders made, then
     ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are read from their saved
-    state instead. ``[plugins.kfold] parallel = true`` answers it by training all folds at once
+    state instead. Under torchrun with ``distributed = "models"`` it trains this rank's units
+    (``izitorch.spread``): each a fold of its own holding one stack's models. ``[plugins.kfold] parallel = true`` answers it by training all folds at once
     as one cohort (``izitorch.parallel``) with the same fold protocol (``izitorch.loop.train``),
     which calls the per-fold hooks below in fold order.
     """

@@ -76,7 +76,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
                     write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
                 session.hook.izitorch_run_teardown(run=session, error=None)  # the training finished even if this fails
         except Interrupted as stop:
-            raise Interrupted(stop.signum, interrupted_message(config, stop)) from None
+            raise Interrupted(stop.signum, interrupted_message(config, stop, ranks.launched)) from None
     if resuming and ranks.main:  # every file is on disk now
         report_missing(ledger)
     return results
@@ -99,6 +99,8 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
         # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
         session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
+    if session.share is not None and session.ranks.main:
+        announce_share(session)
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
     try:
         hook.izitorch_run_start(run=session)
@@ -125,12 +127,22 @@ def check_distributed(session: Run) -> None:
     for name, plugin in session.pm.list_name_plugin():
         if getattr(plugin, "izitorch_single_process", False):
             raise ManifestError(
-                f'the {name} plugin writes one log for the whole run and does not run under torchrun yet; disable it for a distributed run',
+                f"the {name} plugin writes one log for the whole run and does not run under torchrun yet; disable it for a distributed run",
                 f"plugins.{name}",
                 session.config.source,
             )
-    if ranks.strategy == "models" and units < ranks.world and ranks.main:
-        say(f"izitorch: {ranks.world - units} of the {ranks.world} processes have nothing to train: the run has {units} unit(s) of work (models x folds)", sys.stderr)
+
+
+def announce_share(session: Run) -> None:
+    """Rank 0 says how the run is spread, and which processes have nothing to train."""
+    world, units = session.ranks.world, len(spread.units(session))
+    say(
+        f'izitorch: torchrun, {world} process(es), distributed = "models": {units} unit(s) of work (each stack of models on each fold) '
+        "spread by cost; the console shows rank 0's",
+        sys.stderr,
+    )
+    if units < world:
+        say(f"izitorch: {world - units} of the {world} processes have nothing to train", sys.stderr)
 
 
 def registered_metrics(pm: pluggy.PluginManager, config: Config) -> dict[str, Any]:
@@ -255,9 +267,11 @@ def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bo
     return ledger, False
 
 
-def interrupted_message(config: Config, stop: Interrupted) -> str:
+def interrupted_message(config: Config, stop: Interrupted, torchrun: bool = False) -> str:
     name = signal.Signals(stop.signum).name
     how = f"python -m izitorch run {config.source} --resume" if config.source.endswith(".toml") else "run the same script with --resume 1"
+    if torchrun and config.source.endswith(".toml"):
+        how = f"torchrun --nproc_per_node=<N> -m izitorch run {config.source} --resume (any N)"
     return f"interrupted by {name}; every finished epoch is saved in {config.run.res_dir}. To continue: {how}"
 
 

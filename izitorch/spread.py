@@ -87,7 +87,7 @@ def check_layout(run: Run) -> None:
         )
     if saved == "one process" and spread_now:
         raise IzitorchError(
-            'cannot resume: this run was trained in one process; resume it without torchrun, or set distributed = "data" only for a new run',
+            "cannot resume: this run was trained in one process; resume it without torchrun (a new run may start under torchrun)",
             "run.distributed",
         )
 

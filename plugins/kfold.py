@@ -48,16 +48,16 @@ class KFoldPlugin:
     @hookimpl
     def izitorch_run_folds(self, run: Run, resuming: bool) -> dict[str, list[dict]] | None:
         """With ``parallel``, all folds at once; else None, and the core takes them in turn."""
+        return run_parallel(run, resuming) if self.options.parallel else None
+
+    @hookimpl
+    def izitorch_make_splits(self, run: Run, dataset) -> list[Split]:
         if self.options.parallel and run.ranks.launched:
             raise ManifestError(
                 "parallel folds train in one process; under torchrun the folds are spread over the processes instead: set parallel = false",
                 "plugins.kfold.parallel",
                 run.config.source,
             )
-        return run_parallel(run, resuming) if self.options.parallel else None
-
-    @hookimpl
-    def izitorch_make_splits(self, run: Run, dataset) -> list[Split]:
         k, validation = self.options.k, run.config.data.validation
         given = splitting.given_parts(dataset)
         if given is not None and "val" in given:
