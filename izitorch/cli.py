@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from izitorch.distributed import rank_label
 from izitorch.errors import IzitorchError, describe, join_path, located_in, one_line
 from izitorch.streams import say, silence
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is not None:
             sys.stdout.flush()  # an output that went away shows here, not as a failed flush at exit
     except IzitorchError as error:
-        say(f"izitorch: error: {error}", sys.stderr)
+        say(f"izitorch: error: {rank_label()}{error}", sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         if args is not None and args.command in USING:  # a run's first Ctrl-C stops it cleanly; these have nothing to save

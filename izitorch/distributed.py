@@ -20,12 +20,14 @@ import contextlib
 import datetime
 import os
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import attrs
-import torch
 
 from izitorch.errors import IzitorchError, ManifestError, TrainingError
+
+if TYPE_CHECKING:
+    import torch
 
 #: How long a rank waits for the others at a meeting point before it gives up: the end of the
 #: run may wait for a rank that trains for days, so only a dead rank should reach it, and
@@ -60,6 +62,13 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def rank_label() -> str:
+    """``"rank N: "`` in a torchrun worker other than rank 0 (its error lines then say whose they
+    are, as torchrun mixes every worker's output), else nothing."""
+    rank = os.environ.get("RANK", "0") if launched_by_torchrun() else "0"
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def from_environment() -> Ranks:
     """The ranks torchrun gave this process (strategy still ``"auto"``), or a single process."""
     if not launched_by_torchrun():
@@ -75,6 +84,8 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     """Each process on a node takes the GPU of its ``LOCAL_RANK`` (a CPU run stays on the CPU)."""
     if not ranks.launched or device.type != "cuda":
         return device
+    import torch
+
     if ranks.local_rank >= torch.cuda.device_count():
         raise ManifestError(
             f"LOCAL_RANK {ranks.local_rank} has no GPU: {torch.cuda.device_count()} visible; start at most as many processes per node as GPUs",

@@ -21,6 +21,7 @@ import torch
 
 from conftest import cli, error_of, make_manifest
 from izitorch import distributed
+from izitorch.cli import main
 from izitorch.ownership import Ledger
 
 RANK_RECORDER = """\
@@ -94,9 +95,11 @@ def reference(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("single")
     (folder / "records").mkdir()
     manifest = spread_manifest(folder)
-    env = {**os.environ, "RANK_RECORD": str(folder / "records")}
-    done = subprocess.run([sys.executable, "-m", "izitorch", "run", str(manifest)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANK_RECORD", str(folder / "records"))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            patch.delenv(name, raising=False)
+        assert main(["run", str(manifest)]) == 0
     return folder / "res"
 
 
