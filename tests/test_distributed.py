@@ -232,3 +232,14 @@ def test_an_unknown_strategy_is_one_line(tmp_path, capsys):
     code, _, err = cli(capsys, "run", make_manifest(tmp_path), "--set", 'run.distributed="everything"')
     message = error_of(err)
     assert code == 2 and "run.distributed" in message and '"models"' in message and '"data"' in message, message
+
+
+def test_an_error_line_of_a_rank_other_than_0_names_the_rank(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "missing.toml"
+    for rank in ("0", "1"):
+        for name, value in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}.items():
+            monkeypatch.setenv(name, value)
+        code, _, err = cli(capsys, "run", missing)
+        message = error_of(err)
+        assert code == 2 and "missing.toml" in message
+        assert message.startswith("rank 1: ") == (rank == "1"), message
