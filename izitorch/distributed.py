@@ -19,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import attrs
 
 from izitorch.errors import IzitorchError, ManifestError, TrainingError
+from izitorch.ownership import LOCK_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -142,6 +145,26 @@ def main_first(ranks: Ranks, prepare: Callable[[], T]) -> T:
         error.exit_code = code
         raise error
     return outcome[0][1]
+
+
+def lock_text(res_dir: Path) -> str:
+    """What rank 0's lock in ``res_dir`` holds (its pid, host and start time)."""
+    try:
+        return (res_dir / LOCK_NAME).read_text()
+    except OSError:
+        return ""
+
+
+def check_shared_res_dir(res_dir: Path, rank0_lock: str, ranks: Ranks) -> None:
+    """Refuse, before training, a rank that does not see the ``res_dir`` rank 0 locked: on
+    another node without a shared file system its files would land in a folder of its own, and
+    rank 0 would miss them only at the end of the run."""
+    if lock_text(res_dir) != rank0_lock:
+        raise ManifestError(
+            f'res_dir "{res_dir}" seen from rank {ranks.rank} (on {socket.gethostname()}) is not the folder rank 0 locked: every process writes its '
+            "models' files there, so under torchrun res_dir must be on a file system that every node shares",
+            "run.res_dir",
+        )
 
 
 def wait_for_everyone(ranks: Ranks, stop_flag: Any) -> None:

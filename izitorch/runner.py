@@ -56,15 +56,17 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
             guards.enter_context(contextlib.redirect_stderr(null))
         prepared: list[ownership.Ledger] = []
 
-        def take_res_dir() -> bool:  # rank 0 alone: the folder checked, locked and prepared
+        def take_res_dir() -> tuple[bool, str]:  # rank 0 alone: the folder checked, locked and prepared
             check_res_dir(res_dir, config)
             guards.enter_context(res_dir_lock(res_dir))
             ledger, resuming = prepare_res_dir(res_dir, config)
             prepared.append(ledger)
-            return resuming
+            return resuming, distributed.lock_text(res_dir)
 
-        resuming = distributed.main_first(ranks, take_res_dir)
-        ledger = prepared[0] if prepared else ownership.Ledger(res_dir)  # another rank: the folder rank 0 prepared
+        resuming, lock = distributed.main_first(ranks, take_res_dir)
+        if not prepared:  # another rank: it writes into the folder rank 0 prepared, which it must see
+            distributed.check_shared_res_dir(res_dir, lock, ranks)
+        ledger = prepared[0] if prepared else ownership.Ledger(res_dir)
         guards.enter_context(stop_on_signals(flag))
         guards.enter_context(deterministic_algorithms(config.run.deterministic))
         guards.enter_context(background_writes(config.run.background_writes, config.run.flush_interval))

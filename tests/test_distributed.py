@@ -22,7 +22,8 @@ import torch
 from conftest import cli, error_of, make_manifest
 from izitorch import distributed
 from izitorch.cli import main
-from izitorch.ownership import Ledger
+from izitorch.errors import IzitorchError
+from izitorch.ownership import LOCK_NAME, Ledger
 
 RANK_RECORDER = """\
 import os
@@ -243,3 +244,15 @@ def test_an_error_line_of_a_rank_other_than_0_names_the_rank(tmp_path, capsys, m
         message = error_of(err)
         assert code == 2 and "missing.toml" in message
         assert message.startswith("rank 1: ") == (rank == "1"), message
+
+
+def test_a_rank_that_does_not_see_rank_0s_res_dir_is_refused(tmp_path):
+    """On a node without the shared file system, res_dir is another folder: its lock is not rank 0's."""
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    rank1 = distributed.Ranks(rank=1, world=2, local_rank=0, strategy="models")
+    with pytest.raises(IzitorchError) as refused:
+        distributed.check_shared_res_dir(res_dir, '{"pid": 1, "host": "node0"}', rank1)
+    assert refused.value.path == "run.res_dir" and "rank 1" in refused.value.message and "every node shares" in refused.value.message
+    (res_dir / LOCK_NAME).write_text('{"pid": 1, "host": "node0"}')
+    distributed.check_shared_res_dir(res_dir, '{"pid": 1, "host": "node0"}', rank1)  # the same folder: no error
