@@ -47,7 +47,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    strategy: str | None = None  # "models" or "data" under torchrun
+    strategy: str | None = None  # under torchrun: "auto" until the run knows its units, then "models" or "data"
     group: Any = attrs.field(default=None, eq=False, repr=False)  # the gloo group the ranks meet in
 
     @property
