@@ -157,6 +157,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return subprocess.run([sys.executable, "-m", "izitorch", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_cli_here(capture, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``izitorch ARGS`` in this process, returned as :func:`run_cli` returns it: for the tests
+    of a one-line refusal, whose checks need no process of their own (``capture``: pytest's
+    ``capsys``)."""
+    from izitorch.cli import main
+
+    previous = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    out, err = capture.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def replaced_by_thread(monkeypatch) -> list[tuple[str, str]]:
     """Record ``(file name, thread name)`` each time izitorch moves a file into place."""
     from izitorch import io as izio

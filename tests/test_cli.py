@@ -22,7 +22,7 @@ from izitorch import hookspecs, loop
 from izitorch.models import MLP
 from izitorch.pluginmanager import DEFAULT_PLUGINS, available_plugins
 
-from conftest import make_manifest, plain_scores, run_cli
+from conftest import make_manifest, plain_scores, run_cli, run_cli_here
 
 BUILTINS = ("holdout", "kfold", "metrics", "checkpoint", "grad_clip", "early_stop", "trainlog", "console")
 DEFAULT_PLUGIN_LINE = "plugins: loop, holdout, metrics, checkpoint, trainlog, console"
@@ -84,10 +84,10 @@ BAD = [
 
 
 @pytest.mark.parametrize("command, change, extra, expected", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_manifest_exits_2_with_one_line(tmp_path, command, change, extra, expected):
+def test_bad_manifest_exits_2_with_one_line(tmp_path, capsys, command, change, extra, expected):
     res_dir = tmp_path / "res"
     path = make_manifest(tmp_path, **change)
-    done = run_cli(command, str(path), *extra, cwd=tmp_path)
+    done = run_cli_here(capsys, command, str(path), *extra, cwd=tmp_path)
     assert_one_error_line(done, 2, f"{path}: {expected}")
     assert not res_dir.exists()  # nothing is written for a manifest that does not load
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import izitorch
-from conftest import make_manifest, merged, plain_scores, run_cli
+from conftest import make_manifest, merged, plain_scores, run_cli_here
 from izitorch import load_manifest
 
 # Two MLPs ("adam", and "sgd" with dropout and Nesterov momentum) over k parallel folds.
@@ -320,7 +320,7 @@ def test_the_best_checkpoint_of_each_fold_is_its_own(tmp_path):
         ("optimizer", "trains every model as a vectorized group, but adam: optimizer RMSprop is not vectorized"),
     ],
 )
-def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, message):
+def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, capsys, change, message):
     if change == "batchnorm":
         (tmp_path / "bn.py").write_text(
             "import torch\n\ndef mlp_bn(hidden=16, batchnorm=True):\n"
@@ -334,7 +334,7 @@ def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, 
         path = write(tmp_path, run={"multi_model": "sequential"})
     else:
         path = write(tmp_path, adam={"optimizer": {"class": "torch.optim:RMSprop"}})
-    done = run_cli("run", str(path), cwd=tmp_path)
+    done = run_cli_here(capsys, "run", str(path), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and ("parallel = false" in lines[0] or "drop one" in lines[0]), lines
@@ -342,16 +342,16 @@ def test_what_parallel_folds_cannot_do_is_refused_in_one_line(tmp_path, change, 
     assert not (tmp_path / "res_m" / "conf.json").exists()  # refused before anything was written
 
 
-def test_parallel_must_be_a_boolean(tmp_path):
+def test_parallel_must_be_a_boolean(tmp_path, capsys):
     path = write(tmp_path, parallel="yes")
-    done = run_cli("validate", str(path), cwd=tmp_path)
+    done = run_cli_here(capsys, "validate", str(path), cwd=tmp_path)
     assert done.returncode == 2 and "plugins.kfold.parallel" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_switching_parallel_on_resume_is_refused(tmp_path):
+def test_switching_parallel_on_resume_is_refused(tmp_path, capsys):
     path = write(tmp_path, epochs=1)
     run(path)
-    done = run_cli("run", str(path), "--resume", "--set", "plugins.kfold.parallel=false", "--set", "run.epochs=2", cwd=tmp_path)
+    done = run_cli_here(capsys, "run", str(path), "--resume", "--set", "plugins.kfold.parallel=false", "--set", "run.epochs=2", cwd=tmp_path)
     assert done.returncode == 2
     assert "plugins.kfold.parallel changed (True -> False)" in done.stderr, done.stderr
 
@@ -425,10 +425,10 @@ def test_a_diverging_member_stops_alone_and_names_its_fold(tmp_path):
     assert np.mean([f["accuracy"] for f in results["adam"]]) > 60.0
 
 
-def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp_path):
+def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp_path, capsys):
     (tmp_path / "odd.py").write_text("import torch\n\ndef pairs():\n    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Unflatten(1, (10, 2)))\n")
     path = write(tmp_path, adam={"model": "odd.py:pairs", "params": None})
-    done = run_cli("run", str(path), cwd=tmp_path)
+    done = run_cli_here(capsys, "run", str(path), cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     # the dry run before training (validate's too) takes each model on its own, on four samples
@@ -437,7 +437,7 @@ def test_a_model_whose_output_does_not_fit_fails_in_one_line_before_training(tmp
         "size [4, 2], got [4]; check that the model's output size matches num_classes and that labels lie in "
         "[0, num_classes)"
     ]
-    checked = run_cli("validate", str(path), cwd=tmp_path)
+    checked = run_cli_here(capsys, "validate", str(path), cwd=tmp_path)
     assert (checked.returncode, checked.stderr) == (1, done.stderr)
 
 
