@@ -40,10 +40,16 @@ RANK_KILLER = """\
 import os, signal
 from izitorch import hookimpl
 
+sent = []
+
 @hookimpl
 def izitorch_batch_finish(run, fold, step, losses):
-    if os.environ.get("RANK") == os.environ.get("KILL_RANK") and fold.epoch == 2 and step == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("RANK") == os.environ.get("KILL_RANK") and fold.epoch == 2 and step == 2 and not sent:
+        sent.append(True)
+        if os.environ.get("KILL_HOW") == "launcher":  # SIGTERM to torchrun, which passes it to every rank
+            os.kill(os.getppid(), signal.SIGTERM)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 """
 
 # "a" and "b" share an architecture (one vectorized group), "c" trains alone: 2 stacks x 2 folds
@@ -192,6 +198,23 @@ def test_a_killed_rank_then_resume_with_another_world_size_gives_the_uninterrupt
     # resumed under torchrun with one process instead of two
     become_the_only_rank(monkeypatch)
     code, out, err = cli(capsys, "run", manifest, "--resume")
+    assert code == 0, err
+    assert_same_models(tmp_path / "res", reference)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_which_saves_and_resumes(tmp_path, reference, capsys, monkeypatch):
+    (tmp_path / "records").mkdir()
+    manifest = spread_manifest(tmp_path, "killer.py")
+    stopped = torchrun(manifest, env={"RANK_RECORD": str(tmp_path / "records"), "KILL_RANK": "1", "KILL_HOW": "launcher"})
+    assert stopped.returncode != 0
+    # rank 1 stopped after its step and said so; rank 0 too, or it saw rank 1 go once its share was done
+    assert "izitorch: error: rank 1: interrupted by SIGTERM; every finished epoch is saved" in stopped.stderr, stopped.stderr[-3000:]
+    assert "izitorch: error: interrupted by SIGTERM" in stopped.stderr or "izitorch: error: another rank stopped" in stopped.stderr
+    assert "torchrun --nproc_per_node=<N> -m izitorch run" in stopped.stderr
+    assert not (tmp_path / "res" / "results.json").exists()
+    monkeypatch.setenv("RANK_RECORD", str(tmp_path / "records"))
+    become_the_only_rank(monkeypatch)
+    code, _, err = cli(capsys, "run", manifest, "--resume")
     assert code == 0, err
     assert_same_models(tmp_path / "res", reference)
 
