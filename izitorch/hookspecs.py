@@ -104,8 +104,8 @@ def izitorch_run_folds(run: "Run", resuming: bool) -> "dict[str, list[dict]] | N
     ``rdm_seed + fold`` (``izitorch.reproducibility.seed_everything``), loaders made, then
     ``izitorch_run_fold(run, fold)``; with ``resuming``, finished folds are read from their saved
     state instead. Under torchrun with ``distributed = "models"`` it trains this rank's units
-    (``izitorch.spread``): each a fold of its own holding one stack's models. ``[plugins.kfold] parallel = true`` answers it by training all folds at once
-    as one cohort (``izitorch.parallel``) with the same fold protocol (``izitorch.loop.train``),
+    (``izitorch.spread``): each a fold of its own holding one stack's models. ``[plugins.kfold]
+    parallel = true`` answers it by training all folds at once as one cohort (``izitorch.parallel``) with the same fold protocol (``izitorch.loop.train``),
     which calls the per-fold hooks below in fold order.
     """
 

@@ -54,19 +54,7 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
             null = guards.enter_context(open(os.devnull, "w"))
             guards.enter_context(contextlib.redirect_stdout(null))
             guards.enter_context(contextlib.redirect_stderr(null))
-        prepared: list[ownership.Ledger] = []
-
-        def take_res_dir() -> tuple[bool, str]:  # rank 0 alone: the folder checked, locked and prepared
-            check_res_dir(res_dir, config)
-            guards.enter_context(res_dir_lock(res_dir))
-            ledger, resuming = prepare_res_dir(res_dir, config)
-            prepared.append(ledger)
-            return resuming, distributed.lock_text(res_dir)
-
-        resuming, lock = distributed.main_first(ranks, take_res_dir)
-        if not prepared:  # another rank: it writes into the folder rank 0 prepared, which it must see
-            distributed.check_shared_res_dir(res_dir, lock, ranks)
-        ledger = prepared[0] if prepared else ownership.Ledger(res_dir)
+        ledger, resuming = take_res_dir(res_dir, config, ranks, guards)
         guards.enter_context(stop_on_signals(flag))
         guards.enter_context(deterministic_algorithms(config.run.deterministic))
         guards.enter_context(background_writes(config.run.background_writes, config.run.flush_interval))
@@ -82,6 +70,26 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
     if resuming and ranks.main:  # every file is on disk now
         report_missing(ledger)
     return results
+
+
+def take_res_dir(res_dir: Path, config: Config, ranks: distributed.Ranks, guards: contextlib.ExitStack) -> tuple[ownership.Ledger, bool]:
+    """Rank 0 (or the only process) checks ``res_dir``, takes its lock until ``guards`` closes and
+    prepares it; every other rank then checks that it sees that same folder. Return this
+    process's ledger of the run's files and whether the run resumes."""
+    prepared: list[ownership.Ledger] = []
+
+    def prepare() -> tuple[bool, str]:
+        check_res_dir(res_dir, config)
+        guards.enter_context(res_dir_lock(res_dir))
+        ledger, resuming = prepare_res_dir(res_dir, config)
+        prepared.append(ledger)
+        return resuming, distributed.lock_text(res_dir)
+
+    resuming, lock = distributed.main_first(ranks, prepare)
+    if prepared:
+        return prepared[0], resuming
+    distributed.check_shared_res_dir(res_dir, lock, ranks)  # it writes its models' files there
+    return ownership.Ledger(res_dir), resuming
 
 
 def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:

@@ -108,7 +108,7 @@ def run_share(run: Run, resuming: bool) -> dict[str, list[dict]]:
         if resume.needs_training(saved, run.config.run.epochs):
             fold = cohorts.sequential(run, unit.fold, saved, stacks=[run.stacks[unit.stack]], state_path=path).folds[0]
             run.hook.izitorch_run_fold(run=run, fold=fold)
-    flush()  # the other ranks' rank 0 reads these states from disk
+    flush()  # rank 0 reads every rank's final states from disk
     distributed.wait_for_everyone(run.ranks, run.stop_flag)
     return gathered_results(run) if run.ranks.main else {}
 
@@ -116,12 +116,11 @@ def run_share(run: Run, resuming: bool) -> dict[str, list[dict]]:
 def gathered_results(run: Run) -> dict[str, list[dict]]:
     """Every model's final test scores, fold by fold, read from the units' final states."""
     results: dict[str, list[dict]] = {slot.name: [] for slot in run.slots}
-    for fold in range(len(run.splits)):
-        for stack in range(len(run.stacks)):
-            unit = Unit(fold, stack)
-            state = resume.load_file(run, state_path(run.res_dir, unit), device="cpu")
-            if state is None or not state["final"]:
-                raise IzitorchError(f"{state_path(run.res_dir, unit)} holds no finished fold; resume the run with --resume")
-            for name, scores in resume.final_scores(state["folds"][0]).items():
-                results[name].append(scores)
+    for unit in units(run):  # fold by fold: each model's list is in fold order
+        path = state_path(run.res_dir, unit)
+        state = resume.load_file(run, path, device="cpu")
+        if state is None or not state["final"]:
+            raise IzitorchError(f"{path} holds no finished fold; resume the run with --resume")
+        for name, scores in resume.final_scores(state["folds"][0]).items():
+            results[name].append(scores)
     return results

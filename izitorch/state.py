@@ -113,8 +113,9 @@ class Scores:
 
     epoch: int
     values: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
-    #: The learning rate each trained model's epoch started with (its first parameter group's,
-    #: as the first optimizer step of the epoch used it; a per-step scheduler moves it after).
+    #: The learning rate each model that trained this epoch started it with (its first parameter
+    #: group's, as the epoch's first optimizer step used it; a per-step scheduler moves it after):
+    #: exactly the models with ``train`` scores.
     lrs: dict[str, float] = attrs.field(factory=dict)
 
     def add(self, phase: str, per_slot: dict[str, dict[str, Any]]) -> None:

@@ -64,7 +64,7 @@ class CsvLogPlugin:
                 for metric, value in values.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         lines.append(_line(slot.name, fold.index + 1, epoch, phase, metric, value))
-            if "train" in phases and slot.name in scores.lrs:
+            if slot.name in scores.lrs:
                 lines.append(_line(slot.name, fold.index + 1, epoch, "train", "lr", scores.lrs[slot.name]))
         every = {**self.earlier, **self.rows}
         text = _line(*HEADER) + "".join(line for index in sorted(every) for line in every[index])

@@ -256,7 +256,7 @@ class MlflowPlugin:
         for slot in fold.slots:
             phases = scores[slot.name] if slot.name in scores.values else {}
             values = flatten(phases)
-            if "train" in phases and slot.name in scores.lrs:
+            if slot.name in scores.lrs:
                 values["lr"] = scores.lrs[slot.name]
             if values:
                 self._log(self._fold_run(run, slot, fold), values, step=epoch)

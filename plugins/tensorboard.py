@@ -95,7 +95,7 @@ class TensorBoardPlugin:
                 for metric, value in metrics.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)
             }
-            if "train" in phases and slot.name in scores.lrs:
+            if slot.name in scores.lrs:
                 values["lr"] = scores.lrs[slot.name]
             writer.file_writer.add_summary(scalars(values), epoch)
             writer.flush()  # on disk before the epoch's resume state

@@ -107,7 +107,7 @@ class TrainlogPlugin:
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         for slot in fold.slots:
             entry = flatten(scores[slot.name])
-            if "train" in scores[slot.name] and slot.name in scores.lrs:
+            if slot.name in scores.lrs:
                 entry["lr"] = scores.lrs[slot.name]
             if slot.stopped:
                 entry["stopped"] = slot.stopped
