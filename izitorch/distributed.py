@@ -69,7 +69,7 @@ def rank_label() -> str:
     """``"rank N: "`` in a torchrun worker other than rank 0 (its error lines then say whose they
     are, as torchrun mixes every worker's output), else nothing."""
     rank = os.environ.get("RANK", "0") if launched_by_torchrun() else "0"
-    return "" if rank == "0" else f"rank {rank}: "
+    return f"rank {rank}: " if rank.isdigit() and int(rank) else ""
 
 
 def from_environment() -> Ranks:

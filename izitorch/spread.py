@@ -26,7 +26,7 @@ import attrs
 
 from izitorch import cohort as cohorts
 from izitorch import distributed, resume
-from izitorch.errors import IzitorchError
+from izitorch.errors import IzitorchError, TrainingError
 from izitorch.io import flush
 from izitorch.ownership import STATE_DIR
 from izitorch.state import Run
@@ -120,7 +120,7 @@ def gathered_results(run: Run) -> dict[str, list[dict]]:
         path = state_path(run.res_dir, unit)
         state = resume.load_file(run, path, device="cpu")
         if state is None or not state["final"]:
-            raise IzitorchError(f"{path} holds no finished fold; resume the run with --resume")
+            raise TrainingError(f"{path} holds no finished fold although every rank finished its share; resume the run with --resume")
         for name, scores in resume.final_scores(state["folds"][0]).items():
             results[name].append(scores)
     return results

@@ -269,6 +269,30 @@ def test_an_error_line_of_a_rank_other_than_0_names_the_rank(tmp_path, capsys, m
         assert message.startswith("rank 1: ") == (rank == "1"), message
 
 
+def test_a_rank_that_is_not_a_number_is_one_line_without_a_rank_label(tmp_path, capsys, monkeypatch):
+    for name, value in {"RANK": "abc", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = cli(capsys, "run", make_manifest(tmp_path))
+    message = error_of(err)
+    assert code == 2 and message.endswith("RANK, WORLD_SIZE and LOCAL_RANK must be integers: launch with torchrun, which sets them"), message
+    assert not message.startswith("rank "), message
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_unit_that_left_no_final_state_fails_the_end_of_the_run_in_one_line(tmp_path, capsys, one_rank):
+    """A plugin that answers izitorch_run_fold for fold 2 without training it: rank 0 finds no
+    finished state for that unit when it gathers the results, a failure of training (exit 1)."""
+    (tmp_path / "skip.py").write_text(
+        "from izitorch import hookimpl\n\n@hookimpl(tryfirst=True)\ndef izitorch_run_fold(run, fold):\n    return {} if fold.index == 1 else None\n"
+    )
+    manifest = make_manifest(tmp_path, run={"epochs": 1}, plugins={"enable": ["skip.py"], "kfold": {"k": 2}})
+    code, _, err = cli(capsys, "run", manifest)
+    message = error_of(err.splitlines()[-1])  # after rank 0's line on how the run is spread
+    assert "Traceback" not in err
+    assert code == 1 and "fold_2.stack_1.pth.tar holds no finished fold" in message and "--resume" in message, message
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
 def test_a_rank_that_does_not_see_rank_0s_res_dir_is_refused(tmp_path):
     """On a node without the shared file system, res_dir is another folder: its lock is not rank 0's."""
     res_dir = tmp_path / "res"
