@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import attrs
 import torch
 
-from izitorch import precision, resume
+from izitorch import precision, resume, sharding
 from izitorch.data import loading_error, make_loaders, to_device
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.reproducibility import seed_everything
@@ -136,6 +136,8 @@ def batches(run: Run, cohort: Cohort, phase: str) -> Iterator[tuple[Any, torch.T
     device, non_blocking = run.device, run.device.type == "cuda"
     loader = cohort.loaders[phase]
     move = not getattr(loader, "on_device", False)
+    if phase == "train":
+        sharding.set_epoch(loader, cohort.folds[0].epoch)
     for batch in read(loader, lambda error: loading_error(run.config, error, f"the {phase} set{_where(cohort)}")):
         if move:
             batch = to_device(batch, device, non_blocking)

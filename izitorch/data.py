@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler, Subset, WeightedRandomSampler
 
-from izitorch import schedules
+from izitorch import schedules, sharding
 from izitorch.config import BALANCED, GIVEN_SPLITS, ComponentSpec, Config, ModelSpec
 from izitorch.errors import IzitorchError, ManifestError, TrainingError, describe, error_text, first_line, join_path
 from izitorch.kinds import built_mismatch, class_mismatch
@@ -408,7 +408,8 @@ def make_loader(run: Run, indices, seed: int, training: bool, with_rows: bool = 
     In-memory ``TensorDataset`` objects take the :class:`TensorBatchLoader` fast path unless a
     ``collate_fn`` makes the batches; any other dataset goes through a ``DataLoader`` (workers,
     pinned memory). ``with_rows`` adds each sample's dataset index as a third element of the
-    batch (parallel folds mask by it).
+    batch (parallel folds mask by it). Under ``distributed = "data"``, this rank's shard
+    (:mod:`izitorch.sharding`).
     """
     cfg, data = run.config.run, run.config.data
     # The sampler owns its generator, so the batch order does not depend on num_workers. The
@@ -418,8 +419,13 @@ def make_loader(run: Run, indices, seed: int, training: bool, with_rows: bool = 
     # new workers could not pick them up; restarted each epoch, they draw from the loader's
     # generator, whose state the resume state carries, so a resumed run draws the same numbers.
     dataset = Guarded(run.dataset)  # a failing sample is reported with its index, from a worker too
+    sharded = sharding.active(run.ranks)
+    if sharded and not training:
+        indices = sharding.eval_share(indices, run.ranks)
     subset = Subset(WithRows(dataset) if with_rows else dataset, indices.tolist())
     sampler = training_sampler(run, indices, subset, seed) if training else None
+    if sharded and training:
+        sampler = sharding.train_sampler(subset, sampler, seed, cfg.shuffle, run.ranks)
     generator = torch.Generator().manual_seed(seed)
     batch_size = cfg.batch_size if training else data.eval_batch_size or cfg.batch_size
     drop_last = training and data.drop_last

@@ -4,14 +4,16 @@
 ``LOCAL_RANK``, ``WORLD_SIZE`` and a rendezvous (``MASTER_ADDR``/``MASTER_PORT``, or torchrun's
 ``--rdzv_*`` flags across nodes) in their environment. Each process joins PyTorch's process
 group (``nccl`` on CUDA, ``gloo`` on the CPU), takes the GPU of its ``LOCAL_RANK`` and trains its
-share of the run (:mod:`izitorch.spread` for ``[run] distributed = "models"``). Rank 0 alone
+share of the run (:mod:`izitorch.spread` for ``[run] distributed = "models"``, every model on its
+shard of the data for ``"data"``, :mod:`izitorch.sharding`). Rank 0 alone
 holds ``res_dir``'s lock, prepares the folder, prints the console and writes the run-level
 files; the others write their models' files beside it, so ``res_dir`` must be on a file system
 every rank sees (one machine, or a shared file system across nodes).
 
 Coordination goes through a ``gloo`` group of its own (CPU objects, polled while waiting so that
 a signal still stops a rank that waits for the others): once after rank 0 prepared ``res_dir``,
-once when every rank has finished its share. Training itself does not communicate.
+once when every rank has finished its share. Under ``"models"`` training itself does not
+communicate; under ``"data"`` every step does, in a group of its own (:mod:`izitorch.sharding`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Ranks:
     local_rank: int = 0
     strategy: str | None = None  # under torchrun: "auto" until the run knows its units, then "models" or "data"
     group: Any = attrs.field(default=None, eq=False, repr=False)  # the gloo group the ranks meet in
+    steps: Any = attrs.field(default=None, eq=False, repr=False)  # distributed = "data": the group training steps communicate in
 
     @property
     def main(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from izitorch import precision, schedules
+from izitorch import precision, schedules, sharding
 from izitorch.diagnose import hint, what
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.metrics import compute_all, meters_for, update_all
@@ -73,6 +73,8 @@ class StackPass:
         self.sharing = max(1, sum(self.active))
         self.schedulers = schedules.per_step(stack.members) if train else None  # those stepping with the optimizer
         self.step = 0
+        self.ranks = run.ranks if sharding.active(run.ranks) else None  # data-parallel: what the ranks must agree on
+        self.stop_agreed: int | None = None  # data-parallel: the signal some rank had by this step
 
     def _train(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
         self.step += 1
@@ -124,6 +126,8 @@ class StackPass:
         """``izitorch_before_optimizer_step`` for each member that steps, then the update (fp16:
         on unscaled gradients, skipped when they overflowed, as ``GradScaler.step`` does).
         Return whether the update took place."""
+        if self.ranks is not None:
+            self.stack.reduce_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.scaled)
         if self.by_count:
@@ -154,7 +158,10 @@ class StackPass:
     def _guard(self, losses: torch.Tensor, mask: torch.Tensor | None) -> list[bool]:
         """Which members step on this batch: active ones with a finite loss (``nan_policy``)
         and, with sample masks, at least one sample of their own in the batch."""
-        if mask is None:
+        if self.ranks is not None:  # every rank decides on the same numbers, and stops at the same step
+            values, self.stop_agreed = sharding.agree(losses, self.run.stop_flag, self.ranks)
+            counts = None  # no sample masks: parallel folds do not run under torchrun
+        elif mask is None:
             values, counts = losses.tolist(), None  # the one per-step synchronisation
         else:  # both read back in one transfer
             values, counts = torch.stack([losses.detach().double(), mask.sum(1).double()]).tolist()
@@ -207,6 +214,10 @@ class StackPass:
         train = self.phase == "train"
         results = {}
         recorded = self.record.compute() if self.record is not None else [{}] * len(self.stack.members)
+        if self.ranks is not None:  # every rank's samples, counted once
+            sharding.merge_meters(self.meters, self.ranks, self.run.device, self.run.stop_flag)
+            if self.record is not None:
+                recorded = sharding.gather_predictions(recorded, self.ranks, self.run.stop_flag)
         own = {"train_time" if train else "eval_time": self.seconds / self.sharing} if self.run.device.type == "cpu" else {}
         for k, (slot, values) in enumerate(zip(self.stack.members, compute_all(self.meters, len(self.stack.members)))):
             if slot not in self.fold_of or (train and slot.stopped and not values):
@@ -215,6 +226,16 @@ class StackPass:
             if self.skipped[k]:
                 results[slot]["skipped_batches"] = self.skipped[k]
         return results
+
+
+def agreed_stop(passes: list[StackPass], local: int | None) -> int | None:
+    """The signal to stop on after a batch of data-parallel training: the one the ranks agreed on
+    in the step, so that every rank stops at the same step (``local``, this process's own, when
+    no stack stepped)."""
+    agreeing = [p for p in passes if any(p.active)]
+    if not agreeing:
+        return local
+    return next((p.stop_agreed for p in agreeing if p.stop_agreed is not None), None)
 
 
 class BatchLosses(Mapping):

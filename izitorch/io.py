@@ -63,12 +63,28 @@ def owned_by(ledger: Ledger) -> Iterator[None]:
         _local.ledger = outer
 
 
+@contextlib.contextmanager
+def discarding() -> Iterator[None]:
+    """Inside, this thread writes, claims and removes nothing: every call below returns as if it
+    had (a rank other than 0 under ``distributed = "data"``, which computes what rank 0 writes)."""
+    outer = getattr(_local, "discard", False)
+    _local.discard = True
+    try:
+        yield
+    finally:
+        _local.discard = outer
+
+
+def _discarding() -> bool:
+    return getattr(_local, "discard", False)
+
+
 def claim_folder(path: str | Path) -> Path:
     """Claim the folder ``path`` for the run with everything it will hold, before another library
     (MLflow) writes into it: ``--overwrite`` then removes it whole (:meth:`Ledger.claim_folder`).
     Outside a run (no ledger) nothing is recorded."""
     ledger = getattr(_local, "ledger", None)
-    if ledger is not None:
+    if ledger is not None and not _discarding():
         ledger.claim_folder(path)
     return Path(path)
 
@@ -86,7 +102,7 @@ def claim(path: str | Path, folder: bool = False) -> None:
     not through this module (TensorBoard's event files): before it is created where its name is
     known, else as soon as it exists. Nothing happens outside a run (no ledger)."""
     ledger = getattr(_local, "ledger", None)
-    if ledger is not None:
+    if ledger is not None and not _discarding():
         ledger.claim(path, folder=folder)
 
 
@@ -102,6 +118,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int | None) -> Path:
     """:func:`atomic_write`; ``snapshot_bytes`` (not None: what ``write`` writes never changes,
     about that many bytes) lets a run that holds its files call ``write`` at the flush."""
+    if _discarding():
+        return path
     ledger = getattr(_local, "ledger", None)
     files = _files()
     if ledger is not None:
@@ -179,6 +197,8 @@ def remove(path: str | Path) -> None:
     is written, then deleted). Only a file recorded in the run's ledger (:mod:`izitorch.ownership`)
     may be deleted: izitorch removes nothing it did not write."""
     path = Path(path)
+    if _discarding():
+        return
     ledger = getattr(_local, "ledger", None)
     if ledger is None or not ledger.recorded(path):
         raise IzitorchError(f"refusing to delete {path}: this run did not write it, and izitorch deletes only its own files")

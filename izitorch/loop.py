@@ -9,15 +9,14 @@ optional (checkpoints, logs, early stopping, clipping, progress bars) hooks in f
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any, Iterator
 
 import torch
 
 from izitorch import cohort as cohorts
-from izitorch import resume, schedules, spread
-from izitorch.engine import BatchLosses, StackPass
+from izitorch import resume, schedules, sharding, spread
+from izitorch.engine import BatchLosses, StackPass, agreed_stop
 from izitorch.guard import Interrupted
 from izitorch.selection import note_epoch
 from izitorch.hookspecs import hookimpl
@@ -55,7 +54,7 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
     """
     hook, epochs, folds = run.hook, run.config.run.epochs, cohort.folds
     # every fold's batches, so that the first fold already refuses what a later one would meet
-    batches = max([len(cohort.loaders["train"])] + [math.ceil(len(split.train) / run.config.run.batch_size) for split in run.splits])
+    batches = max([len(cohort.loaders["train"])] + [sharding.batches_per_rank(len(split.train), run) for split in run.splits])
     schedules.check_total_steps(cohort.slots, batches, run.config.run.accumulate, epochs, run.config.models)
     for fold in folds:
         hook.izitorch_fold_start(run=run, fold=fold)
@@ -154,6 +153,7 @@ def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold], 
     for stack in cohort.stacks:
         stack.train(train)
     stop_flag, steps = run.stop_flag, 0
+    agreeing = train and sharding.active(run.ranks)  # data-parallel: the ranks stop at the same step
     start = time.perf_counter()
     with torch.set_grad_enabled(train):
         for steps, (inputs, target, rows) in enumerate(cohorts.batches(run, cohort, phase), 1):
@@ -170,8 +170,10 @@ def epoch_pass(run: Run, cohort: cohorts.Cohort, phase: str, folds: list[Fold], 
                 for fold in folds:
                     losses = BatchLosses({slot.name: where[slot] for slot in fold.slots if slot in where})
                     batch_finish(run=run, fold=fold, step=steps, losses=losses)
-            if stop_flag is not None and stop_flag.signum is not None:
-                raise Interrupted(stop_flag.signum, "interrupted")
+            if stop_flag is not None:
+                signum = agreed_stop(stacks, stop_flag.signum) if agreeing else stop_flag.signum
+                if signum is not None:
+                    raise Interrupted(signum, "interrupted")
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     per_step = (time.perf_counter() - start) / max(steps, 1)

@@ -56,6 +56,23 @@ class RegressionMeter:
         self.sums = sums if self.sums is None else self.sums + sums
         self.count = self.count + count
 
+    def merge(self, other: "RegressionMeter") -> None:
+        """Count what ``other`` (the same members' meter on another rank) counted. Its target
+        sums are centred on its own first batch: moved to this meter's centre first (with ``d``
+        the shift, ``sum(t + d) = sum(t) + n d`` and ``sum((t + d)^2) = sum(t^2) + 2 d sum(t) + n d^2``)."""
+        self.applies = self.applies and other.applies
+        if other.sums is None:
+            return
+        if self.sums is None:
+            self.sums, self.count, self.center = other.sums, other.count, other.center
+            return
+        shift = (other.center - self.center).to(other.sums.dtype)  # [D]
+        count = other.count.to(other.sums.dtype) if isinstance(other.count, torch.Tensor) else other.count  # [K, 1] or a number
+        absolute, squared, total, total_squares = other.sums.unbind(1)  # each [K, D]
+        moved = torch.stack([absolute, squared, total + count * shift, total_squares + 2 * shift * total + count * shift.square()], 1)
+        self.sums = self.sums + moved
+        self.count = self.count + other.count
+
     def compute(self) -> list[dict[str, Any]]:
         if not self.applies or self.sums is None:
             return [{} for _ in range(self.members)]

@@ -27,6 +27,7 @@ import attrs
 import numpy as np
 import torch
 
+from izitorch import sharding
 from izitorch.config import Config, DataConfig, RunConfig, SchedulerSpec
 from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
@@ -110,6 +111,8 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
         "scalers": [scaler.state_dict() if scaler is not None else None for scaler in cohort.scalers],
         "rng": rng_state(cohort.loaders),
     }
+    if sharding.active(run.ranks):
+        state["data_parallel"] = run.ranks.world  # a resume needs as many ranks (sharding.check_world)
     save_torch(cohort.state_path, state, snapshot=True)
     commit()  # the state is the epoch's last file
 
@@ -158,6 +161,7 @@ def load_file(run: Run, path: Path, device: Any = None) -> dict | None:
     if problem:
         raise IzitorchError(f"the resume state is not one izitorch wrote ({problem}); start over with --overwrite", source=str(path))
     state = _one_layout(state)
+    sharding.check_world(state, run.ranks, run.config.source)
     saved = state["fingerprint"]
     saved = json.loads(saved) if isinstance(saved, str) else saved
     current = {**fingerprint(run.config), **dataset_fingerprint(run.dataset)}

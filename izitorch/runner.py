@@ -18,13 +18,13 @@ from typing import Any
 
 import pluggy
 
-from izitorch import distributed, ensemble, metrics, ownership, resume, spread
+from izitorch import distributed, ensemble, metrics, ownership, resume, sharding, spread
 from izitorch.config import Config
 from izitorch.checks import dry_run
 from izitorch.data import pick_device
 from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
-from izitorch.io import background_writes, owned_by, write_json
+from izitorch.io import background_writes, discarding, owned_by, write_json
 from izitorch.options import check_metric_options
 from izitorch.selection import resolve_selection, warn_test_set_choices
 from izitorch.splits import recorded_splits
@@ -60,13 +60,13 @@ def _run_in_res_dir(config: Config) -> dict[str, list[dict]]:
         guards.enter_context(background_writes(config.run.background_writes, config.run.flush_interval))
         session = Run(config, pm, device, res_dir, plugin_versions=versions, stop_flag=flag, metric_factories=factories, ranks=ranks)
         try:
-            with owned_by(ledger):
-                results = _run(session, resuming)
+            with owned_by(ledger), contextlib.ExitStack() as quiet:
+                results = _run(session, resuming, quiet)
                 if ranks.main:
                     write_json(ownership.finished_path(res_dir), {"finished": datetime.datetime.now().isoformat(timespec="seconds")})
                 session.hook.izitorch_run_teardown(run=session, error=None)  # the training finished even if this fails
         except Interrupted as stop:
-            raise Interrupted(stop.signum, interrupted_message(config, stop, ranks.launched)) from None
+            raise Interrupted(stop.signum, interrupted_message(config, stop, session.ranks)) from None
     if resuming and ranks.main:  # every file is on disk now
         report_missing(ledger)
     return results
@@ -92,16 +92,17 @@ def take_res_dir(res_dir: Path, config: Config, ranks: distributed.Ranks, guards
     return ownership.Ledger(res_dir), resuming
 
 
-def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
+def _run(session: Run, resuming: bool, quiet: contextlib.ExitStack) -> dict[str, list[dict]]:
     config, hook = session.config, session.pm.hook
     session.dataset, session.slots, session.task, session.selection = dry_run(config, session.device, session.metric_factories)
     groups, singles, session.grouping = ensemble.plan(config.run.multi_model, session.slots)
     session.stacks = build_stacks(groups, singles, config.data.num_classes, config.run.compile)
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
-    session.ranks = distributed.resolve_strategy(session.ranks, config.run.distributed, len(spread.units(session)))
+    session.ranks = distributed.resolve_strategy(session.ranks, resumed_strategy(session, resuming), len(spread.units(session)))
     if session.ranks.launched:
         check_distributed(session)
-        session.share = spread.my_share(session)
+        if session.ranks.strategy == "models":
+            session.share = spread.my_share(session)
     if resuming:  # refuse a changed manifest before izitorch_run_start rewrites conf.json and the split
         spread.check_layout(session)
         complete = spread.check_saved(session) if session.share is not None else resume.check(session, len(session.splits))
@@ -109,8 +110,14 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
             say(f'izitorch: the run in "{session.res_dir}" is complete: every fold finished, nothing is trained again', sys.stderr)
         # the same configuration and data: the folds go on with the samples they were given, however a split is drawn today
         session.splits = check_splits(recorded_splits(session.res_dir, session.splits), len(session.dataset))
-    if session.share is not None and session.ranks.main:
+    if session.ranks.launched and session.ranks.main:
         announce_share(session)
+    if sharding.active(session.ranks):
+        session.ranks = sharding.step_group(session.ranks, session.device)
+        for stack in session.stacks:
+            stack.distribute(session.ranks, session.device)
+        if not session.ranks.main:  # it computes what rank 0 writes
+            quiet.enter_context(discarding())
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
     try:
         hook.izitorch_run_start(run=session)
@@ -124,16 +131,21 @@ def _run(session: Run, resuming: bool) -> dict[str, list[dict]]:
     return results
 
 
+def resumed_strategy(session: Run, resuming: bool) -> str:
+    """``[run] distributed``; resuming with ``"auto"``, the strategy the saved run had: spread
+    (its units' states), else data-parallel (the only way a run under torchrun keeps one state
+    per fold: a single-process run is then refused, :func:`izitorch.sharding.check_world`)."""
+    setting = session.config.run.distributed
+    if not (resuming and setting == "auto" and session.ranks.launched):
+        return setting
+    return "models" if spread.saved_layout(session.res_dir) == "models" else "data"
+
+
 def check_distributed(session: Run) -> None:
     """Refuse, in one line, what a run launched by torchrun cannot do yet."""
-    ranks, units = session.ranks, len(spread.units(session))
-    if ranks.strategy == "data":
-        raise ManifestError(
-            f'distributed = "data" (data-parallel training) is not available yet; this run has {units} unit(s) of work (models x folds) '
-            f'for {ranks.world} processes: start at most {units} processes, or use distributed = "models"',
-            "run.distributed",
-            session.config.source,
-        )
+    if sharding.active(session.ranks):
+        with located_in(session.config.source):
+            sharding.check_metrics(session.metric_factories)
     for name, plugin in session.pm.list_name_plugin():
         if getattr(plugin, "izitorch_single_process", False):
             raise ManifestError(
@@ -146,6 +158,14 @@ def check_distributed(session: Run) -> None:
 def announce_share(session: Run) -> None:
     """Rank 0 says how the run is spread, and which processes have nothing to train."""
     world, units = session.ranks.world, len(spread.units(session))
+    if sharding.active(session.ranks):
+        batch = session.config.run.batch_size
+        say(
+            f'izitorch: torchrun, {world} process(es), distributed = "data": every model on each process\'s shard of the data, '
+            f"{world} x batch_size {batch} = {world * batch} samples per step; the console shows rank 0's, with every rank's samples counted",
+            sys.stderr,
+        )
+        return
     say(
         f'izitorch: torchrun, {world} process(es), distributed = "models": {units} unit(s) of work (each stack of models on each fold) '
         "spread by cost; the console shows rank 0's",
@@ -277,11 +297,12 @@ def prepare_res_dir(res_dir: Path, config: Config) -> tuple[ownership.Ledger, bo
     return ledger, False
 
 
-def interrupted_message(config: Config, stop: Interrupted, torchrun: bool = False) -> str:
+def interrupted_message(config: Config, stop: Interrupted, ranks: distributed.Ranks | None = None) -> str:
     name = signal.Signals(stop.signum).name
     how = f"python -m izitorch run {config.source} --resume" if config.source.endswith(".toml") else "run the same script with --resume 1"
-    if torchrun and config.source.endswith(".toml"):
-        how = f"torchrun --nproc_per_node=<N> -m izitorch run {config.source} --resume (any N)"
+    if ranks is not None and ranks.launched and config.source.endswith(".toml"):
+        many = f"{ranks.world} processes in all, as before" if sharding.active(ranks) else "any N"
+        how = f"torchrun --nproc_per_node=<N> -m izitorch run {config.source} --resume ({many})"
     return f"interrupted by {name}; every finished epoch is saved in {config.run.res_dir}. To continue: {how}"
 
 

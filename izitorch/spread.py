@@ -81,13 +81,14 @@ def check_layout(run: Run) -> None:
     saved, spread_now = saved_layout(run.res_dir), run.ranks.strategy == "models"
     if saved == "models" and not spread_now:
         raise IzitorchError(
-            'cannot resume: this run was spread over torchrun\'s processes (distributed = "models"); resume it under torchrun, '
-            "with any number of processes (torchrun --nproc_per_node=1 works too)",
+            'cannot resume: this run was spread over torchrun\'s processes (distributed = "models"); resume it under torchrun with distributed = '
+            '"models" or "auto", with any number of processes (torchrun --nproc_per_node=1 works too)',
             "run.distributed",
         )
     if saved == "one process" and spread_now:
         raise IzitorchError(
-            "cannot resume: this run was trained in one process; resume it without torchrun (a new run may start under torchrun)",
+            'cannot resume: this run was not spread over processes (distributed = "models"); resume it as it ran: without torchrun, '
+            'or with distributed = "data" on as many processes',
             "run.distributed",
         )
 

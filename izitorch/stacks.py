@@ -20,6 +20,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from izitorch import sharding
 from izitorch.compiling import compiled
 from izitorch.diagnose import FIT_CLASSES, GROUP_FAILED, hint, shape, too_few_classes, what
 from izitorch.errors import IzitorchError, TrainingError
@@ -69,6 +70,14 @@ class Stack(Protocol):
 
     def sync_from_members(self) -> None:
         """Take back the members' weights after they were reset or restored one by one."""
+
+    def distribute(self, ranks: Any, device: torch.device) -> None:
+        """Train data-parallel over ``ranks`` from now on (``distributed = "data"``,
+        :mod:`izitorch.sharding`); every rank calls this together."""
+
+    def reduce_grads(self) -> None:
+        """Average the gradients over the ranks before the optimizer step, where the backward
+        pass did not already (data-parallel training only)."""
 
 
 def call_model(slot: Slot, inputs: Any, module: Any = None) -> Any:
@@ -128,12 +137,19 @@ class LoneStack:
         self.output: Any = None
         self.loss: torch.Tensor | None = None
         self.module: Any = slot.model  # what the forward calls: the model, or it compiled
+        self.ranks: Any = None  # distributed = "data": the ranks it trains over
+        self.wrapped: Any = None  # ... and what training calls then: the module in DistributedDataParallel
+        self.training = True
 
     def train(self, mode: bool) -> None:
         self.slot.model.train(mode)
+        self.training = mode
+        if not mode and self.ranks is not None:  # every rank evaluates with rank 0's statistics, as DDP trains
+            sharding.from_rank_0(list(self.slot.model.buffers()), self.ranks)
 
     def forward(self, inputs: Any, active: Sequence[bool] | None = None) -> Any:
-        self.output = call_model(self.slot, inputs, self.module)
+        module = self.wrapped if self.training and self.wrapped is not None else self.module  # evaluation is not in lockstep
+        self.output = call_model(self.slot, inputs, module)
         return self.output.unsqueeze(0) if isinstance(self.output, torch.Tensor) else self.output
 
     def losses(self, outputs: Any, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,6 +188,15 @@ class LoneStack:
     def sync_from_members(self) -> None:
         pass
 
+    def distribute(self, ranks: Any, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ranks = ranks
+        self.wrapped = DistributedDataParallel(self.module, device_ids=[device] if device.type == "cuda" else None, process_group=ranks.steps)
+
+    def reduce_grads(self) -> None:
+        pass  # DistributedDataParallel averaged them during the backward pass
+
 
 class VectorStack:
     """K models of one architecture as one batched model (a :class:`~izitorch.ensemble.VectorGroup`).
@@ -187,9 +212,12 @@ class VectorStack:
         self.members = list(group.slots)
         self.sample_masks = sample_masks or {}
         self.label = f"models {', '.join(dict.fromkeys(group.names))} (vectorized)"
+        self.ranks: Any = None  # distributed = "data": the ranks it trains over
 
     def train(self, mode: bool) -> None:
         self.group.train(mode)
+        if not mode and self.ranks is not None:  # every rank evaluates with rank 0's statistics
+            sharding.from_rank_0(list(self.group.buffers.values()), self.ranks)
 
     def forward(self, inputs: Any, active: Sequence[bool] | None = None) -> torch.Tensor:
         try:
@@ -240,6 +268,14 @@ class VectorStack:
 
     def sync_from_members(self) -> None:
         self.group.sync_from_members()
+
+    def distribute(self, ranks: Any, device: torch.device) -> None:
+        self.ranks = ranks
+
+    def reduce_grads(self) -> None:
+        # the group's gradients are one flat tensor: one all-reduce is DDP's reduction with a single bucket
+        if self.ranks is not None:
+            sharding.average(self.group.flat_grad, self.ranks)
 
 
 def build_stacks(groups: Sequence[Any], singles: Sequence[Slot], classes: int | None, compile: bool = False) -> list[Stack]:

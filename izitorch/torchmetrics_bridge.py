@@ -101,6 +101,8 @@ class TorchMetricMeter:
 
     def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
         self.metrics = [self.metric_class(**self.params) for _ in range(members)]
+        for metric in self.metrics:  # under torchrun izitorch merges the ranks' states itself (merge)
+            metric.sync_on_compute = False
         self.counted = [False] * members
         self.device: torch.device | None = None
 
@@ -116,6 +118,17 @@ class TorchMetricMeter:
             else:
                 continue
             self.counted[k] = True
+
+    def merge(self, other: "TorchMetricMeter") -> None:
+        """Count what ``other`` (the same members' meter on another rank) counted, with
+        torchmetrics' own ``merge_state``."""
+        for k, (theirs, counted) in enumerate(zip(other.metrics, other.counted)):
+            if not counted:
+                continue
+            if self.counted[k]:
+                self.metrics[k].merge_state(theirs)
+            else:
+                self.metrics[k], self.counted[k] = theirs, True
 
     def compute(self) -> list[dict[str, Any]]:
         name = next(iter(self.names))

@@ -68,6 +68,15 @@ class _WeightedSums:
         self.count = self.count + count
         self.values, self.weights = [], []
 
+    def merge(self, other: "_WeightedSums") -> None:
+        """Add ``other``'s sums (another rank's) to these."""
+        self.flush()
+        other.flush()
+        if other.total is None:
+            return
+        self.total = other.total if self.total is None else self.total + other.total
+        self.count = self.count + other.count
+
     def means(self) -> list[float | None] | None:
         """Each member's weighted mean (None for a member with no weight), or None if nothing was added."""
         self.flush()
@@ -123,6 +132,13 @@ class _CellCounts:
         counts = count_cells(index.reshape(-1), self.members * self.cells)
         self.counts = counts if self.counts is None else self.counts + counts
         self.pending, self.pending_elements, self.masked = [], 0, False
+
+    def merge(self, other: "_CellCounts") -> None:
+        """Add ``other``'s counts (another rank's) to these."""
+        self.flush()
+        other.flush()
+        if other.counts is not None:
+            self.counts = other.counts if self.counts is None else self.counts + other.counts
 
     def matrices(self) -> np.ndarray | None:
         """``[K, C, C]`` int64 confusion matrices (rows true), or None if nothing was added."""
@@ -201,6 +217,10 @@ class LossMeter:
     def update(self, outputs: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         self.sums.add(losses, mask.sum(1) if mask is not None else target.shape[0] if target.ndim else 1)
 
+    def merge(self, other: "LossMeter") -> None:
+        """Count what ``other`` (the same members' meter on another rank) counted."""
+        self.sums.merge(other.sums)
+
     def compute(self) -> list[dict[str, Any]]:
         means = self.sums.means()
         if means is None:
@@ -244,6 +264,15 @@ class ConfusionMeter:
             target = target.reshape(-1)
         self.cells.add(predicted, target, mask)
 
+    def merge(self, other: "ConfusionMeter") -> None:
+        """Count what ``other`` (the same members' meter on another rank) counted."""
+        self.applies = self.applies and other.applies
+        if other.cells is not None:
+            if self.cells is None:
+                self.cells = other.cells
+            else:
+                self.cells.merge(other.cells)
+
     def compute(self) -> list[dict[str, Any]]:
         matrices = self.cells.matrices() if self.applies and self.cells is not None else None
         if matrices is None:
@@ -285,6 +314,13 @@ class TopKMeter:
         hits, counted = (hit & keep).reshape(self.members, -1).sum(1), keep.reshape(self.members, -1).sum(1)
         self.hits = hits if self.hits is None else self.hits + hits
         self.counted = counted if self.counted is None else self.counted + counted
+
+    def merge(self, other: "TopKMeter") -> None:
+        """Count what ``other`` (the same members' meter on another rank) counted."""
+        self.applies = self.applies and other.applies
+        if other.hits is not None:
+            self.hits = other.hits if self.hits is None else self.hits + other.hits
+            self.counted = other.counted if self.counted is None else self.counted + other.counted
 
     def compute(self) -> list[dict[str, Any]]:
         if not self.applies or self.hits is None:

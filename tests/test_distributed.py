@@ -225,7 +225,10 @@ def test_a_single_process_run_is_not_resumed_under_torchrun(tmp_path, capsys, mo
     become_the_only_rank(monkeypatch)
     code, _, err = cli(capsys, "run", manifest, "--resume", "--set", "run.epochs=2")
     assert code == 2
-    assert "this run was trained in one process; resume it without torchrun" in error_of(err)
+    assert 'this run was not trained with distributed = "data"; resume it as it ran (without torchrun' in error_of(err)
+    code, _, err = cli(capsys, "run", manifest, "--resume", "--set", 'run.distributed="models"')
+    assert code == 2
+    assert 'this run was not spread over processes (distributed = "models"); resume it as it ran: without torchrun' in error_of(err)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +236,6 @@ def test_a_single_process_run_is_not_resumed_under_torchrun(tmp_path, capsys, mo
     [
         ({"plugins": {"csv": {}}}, "plugins.csv", "the csv plugin writes one log for the whole run"),
         ({"plugins": {"kfold": {"k": 2, "parallel": True}}}, "plugins.kfold.parallel", "set parallel = false"),
-        ({"run": {"distributed": "data"}}, "run.distributed", 'distributed = "data" (data-parallel training) is not available yet'),
     ],
 )
 def test_what_cannot_run_under_torchrun_is_one_line(tmp_path, capsys, one_rank, tables, key, words):
