@@ -52,6 +52,10 @@ def izitorch_register_metrics(register: Callable[[str, Callable[..., Any]], None
       (no ``.item()``, ``.tolist()`` or boolean indexing).
     - ``compute() -> list[dict]`` once per phase: one dict per member (``{}`` when it counted
       nothing), such as ``{"mae": 0.31}``; unnamed non-scalar extras are allowed.
+    - ``merge(other)``, optional: add what ``other`` counted (the same metric's accumulator on
+      another rank, same members) to this one. Under torchrun with ``distributed = "data"``
+      each rank counts its shard and the accumulators are merged before ``compute``; a metric
+      without it is refused for such a run.
 
     A declared value is logged (``trainlog.json``, ``test_metrics.json``, ``results.json``),
     shown by the console and ``izitorch report``, and ``[plugins.checkpoint] metric`` /

@@ -51,6 +51,10 @@ class Metric(Protocol):
         """One dict per member, once per phase (``{"mae": 0.31}``); ``{}`` for a member that
         counted nothing. Non-scalar extras (a confusion matrix) may be added, unnamed."""
 
+    # Optional: ``merge(other)`` adds what ``other`` (the same metric's accumulator on another
+    # rank, for the same members) counted to this one; ``distributed = "data"`` needs it
+    # (:func:`izitorch.sharding.merge_meters`).
+
 
 def registered(hook: Any) -> dict[str, Any]:
     """Every metric factory the plugins register, by name; a factory whose ``names`` is not a

@@ -202,12 +202,14 @@ def gather_predictions(recorded: list[dict[str, Any]], ranks: Ranks, stop_flag: 
     """The final test's per-sample predictions of every rank, back in the test set's order
     (rank ``r`` holds samples ``r, r + world, ...``)."""
     parts = exchange(recorded, ranks, torch.device("cpu"), stop_flag)
+    nothing = {key: torch.empty(0, dtype=torch.long) for key in ("target", "predicted")}  # a rank without test samples
     gathered = []
-    for k, mine in enumerate(recorded):
-        if "predictions" not in mine:
-            gathered.append(mine)
+    for k in range(len(recorded)):
+        found = [part[k].get("predictions") for part in parts]
+        if all(piece is None for piece in found):
+            gathered.append({})
             continue
-        pieces = [part[k]["predictions"] for part in parts]
+        pieces = [nothing if piece is None else piece for piece in found]
         total = sum(len(piece["target"]) for piece in pieces)
         merged = {}
         for key in ("target", "predicted"):

@@ -304,6 +304,23 @@ def test_a_mask_counts_only_its_samples():
     assert member0["accuracy"] == 100.0 and member1["confusion_matrix"].sum() == 0
 
 
+def test_the_readme_metric_merges_another_process_counts():
+    """The README's merge(): a half of the batches in each accumulator (one counted nothing of
+    member 1), merged, gives what one accumulator of both halves gives."""
+    factory = mae_factory()
+    whole, first, second = factory(None, 2), factory(None, 2), factory(None, 2)
+    for meter, batches in ((whole, 2), (first, 1)):
+        meter.update(OUTPUTS, TARGET, torch.zeros(2), MASK)
+        if batches == 2:
+            meter.update(OUTPUTS, TARGET, torch.zeros(2))
+    second.update(OUTPUTS, TARGET, torch.zeros(2))
+    first.merge(second)
+    assert first.compute() == [{"mae": pytest.approx(value["mae"])} for value in whole.compute()]
+    fresh = factory(None, 2)
+    fresh.merge(second)  # an accumulator that counted nothing takes the other's counts
+    assert fresh.compute() == second.compute()
+
+
 class LegacyMAE:
     def __init__(self, num_classes=None):
         self.errors = []
