@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import izitorch
+from izitorch.distributed import Ranks
 from conftest import KILLER, make_manifest, merged, run_cli
 from izitorch.data import TensorBatchLoader, make_loaders
 from izitorch.datasets import digits
@@ -146,6 +147,7 @@ class FakeRun:
     def __init__(self, dataset) -> None:
         self.dataset = dataset
         self.device = torch.device("cuda")
+        self.ranks = Ranks()  # one process
         self.config = izitorch.Config(
             run=izitorch.RunConfig(batch_size=32, rdm_seed=7, pin_memory=True), models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),)
         )

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import izitorch
+from izitorch.distributed import Ranks
 from izitorch.data import TensorBatchLoader, make_loaders
 from izitorch.datasets import digits
 from izitorch.state import Split
@@ -36,6 +37,7 @@ class FakeRun:
     def __init__(self, dataset, batch_size=32, shuffle=True):
         self.dataset = dataset
         self.device = torch.device("cpu")
+        self.ranks = Ranks()  # one process
         self.config = izitorch.Config(
             run=izitorch.RunConfig(batch_size=batch_size, shuffle=shuffle, rdm_seed=7), models=(izitorch.ModelSpec(name="m", model="izitorch.models:MLP"),)
         )

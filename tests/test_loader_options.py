@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 import izitorch
+from izitorch.distributed import Ranks
 from test_data import PerSample
 from izitorch import cli
 from izitorch.data import TensorBatchLoader, make_loaders
@@ -33,6 +34,7 @@ class FakeRun:
     def __init__(self, dataset, **data):
         self.dataset = dataset
         self.device = torch.device("cpu")
+        self.ranks = Ranks()  # one process
         self.config = izitorch.Config(
             run=izitorch.RunConfig(batch_size=32, rdm_seed=7),
             data=izitorch.DataConfig(**data),
