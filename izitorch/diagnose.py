@@ -57,10 +57,16 @@ def what(error: BaseException) -> str:
 
 
 def hint(error: BaseException) -> str:
-    """The way out of the failures that have one whatever the model: memory, determinism."""
+    """The way out of the failures that have one whatever the model: memory, determinism, a
+    parameter that data-parallel training never sees used."""
     text = str(error).lower()
     if "out of memory" in text or "can't allocate memory" in text:
         return "; out of memory: lower batch_size, or train fewer or smaller models at once"
     if "deterministic" in text and "use_deterministic_algorithms" in text:
         return "; this operation has no deterministic algorithm: set deterministic = false in [run]"
+    if "expected to have finished reduction in the prior iteration" in text:
+        return (
+            '; under distributed = "data" every trainable parameter of a model must take part in its loss (DistributedDataParallel): '
+            "freeze the unused ones (requires_grad = False) or remove them"
+        )
     return ""

@@ -52,6 +52,7 @@ class Ranks:
     strategy: str | None = None  # under torchrun: "auto" until the run knows its units, then "models" or "data"
     group: Any = attrs.field(default=None, eq=False, repr=False)  # the gloo group the ranks meet in
     steps: Any = attrs.field(default=None, eq=False, repr=False)  # distributed = "data": the group training steps communicate in
+    objects: Any = attrs.field(default=None, eq=False, repr=False)  # ... and the gloo group they exchange objects in (metrics, decisions)
 
     @property
     def main(self) -> bool:
@@ -190,6 +191,26 @@ def wait_for_everyone(ranks: Ranks, stop_flag: Any) -> None:
         raise TrainingError(
             "another rank stopped before it finished its share (torchrun's summary names it); every finished epoch is saved: run again with --resume"
         ) from None
+
+
+def check_same_run(ranks: Ranks, parts: dict[str, str]) -> None:
+    """Refuse, on every rank at once, a run that some rank built otherwise than rank 0 (another
+    manifest, other data, a split drawn without a seed): its models would train on other samples
+    than the ones rank 0 records, or its steps would not match rank 0's. ``parts`` describes what
+    this rank built (a fingerprint per part, the same text for the same run)."""
+    if not ranks.launched:
+        return
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * ranks.world
+    dist.all_gather_object(every, parts, group=ranks.group)
+    for rank, theirs in enumerate(every):
+        differs = next((name for name, value in every[0].items() if theirs.get(name) != value), None)
+        if differs is not None:
+            raise IzitorchError(
+                f"rank {rank} built another run than rank 0 ({differs} differs): every process must read the same manifest, data and code; "
+                "on several nodes, check that each node has the same copy"
+            )
 
 
 def resolve_strategy(ranks: Ranks, setting: str, units: int) -> Ranks:

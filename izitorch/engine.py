@@ -75,6 +75,7 @@ class StackPass:
         self.step = 0
         self.ranks = run.ranks if sharding.active(run.ranks) else None  # data-parallel: what the ranks must agree on
         self.stop_agreed: int | None = None  # data-parallel: the signal some rank had by this step
+        self.agreed_at = 0  # ... and the step that agreed on it
 
     def _train(self, inputs: Any, target: torch.Tensor, rows: torch.Tensor | None) -> None:
         self.step += 1
@@ -160,6 +161,7 @@ class StackPass:
         and, with sample masks, at least one sample of their own in the batch."""
         if self.ranks is not None:  # every rank decides on the same numbers, and stops at the same step
             values, self.stop_agreed = sharding.agree(losses, self.run.stop_flag, self.ranks)
+            self.agreed_at = self.step
             counts = None  # no sample masks: parallel folds do not run under torchrun
         elif mask is None:
             values, counts = losses.tolist(), None  # the one per-step synchronisation
@@ -232,7 +234,7 @@ def agreed_stop(passes: list[StackPass], local: int | None) -> int | None:
     """The signal to stop on after a batch of data-parallel training: the one the ranks agreed on
     in the step, so that every rank stops at the same step (``local``, this process's own, when
     no stack stepped)."""
-    agreeing = [p for p in passes if any(p.active)]
+    agreeing = [p for p in passes if p.agreed_at == p.step]
     if not agreeing:
         return local
     return next((p.stop_agreed for p in agreeing if p.stop_agreed is not None), None)

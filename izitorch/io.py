@@ -75,7 +75,9 @@ def discarding() -> Iterator[None]:
         _local.discard = outer
 
 
-def _discarding() -> bool:
+def discarding_now() -> bool:
+    """Whether this thread's writes are dropped (:func:`discarding`): a file worth building only
+    to be written can be skipped."""
     return getattr(_local, "discard", False)
 
 
@@ -84,7 +86,7 @@ def claim_folder(path: str | Path) -> Path:
     (MLflow) writes into it: ``--overwrite`` then removes it whole (:meth:`Ledger.claim_folder`).
     Outside a run (no ledger) nothing is recorded."""
     ledger = getattr(_local, "ledger", None)
-    if ledger is not None and not _discarding():
+    if ledger is not None and not discarding_now():
         ledger.claim_folder(path)
     return Path(path)
 
@@ -102,7 +104,7 @@ def claim(path: str | Path, folder: bool = False) -> None:
     not through this module (TensorBoard's event files): before it is created where its name is
     known, else as soon as it exists. Nothing happens outside a run (no ledger)."""
     ledger = getattr(_local, "ledger", None)
-    if ledger is not None and not _discarding():
+    if ledger is not None and not discarding_now():
         ledger.claim(path, folder=folder)
 
 
@@ -118,7 +120,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int | None) -> Path:
     """:func:`atomic_write`; ``snapshot_bytes`` (not None: what ``write`` writes never changes,
     about that many bytes) lets a run that holds its files call ``write`` at the flush."""
-    if _discarding():
+    if discarding_now():
         return path
     ledger = getattr(_local, "ledger", None)
     files = _files()
@@ -197,7 +199,7 @@ def remove(path: str | Path) -> None:
     is written, then deleted). Only a file recorded in the run's ledger (:mod:`izitorch.ownership`)
     may be deleted: izitorch removes nothing it did not write."""
     path = Path(path)
-    if _discarding():
+    if discarding_now():
         return
     ledger = getattr(_local, "ledger", None)
     if ledger is None or not ledger.recorded(path):

@@ -62,6 +62,8 @@ def train(run: Run, cohort: cohorts.Cohort) -> list[dict[str, dict]]:
     first = resume.restore(run, cohort, cohort.saved) if cohort.saved else 1
     for stack in cohort.stacks:
         stack.sync_from_members()  # the members were reset or restored behind the stack's back
+    if sharding.active(run.ranks):
+        sharding.from_rank_0_weights(cohort.stacks, run.ranks)
     for epoch in range(first, epochs + 1):
         running = [fold for fold in folds if not fold.stop_reason]
         if not running:
@@ -117,6 +119,8 @@ def finish_epoch(run: Run, cohort: cohorts.Cohort, fold: Fold, epoch: int, passe
         fold.stop_reason = run.hook.izitorch_should_stop(run=run, fold=fold, epoch=epoch, scores=scores)
     if not fold.stop_reason and all(slot.stopped for slot in fold.slots):
         fold.stop_reason = f"every model stopped (epoch {epoch})"
+    if sharding.active(run.ranks):
+        sharding.follow_rank_0(fold, run.ranks, run.stop_flag)
 
 
 @contextlib.contextmanager

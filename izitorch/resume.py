@@ -31,7 +31,7 @@ from izitorch import sharding
 from izitorch.config import Config, DataConfig, RunConfig, SchedulerSpec
 from izitorch.data import dataset_labels
 from izitorch.errors import IzitorchError, ManifestError, describe, error_text, join_path
-from izitorch.io import commit, save_torch
+from izitorch.io import commit, discarding_now, save_torch
 from izitorch.ownership import STATE_DIR
 from izitorch.state import Run, deep_equal, standalone
 
@@ -89,6 +89,8 @@ def save(run: Run, cohort: Any, epoch: int, final: bool = False) -> None:
     (``slot_state``, the stacks' ``state_dict``, the generators' states) and its other values
     immutable, or copied here: the plugins' states (a plugin may keep mutating what it
     returned) and the final scores (numpy arrays the fold keeps)."""
+    if discarding_now():  # a rank other than 0 under distributed = "data": rank 0 saves
+        return
     vectorized = {slot for stack in cohort.stacks if stack.vectorized for slot in stack.members}
     state = {
         "format": FORMAT,

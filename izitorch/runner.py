@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pluggy
 
 from izitorch import distributed, ensemble, metrics, ownership, resume, sharding, spread
@@ -100,6 +102,7 @@ def _run(session: Run, resuming: bool, quiet: contextlib.ExitStack) -> dict[str,
     session.splits = check_splits(hook.izitorch_make_splits(run=session, dataset=session.dataset), len(session.dataset))
     session.ranks = distributed.resolve_strategy(session.ranks, resumed_strategy(session, resuming), len(spread.units(session)))
     if session.ranks.launched:
+        distributed.check_same_run(session.ranks, what_was_built(session))
         check_distributed(session)
         if session.ranks.strategy == "models":
             session.share = spread.my_share(session)
@@ -129,6 +132,16 @@ def _run(session: Run, resuming: bool, quiet: contextlib.ExitStack) -> dict[str,
             hook.izitorch_run_teardown(run=session, error=error)
         raise
     return results
+
+
+def what_was_built(session: Run) -> dict[str, str]:
+    """A fingerprint of the run this process built: its configuration and data (as a resume
+    compares them), and its splits."""
+    digest = hashlib.blake2b(digest_size=8)
+    for split in session.splits:
+        for part in (split.train, split.val, split.test):
+            digest.update(b"-" if part is None else np.asarray(part, dtype=np.int64).tobytes() + b"|")
+    return {"the configuration or the data": resume.saved_fingerprint(session), "the split": digest.hexdigest()}
 
 
 def resumed_strategy(session: Run, resuming: bool) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler
 
 from izitorch.distributed import Ranks
-from izitorch.errors import IzitorchError, ManifestError, TrainingError
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, first_line
 from izitorch.guard import Interrupted
 
 #: How long a rank waits in a step's collective (gradients, the NaN check): a rank that died
@@ -52,12 +52,14 @@ def active(ranks: Ranks) -> bool:
 
 def step_group(ranks: Ranks, device: torch.device) -> Ranks:
     """``ranks`` with the group its training steps communicate in (``nccl`` on CUDA, else
-    ``gloo``), which times out after :data:`STEP_TIMEOUT`. Every rank calls this together."""
+    ``gloo``) and the ``gloo`` group its objects travel in (metric accumulators, decisions), both
+    timing out after :data:`STEP_TIMEOUT`. Every rank calls this together."""
     import attrs
     import torch.distributed as dist
 
-    group = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=STEP_TIMEOUT)
-    return attrs.evolve(ranks, steps=group)
+    objects = dist.new_group(backend="gloo", timeout=STEP_TIMEOUT)
+    steps = dist.new_group(backend="nccl", timeout=STEP_TIMEOUT) if device.type == "cuda" else objects
+    return attrs.evolve(ranks, steps=steps, objects=objects)
 
 
 def eval_share(indices: Any, ranks: Ranks) -> Any:
@@ -90,8 +92,8 @@ class DealtSampler(Sampler):
 
     def __iter__(self):
         order = list(self.sampler)
-        padding = len(self) * self.world - len(order)
-        order += (order * math.ceil(padding / max(len(order), 1)))[:padding]
+        total = len(self) * self.world  # from len(): every rank takes len(self), whatever the sampler yields
+        order = (order * math.ceil(total / max(len(order), 1)))[:total]
         return iter(order[self.rank :: self.world])
 
 
@@ -152,24 +154,46 @@ def collective(call: Any, stop_flag: Any = None) -> Any:
     meanwhile (a launcher stops every rank: a peer may leave first)."""
     try:
         return call()
-    except RuntimeError:
+    except RuntimeError as error:
         if stop_flag is not None and stop_flag.signum is not None:
             raise Interrupted(stop_flag.signum, "interrupted") from None
         raise TrainingError(
-            "another rank stopped in the middle of a step (torchrun's summary names it); every finished epoch is saved: run again with --resume"
+            "the ranks lost each other in the middle of a step: another rank stopped (torchrun's summary names it) or the connection failed "
+            f"({first_line(error)}); every finished epoch is saved: run again with --resume"
         ) from None
 
 
 def exchange(value: Any, ranks: Ranks, device: torch.device, stop_flag: Any = None) -> list[Any]:
     """Every rank's ``value``, in rank order, on this rank's ``device`` (through the gloo group
-    the ranks meet in; CUDA tensors are mapped to this rank's GPU)."""
+    of objects; CUDA tensors are mapped to this rank's GPU)."""
     import torch.distributed as dist
 
     buffer = io.BytesIO()
     torch.save(value, buffer)
     gathered: list[Any] = [None] * ranks.world
-    collective(lambda: dist.all_gather_object(gathered, buffer.getvalue(), group=ranks.group), stop_flag)
+    collective(lambda: dist.all_gather_object(gathered, buffer.getvalue(), group=ranks.objects), stop_flag)
     return [torch.load(io.BytesIO(data), map_location=device, weights_only=False) for data in gathered]
+
+
+def follow_rank_0(fold: Any, ranks: Ranks, stop_flag: Any = None) -> None:
+    """Rank 0's decisions of the epoch on every rank: whether the fold stops and which models
+    stopped. Scores are merged, but a plugin may decide on what differs between ranks (a time
+    budget); the ranks must go on alike."""
+    import torch.distributed as dist
+
+    decisions = [(fold.stop_reason, [slot.stopped for slot in fold.slots])]
+    collective(lambda: dist.broadcast_object_list(decisions, src=0, group=ranks.objects), stop_flag)
+    fold.stop_reason, stopped = decisions[0]
+    for slot, reason in zip(fold.slots, stopped):
+        slot.stopped = reason
+
+
+def from_rank_0_weights(stacks: list[Any], ranks: Ranks) -> None:
+    """Every model's weights and buffers as rank 0 holds them, on every rank (once a fold's
+    models are reset or restored: a model built with unseeded randomness starts alike)."""
+    tensors = [t for stack in stacks for slot in stack.members for t in (*slot.model.parameters(), *slot.model.buffers())]
+    with torch.no_grad():
+        from_rank_0([t.data for t in tensors], ranks)
 
 
 def merge_meters(meters: list[Any], ranks: Ranks, device: torch.device, stop_flag: Any = None) -> None:
@@ -222,12 +246,18 @@ def gather_predictions(recorded: list[dict[str, Any]], ranks: Ranks, stop_flag: 
 
 
 def check_metrics(factories: dict[str, Any]) -> None:
-    """Refuse, in one line, a metric whose accumulators cannot be merged over the ranks."""
+    """Refuse, in one line, a metric whose accumulators cannot be merged over the ranks (no
+    ``merge``, or a ``merge_problem()`` that names one)."""
     for name, factory in factories.items():
+        problem = None
         if not hasattr(factory, "names") or not callable(getattr(factory, "merge", None)):
+            problem = "its accumulator has no merge(other) method"
+        elif callable(getattr(factory, "merge_problem", None)):
+            problem = factory.merge_problem()
+        if problem:
             raise ManifestError(
-                f'metric "{name}" cannot be merged over the ranks (its accumulator has no merge(other) method), and distributed = "data" counts each '
-                'rank\'s samples apart: give it merge(), disable the plugin that registers it, or use distributed = "models"',
+                f'metric "{name}" cannot be merged over the ranks ({problem}), and distributed = "data" counts each rank\'s samples apart: '
+                'give it merge(), disable the plugin that registers it, or use distributed = "models"',
                 "run.distributed",
             )
 
@@ -239,7 +269,7 @@ def check_world(state: dict, ranks: Ranks, source: str) -> None:
     if saved == now:
         return
     if saved is None:
-        how = 'this run was not trained with distributed = "data"; resume it as it ran (without torchrun, or under torchrun with distributed = "models")'
+        how = 'this run was trained in one process, not with distributed = "data"; resume it as it ran: without torchrun'
     else:
         how = f'this run was trained data-parallel on {saved} processes; resume it with torchrun and {saved} processes in all (distributed = "data")'
     raise IzitorchError(f"cannot resume: {how}", "run.distributed", source)

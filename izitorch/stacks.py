@@ -192,7 +192,8 @@ class LoneStack:
         from torch.nn.parallel import DistributedDataParallel
 
         self.ranks = ranks
-        self.wrapped = DistributedDataParallel(self.module, device_ids=[device] if device.type == "cuda" else None, process_group=ranks.steps)
+        wrapped = DistributedDataParallel(self.slot.model, device_ids=[device] if device.type == "cuda" else None, process_group=ranks.steps)
+        self.wrapped = compiled(wrapped, self.label) if self.module is not self.slot.model else wrapped  # DDP, then compiled
 
     def reduce_grads(self) -> None:
         pass  # DistributedDataParallel averaged them during the backward pass

@@ -99,6 +99,22 @@ class TorchMetricMeter:
     params: dict[str, Any] = {}
     where = "plugins.metrics.extra"  # the entry's key path (set by factories)
 
+    @classmethod
+    def merge_problem(cls) -> str | None:
+        """Why torchmetrics' ``merge_state`` cannot add up two ranks' states of this metric
+        exactly (None when it can): a state updated as a whole, or reduced otherwise than by a
+        sum, a concatenation, a maximum or a minimum (a mean of two ranks' means is not the mean)."""
+        from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_min, dim_zero_sum
+
+        metric = cls.metric_class(**cls.params)
+        if metric.full_state_update is not False or metric.dist_sync_on_step:
+            return f"torchmetrics' {cls.metric_class.__name__} updates its state as a whole (full_state_update)"
+        exact = (dim_zero_sum, dim_zero_cat, dim_zero_max, dim_zero_min)
+        inexact = [name for name, reduce in metric._reductions.items() if reduce not in exact]
+        if inexact:
+            return f"torchmetrics' {cls.metric_class.__name__} reduces its state {inexact[0]} otherwise than by a sum or a concatenation"
+        return None
+
     def __init__(self, num_classes: int | None = None, members: int = 1) -> None:
         self.metrics = [self.metric_class(**self.params) for _ in range(members)]
         for metric in self.metrics:  # under torchrun izitorch merges the ranks' states itself (merge)

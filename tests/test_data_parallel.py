@@ -92,10 +92,23 @@ def one_rank(tmp_path_factory) -> Path:
     return folder / "res"
 
 
+# A plugin that decides on what differs between ranks (as a time budget would): rank 1 alone
+# wants to stop the fold after epoch 1. The ranks follow rank 0, which goes on.
+RANK_1_STOPS = """\
+import os
+from izitorch import hookimpl
+
+@hookimpl
+def izitorch_should_stop(run, fold, epoch, scores):
+    return "rank 1's budget" if os.environ.get("RANK") == "1" else None
+"""
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("two")
-    done = torchrun(data_manifest(folder, 32))
+    (folder / "rank1stops.py").write_text(RANK_1_STOPS)
+    done = torchrun(data_manifest(folder, 32, "rank1stops.py"))
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "res", done.stdout
 
@@ -148,7 +161,7 @@ def test_two_ranks_of_batch_32_train_as_one_process_of_batch_64(one_rank, two_ra
         assert_close_logs(trainlog(two, model), trainlog(one_rank, model), model)
     # the NaN batch was skipped by every rank of the step, as by the one process
     epochs = trainlog(two, "c")
-    assert len(epochs) == 3 and all(entry.get("skipped_batches") == 1 for entry in epochs.values()), epochs
+    assert len(epochs) == 3 and all(entry.get("skipped_batches") == 1 for entry in epochs.values()), epochs  # rank 1's wish to stop was not followed
     assert not any("skipped_batches" in entry for entry in trainlog(two, "a").values())  # a plain MLP has nothing to skip
     assert saved_state(two)["data_parallel"] == 2 and saved_state(one_rank)["data_parallel"] == 1
     assert stdout.count("final test scores:") == 1
@@ -159,7 +172,7 @@ def test_a_killed_rank_then_resume_on_as_many_ranks_gives_the_uninterrupted_run(
     manifest = data_manifest(tmp_path, 32, "killer.py")
     killed = torchrun(manifest, env={"KILL_RANK": "1"})
     assert killed.returncode != 0
-    assert "another rank stopped in the middle of a step" in killed.stderr or "interrupted by SIGTERM" in killed.stderr, killed.stderr[-3000:]
+    assert "the ranks lost each other in the middle of a step" in killed.stderr or "interrupted by SIGTERM" in killed.stderr, killed.stderr[-3000:]
     assert "exitcode  : -9" in killed.stderr
     res = tmp_path / "res"
     state = res / ".izitorch" / "fold_1.pth.tar"
@@ -366,3 +379,57 @@ def test_the_final_tests_predictions_are_gathered_back_in_the_test_sets_order(mo
         assert gathered["predictions"]["target"].tolist() == [10, 11] and gathered["predictions"]["predicted"].tolist() == [0, 1]
     parts[:] = [[{}], [{}], [{}]]  # a task without per-sample predictions (regression)
     assert sharding.gather_predictions([{}], Ranks(0, 3, 0, strategy="data")) == [{}]
+
+
+def test_a_model_compiled_trains_data_parallel_as_it_does_eagerly(tmp_path, capsys, monkeypatch):
+    """DistributedDataParallel wraps the model, then torch.compile the wrapper (the order DDP
+    asks for); the weights are the eager run's within float tolerance."""
+    become_the_only_rank(monkeypatch)
+    trained = {}
+    for compile_ in (False, True):
+        manifest = make_manifest(tmp_path / str(compile_), run={"epochs": 1, "distributed": "data", "compile": compile_})
+        code, _, err = cli(capsys, "run", manifest)
+        assert code == 0, err
+        trained[compile_] = weights(tmp_path / str(compile_) / "res", "mlp")
+    for key, value in trained[False].items():
+        torch.testing.assert_close(trained[True][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rank_that_built_another_run_is_refused_on_every_rank(tmp_path):
+    (tmp_path / "ranked.py").write_text(
+        "import os\nfrom izitorch.datasets import digits\n\ndef data():\n    return digits(limit=300 if os.environ.get('RANK') == '0' else 301)\n"
+    )
+    manifest = make_manifest(tmp_path, data={"dataset": "ranked.py:data", "params": None}, run={"distributed": "data"})
+    done = torchrun(manifest)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "built another run than rank 0" in line]
+    assert len(lines) == 2 and all("rank 1 built another run than rank 0 (the configuration or the data differs)" in line for line in lines), done.stderr[
+        -3000:
+    ]
+    assert not (tmp_path / "res" / "conf.json").exists()
+
+
+def test_a_sampler_that_yields_more_than_its_length_still_gives_every_rank_as_many():
+    class Lying(torch.utils.data.Sampler):
+        def __len__(self):
+            return 8
+
+        def __iter__(self):
+            return iter(range(9))
+
+    ranks = [Ranks(rank, 2, rank, strategy="data") for rank in range(2)]
+    assert [list(sharding.DealtSampler(Lying(), r)) for r in ranks] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_a_torchmetrics_metric_whose_states_do_not_add_up_is_refused():
+    from izitorch import torchmetrics_bridge
+    from izitorch.errors import ManifestError
+
+    entries = [
+        {"class": "torchmetrics.classification:MulticlassAccuracy", "num_classes": 4, "direction": "higher"},
+        {"class": "torchmetrics.regression:PearsonCorrCoef", "direction": "higher"},
+    ]
+    (_, accuracy), (_, pearson) = torchmetrics_bridge.factories(entries)
+    sharding.check_metrics({"accuracy": accuracy})
+    with pytest.raises(ManifestError, match=r'metric "pearson" cannot be merged over the ranks \(torchmetrics\' PearsonCorrCoef updates its state as a whole'):
+        sharding.check_metrics({"pearson": pearson})

@@ -225,7 +225,7 @@ def test_a_single_process_run_is_not_resumed_under_torchrun(tmp_path, capsys, mo
     become_the_only_rank(monkeypatch)
     code, _, err = cli(capsys, "run", manifest, "--resume", "--set", "run.epochs=2")
     assert code == 2
-    assert 'this run was not trained with distributed = "data"; resume it as it ran (without torchrun' in error_of(err)
+    assert 'this run was trained in one process, not with distributed = "data"; resume it as it ran: without torchrun' in error_of(err)
     code, _, err = cli(capsys, "run", manifest, "--resume", "--set", 'run.distributed="models"')
     assert code == 2
     assert 'this run was not spread over processes (distributed = "models"); resume it as it ran: without torchrun' in error_of(err)
