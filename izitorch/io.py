@@ -51,34 +51,33 @@ def _writer() -> BackgroundWriter | None:
     return files.writer if files is not None else None
 
 
-@contextlib.contextmanager
-def owned_by(ledger: Ledger) -> Iterator[None]:
+def owned_by(ledger: Ledger) -> contextlib.AbstractContextManager[None]:
     """Inside, every path this thread writes is first claimed by ``ledger`` (recorded as the run's,
     and refused when it resolves outside ``res_dir``)."""
-    outer = getattr(_local, "ledger", None)
-    _local.ledger = ledger
-    try:
-        yield
-    finally:
-        _local.ledger = outer
+    return _thread_setting("ledger", ledger)
+
+
+def discarding() -> contextlib.AbstractContextManager[None]:
+    """Inside, this thread writes, claims and removes nothing: every call below returns as if it
+    had (a rank other than 0 under ``distributed = "data"``, which computes what rank 0 writes)."""
+    return _thread_setting("discard", True)
 
 
 @contextlib.contextmanager
-def discarding() -> Iterator[None]:
-    """Inside, this thread writes, claims and removes nothing: every call below returns as if it
-    had (a rank other than 0 under ``distributed = "data"``, which computes what rank 0 writes)."""
-    outer = getattr(_local, "discard", False)
-    _local.discard = True
+def _thread_setting(name: str, value: Any) -> Iterator[None]:
+    """``_local.<name>`` set to ``value`` for this thread inside the block, then back as it was."""
+    outer = getattr(_local, name, None)
+    setattr(_local, name, value)
     try:
         yield
     finally:
-        _local.discard = outer
+        setattr(_local, name, outer)
 
 
 def discarding_now() -> bool:
     """Whether this thread's writes are dropped (:func:`discarding`): a file worth building only
     to be written can be skipped."""
-    return getattr(_local, "discard", False)
+    return bool(getattr(_local, "discard", False))
 
 
 def claim_folder(path: str | Path) -> Path:
