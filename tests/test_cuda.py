@@ -283,3 +283,31 @@ def test_the_per_step_metric_and_optimizer_work_never_waits_for_the_gpu():
     assert [m["confusion_matrix"].sum() for m in meters[1].compute()] == [96, 0, 96]
     assert meters[0].compute()[1] == {} and single.compute()[0]["confusion_matrix"].sum() == 96
     assert all(torch.equal(a, b) for a, b in zip(frozen, slots[1].model.parameters()))  # the inactive member
+
+
+@pytest.mark.parametrize("strategy", ["models", "data"])
+def test_torchrun_on_the_gpus_gives_what_one_gpu_gives(tmp_path, strategy):
+    """torchrun with one process per visible GPU (nccl; one process on a single GPU):
+    ``"models"`` equals one process bit for bit; ``"data"`` with batch 32 per process equals one
+    process of batch 32 x processes under torchrun, within float tolerance."""
+    import os
+    import subprocess
+    import sys
+
+    gpus = torch.cuda.device_count()
+    results = {}
+    for processes, batch in ((1, 32 * gpus), (gpus, 32)):
+        folder = tmp_path / f"n{processes}"
+        manifest = make_manifest(
+            folder,
+            models=[{"name": "a", "optimizer": {"class": "torch.optim:SGD", "lr": 0.1}}, {"name": "b", "params": {"hidden": 8, "layers": 2}}],
+            run={"device": "cuda", "epochs": 2, "batch_size": batch if strategy == "data" else 32, "distributed": strategy, "rdm_seed": 3},
+            data={"params": {"limit": 64 * 5 * gpus}, "train_ratio": 0.8},
+        )
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "izitorch", "run", str(manifest)]
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[processes] = {name: checkpoint(folder / "res", name)["state_dict"] for name in ("a", "b")}
+    for name in ("a", "b"):
+        for key, value in results[1][name].items():
+            torch.testing.assert_close(results[gpus][name][key], value, rtol=1e-4, atol=1e-5)
