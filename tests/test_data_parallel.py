@@ -273,7 +273,7 @@ def classification_batches(count=5, members=2, classes=4, seed=0):
 
 @pytest.mark.parametrize("name", ["loss", "classification", "top_k"])
 def test_merged_classification_accumulators_equal_one_over_every_batch(name):
-    from plugins.metrics import ConfusionMeter, LossMeter, top_k_meter
+    from izitorch.plugins.metrics import ConfusionMeter, LossMeter, top_k_meter
 
     factory = {"loss": LossMeter, "classification": ConfusionMeter, "top_k": top_k_meter(2)}[name]
     batches = classification_batches()
