@@ -7,7 +7,8 @@ group (``nccl`` on CUDA, ``gloo`` on the CPU), takes the GPU of its ``LOCAL_RANK
 share of the run (:mod:`izitorch.spread` for ``[run] distributed = "models"``, every model on its
 shard of the data for ``"data"``, :mod:`izitorch.sharding`). Rank 0 alone
 holds ``res_dir``'s lock, prepares the folder, prints the console and writes the run-level
-files; the others write their models' files beside it, so ``res_dir`` must be on a file system
+files; under ``"models"`` the others write their models' files beside it (under ``"data"``
+nothing), and every rank reads the resume states there, so ``res_dir`` must be on a file system
 every rank sees (one machine, or a shared file system across nodes).
 
 Coordination goes through a ``gloo`` group of its own (CPU objects, polled while waiting so that

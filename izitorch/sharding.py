@@ -11,8 +11,10 @@ differs is the data each one sees:
 - **Gradients**: a lone model trains through ``DistributedDataParallel``; a vectorized group,
   whose gradients already lie in one flat tensor, averages that tensor with one all-reduce
   before its optimizer step (the reduction DDP makes, with the group's single bucket).
-- **The NaN policy** reads the losses summed over the ranks, so every rank skips, stops or
-  raises on the same batch and the ranks never part ways.
+- **The NaN policy** reads the losses summed over the ranks, and a signal any rank received
+  travels in the same all-reduce, so every rank skips, stops, raises or is interrupted at the
+  same step and the ranks never part ways; each epoch's stop decisions are rank 0's
+  (:func:`follow_rank_0`), each fold starts from rank 0's weights.
 - **Evaluation** is sharded without padding (rank ``r`` takes samples ``r, r + world, ...``),
   and each metric's accumulators are merged over the ranks (``merge``) before anything reads
   them: every sample of the validation and test sets is counted once, and every rank sees the
