@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import attrs
 
-from izitorch.errors import IzitorchError, ManifestError, TrainingError
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, first_line
 from izitorch.ownership import LOCK_NAME
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Ranks]:
         dist.init_process_group(backend, timeout=MEETING_TIMEOUT, **({"device_id": device} if device.type == "cuda" else {}))
         meeting = dist.new_group(backend="gloo", timeout=MEETING_TIMEOUT) if backend != "gloo" else dist.group.WORLD
     except (RuntimeError, ValueError) as error:
-        raise IzitorchError(f"cannot join torchrun's process group ({backend}): {str(error).splitlines()[0]}; check torchrun's rendezvous flags") from None
+        raise IzitorchError(f"cannot join torchrun's process group ({backend}): {first_line(error)}; check torchrun's rendezvous flags") from None
     try:
         yield attrs.evolve(ranks, group=meeting)
     finally:

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler
 
 from izitorch.distributed import Ranks
-from izitorch.errors import IzitorchError, ManifestError, TrainingError, first_line
+from izitorch.errors import IzitorchError, ManifestError, TrainingError, error_text, first_line
 from izitorch.guard import Interrupted
 
 #: How long a rank waits in a step's collective (gradients, the NaN check): a rank that died
@@ -170,11 +170,19 @@ def exchange(value: Any, ranks: Ranks, device: torch.device, stop_flag: Any = No
     of objects; CUDA tensors are mapped to this rank's GPU)."""
     import torch.distributed as dist
 
+    gathered: list[Any] = [None] * ranks.world
+    collective(lambda: dist.all_gather_object(gathered, packed(value), group=ranks.objects), stop_flag)
+    return [unpacked(data, device) for data in gathered]
+
+
+def packed(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
-    gathered: list[Any] = [None] * ranks.world
-    collective(lambda: dist.all_gather_object(gathered, buffer.getvalue(), group=ranks.objects), stop_flag)
-    return [torch.load(io.BytesIO(data), map_location=device, weights_only=False) for data in gathered]
+    return buffer.getvalue()
+
+
+def unpacked(data: bytes, device: torch.device) -> Any:
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
 
 
 def follow_rank_0(fold: Any, ranks: Ranks, stop_flag: Any = None) -> None:
@@ -203,17 +211,25 @@ def merge_meters(meters: list[Any], ranks: Ranks, device: torch.device, stop_fla
     merged with rank 1's, then rank 2's... in that order on every rank, so that every rank
     computes bit for bit the same values."""
     # an accumulator's attributes travel, not the object: its class may be made at run time (top-k)
-    states = exchange([vars(reported.meter) for reported in meters], ranks, device, stop_flag)
+    mine = []
+    for reported in meters:
+        try:
+            mine.append(packed(vars(reported.meter)))
+        except Exception as error:
+            raise TrainingError(
+                f'metric "{reported.name}": its accumulator cannot be sent to the other ranks ({error_text(error)}); keep tensors and plain values in it'
+            ) from None
+    states = exchange(mine, ranks, torch.device("cpu"), stop_flag)
     for index, reported in enumerate(meters):
         kind = type(reported.meter)
-        merged = rebuilt(kind, states[0][index])
+        merged = rebuilt(kind, unpacked(states[0][index], device))
         for other in states[1:]:
             try:
-                merged.merge(rebuilt(kind, other[index]))
+                merged.merge(rebuilt(kind, unpacked(other[index], device)))
             except IzitorchError:
                 raise
             except Exception as error:
-                raise TrainingError(f'metric "{reported.name}": merge raised {type(error).__name__}: {error}') from None
+                raise TrainingError(f'metric "{reported.name}": merge raised {error_text(error)}') from None
         reported.meter = merged
 
 

@@ -136,20 +136,19 @@ class LoneStack:
         self.label = f"model {slot.name}"
         self.output: Any = None
         self.loss: torch.Tensor | None = None
-        self.module: Any = slot.model  # what the forward calls: the model, or it compiled
+        self.module: Any = slot.model  # the model, or it compiled
         self.ranks: Any = None  # distributed = "data": the ranks it trains over
-        self.wrapped: Any = None  # ... and what training calls then: the module in DistributedDataParallel
-        self.training = True
+        self.wrapped: Any = None  # ... and what training calls then: the model in DistributedDataParallel
+        self.calling: Any = self.module  # what the forward calls (chosen by train(): evaluation is not in lockstep)
 
     def train(self, mode: bool) -> None:
         self.slot.model.train(mode)
-        self.training = mode
+        self.calling = self.wrapped if mode and self.wrapped is not None else self.module
         if not mode and self.ranks is not None:  # every rank evaluates with rank 0's statistics, as DDP trains
             sharding.from_rank_0(list(self.slot.model.buffers()), self.ranks)
 
     def forward(self, inputs: Any, active: Sequence[bool] | None = None) -> Any:
-        module = self.wrapped if self.training and self.wrapped is not None else self.module  # evaluation is not in lockstep
-        self.output = call_model(self.slot, inputs, module)
+        self.output = call_model(self.slot, inputs, self.calling)
         return self.output.unsqueeze(0) if isinstance(self.output, torch.Tensor) else self.output
 
     def losses(self, outputs: Any, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +173,7 @@ class LoneStack:
             torch._foreach_mul_(grads, float(factor) if isinstance(factor, torch.Tensor) else factor)
 
     def compile(self) -> None:
-        self.module = compiled(self.slot.model, self.label)
+        self.module = self.calling = compiled(self.slot.model, self.label)
 
     def batch_mask(self, phase: str, rows: torch.Tensor | None) -> None:
         return None

@@ -433,3 +433,39 @@ def test_a_torchmetrics_metric_whose_states_do_not_add_up_is_refused():
     sharding.check_metrics({"accuracy": accuracy})
     with pytest.raises(ManifestError, match=r'metric "pearson" cannot be merged over the ranks \(torchmetrics\' PearsonCorrCoef updates its state as a whole'):
         sharding.check_metrics({"pearson": pearson})
+
+
+UNSENDABLE = """\
+from izitorch import hookimpl
+
+
+class Seen:
+    names = {"seen": "higher"}
+
+    def __init__(self, num_classes, members):
+        self.members, self.count, self.rule = members, 0, lambda x: x  # a lambda does not pickle
+
+    def update(self, outputs, target, losses, mask=None):
+        self.count += len(target)
+
+    def merge(self, other):
+        self.count += other.count
+
+    def compute(self):
+        return [{"seen": float(self.count)} for _ in range(self.members)]
+
+
+@hookimpl
+def izitorch_register_metrics(register):
+    register("seen", Seen)
+"""
+
+
+def test_a_metric_whose_accumulator_cannot_travel_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    (tmp_path / "seen.py").write_text(UNSENDABLE)
+    manifest = make_manifest(tmp_path, run={"epochs": 1, "distributed": "data"}, plugins={"enable": ["seen.py"]})
+    become_the_only_rank(monkeypatch)
+    code, _, err = cli(capsys, "run", manifest)
+    message = error_of(err.splitlines()[-1])  # after rank 0's line on how the run is shared
+    assert code == 1 and 'metric "seen": its accumulator cannot be sent to the other ranks' in message, message
+    assert "Traceback" not in err
