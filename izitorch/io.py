@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import os
@@ -36,10 +37,12 @@ import torch
 from izitorch.errors import IzitorchError, TrainingError
 from izitorch.guard import Interrupted
 from izitorch.held import HeldFiles
-from izitorch.ownership import Ledger
+from izitorch.ownership import STATE_DIR, Ledger
+from izitorch.spares import SPARE_DIR, Spares
 from izitorch.writer import BackgroundWriter, Staged
 
-_local = threading.local()  # .files: this thread's HeldFiles (background_writes); .ledger: its run's Ledger (owned_by)
+# .files: this thread's HeldFiles and .spares its Spares (background_writes); .ledger: its run's Ledger (owned_by)
+_local = threading.local()
 
 
 def _files() -> HeldFiles | None:
@@ -124,10 +127,15 @@ def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int |
     ledger = getattr(_local, "ledger", None)
     files = _files()
     if ledger is not None:
+        spares = getattr(_local, "spares", None) if files is not None else None
+        if spares is not None and spares.folder is None:  # the run's first file: its folder of spares is recorded first
+            spares.open(ledger.root / STATE_DIR / SPARE_DIR, ledger.claim_folder)
         defer = files is not None and files.holds  # the file is created after the hand-over
         ledger.claim(path, defer=defer)
         if defer:
             files.before_hand_over = ledger.flush
+        if spares is not None and spares.written(path):
+            files.writer.poke()  # the writer's thread makes more spares while it waits
     if files is None:
         return _write_file(path, write)
     if snapshot_bytes is not None and files.holds:
@@ -173,19 +181,28 @@ def background_writes(enabled: bool = True, interval: float = 0.0) -> Iterator[N
     if not enabled:
         yield
         return
-    files = _local.files = HeldFiles(BackgroundWriter(stage=_stage_or_remove), interval)
+    spares = _local.spares = Spares()
+    files = _local.files = HeldFiles(BackgroundWriter(stage=functools.partial(_stage_or_remove, spares=spares), idle=spares.make_one), interval)
     try:
         yield
     except BaseException as error:
-        _local.files = None
-        failure = files.close()
+        _local.files = _local.spares = None
+        failure = _close(files, spares)
         if failure is not None and isinstance(error, (KeyboardInterrupt, Interrupted)):
             raise failure from None
         raise
-    _local.files = None
-    failure = files.close()  # everything is written (or dropped after a failure)
+    _local.files = _local.spares = None
+    failure = _close(files, spares)  # everything is written (or dropped after a failure)
     if failure is not None:
         raise failure
+
+
+def _close(files: HeldFiles, spares: Spares) -> BaseException | None:
+    """Every file on disk and the writer stopped, then the spare files not used deleted."""
+    try:
+        return files.close()
+    finally:
+        spares.close()
 
 
 #: What :func:`remove` hands the background writer as the bytes of a file to delete (told apart
@@ -211,12 +228,12 @@ def remove(path: str | Path) -> None:
         files.put(path, _REMOVAL, 0)  # in place of a held version of the file, in order
 
 
-def _stage_or_remove(path: Path, data: memoryview) -> Staged:
+def _stage_or_remove(path: Path, data: memoryview, spares: Spares | None = None) -> Staged:
     """What the background writer does with a queued file: stage its bytes (written and fsynced
-    under a temporary name), or a deletion to carry out in its turn."""
+    under a temporary name, a spare file where one is ready), or a deletion to carry out in its turn."""
     if data is _REMOVAL:
         return _Removal(path)
-    return _stage_file(path, lambda handle: handle.write(data))
+    return _stage_file(path, lambda handle: handle.write(data), spares)
 
 
 class _Removal:
@@ -269,11 +286,11 @@ class _StagedFile:
         Path(self.tmp).unlink(missing_ok=True)
 
 
-def _stage_file(path: Path, write: Callable[[IO[bytes]], None]) -> _StagedFile:
+def _stage_file(path: Path, write: Callable[[IO[bytes]], None], spares: Spares | None = None) -> _StagedFile:
     """Call ``write`` on a new temporary file next to ``path``, flush and fsync it."""
     tmp = None
     try:
-        fd, tmp = _create_temporary(path)
+        fd, tmp = _create_temporary(path, spares)
         with open(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -291,13 +308,20 @@ _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | ge
 _temporary_numbers = itertools.count()
 
 
-def _create_temporary(path: Path) -> tuple[int, str]:
-    """A new ``.<name>.<pid>-<n>.tmp`` next to ``path``, created with the mode a plain open()
-    would give (0666 & ~umask); the folder is made when missing. Fewer system calls and less
-    Python than ``tempfile.mkstemp`` + ``fchmod``, which counts when the writer thread has to
-    take the GIL from the training loop for each step."""
+def _create_temporary(path: Path, spares: Spares | None = None) -> tuple[int, str]:
+    """A new ``.<name>.<pid>-<n>.tmp`` next to ``path``, open for writing: one of ``spares``
+    moved there when one is ready, else created with the mode a plain open() would give (0666 &
+    ~umask); the folder is made when missing. Fewer system calls and less Python than
+    ``tempfile.mkstemp`` + ``fchmod``, which counts when the writer thread has to take the GIL
+    from the training loop for each step."""
     for _ in range(8):
         tmp = f"{path.parent}{os.sep}.{path.name}.{os.getpid()}-{next(_temporary_numbers)}.tmp"
+        if spares is not None:
+            if os.path.lexists(tmp):  # a leftover of an earlier process with the same pid
+                continue
+            fd = spares.take(tmp, lambda: path.parent.mkdir(parents=True, exist_ok=True))
+            if fd is not None:
+                return fd, tmp
         try:
             return os.open(tmp, _FLAGS, 0o666), tmp
         except FileExistsError:  # a leftover of an earlier process with the same pid

@@ -118,7 +118,7 @@ class Ledger:
         failed before writing anything leaves no record behind."""
         if not self.entries:
             entries = [f"{STATE_DIR}/", f"{STATE_DIR}/{RECORD}", *entries]
-        entries = [entry for entry in entries if entry not in self.entries or entry in self.removed]  # a removed file written again
+        entries = [entry for entry in dict.fromkeys(entries) if entry not in self.entries or entry in self.removed]  # a removed file written again
         if not entries:
             return
         if defer:

@@ -26,7 +26,11 @@ What a run can count on:
   files at a time (a trainlog, a checkpoint, a confusion matrix... per model), and fsyncs issued
   together cost little more than one: the file system commits them in the same journal
   transaction. The order in which files appear is still the order they were written; after a
-  failure, the temporary files of the later ones are deleted, none of them lands.
+  failure, the temporary files of the later ones are deleted, none of them lands;
+- **idle work** (with an ``idle`` function, as :mod:`izitorch.io` gives for
+  :mod:`izitorch.spares`): while no file waits, after :meth:`BackgroundWriter.poke`, the thread
+  calls ``idle()`` again and again until it returns False; a file handed over meanwhile waits
+  for one call at most.
 """
 
 from __future__ import annotations
@@ -67,7 +71,15 @@ class BackgroundWriter:
     """One thread writing ``(path, bytes)`` pairs in order with ``write_file``, or in staged
     batches with ``stage`` when it is given (``write_file`` is then not used)."""
 
-    def __init__(self, write_file: WriteFile | None = None, max_pending_bytes: int = MAX_PENDING_BYTES, stage: Stage | None = None) -> None:
+    def __init__(
+        self,
+        write_file: WriteFile | None = None,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        stage: Stage | None = None,
+        idle: Callable[[], bool] | None = None,
+    ) -> None:
+        """``idle``: a small piece of work done while nothing waits to be written, after a
+        :meth:`poke`; it returns whether it has more (see the module's doc)."""
         if write_file is None and stage is None:
             raise TypeError("BackgroundWriter needs write_file or stage")
         self._write_file = write_file
@@ -82,6 +94,8 @@ class BackgroundWriter:
         self._error: BaseException | None = None
         self._closing = False
         self._stopped = False  # set by the thread when it leaves its loop
+        self._idle = idle
+        self._idle_wanted = False  # poke() was called, and idle() has not said it is done since
         self._thread = threading.Thread(target=self._work, name="izitorch-writer", daemon=True)
         self._thread.start()
 
@@ -101,6 +115,13 @@ class BackgroundWriter:
             self._pending_bytes += len(data)
             self._submitted += 1
             self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Tell the thread that ``idle`` has work again."""
+        if self._idle is not None:
+            with self._cond:
+                self._idle_wanted = True
+                self._cond.notify_all()
 
     def commit(self) -> None:
         """Mark the end of a flush (an epoch's files, or several epochs') and wait until the
@@ -153,13 +174,22 @@ class BackgroundWriter:
         try:
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._queue or self._closing)
-                    if not self._queue:
+                    self._cond.wait_for(lambda: self._queue or self._closing or self._idle_wanted)
+                    if not self._queue and not self._closing:
+                        self._idle_wanted = False
+                        batch = None
+                    elif not self._queue:
                         self._stopped = True
                         self._cond.notify_all()
                         return
-                    batch = [self._queue[0]] if self._stage is None else list(itertools.islice(self._queue, MAX_BATCH))
-                    failed = self._error is not None
+                    else:
+                        batch = [self._queue[0]] if self._stage is None else list(itertools.islice(self._queue, MAX_BATCH))
+                        failed = self._error is not None
+                if batch is None:  # nothing to write: a piece of idle work
+                    if self._idle_once():
+                        with self._cond:
+                            self._idle_wanted = True
+                    continue
                 error = None
                 if not failed:  # after a failure nothing later lands
                     try:
@@ -183,6 +213,15 @@ class BackgroundWriter:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _idle_once(self) -> bool:
+        """Call ``idle`` once; a failure there turns it off (it is an optimisation, and must not
+        stop the writes)."""
+        try:
+            return self._idle is not None and self._idle()
+        except Exception:  # noqa: BLE001
+            self._idle = None
+            return False
 
     def _write_batch(self, pool: ThreadPoolExecutor | None, batch: list[tuple[Path, memoryview]]) -> None:
         """Stage every file of ``batch`` side by side, then publish them in order; raise the first

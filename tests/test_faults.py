@@ -408,7 +408,7 @@ _name, _, _nth = os.environ.get("CUT", "").partition(":")
 _real_stage_file, _seen = io._stage_file, [0]
 
 
-def _stage_file(path, write):
+def _stage_file(path, write, *spares):
     if path.name == _name:
         _seen[0] += 1
         if _seen[0] == int(_nth):
@@ -420,8 +420,8 @@ def _stage_file(path, write):
                 handle.flush()
                 os.fsync(handle.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            return _real_stage_file(path, half_then_die)
-    return _real_stage_file(path, write)
+            return _real_stage_file(path, half_then_die, *spares)
+    return _real_stage_file(path, write, *spares)
 
 
 if _name:
