@@ -357,6 +357,14 @@ def save_torch(path: str | Path, data: Any, snapshot: bool = False) -> Path:
     return _write(Path(path), lambda f: torch.save(data, f), tensor_bytes(data) if snapshot else None)
 
 
+def save_torch_built(path: str | Path, build: Callable[[], Any], size: int) -> Path:
+    """``torch.save(build())`` to ``path``, where ``build`` gives, whenever it is called, what the
+    file holds at this call (it builds it from copies made by now): a run that holds its files
+    calls it when the file is flushed, otherwise now. ``size``: about the bytes of its tensors
+    (what holding it costs)."""
+    return _write(Path(path), lambda f: torch.save(build(), f), size)
+
+
 def tensor_bytes(data: Any) -> int:
     """The bytes of the tensors in nested dicts, lists and tuples (what holding them costs)."""
     if isinstance(data, torch.Tensor):

@@ -23,12 +23,15 @@ CPU tensors: a model trained on a GPU loads with a plain ``torch.load`` on any m
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 
 from izitorch.config import at_least, doc, one_of
 from izitorch.errors import ManifestError
 from izitorch.hookspecs import hookimpl
-from izitorch.io import remove, save_torch, write_json
+from izitorch.ensemble.snapshots import GroupMoment, Template
+from izitorch.io import discarding_now, remove, save_torch_built, tensor_bytes, write_json
 from izitorch.options import better, metric_option, plugin_options
 from izitorch.selection import has_validation
 from izitorch.state import standalone
@@ -63,6 +66,7 @@ class CheckpointPlugin:
     def __init__(self) -> None:
         self.options = CheckpointOptions()
         self.top: dict[str, list[list]] = {}  # by model: [[epoch, value], ...] of its top_k epochs, best first
+        self.templates: dict[int, Template | None] = {}  # by vector group (id): where its members' state lives
 
     @hookimpl
     def izitorch_configure(self, config) -> None:
@@ -85,10 +89,12 @@ class CheckpointPlugin:
     @hookimpl
     def izitorch_fold_start(self, run, fold) -> None:
         self.top = {}
+        self.templates = {}
 
     @hookimpl
     def izitorch_epoch_finish(self, run, fold, epoch, scores) -> None:
         policy = self.options.policy
+        moment = Moment(fold, self.templates)
         for slot in fold.slots:
             if slot.stopped and "train" not in scores[slot.name]:
                 continue  # not trained this epoch: nothing new to save
@@ -104,10 +110,10 @@ class CheckpointPlugin:
             dropped = self._rank(run, fold, slot, epoch, scores) if self.options.top_k else None
             if dropped is not None:
                 names.append(f"model_epoch{epoch}.pth.tar")
-            if names:
-                state = checkpoint(slot, epoch)
+            if names and not discarding_now():  # a rank > 0 under distributed = "data" copies nothing
+                build, size = moment.checkpoint(slot, epoch)
                 for name in names:
-                    save_torch(folder / name, state, snapshot=True)
+                    save_torch_built(folder / name, build, size)
             if best and policy in ("best", "best_and_last"):
                 write_json(folder / "best_epoch.json", {"epoch": epoch, "metric": run.selection.key, "value": slot.best_value, "phase": fold.eval_phase})
             if dropped is not None:
@@ -141,6 +147,33 @@ class CheckpointPlugin:
     def izitorch_load_state_dict(self, run, state) -> None:
         saved = state.get("checkpoint", {}).get("top_k", {})
         self.top = {name: [[int(epoch), float(value)] for epoch, value in kept] for name, kept in saved.items()}
+
+
+class Moment:
+    """The checkpoints of a fold's models at one epoch's end: a vectorized member's is built, when
+    its file is serialised, from one copy of its group's stacked state made now
+    (:mod:`izitorch.ensemble.snapshots`); any other is copied now (:func:`checkpoint`)."""
+
+    def __init__(self, fold, templates: dict) -> None:
+        self.templates = templates
+        stacks = fold.cohort.stacks if fold.cohort is not None else []
+        self.members = {id(slot): (stack.group, k) for stack in stacks if stack.vectorized for k, slot in enumerate(stack.members)}
+        self.groups: dict[int, GroupMoment] = {}
+
+    def checkpoint(self, slot, epoch: int) -> tuple[Callable[[], dict], int]:
+        """A function giving ``slot``'s checkpoint of this moment, and about its tensors' bytes."""
+        group, k = self.members.get(id(slot), (None, 0))
+        if group is not None:
+            key = id(group)
+            if key not in self.templates:
+                self.templates[key] = Template.of(group)
+            if self.templates[key] is not None:
+                if key not in self.groups:
+                    self.groups[key] = GroupMoment(group, self.templates[key])
+                scheduler = standalone(slot.scheduler.state_dict()) if slot.scheduler is not None else None
+                return self.groups[key].checkpoint(k, epoch, scheduler)
+        state = checkpoint(slot, epoch)
+        return lambda: state, tensor_bytes(state)
 
 
 def checkpoint(slot, epoch: int) -> dict:

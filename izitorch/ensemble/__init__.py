@@ -4,7 +4,8 @@
 - :mod:`~izitorch.ensemble.planning`: the groups a run builds, ``run.multi_model``'s plan;
 - :mod:`~izitorch.ensemble.group`: :class:`VectorGroup`, the stacked parameters and their members;
 - :mod:`~izitorch.ensemble.optimizer`: :class:`StackedOptimizer`, one update for all members;
-- :mod:`~izitorch.ensemble.kernels`: batched forwards and losses that do without ``vmap``.
+- :mod:`~izitorch.ensemble.kernels`: batched forwards and losses that do without ``vmap``;
+- :mod:`~izitorch.ensemble.snapshots`: members' checkpoints built from one copy of the group.
 """
 
 from izitorch.ensemble.group import VectorGroup
