@@ -134,8 +134,8 @@ def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int |
         ledger.claim(path, defer=defer)
         if defer:
             files.before_hand_over = ledger.flush
-        if spares is not None and spares.written(path):
-            files.writer.poke()  # the writer's thread makes more spares while it waits
+    else:
+        spares = None
     if files is None:
         return _write_file(path, write)
     if snapshot_bytes is not None and files.holds:
@@ -143,6 +143,8 @@ def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int |
     else:
         data = _serialised(path, write)
         files.put(path, data, len(data))
+    if spares is not None and spares.written(path):
+        files.writer.poke()  # the writer's thread makes more spares while it has nothing to write
     return path
 
 
@@ -317,7 +319,7 @@ def _create_temporary(path: Path, spares: Spares | None = None) -> tuple[int, st
     for _ in range(8):
         tmp = f"{path.parent}{os.sep}.{path.name}.{os.getpid()}-{next(_temporary_numbers)}.tmp"
         if spares is not None:
-            if os.path.lexists(tmp):  # a leftover of an earlier process with the same pid
+            if os.path.lexists(tmp):  # a leftover of an earlier process with the same pid: rename would replace it
                 continue
             fd = spares.take(tmp, lambda: path.parent.mkdir(parents=True, exist_ok=True))
             if fd is not None:

@@ -13,23 +13,29 @@ cheap and atomic), then fills it as it would a new file.
 
 What a run can count on:
 
-- **the same files**: a temporary file made from a spare has the name, the mode (0666 less the
-  umask) and the owner of one created in place, so everything that knows izitorch's temporary
-  files (a resume's clean-up, ``--overwrite``) treats both alike;
+- **the same files**: a temporary file made from a spare has the name and the mode (0666 less
+  the umask) of one created in place, so everything that knows izitorch's temporary files (a
+  resume's clean-up, ``--overwrite``) treats both alike. What a file takes from its folder when it
+  is created (the group of a setgid folder, a default ACL) is that of ``res_dir/.izitorch``;
+- **only plain files**: a spare is written to only when it is still a regular file of one name
+  owned by this user (a link put in its place is not followed, a hard link is not written
+  through): anything else is moved back and left alone;
 - **fallback**: with no spare left, or where a target folder lies on another file system than
   ``res_dir/.izitorch``, a write creates its temporary file as it would without spares;
 - **how many**: twice the number of distinct files the run has written so far (at most
-  :data:`MAX_SPARES`): a run that rewrites every file at each flush needs one a file, and the
-  end of a run adds about as many new ones (a model's final test scores) as it had before;
+  :data:`MAX_SPARES`), made again after each flush used them: a run that rewrites every file at
+  each flush needs one a file, and the end of a run adds about as many new ones (a model's final
+  test scores) as it had before;
 - **ownership**: the folder is claimed whole in the run's record (:mod:`izitorch.ownership`)
   before the first spare exists; the spares left at the end of the run are deleted with their
-  folder, and those a kill left behind are taken again by the resumed run (only empty regular
-  files; anything else there is left alone).
+  folder, and those a kill left behind are taken again by the resumed run (only empty plain
+  files of this user's, as above; anything else there is left alone).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import stat
@@ -43,7 +49,8 @@ MAX_SPARES = 1024
 SPARE_DIR = "spare"
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-_REOPEN = os.O_WRONLY | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+#: A spare is reopened without following a link: only the plain file it was can be written to.
+_REOPEN = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 class Spares:
@@ -69,8 +76,7 @@ class Spares:
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    info = entry.stat(follow_symlinks=False)
-                    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+                    if _plain(entry.stat(follow_symlinks=False)):
                         self._ready.append(entry.path)
         except FileNotFoundError:
             pass
@@ -78,13 +84,15 @@ class Spares:
             self._failed = True
 
     def written(self, path: Path) -> bool:
-        """Count ``path`` among the run's files; True when that raises the number of spares wanted."""
-        if path in self._paths or self.folder is None:
+        """Count ``path`` among the run's files; True when fewer spares are ready than wanted
+        (the writer's thread should make more: each flush uses them up)."""
+        if self.folder is None:
             return False
-        self._paths.add(path)
-        with self._lock:
-            self._wanted = min(2 * len(self._paths), MAX_SPARES)
-        return not self._failed
+        if path not in self._paths:
+            self._paths.add(path)
+            with self._lock:
+                self._wanted = min(2 * len(self._paths), MAX_SPARES)
+        return self.pending()
 
     def pending(self) -> bool:
         """Whether more spares are wanted than are ready."""
@@ -109,8 +117,11 @@ class Spares:
         except OSError:
             self._failed = True
             return False
-        os.close(fd)
         self._ready.append(path)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
         return self.pending()
 
     def take(self, temporary: str, make_folder: Callable[[], None]) -> int | None:
@@ -133,10 +144,22 @@ class Spares:
             self._ready.appendleft(spare)
             return None
         try:
-            return os.open(temporary, _REOPEN)
-        except OSError:
-            os.unlink(temporary)
-            return None
+            fd = os.open(temporary, _REOPEN)
+        except OSError:  # a link put there: not followed
+            fd = None
+        if fd is not None:
+            try:
+                info = os.fstat(fd)
+                if _plain(info, empty=False):
+                    if info.st_size:
+                        os.ftruncate(fd, 0)
+                    return fd
+            except OSError:
+                pass
+            os.close(fd)
+        with contextlib.suppress(OSError):  # not a plain file of this run's: back where it was, left alone
+            os.rename(temporary, spare)
+        return None
 
     def close(self) -> None:
         """Delete the spares not taken, then their folder once empty (the end of the run)."""
@@ -151,3 +174,10 @@ class Spares:
                 self.folder.rmdir()
             except OSError:
                 pass
+
+
+def _plain(info: os.stat_result, empty: bool = True) -> bool:
+    """Whether a spare's status is that of one this run can write to: a regular file of one
+    name (not a link, not a hard link to a file elsewhere), this user's, empty when ``empty``."""
+    owner = getattr(os, "getuid", None)
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and (owner is None or info.st_uid == owner()) and not (empty and info.st_size)

@@ -28,9 +28,9 @@ What a run can count on:
   transaction. The order in which files appear is still the order they were written; after a
   failure, the temporary files of the later ones are deleted, none of them lands;
 - **idle work** (with an ``idle`` function, as :mod:`izitorch.io` gives for
-  :mod:`izitorch.spares`): while no file waits, after :meth:`BackgroundWriter.poke`, the thread
-  calls ``idle()`` again and again until it returns False; a file handed over meanwhile waits
-  for one call at most.
+  :mod:`izitorch.spares`): while no file waits, after :meth:`BackgroundWriter.poke` or a batch
+  written, the thread calls ``idle()`` again and again until it returns False; a file handed
+  over meanwhile waits for one call at most.
 """
 
 from __future__ import annotations
@@ -208,11 +208,17 @@ class BackgroundWriter:
                     self._done += len(batch)
                     if error is not None and self._error is None:
                         self._error = error
+                    self._idle_wanted = self._idle is not None  # the batch may have used what idle work prepares
                     self._cond.notify_all()
                 del batch  # the written bytes are not kept while the thread waits for more
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+            with self._cond:  # however the loop ended, no caller waits forever
+                if not self._stopped and self._error is None:
+                    self._error = RuntimeError("izitorch's background writer stopped unexpectedly; continue with --resume")
+                self._stopped = True
+                self._cond.notify_all()
 
     def _idle_once(self) -> bool:
         """Call ``idle`` once; a failure there turns it off (it is an optimisation, and must not

@@ -30,7 +30,7 @@ import attrs
 from izitorch.config import at_least, doc, one_of
 from izitorch.errors import ManifestError
 from izitorch.hookspecs import hookimpl
-from izitorch.ensemble.snapshots import GroupMoment, Template
+from izitorch.ensemble.snapshots import Template, member_checkpoint
 from izitorch.io import discarding_now, remove, save_torch_built, tensor_bytes, write_json
 from izitorch.options import better, metric_option, plugin_options
 from izitorch.selection import has_validation
@@ -151,27 +151,24 @@ class CheckpointPlugin:
 
 class Moment:
     """The checkpoints of a fold's models at one epoch's end: a vectorized member's is built, when
-    its file is serialised, from one copy of its group's stacked state made now
-    (:mod:`izitorch.ensemble.snapshots`); any other is copied now (:func:`checkpoint`)."""
+    its file is serialised, from a copy of its rows of the group made now
+    (:mod:`izitorch.ensemble.snapshots`); any other is copied whole now (:func:`checkpoint`)."""
 
     def __init__(self, fold, templates: dict) -> None:
         self.templates = templates
         stacks = fold.cohort.stacks if fold.cohort is not None else []
         self.members = {id(slot): (stack.group, k) for stack in stacks if stack.vectorized for k, slot in enumerate(stack.members)}
-        self.groups: dict[int, GroupMoment] = {}
 
     def checkpoint(self, slot, epoch: int) -> tuple[Callable[[], dict], int]:
-        """A function giving ``slot``'s checkpoint of this moment, and about its tensors' bytes."""
+        """A function giving ``slot``'s checkpoint of this moment, and its tensors' bytes."""
         group, k = self.members.get(id(slot), (None, 0))
         if group is not None:
             key = id(group)
             if key not in self.templates:
                 self.templates[key] = Template.of(group)
             if self.templates[key] is not None:
-                if key not in self.groups:
-                    self.groups[key] = GroupMoment(group, self.templates[key])
-                scheduler = standalone(slot.scheduler.state_dict()) if slot.scheduler is not None else None
-                return self.groups[key].checkpoint(k, epoch, scheduler)
+                scheduler = standalone(slot.scheduler.state_dict(), device="cpu") if slot.scheduler is not None else None
+                return member_checkpoint(group, self.templates[key], k, epoch, scheduler)
         state = checkpoint(slot, epoch)
         return lambda: state, tensor_bytes(state)
 

@@ -34,6 +34,8 @@ TORCH_PRIVATES = frozenset(
         "_parameters",
         "_buffers",  # an nn.Module's own parameters and buffers, None entries included
         "_save_to_state_dict",  # nn.Module's, compared with a module class's own (ensemble/snapshots.py)
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",  # a torch optimizer's state-dict hooks (ensemble/snapshots.py)
         "_optimizer_step_pre_hooks",
         "_optimizer_step_post_hooks",  # a torch optimizer's step hooks
         "_opt_called",  # what an LR scheduler reads to tell that its optimizer stepped

@@ -52,8 +52,9 @@ def test_twice_the_distinct_files_written_are_wanted_up_to_the_cap(tmp_path):
     spares = opened(tmp_path / "spare")
     assert not spares.pending()
     assert spares.written(tmp_path / "a") and spares.written(tmp_path / "b")
-    assert not spares.written(tmp_path / "a")  # a file written again wants no more
+    assert spares.written(tmp_path / "a") and spares._wanted == 4  # a file written again wants no more
     made(spares)
+    assert not spares.written(tmp_path / "b")  # all made: nothing for the writer to do
     names = os.listdir(tmp_path / "spare")
     assert len(names) == 4 and all(name.startswith(f"{os.getpid()}-") for name in names)
     assert all((tmp_path / "spare" / name).stat().st_size == 0 for name in os.listdir(tmp_path / "spare"))
@@ -159,8 +160,7 @@ def test_a_file_waits_for_one_piece_of_idle_work_at_most():
     assert started.wait(WAIT)
     writer.submit(Path("a"), memoryview(b"x"))
     release.set()  # the piece in progress ends: the file goes before the next one
-    writer.flush()
-    assert written == [Path("a")]
+    wait_until(lambda: written == [Path("a")])  # bounded: fails, not hangs, if the file waited on
     writer.close()
 
 
@@ -254,3 +254,45 @@ def test_a_resumed_run_takes_the_spares_a_kill_left_and_leaves_none(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not spare.exists()
     assert not [p for p in (tmp_path / "res").rglob("*.tmp")]
+
+
+def test_spares_are_made_again_after_a_flush_used_them(tmp_path):
+    """Every flush of a run that rewrites its files takes spares: the writer makes them again."""
+    ledger, taken = Ledger(tmp_path), []
+    with izio.owned_by(ledger), izio.background_writes(interval=0.0):
+        spares = izio._local.spares
+        for flush in range(4):
+            wait_until(lambda: not spares.pending())
+            ready = {os.stat(path).st_ino for path in spares._ready}
+            for name in ("a/log.json", "b/log.json"):
+                izio.write_json(tmp_path / name, {"flush": flush})
+            izio.flush()
+            taken.append({(tmp_path / name).stat().st_ino for name in ("a/log.json", "b/log.json")} <= ready)
+    assert taken == [False, True, True, True]  # the first flush came before any spare was wanted
+
+
+def test_a_link_in_place_of_a_spare_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    spares = opened(tmp_path / "spare")
+    spares.written(tmp_path / "a")
+    made(spares)
+    spare = Path(spares._ready[0])
+    spare.unlink()
+    spare.symlink_to(outside)  # someone put a link where a spare was
+    target = tmp_path / ".a.json.1-1.tmp"
+    assert spares.take(str(target), lambda: None) is None
+    assert outside.read_text() == "keep me" and spare.is_symlink() and not target.exists()
+
+
+def test_a_hard_link_in_place_of_a_spare_is_not_written_through(tmp_path):
+    elsewhere = tmp_path / "backup_of_a_spare"
+    spares = opened(tmp_path / "spare")
+    spares.written(tmp_path / "a")
+    made(spares)
+    spare = Path(spares._ready[0])
+    os.link(spare, elsewhere)  # as `cp -al` of res_dir would
+    assert spares.take(str(tmp_path / ".a.json.1-1.tmp"), lambda: None) is None
+    assert spare.exists() and elsewhere.read_bytes() == b""
+    again = opened(tmp_path / "spare")
+    assert str(spare) not in again._ready  # nor taken again by a resumed run

@@ -1,17 +1,18 @@
-"""Checkpoints of a vectorized group's members from one copy of its stacked state.
+"""Checkpoints of a vectorized group's members built from copies of their rows of the group.
 
 Why: a checkpoint is a snapshot of a member's weights and optimizer state taken at an epoch's end
-and serialised later, at the run's next flush (:mod:`izitorch.held`). Copying each member's
-tensors one by one costs K state dicts of small copies per epoch, most of them replaced by the
-next epoch's before any flush. Here an epoch's end copies the group's stacked tensors once
-(:meth:`~izitorch.ensemble.group.VectorGroup.state_dict`), and each member's checkpoint is
-built from that copy when its file is serialised: the same dict, tensors and containers that
-``slot.model.state_dict()`` and ``slot.optimizer.state_dict()`` gave at the epoch's end, each
-tensor its own (a member's file holds the member alone).
+and serialised later, at the run's next flush (:mod:`izitorch.held`). Copying a member's state
+dicts costs a copy and a walk per tensor (a dozen or more a model, K members an epoch), and with
+files held between flushes most of those snapshots are replaced by the next epoch's before they
+are serialised. Here an epoch's end copies the member's rows of the group's stacked tensors (a
+handful of tensors whatever the model) to the CPU, and the checkpoint is built from them when its
+file is serialised: the same dict, tensors and containers that ``slot.model.state_dict()`` and
+``slot.optimizer.state_dict()`` gave at the epoch's end, on the CPU, each tensor its own (a
+member's file holds the member alone).
 
 A group whose members' state dicts hold anything besides their parameters and buffers (a
-module's extra state, or its own ``state_dict``) has no template: its members' checkpoints are
-copied one by one, as any lone model's are.
+module's extra state, or its own ``state_dict``), or whose optimizers' state dicts pass through
+hooks, has no template: its members' checkpoints are copied whole, as any lone model's are.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class Template:
         plain = nn.Module.state_dict, nn.Module._save_to_state_dict
         if any((type(module).state_dict, type(module)._save_to_state_dict) != plain for module in model.modules()):
             return None
+        for slot in group.slots:  # an optimizer whose state dict is its own, or passes through hooks
+            optimizer = slot.optimizer
+            if type(optimizer).state_dict is not torch.optim.Optimizer.state_dict:
+                return None
+            if optimizer._optimizer_state_dict_pre_hooks or optimizer._optimizer_state_dict_post_hooks:
+                return None
         params = {name: j for j, name in enumerate(group.param_names)}
         buffers = set(group.buffer_names)
         empty = model.state_dict()
@@ -58,45 +65,45 @@ class Template:
         return cls(empty, sources)
 
 
-class GroupMoment:
-    """One copy of a group's stacked state (made at the first member asked for), from which each
-    member's checkpoint of that moment is built when it is serialised."""
+def member_checkpoint(group: VectorGroup, template: Template, k: int, epoch: int, scheduler: dict | None) -> tuple[Callable[[], dict], int]:
+    """A function that builds member ``k``'s checkpoint of this moment as
+    :func:`izitorch.plugins.checkpoint.checkpoint` lays it out, and its tensors' bytes.
 
-    def __init__(self, group: VectorGroup, template: Template) -> None:
-        self.group, self.template = group, template
-        self._state: dict | None = None
-        self._size = 0
+    Now: a CPU copy of the member's rows of the group's stacked tensors (weights, buffers,
+    optimizer state, step counts: a handful of tensors, whatever the model). At the call: the
+    state dicts built from them (``scheduler``: its scheduler's state, copied; None: none)."""
+    optimizer = group.slots[k].optimizer.state_dict()  # its state's tensors are views of the group's: copied below
+    param_groups = optimizer["param_groups"]  # torch packs new dicts: only a tensor in them is shared
+    if any(isinstance(value, torch.Tensor) for options in param_groups for value in options.values()):
+        param_groups = standalone(param_groups, device="cpu")
+    entries = sorted(optimizer["state"])  # the parameters with state at this moment
+    rows = {
+        "flat": _cpu_copy(group.flat[k]),
+        "buffers": {name: _cpu_copy(buffer[k]) for name, buffer in group.buffers.items()},
+        "state": {key: _cpu_copy(stacked[k]) for key, stacked in group.optimizer.state.items()},
+        "steps": _cpu_copy(group.optimizer.steps[k]),
+    }
 
-    def checkpoint(self, k: int, epoch: int, scheduler: dict | None) -> tuple[Callable[[], dict], int]:
-        """A function that builds member ``k``'s checkpoint as
-        :func:`izitorch.plugins.checkpoint.checkpoint` lays it out (``scheduler``: its scheduler's
-        state, copied; None: no scheduler), and about its tensors' bytes."""
-        if self._state is None:
-            self._state = self.group.state_dict()
-            self._size = tensor_bytes(self._state) // self.group.size
-        state, group, template = self._state, self.group, self.template
-        optimizer = group.slots[k].optimizer.state_dict()  # its state's tensors are views of the group's: rebuilt below
-        param_groups = optimizer["param_groups"]  # torch packs new dicts: only a tensor in them is shared
-        if any(isinstance(value, torch.Tensor) for options in param_groups for value in options.values()):
-            param_groups = standalone(param_groups)
-        entries = sorted(optimizer["state"])  # the parameters with state at this moment
+    def build() -> dict:
+        params = group.member_rows(rows["flat"].unsqueeze(0), 0)
+        model = copy.copy(template.empty)  # an OrderedDict with the module versions torch loads by
+        for key, kind, source in template.sources:
+            model[key] = (params[source] if kind == "param" else rows["buffers"][source]).clone()
+        stacked = {key: group.member_rows(row.unsqueeze(0), 0) for key, row in rows["state"].items()}
+        packed = {}
+        for j in entries:
+            if "exp_avg" in stacked:
+                packed[j] = {"step": rows["steps"][j].clone(), "exp_avg": stacked["exp_avg"][j].clone(), "exp_avg_sq": stacked["exp_avg_sq"][j].clone()}
+            else:
+                packed[j] = {"momentum_buffer": stacked["momentum_buffer"][j].clone()}
+        built = {"epoch": epoch, "state_dict": model, "optimizer": {"state": packed, "param_groups": param_groups}}
+        if scheduler is not None:
+            built["scheduler"] = scheduler
+        return built
 
-        def build() -> dict:
-            rows = group.member_rows(state["flat"], k)
-            model = copy.copy(template.empty)  # an OrderedDict with the module versions torch loads by
-            for key, kind, source in template.sources:
-                model[key] = (rows[source] if kind == "param" else state["buffers"][source][k]).clone()
-            stacked = {key: group.member_rows(value, k) for key, value in state["optimizer"]["state"].items()}
-            steps = state["optimizer"]["steps"]
-            packed = {}
-            for j in entries:
-                if "exp_avg" in stacked:
-                    packed[j] = {"step": steps[k, j].clone(), "exp_avg": stacked["exp_avg"][j].clone(), "exp_avg_sq": stacked["exp_avg_sq"][j].clone()}
-                else:
-                    packed[j] = {"momentum_buffer": stacked["momentum_buffer"][j].clone()}
-            built = {"epoch": epoch, "state_dict": model, "optimizer": {"state": packed, "param_groups": param_groups}}
-            if scheduler is not None:
-                built["scheduler"] = scheduler
-            return built
+    return build, tensor_bytes(rows)
 
-        return build, self._size
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy on the CPU: a checkpoint loads with a plain ``torch.load`` on any machine."""
+    return tensor.detach().to("cpu", copy=True)
