@@ -126,16 +126,14 @@ def _write(path: Path, write: Callable[[IO[bytes]], None], snapshot_bytes: int |
         return path
     ledger = getattr(_local, "ledger", None)
     files = _files()
+    spares = getattr(_local, "spares", None) if ledger is not None and files is not None else None
+    if spares is not None and spares.folder is None:  # the run's first file: its folder of spares is recorded first
+        spares.open(ledger.root / STATE_DIR / SPARE_DIR, ledger.claim_folder)
     if ledger is not None:
-        spares = getattr(_local, "spares", None) if files is not None else None
-        if spares is not None and spares.folder is None:  # the run's first file: its folder of spares is recorded first
-            spares.open(ledger.root / STATE_DIR / SPARE_DIR, ledger.claim_folder)
         defer = files is not None and files.holds  # the file is created after the hand-over
         ledger.claim(path, defer=defer)
         if defer:
             files.before_hand_over = ledger.flush
-    else:
-        spares = None
     if files is None:
         return _write_file(path, write)
     if snapshot_bytes is not None and files.holds:

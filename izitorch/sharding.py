@@ -112,26 +112,21 @@ def batches_per_rank(samples: int, run: Any) -> int:
     return math.ceil(math.ceil(samples / world) / run.config.run.batch_size)
 
 
-def summed(values: torch.Tensor, ranks: Ranks, stop_flag: Any = None) -> torch.Tensor:
-    """``values`` added up over the ranks (a copy; the step's group)."""
-    import torch.distributed as dist
-
-    total = values.detach().float().clone()
-    collective(lambda: dist.all_reduce(total, group=ranks.steps), stop_flag)
-    return total
-
-
 def agree(losses: torch.Tensor, stop_flag: Any, ranks: Ranks) -> tuple[list[float], int | None]:
     """Each member's loss summed over the ranks (non-finite if it is on any rank) and the signal
     some rank received by now (SIGTERM if any rank had one, else SIGINT), in one all-reduce and
     one read: every rank applies the NaN policy and stops at the same step."""
+    import torch.distributed as dist
+
     own = stop_flag.signum if stop_flag is not None else None
     code = 0.0 if own is None else STOP_CODES.get(own, STOP_CODES[signal.SIGTERM])
-    values = summed(torch.cat([losses.detach().float().reshape(-1), losses.new_full((1,), code, dtype=torch.float32)]), ranks, stop_flag).tolist()
-    total = values.pop()
-    if own is not None or total == 0:
+    packed = torch.cat([losses.detach().float().reshape(-1), losses.new_full((1,), code, dtype=torch.float32)])  # a new tensor
+    collective(lambda: dist.all_reduce(packed, group=ranks.steps), stop_flag)
+    values = packed.tolist()
+    codes = values.pop()
+    if own is not None or codes == 0:
         return values, own
-    return values, signal.SIGTERM if total >= STOP_CODES[signal.SIGTERM] else signal.SIGINT
+    return values, signal.SIGTERM if codes >= STOP_CODES[signal.SIGTERM] else signal.SIGINT
 
 
 def average(tensor: torch.Tensor, ranks: Ranks) -> None:

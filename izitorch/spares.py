@@ -39,7 +39,6 @@ import contextlib
 import itertools
 import os
 import stat
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -55,14 +54,14 @@ _REOPEN = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 
 
 class Spares:
     """The spare files of one run: made by :meth:`make_one` on the writer's thread, taken by
-    :meth:`take` on its staging threads, wanted by the thread that writes the run's files.
+    :meth:`take` on its staging threads (a deque: appends and pops need no lock), wanted by the
+    thread that writes the run's files.
 
     Inactive (every :meth:`take` gives None) until :meth:`open` names its folder."""
 
     def __init__(self) -> None:
         self.folder: Path | None = None
         self._ready: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()
         self._paths: set[Path] = set()  # the distinct files written so far
         self._wanted = 0
         self._made = itertools.count()
@@ -90,8 +89,7 @@ class Spares:
             return False
         if path not in self._paths:
             self._paths.add(path)
-            with self._lock:
-                self._wanted = min(2 * len(self._paths), MAX_SPARES)
+            self._wanted = min(2 * len(self._paths), MAX_SPARES)  # read by the writer's thread: one assignment
         return self.pending()
 
     def pending(self) -> bool:

@@ -231,12 +231,15 @@ class StackedOptimizer:
             return
         rows = {key: group.member_rows(stacked, k) for key, stacked in self.state.items()}
         for j, param in enumerate(group.member_params(k)):
-            if self.kind == "sgd":
-                entry = {"momentum_buffer": rows["momentum_buffer"][j]}
-            else:
-                entry = {"step": self.steps[k, j], "exp_avg": rows["exp_avg"][j], "exp_avg_sq": rows["exp_avg_sq"][j]}
-            optimizer.state[param] = entry
+            optimizer.state[param] = self.entry(rows, self.steps[k], j)
         self._installed[k] = True
+
+    def entry(self, rows: dict[str, list[torch.Tensor]], steps: torch.Tensor, j: int) -> dict[str, torch.Tensor]:
+        """Parameter ``j``'s state as a lone torch optimizer keeps it, from a member's rows of the
+        stacked state (:meth:`VectorGroup.member_rows` of each) and its step counts ``[P]``."""
+        if self.kind == "sgd":
+            return {"momentum_buffer": rows["momentum_buffer"][j]}
+        return {"step": steps[j], "exp_avg": rows["exp_avg"][j], "exp_avg_sq": rows["exp_avg_sq"][j]}
 
     def state_dict(self) -> dict:
         return {"state": {key: value.clone() for key, value in self.state.items()}, "steps": self.steps.clone(), "started": list(self.started)}

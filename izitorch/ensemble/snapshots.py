@@ -27,6 +27,8 @@ from izitorch.ensemble.group import VectorGroup
 from izitorch.io import tensor_bytes
 from izitorch.state import standalone
 
+CPU = torch.device("cpu")
+
 
 class Template:
     """A member's ``model.state_dict()`` with its values taken out (its type, keys and torch's
@@ -77,12 +79,13 @@ def member_checkpoint(group: VectorGroup, template: Template, k: int, epoch: int
     if any(isinstance(value, torch.Tensor) for options in param_groups for value in options.values()):
         param_groups = standalone(param_groups, device="cpu")
     entries = sorted(optimizer["state"])  # the parameters with state at this moment
-    rows = {
-        "flat": _cpu_copy(group.flat[k]),
-        "buffers": {name: _cpu_copy(buffer[k]) for name, buffer in group.buffers.items()},
-        "state": {key: _cpu_copy(stacked[k]) for key, stacked in group.optimizer.state.items()},
-        "steps": _cpu_copy(group.optimizer.steps[k]),
+    views = {
+        "flat": group.flat[k],
+        "buffers": {name: buffer[k] for name, buffer in group.buffers.items()},
+        "state": {key: stacked[k] for key, stacked in group.optimizer.state.items()},
+        "steps": group.optimizer.steps[k],
     }
+    rows = standalone(views, device=CPU)  # on the CPU: a checkpoint loads with a plain torch.load anywhere
 
     def build() -> dict:
         params = group.member_rows(rows["flat"].unsqueeze(0), 0)
@@ -90,20 +93,10 @@ def member_checkpoint(group: VectorGroup, template: Template, k: int, epoch: int
         for key, kind, source in template.sources:
             model[key] = (params[source] if kind == "param" else rows["buffers"][source]).clone()
         stacked = {key: group.member_rows(row.unsqueeze(0), 0) for key, row in rows["state"].items()}
-        packed = {}
-        for j in entries:
-            if "exp_avg" in stacked:
-                packed[j] = {"step": rows["steps"][j].clone(), "exp_avg": stacked["exp_avg"][j].clone(), "exp_avg_sq": stacked["exp_avg_sq"][j].clone()}
-            else:
-                packed[j] = {"momentum_buffer": stacked["momentum_buffer"][j].clone()}
+        packed = {j: {key: value.clone() for key, value in group.optimizer.entry(stacked, rows["steps"], j).items()} for j in entries}
         built = {"epoch": epoch, "state_dict": model, "optimizer": {"state": packed, "param_groups": param_groups}}
         if scheduler is not None:
             built["scheduler"] = scheduler
         return built
 
     return build, tensor_bytes(rows)
-
-
-def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy on the CPU: a checkpoint loads with a plain ``torch.load`` on any machine."""
-    return tensor.detach().to("cpu", copy=True)
