@@ -20,6 +20,9 @@ What a run can count on:
   of the last ``interval`` seconds, the one before them and the one in flight, which
   ``--resume`` trains again; :meth:`close` (Ctrl-C, SIGTERM, an error, the end of the run)
   flushes everything;
+- **early hand-over**: :meth:`hand_over` gives the held files to the writer now, without waiting
+  (the files a run writes once at its start: their folders and files are then made while it
+  trains rather than at its end);
 - **memory**: past ``max_bytes`` held (serialised bytes, or a snapshot's tensor bytes) the held
   files are flushed at once, whatever the interval.
 """
@@ -85,6 +88,13 @@ class HeldFiles:
             self._flushed_at = now
             self._hand_over()
         self.writer.commit()
+
+    def hand_over(self) -> None:
+        """Every held file to the writer now, without waiting for it (nor counting as a flush
+        for the interval); raise the error of an earlier write, if any."""
+        if self.writer.error is not None:
+            raise self.writer.error
+        self._hand_over()
 
     def flush(self) -> None:
         """Every held file to the writer, and wait until all are on disk; raise a write's error."""

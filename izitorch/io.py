@@ -93,6 +93,14 @@ def claim_folder(path: str | Path) -> Path:
     return Path(path)
 
 
+def hand_over() -> None:
+    """Give every file this thread holds to the background writer now, without waiting for the
+    disk: files written once at a run's start reach the disk while it trains, not at its end."""
+    files = _files()
+    if files is not None:
+        files.hand_over()
+
+
 def flush() -> None:
     """Put every file this thread wrote so far on disk now (the held ones too), for a reader
     outside izitorch's writer (MLflow copying a checkpoint); raise a write's error."""

@@ -26,7 +26,7 @@ from izitorch.checks import dry_run
 from izitorch.data import pick_device
 from izitorch.errors import IzitorchError, ManifestError, located_in
 from izitorch.guard import Interrupted, StopFlag, res_dir_lock, stop_on_signals
-from izitorch.io import background_writes, discarding, owned_by, write_json
+from izitorch.io import background_writes, discarding, hand_over, owned_by, write_json
 from izitorch.options import check_metric_options
 from izitorch.selection import resolve_selection, warn_test_set_choices
 from izitorch.splits import recorded_splits
@@ -124,6 +124,7 @@ def _run(session: Run, resuming: bool, quiet: contextlib.ExitStack) -> dict[str,
     warn_test_set_choices(config, session.plugin_versions)  # once everything is set up: a refusal stays one line
     try:
         hook.izitorch_run_start(run=session)
+        hand_over()  # conf.json, the split, each model's folder and conf.json: written while the run trains, not at its end
         results = hook.izitorch_run_folds(run=session, resuming=resuming)
         if session.ranks.main:  # with every rank's results (izitorch.spread)
             hook.izitorch_run_finish(run=session, results=results)

@@ -445,3 +445,33 @@ def test_digits_demo_reaches_95_percent(tmp_path):
         assert (res / name / "best_epoch.json").is_file()
         assert read(res / name / "confusion_matrix.pkl").sum() == len(read(res / "Dataset_split.pkl")[0][2])
     assert "mlp64" in done.stdout and "cnn16" in done.stdout
+
+
+# -- the run's start files go to the writer at once (izitorch.io.hand_over) ------------------------
+
+START_FILES_PROBE = """\
+import json
+from izitorch import hookimpl
+from izitorch import io as izio
+
+
+@hookimpl
+def izitorch_epoch_finish(run, fold, epoch, scores):
+    if epoch == 1:
+        izio._writer().flush()  # the files handed to the writer so far are on disk; held ones are not
+        seen = sorted(p.relative_to(run.res_dir).as_posix() for p in run.res_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run.res_dir).parts))
+        with open({out!r}, "w") as handle:
+            json.dump(seen, handle)
+"""
+
+
+def test_the_files_of_the_runs_start_reach_the_disk_while_it_trains(manifest, tmp_path):
+    """With files held for an hour, the configuration, the split and each model's folder and
+    ``conf.json`` are written during the first epoch, not at the end; the epoch's outputs stay held."""
+    plugin = tmp_path / "probe.py"
+    plugin.write_text(START_FILES_PROBE.format(out=str(tmp_path / "seen.json")), encoding="utf-8")
+    res, _ = tiny(manifest, models=TWO_MODELS, run={"flush_interval": 3600}, plugins={"enable": [plugin.as_posix()]})
+    seen = read(tmp_path / "seen.json")
+    names = sorted(p.name for p in res.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert seen == sorted(["conf.json", "manifest.toml", "Dataset_split.pkl", *(f"{name}/conf.json" for name in names)])
+    assert len(names) == 2 and all((res / name / "trainlog.json").is_file() for name in names)  # written at the end

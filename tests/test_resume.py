@@ -1099,17 +1099,16 @@ def test_a_sigkill_loses_at_most_the_flush_interval_and_the_run_resumes_exactly(
         assert saved_epoch(res) == on_disk and list(json.loads((res / "mlp" / "trainlog.json").read_text())) == ["1"]
         assert sorted(p.name for p in (res / "mlp").glob("model_epoch*")) == ["model_epoch1.pth.tar"]
     else:
-        # nothing handed to the writer: the record holds only the folder of the spare files
-        # (izitorch/spares.py: empty files made ahead of the first flush), and no output exists
+        # no epoch flushed: on disk are only the files of the run's start, handed to the writer
+        # at once (izitorch.io.hand_over), and the spare files (izitorch/spares.py: empty files
+        # made ahead of the first flush), all in the record; no epoch's output, no state
         left = sorted(p.relative_to(res).as_posix() for p in res.rglob("*") if p.is_file())
-        assert [name for name in left if not name.startswith(".izitorch/spare/")] == [".izitorch.lock", ".izitorch/owned.txt"]
+        start = ["Dataset_split.pkl", "conf.json", "manifest.toml", "mlp/conf.json"]
+        assert [name for name in left if not name.startswith(".izitorch/spare/")] == [".izitorch.lock", ".izitorch/owned.txt", *start]
         assert all((res / name).stat().st_size == 0 for name in left if name.startswith(".izitorch/spare/"))
-        assert (res / ".izitorch" / "owned.txt").read_text().splitlines() == [
-            ".izitorch/",
-            ".izitorch/owned.txt",
-            ".izitorch/spare/",
-            "/folder .izitorch/spare/",
-        ]
+        assert sorted((res / ".izitorch" / "owned.txt").read_text().splitlines()) == sorted(
+            [".izitorch/", ".izitorch/owned.txt", ".izitorch/spare/", "/folder .izitorch/spare/", "mlp/", *start]
+        )
     resumed = server.run("run", str(path), "--resume", cwd=scenario.folder)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     fresh = f'izitorch: nothing to resume in "{res.as_posix()}"; starting a new run'

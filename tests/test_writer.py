@@ -422,6 +422,24 @@ def test_held_files_land_together_once_the_interval_has_passed_in_order(tmp_path
     assert torch.equal(torch.load(tmp_path / "model.pth.tar", weights_only=True)["w"], torch.full((3,), 5.0))
 
 
+def test_hand_over_sends_the_held_files_now_and_the_interval_still_counts_from_the_last_flush(tmp_path, monkeypatch, clock):
+    seen = replaced_by_thread(monkeypatch)
+    with izio.background_writes(interval=10.0):
+        izio.write_json(tmp_path / "conf.json", {"run": 1})  # a run's start files
+        izio.hand_over()
+        izio._writer().flush()
+        assert [name for name, _ in seen] == ["conf.json"] and json.loads((tmp_path / "conf.json").read_text()) == {"run": 1}
+        clock.now = 9.0
+        write_epoch(tmp_path, 1)  # 9 s since the run's start: held, the hand-over was no flush
+        izio._writer().flush()
+        assert [name for name, _ in seen] == ["conf.json"]
+        clock.now = 10.0
+        write_epoch(tmp_path, 2)
+        izio._writer().flush()
+        assert [name for name, _ in seen] == ["conf.json", "trainlog.json", "model.pth.tar", "state.pth.tar"]
+    izio.hand_over()  # outside a run: nothing held, nothing to do
+
+
 def test_with_no_interval_nothing_is_held_and_each_file_is_serialised_at_the_call(tmp_path, clock, saves):
     recorder = Recorder()
     with izio.background_writes(interval=0.0):
