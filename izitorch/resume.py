@@ -510,7 +510,8 @@ def rng_state(loaders: dict[str, Any]) -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [python_state[0], torch.tensor(python_state[1], dtype=torch.int64), python_state[2]],
+        # through numpy: torch.tensor on a tuple of 625 ints converts them one by one, every epoch
+        "python": [python_state[0], torch.from_numpy(np.array(python_state[1], dtype=np.int64)), python_state[2]],
         "loaders": {},
     }
     for phase, loader in loaders.items():
