@@ -5,7 +5,7 @@
 - :mod:`~izitorch.ensemble.group`: :class:`VectorGroup`, the stacked parameters and their members;
 - :mod:`~izitorch.ensemble.optimizer`: :class:`StackedOptimizer`, one update for all members;
 - :mod:`~izitorch.ensemble.kernels`: batched forwards and losses that do without ``vmap``;
-- :mod:`~izitorch.ensemble.snapshots`: members' checkpoints built from one copy of the group.
+- :mod:`~izitorch.ensemble.snapshots`: a member's checkpoint built at the flush from a CPU copy of its rows.
 """
 
 from izitorch.ensemble.group import VectorGroup
