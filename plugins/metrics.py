@@ -155,49 +155,44 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
     """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
-    for all K at once (one numpy operation each, not one per member).
+    for all K and all four per-class ratios at once (a few numpy operations in all: with small
+    matrices each call's fixed cost is what the phase pays).
 
     Per class (lists of C, in ``per_class``): precision, recall, F1 and IoU, 0 where the ratio
     has nothing to divide by (a class never predicted, or absent: scikit-learn's
-    ``zero_division=0``). Macro precision, recall and F1 average them over the classes present
-    in truth or prediction (scikit-learn's default labels); balanced accuracy (%) is the mean
-    recall over the classes present in truth.
+    ``zero_division=0``). Macro precision, recall and F1 (and the mean IoU) average them over
+    the classes present in truth or prediction (scikit-learn's default labels); balanced
+    accuracy (%) is the mean recall over the classes present in truth. A ratio is 0 for a class
+    absent from both, so the sums over every class are the sums over the present ones.
     """
-    diagonal = np.diagonal(matrices, axis1=1, axis2=2)
-    truths, predictions = matrices.sum(axis=2), matrices.sum(axis=1)
-    accs = _accuracies(diagonal, truths)
-    ious = _mean_ious(diagonal, truths, predictions)
-    tp = diagonal.astype(np.float64)
-    precision, recall = _ratio(tp, predictions), _ratio(tp, truths)
-    f1, iou = _ratio(2 * tp, truths + predictions), _ratio(tp, truths + predictions - tp)
-    present = (truths + predictions) > 0
-    macro = [_mean_where(values, present) for values in (precision, recall, f1)]
-    balanced = [100.0 * value for value in _mean_where(recall, truths > 0)]
-    accs, ious = accs.tolist(), ious.tolist()
+    counts = matrices.astype(np.float64)  # integer counts: exact in float64
+    tp = np.diagonal(counts, axis1=1, axis2=2)
+    truths, predictions = counts.sum(axis=2), counts.sum(axis=1)
+    both = truths + predictions
+    numerators = np.stack([tp, tp, 2 * tp, tp])
+    denominators = np.stack([predictions, truths, both, both - tp])
+    ratios = np.divide(numerators, denominators, out=np.zeros_like(numerators), where=denominators > 0)  # [4, K, C]
+    sums = ratios.sum(axis=2)  # [4, K]
+    present, in_truth = (both > 0).sum(axis=1), (truths > 0).sum(axis=1)
+    # accuracy, mean IoU, balanced accuracy, macro precision, recall and F1: one division ([6, K])
+    totals = np.stack([100.0 * tp.sum(axis=1), sums[3], sums[1], sums[0], sums[1], sums[2]])
+    divisors = np.stack([truths.sum(axis=1), present, in_truth, present, present, present])
+    heads = np.divide(totals, divisors, out=np.zeros_like(totals), where=divisors > 0)
+    heads[2] *= 100.0  # a mean recall, as a percentage
+    precision, recall, f1, iou = ratios.tolist()
     return [
         {
-            "accuracy": accs[k],
-            "IoU": ious[k],
-            "balanced_accuracy": balanced[k],
-            "precision": macro[0][k],
-            "recall": macro[1][k],
-            "F1": macro[2][k],
+            "accuracy": head[0],
+            "IoU": head[1],
+            "balanced_accuracy": head[2],
+            "precision": head[3],
+            "recall": head[4],
+            "F1": head[5],
             "confusion_matrix": matrices[k],
-            "per_class": {"precision": precision[k].tolist(), "recall": recall[k].tolist(), "F1": f1[k].tolist(), "IoU": iou[k].tolist()},
+            "per_class": {"precision": precision[k], "recall": recall[k], "F1": f1[k], "IoU": iou[k]},
         }
-        for k in range(len(matrices))
+        for k, head in enumerate(heads.T.tolist())
     ]
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """``numerator / denominator``, 0 where the denominator is 0 (``zero_division=0``)."""
-    return np.divide(numerator, denominator, out=np.zeros(numerator.shape), where=denominator > 0)
-
-
-def _mean_where(values: np.ndarray, counted: np.ndarray) -> list[float]:
-    """Each row's mean of ``values`` ``[K, C]`` over the columns where ``counted`` (0 for none)."""
-    counts = counted.sum(axis=1)
-    return np.divide(np.where(counted, values, 0.0).sum(axis=1), counts, out=np.zeros(len(values)), where=counts > 0).tolist()
 
 
 class LossMeter:
