@@ -10,7 +10,7 @@ to a buffer, so its bar is the one a redirected run has), on both of izitorch's 
 in-memory ``TensorDataset`` (batches gathered by indexing the tensors) and a per-sample dataset
 (a ``DataLoader`` that calls ``__getitem__`` per sample).
 
-Three measurements, each the best of ``--repeats`` with the variants taking turns (the
+Four measurements, each the best of ``--repeats`` with the variants taking turns (the
 machine's speed drifts, and other processes share its cores), in the process's CPU time by
 default (all its threads, the file writer's too; the time other processes hold the cores is
 not counted), or wall-clock time with ``--clock wall``:
@@ -24,7 +24,10 @@ not counted), or wall-clock time with ``--clock wall``:
    timed). With ``--ablation`` also izitorch's pass with one component at a time switched off
    (replaced by the plain statement a hand-written loop has): a component's cost is then what
    switching it off saves, which needs a quiet machine to rise above the noise.
-3. Per-epoch and per-run costs, timed inside a real run (hooks through pluggy's call
+3. Each epoch's evaluation pass in parts, on that run's objects: the hand-written test pass
+   (forward, argmax, count), izitorch's pass whole, and its reading of the batches, the forward
+   pass, the loss, the meters' updates and their scores, each timed alone.
+4. Per-epoch and per-run costs, timed inside a real run (hooks through pluggy's call
    monitoring, the resume state's save) and spread over the run's steps.
 
 The engine's parts, as this script names them: the cohort's loader (``cohort.loaders``) and
@@ -707,6 +710,67 @@ def hand_eval_pass(path: str, got: Captured) -> float:
     return clock() - start
 
 
+def eval_costs(path: str, got: Captured, repeats: int) -> list[list]:
+    """Each epoch's evaluation pass in parts, timed alone on a real run's objects: us per pass,
+    and spread over an epoch's training steps. The forward pass is the hand-written loop's too;
+    the loss, the meters and their scores are what izitorch adds (the test pass written by hand
+    counts correct answers only)."""
+    run, cohort, stack, slot, fold = got.run, got.cohort, got.stack, got.slot, got.fold
+    engine, phase = izitorch.engine, fold.eval_phase
+    batches = [(inputs, target) for inputs, target, _rows in izitorch.cohort.batches(run, cohort, phase)]
+
+    def forward(with_loss: bool) -> None:
+        stack.train(False)
+        with torch.no_grad():
+            for inputs, target in batches:
+                outputs = stack.forward(inputs, None)
+                if with_loss:
+                    stack.losses(outputs, target, None)
+
+    def stack_pass(results: bool) -> None:
+        stack.train(False)
+        made = engine.StackPass(run, stack, phase, {slot: fold}, None, None, len(batches))
+        with torch.no_grad():
+            for inputs, target in batches:
+                made.batch(inputs, target, None)
+        if results:
+            made.results("inference_time", 0.0)
+
+    def whole() -> None:
+        izitorch.loop.epoch_pass(run, cohort, phase, cohort.folds)
+
+    times = best_in_turns(
+        3 * repeats,
+        {
+            "hand": lambda: hand_eval_pass(path, got),
+            "whole": lambda: timed(whole),
+            "reading": lambda: timed(lambda: drain(izitorch.cohort.batches(run, cohort, phase))),
+            "forward": lambda: timed(lambda: forward(False)),
+            "loss": lambda: timed(lambda: forward(True)),
+            "batches": lambda: timed(lambda: stack_pass(False)),
+            "results": lambda: timed(lambda: stack_pass(True)),
+        },
+    )
+    rows = [
+        ["the hand-written test pass (forward, argmax, count, .item())", times["hand"]],
+        ["izitorch's eval pass, whole (epoch_pass)", times["whole"]],
+        ["  reading the batches (cohort.batches)", times["reading"]],
+        ["  forward (the lone stack's)", times["forward"]],
+        ["  the loss of each batch", times["loss"] - times["forward"]],
+        ["  meters: update per batch, StackPass's step around them", times["batches"] - times["loss"]],
+        ["  meters: compute (confusion matrix, scores) and the pass's results", times["results"] - times["batches"]],
+    ]
+    steps = len(got.loader)
+    return [[label, seconds * 1e6, seconds * 1e6 / steps] for label, seconds in rows]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = clock()
+    with quiet():
+        fn()
+    return clock() - start
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -765,6 +829,7 @@ def main() -> None:
             passes = step_costs(path, got, 1 if args.quick else 3 * args.repeats, ablation=args.ablation)
             alone = component_costs(path, got, args.repeats)
             hand_eval = min(hand_eval_pass(path, got) for _ in range(args.repeats * 3))
+            evaluation = eval_costs(path, got, args.repeats)
         summed = sum(row[1] for row in alone if not math.isnan(row[1]))
         alone.append(["sum of the components alone", summed])
         alone.append(["izitorch's training pass beyond the hand-written pass, measured whole", passes[0][2]])
@@ -777,6 +842,15 @@ def main() -> None:
                 "\n",
                 flush=True,
             )
+        print(
+            table(
+                f"each epoch's eval pass in parts, each alone (us per pass; per step: over an epoch's {steps_per_epoch} training steps)",
+                ["part", "us/pass", "us/step"],
+                evaluation,
+            ),
+            "\n",
+            flush=True,
+        )
         parts = run_costs(path, args.epochs, args.repeats)
         setup = min(hand_setup(path) for _ in range(args.repeats))
         rows = [["training passes beyond the hand-written pass (above)", passes[0][2] * steps / 1e3, passes[0][2]]]

@@ -39,7 +39,7 @@ def test_quick_benchmark_prints_every_case_with_accuracies():
 
 
 # The rows of profile_step.py's tables, by how each begins: every component of a training step,
-# of its ablation, and of a run. A part the engine renamed or dropped prints "n/a", or fails.
+# of its ablation, of an eval pass, and of a run. A part the engine renamed or dropped prints "n/a", or fails.
 STEP_ALONE = [
     "batch assembly: ",
     "cohort.batches: ",
@@ -63,6 +63,15 @@ STEP_OFF = [
     "loss.item() finiteness check",
     "what is left",
     "hand-written pass",
+]
+EVAL_PARTS = [
+    "the hand-written test pass",
+    "izitorch's eval pass, whole",
+    "reading the batches",
+    "forward ",
+    "the loss of each batch",
+    "meters: update per batch",
+    "meters: compute ",
 ]
 RUN_PARTS = [
     "training passes beyond",
@@ -101,7 +110,7 @@ def test_quick_profile_times_every_component_on_both_paths():
     assert "Traceback" not in out + done.stderr
     assert len(re.findall(r"^== (in-memory|per-sample) data, 2 epochs x 45 steps: .* izitorch adds -?\d+ us per step$", out, re.M)) == 2, out
     found = tables(out)
-    expected = [STEP_ALONE, STEP_OFF, RUN_PARTS] * 2  # in-memory, then per-sample
+    expected = [STEP_ALONE, STEP_OFF, EVAL_PARTS, RUN_PARTS] * 2  # in-memory, then per-sample
     assert len(found) == len(expected), out
     for (title, rows), begins in zip(found, expected):
         assert len(rows) == len(begins), (title, rows)
