@@ -37,7 +37,7 @@ def izitorch_fold_start(run, fold):
 """
 
 RANK_KILLER = """\
-import os, signal
+import os, signal, time
 from izitorch import hookimpl
 
 sent = []
@@ -48,6 +48,11 @@ def izitorch_batch_finish(run, fold, step, losses):
         sent.append(True)
         if os.environ.get("KILL_HOW") == "launcher":  # SIGTERM to torchrun, which passes it to every rank
             os.kill(os.getppid(), signal.SIGTERM)
+            # until torchrun has passed it on to this rank: a busy machine could otherwise finish
+            # epoch 2 first (under distributed = "data" the other rank waits for this one's step)
+            deadline = time.monotonic() + 60
+            while getattr(run.stop_flag, "signum", None) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         else:
             os.kill(os.getpid(), signal.SIGKILL)
 """
