@@ -154,31 +154,9 @@ def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
-    """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``, computed
-    for all K and all four per-class ratios at once (a few numpy operations in all: with small
-    matrices each call's fixed cost is what the phase pays).
-
-    Per class (lists of C, in ``per_class``): precision, recall, F1 and IoU, 0 where the ratio
-    has nothing to divide by (a class never predicted, or absent: scikit-learn's
-    ``zero_division=0``). Macro precision, recall and F1 (and the mean IoU) average them over
-    the classes present in truth or prediction (scikit-learn's default labels); balanced
-    accuracy (%) is the mean recall over the classes present in truth. A ratio is 0 for a class
-    absent from both, so the sums over every class are the sums over the present ones.
-    """
-    counts = matrices.astype(np.float64)  # integer counts: exact in float64
-    tp = np.diagonal(counts, axis1=1, axis2=2)
-    truths, predictions = counts.sum(axis=2), counts.sum(axis=1)
-    both = truths + predictions
-    numerators = np.stack([tp, tp, 2 * tp, tp])
-    denominators = np.stack([predictions, truths, both, both - tp])
-    ratios = np.divide(numerators, denominators, out=np.zeros_like(numerators), where=denominators > 0)  # [4, K, C]
-    sums = ratios.sum(axis=2)  # [4, K]
-    present, in_truth = (both > 0).sum(axis=1), (truths > 0).sum(axis=1)
-    # accuracy, mean IoU, balanced accuracy, macro precision, recall and F1: one division ([6, K])
-    totals = np.stack([100.0 * tp.sum(axis=1), sums[3], sums[1], sums[0], sums[1], sums[2]])
-    divisors = np.stack([truths.sum(axis=1), present, in_truth, present, present, present])
-    heads = np.divide(totals, divisors, out=np.zeros_like(totals), where=divisors > 0)
-    heads[2] *= 100.0  # a mean recall, as a percentage
+    """Each member's scores from its ``[C, C]`` matrix of ``matrices`` ``[K, C, C]``
+    (:func:`_ratios`), with its matrix and its per-class ratios (lists of C, in ``per_class``)."""
+    ratios, heads = _ratios(matrices)
     precision, recall, f1, iou = ratios.tolist()
     return [
         {
@@ -193,6 +171,35 @@ def _scores(matrices: np.ndarray) -> list[dict[str, Any]]:
         }
         for k, head in enumerate(heads.T.tolist())
     ]
+
+
+def _ratios(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-class ratios ``[4, K, C]`` (precision, recall, F1, IoU) and the headline scores
+    ``[6, K]`` (accuracy %, mean IoU, balanced accuracy %, macro precision, recall and F1) of
+    each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (rows true), 0 where empty. Computed
+    for all K and all ratios at once (a few numpy operations in all: with small matrices each
+    call's fixed cost is what the phase pays).
+
+    A ratio is 0 where it has nothing to divide by (a class never predicted, or absent:
+    scikit-learn's ``zero_division=0``). The means average over the classes present in truth
+    or prediction (scikit-learn's default labels), balanced accuracy over those present in
+    truth; a ratio is 0 for a class absent from both, so the sums over every class are the sums
+    over the present ones.
+    """
+    counts = matrices.astype(np.float64)  # integer counts: exact in float64
+    tp = np.diagonal(counts, axis1=1, axis2=2)
+    truths, predictions = counts.sum(axis=2), counts.sum(axis=1)
+    both = truths + predictions
+    numerators = np.stack([tp, tp, 2 * tp, tp])
+    denominators = np.stack([predictions, truths, both, both - tp])
+    ratios = np.divide(numerators, denominators, out=np.zeros_like(numerators), where=denominators > 0)
+    sums = ratios.sum(axis=2)  # [4, K]
+    present, in_truth = (both > 0).sum(axis=1), (truths > 0).sum(axis=1)
+    totals = np.stack([100.0 * tp.sum(axis=1), sums[3], sums[1], sums[0], sums[1], sums[2]])
+    divisors = np.stack([truths.sum(axis=1), present, in_truth, present, present, present])
+    heads = np.divide(totals, divisors, out=np.zeros_like(totals), where=divisors > 0)
+    heads[2] *= 100.0  # a mean recall, as a percentage
+    return ratios, heads
 
 
 class LossMeter:
@@ -354,7 +361,7 @@ def mean_iou(matrix: np.ndarray) -> float:
 
 def accuracies(matrices: np.ndarray) -> np.ndarray:
     """:func:`accuracy` of each ``[C, C]`` matrix of ``matrices`` ``[K, C, C]`` (0 where empty)."""
-    return _accuracies(np.diagonal(matrices, axis1=1, axis2=2), matrices.sum(axis=2))
+    return _ratios(matrices)[1][0]
 
 
 def mean_ious(matrices: np.ndarray) -> np.ndarray:
@@ -363,23 +370,7 @@ def mean_ious(matrices: np.ndarray) -> np.ndarray:
     Absent classes count as zeros in each row's sum, so numpy adds the ratios in another order
     than a mean over the present classes alone: the two may differ in the last bit (~1e-16).
     """
-    return _mean_ious(np.diagonal(matrices, axis1=1, axis2=2), matrices.sum(axis=2), matrices.sum(axis=1))
-
-
-def _accuracies(diagonal: np.ndarray, truths: np.ndarray) -> np.ndarray:
-    """Accuracies (%) from each matrix's diagonal ``[K, C]`` and its samples per true class ``[K, C]``."""
-    totals = truths.sum(axis=1)
-    return np.divide(100.0 * diagonal.sum(axis=1), totals, out=np.zeros(len(totals)), where=totals > 0)
-
-
-def _mean_ious(diagonal: np.ndarray, truths: np.ndarray, predictions: np.ndarray) -> np.ndarray:
-    """Mean IoUs from each matrix's diagonal, samples per true class and per predicted class (``[K, C]`` each)."""
-    tp = diagonal.astype(np.float64)
-    union = predictions + truths - tp
-    present = union > 0
-    ious = np.divide(tp, union, out=np.zeros_like(tp), where=present)
-    classes = present.sum(axis=1)
-    return np.divide(ious.sum(axis=1), classes, out=np.zeros(len(tp)), where=classes > 0)
+    return _ratios(matrices)[1][1]
 
 
 @attrs.frozen
