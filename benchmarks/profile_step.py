@@ -710,11 +710,11 @@ def hand_eval_pass(path: str, got: Captured) -> float:
     return clock() - start
 
 
-def eval_costs(path: str, got: Captured, repeats: int) -> list[list]:
-    """Each epoch's evaluation pass in parts, timed alone on a real run's objects: us per pass,
-    and spread over an epoch's training steps. The forward pass is the hand-written loop's too;
-    the loss, the meters and their scores are what izitorch adds (the test pass written by hand
-    counts correct answers only)."""
+def eval_costs(path: str, got: Captured, repeats: int) -> dict[str, float]:
+    """Seconds of each epoch's evaluation pass and of its parts, timed alone on a real run's
+    objects (``hand``: the hand-written test pass on the same data). The forward pass is the
+    hand-written loop's too; the loss, the meters and their scores are what izitorch adds (the
+    test pass written by hand counts correct answers only)."""
     run, cohort, stack, slot, fold = got.run, got.cohort, got.stack, got.slot, got.fold
     engine, phase = izitorch.engine, fold.eval_phase
     batches = [(inputs, target) for inputs, target, _rows in izitorch.cohort.batches(run, cohort, phase)]
@@ -739,7 +739,7 @@ def eval_costs(path: str, got: Captured, repeats: int) -> list[list]:
     def whole() -> None:
         izitorch.loop.epoch_pass(run, cohort, phase, cohort.folds)
 
-    times = best_in_turns(
+    return best_in_turns(
         3 * repeats,
         {
             "hand": lambda: hand_eval_pass(path, got),
@@ -751,6 +751,10 @@ def eval_costs(path: str, got: Captured, repeats: int) -> list[list]:
             "results": lambda: timed(lambda: stack_pass(True)),
         },
     )
+
+
+def eval_rows(times: dict[str, float], steps: int) -> list[list]:
+    """:func:`eval_costs` as table rows: us per pass, and spread over an epoch's ``steps``."""
     rows = [
         ["the hand-written test pass (forward, argmax, count, .item())", times["hand"]],
         ["izitorch's eval pass, whole (epoch_pass)", times["whole"]],
@@ -760,7 +764,6 @@ def eval_costs(path: str, got: Captured, repeats: int) -> list[list]:
         ["  meters: update per batch, StackPass's step around them", times["batches"] - times["loss"]],
         ["  meters: compute (confusion matrix, scores) and the pass's results", times["results"] - times["batches"]],
     ]
-    steps = len(got.loader)
     return [[label, seconds * 1e6, seconds * 1e6 / steps] for label, seconds in rows]
 
 
@@ -828,7 +831,6 @@ def main() -> None:
         with captured_run(path) as got:
             passes = step_costs(path, got, 1 if args.quick else 3 * args.repeats, ablation=args.ablation)
             alone = component_costs(path, got, args.repeats)
-            hand_eval = min(hand_eval_pass(path, got) for _ in range(args.repeats * 3))
             evaluation = eval_costs(path, got, args.repeats)
         summed = sum(row[1] for row in alone if not math.isnan(row[1]))
         alone.append(["sum of the components alone", summed])
@@ -846,7 +848,7 @@ def main() -> None:
             table(
                 f"each epoch's eval pass in parts, each alone (us per pass; per step: over an epoch's {steps_per_epoch} training steps)",
                 ["part", "us/pass", "us/step"],
-                evaluation,
+                eval_rows(evaluation, steps_per_epoch),
             ),
             "\n",
             flush=True,
@@ -856,7 +858,7 @@ def main() -> None:
         rows = [["training passes beyond the hand-written pass (above)", passes[0][2] * steps / 1e3, passes[0][2]]]
         for key, seconds in parts.items():
             if key == EVAL_PASSES:
-                seconds -= hand_eval * args.epochs
+                seconds -= evaluation["hand"] * args.epochs
                 key = "each epoch's eval pass beyond the hand-written test pass"
             if key == SET_UP:
                 seconds -= setup
